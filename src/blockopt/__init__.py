@@ -1,0 +1,9 @@
+"""blockopt: memory-efficient blockwise optimizers for PyTorch (Adam-mini and friends)."""
+
+from .optim.adam_mini import AdamMini
+from .optim.state import state_bytes
+from .partition import BlockSpec, PartitionWarning, Plan, partition, register_adapter
+
+__version__ = "0.1.0"
+
+__all__ = ["AdamMini", "BlockSpec", "PartitionWarning", "Plan", "partition", "register_adapter", "state_bytes", "__version__"]

@@ -1,0 +1,44 @@
+"""State keys and state accounting shared by every blockopt optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+# Per-parameter state keys (kept equal to torch.optim.AdamW's so stock tools recognise them).
+STEP = "step"  # float32 scalar tensor, as in torch.optim
+EXP_AVG = "exp_avg"  # first moment m: shaped like the parameter, in the parameter's dtype
+EXP_AVG_SQ = "exp_avg_sq"  # Adam-mini: one value per block, shape (n_blocks,), float32 (float64 for float64 params)
+
+
+def stat_dtype(param: torch.Tensor) -> torch.dtype:
+    """dtype of per-block statistics: at least float32, so bf16/fp16 params keep exact block means."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # DTensor: count this rank's shard
+    return local.numel() * local.element_size()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state held by ``optimizer`` (any torch optimizer), every tensor in its
+    per-parameter state counted once (step counters included)."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += _tensor_bytes(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for per_param in optimizer.state.values():
+        visit(per_param)
+    return total

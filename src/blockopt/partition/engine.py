@@ -1,0 +1,279 @@
+"""`partition()`: a model (or its named parameters) -> a `Plan`.
+
+The engine is pure: it reads shapes and module structure (so it works on the ``meta`` device)
+and touches no optimizer. Steps: (1) ask the adapters about every module, outermost first, first
+claim wins; (2) give every unclaimed parameter a safe fallback (never a silent ``whole`` on a
+matrix); (3) apply the user's ``rules`` overrides, first matching glob wins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from .adapters import ADAPTERS
+from .context import Context
+from .plan import Plan
+from .spec import RULES, BlockSpec, make_spec
+
+VALUE_OPTIONS = ("rows", "whole")
+CONV_OPTIONS = ("whole", "channel")
+
+
+class PartitionWarning(UserWarning):
+    """Detection was unsure and fell back to a safe (finer) layout."""
+
+
+def partition(
+    model: nn.Module | Iterable[tuple[str, torch.Tensor]],
+    *,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    rules: Mapping[str, str] | None = None,
+    value: str = "rows",
+    conv: str = "whole",
+    dim: int | None = None,
+) -> Plan:
+    """Partition a model's trainable parameters into Adam-mini blocks (Principle 1).
+
+    Args:
+        model: an ``nn.Module`` (structure is read: module types, attention geometry, HF config,
+            tied weights), or ``named_parameters()`` pairs (then names and shapes are all there is,
+            as in the official adam-mini package).
+        n_heads / n_kv_heads / head_dim: override the detected attention geometry (all attention
+            modules). Needed with named parameters for query/key to be split by head.
+        rules: ``{glob on parameter names: rule}``, first match wins; rules are ``rows``, ``cols``,
+            ``heads``, ``whole``, ``coordinate`` (``{"*": "coordinate"}`` gives AdamW).
+            ``rows``/``cols`` are storage dims (dim 0 / dim 1).
+        value: ``"rows"`` (one block per output neuron, default) or ``"whole"`` for attention values.
+        conv: ``"whole"`` (one block per conv weight, default) or ``"channel"`` (per output channel).
+        dim: accepted for compatibility with adam-mini's signature; head sizes come from widths.
+    """
+    _check_int("n_heads", n_heads)
+    _check_int("n_kv_heads", n_kv_heads)
+    _check_int("head_dim", head_dim)
+    _check_int("dim", dim)
+    if n_heads and n_kv_heads and n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (each KV head serves a group of query heads)")
+    if dim and n_heads and dim % n_heads and head_dim is None:
+        raise ValueError(f"n_heads={n_heads} does not divide dim={dim}; pass head_dim= if heads are not dim/n_heads wide")
+    if value not in VALUE_OPTIONS:
+        raise ValueError(f"value must be one of {VALUE_OPTIONS}, got {value!r}")
+    if conv not in CONV_OPTIONS:
+        raise ValueError(f"conv must be one of {CONV_OPTIONS}, got {conv!r}")
+    ctx = Context(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, value=value, conv=conv)
+
+    unsure: list[str] = []  # parameters no adapter recognised (each got a safe fallback)
+    if isinstance(model, nn.Module):
+        specs = _detect_module(model, ctx, unsure)
+    else:
+        specs = _detect_named(list(model), ctx, unsure)
+    if rules:
+        specs, overridden = _apply_rules(specs, rules, ctx)
+        unsure = [n for n in unsure if n not in overridden]
+    if unsure:
+        ctx.warnings.append(f"no adapter recognised {', '.join(unsure)}: one block per row")
+    if ctx.warnings:
+        warnings.warn(
+            "blockopt.partition fell back to safe layouts: " + "; ".join(ctx.warnings), PartitionWarning, stacklevel=2
+        )
+    return Plan(specs, tuple(ctx.warnings))
+
+
+def _check_int(name: str, v) -> None:
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+
+
+# ---- modules -----------------------------------------------------------------------------
+def _detect_module(model: nn.Module, ctx: Context, unsure: list[str]) -> list[BlockSpec]:
+    # Every name of every trainable tensor; tied tensors keep their first name as canonical.
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names.setdefault(id(p), []).append(name)
+            tensors[id(p)] = p
+    canonical = {n: ns[0] for ns in names.values() for n in ns}
+    if not names:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+
+    ctx.root = model
+    ctx.modules = dict(model.named_modules(remove_duplicate=False))
+    ctx.token_vocab = _token_vocab(model)
+
+    claims: dict[str, BlockSpec] = {}  # canonical name -> spec
+    for path, module in ctx.modules.items():
+        for adapter in ADAPTERS:
+            for spec in adapter(path, module, ctx):
+                key = canonical.get(spec.name)
+                if key is None or key in claims:
+                    continue  # frozen, or claimed by an outer/earlier adapter
+                claims[key] = spec
+
+    specs = []
+    for pid, ns in names.items():
+        p, key = tensors[pid], ns[0]
+        spec = claims.get(key) or _fallback(key, tuple(p.shape), unsure)
+        if tuple(spec.shape) != tuple(p.shape):
+            raise RuntimeError(f"adapter produced shape {spec.shape} for {key} of shape {tuple(p.shape)}")
+        specs.append(replace(spec, name=key, aliases=tuple(ns[1:])))
+    return specs
+
+
+def _token_vocab(model: nn.Module) -> int | None:
+    """Rows of the token embedding: the model's own input embedding, else the largest Embedding."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+            if isinstance(emb, nn.Embedding):
+                return emb.num_embeddings
+        except (NotImplementedError, AttributeError, TypeError):
+            pass
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec:
+    """Layouts for parameters no adapter recognised. Finer than the Hessian blocks is safe (it
+    moves toward Adam); coarser is what causes loss spikes. So: matrices by rows, with a warning;
+    vectors and scalars per coordinate (exactly Adam)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if len(shape) <= 1:
+        why = "bias: per-coordinate (Adam)" if "bias" in leaf else "unrecognised vector/scalar: per-coordinate (Adam, the safe choice)"
+        return make_spec(name, shape, "coordinate", why, role="bias" if "bias" in leaf else "other")
+    unsure.append(name)
+    return make_spec(name, shape, "rows", "unrecognised: one block per row (safe fallback)", role="other")
+
+
+# ---- named parameters (no module) -----------------------------------------------------
+# With only names there is no structure to read; these are the conventions of the official
+# package and of common model code, matched on whole dotted components, not substrings.
+_NAME_ROLES = (
+    ("embedding", ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embed", "embd", "embedding", "embeddings")),
+    ("head", ("lm_head", "output", "final_layer")),
+    ("query", ("q_proj", "wq", "query", "q")),
+    ("key", ("k_proj", "wk", "key", "k")),
+    ("value", ("v_proj", "wv", "value", "v")),
+    ("attn_out", ("o_proj", "wo", "out_proj")),
+)
+
+
+def _named_role(name: str, shape: tuple[int, ...]) -> str:
+    parts = name.lower().split(".")
+    leaf, owners = parts[-1], parts[:-1]
+    if "bias" in leaf:
+        return "bias"
+    for role, keys in _NAME_ROLES:
+        if any(o in keys for o in owners[-1:]):
+            return role
+    if any("norm" in o or o.startswith("ln") for o in owners[-1:]) and len(shape) == 1:
+        return "norm"
+    if any(h in o for o in owners for h in ("mlp", "feed_forward", "ffn")):
+        return "ffn"
+    return "other"
+
+
+def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpec]:
+    if not named:
+        raise ValueError("named parameters are empty: pass model.named_parameters() of a model with parameters")
+    specs, seen = [], set()
+    for item in named:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"expected (name, tensor) pairs such as model.named_parameters(), got {type(item).__name__}")
+        name, p = item
+        if name in seen:
+            raise ValueError(f"parameter {name!r} is given twice; pass each parameter once")
+        seen.add(name)
+        if not p.requires_grad:
+            continue
+        shape = tuple(p.shape)
+        role = _named_role(name, shape)
+        why = f"name '{name}' (no module given)"
+        if role == "bias" or len(shape) == 0:
+            specs.append(make_spec(name, shape, "coordinate", f"bias by {why}: per-coordinate", role="bias"))
+        elif role == "norm":
+            specs.append(make_spec(name, shape, "whole", f"norm by {why}: one block", role="norm"))
+        elif len(shape) == 1:
+            specs.append(make_spec(name, shape, "coordinate", f"vector by {why}: per-coordinate (safe)", role="other"))
+        elif role in ("query", "key") and (ctx.n_heads or ctx.head_dim):
+            heads = _named_heads(name, shape[0], role, ctx)
+            specs.append(make_spec(name, shape, "heads", f"{role} by {why}: {heads} heads", role=role, n_heads=heads))
+        elif role == "value" and ctx.value == "whole":
+            specs.append(make_spec(name, shape, "whole", f"value by {why}: whole (value='whole')", role=role))
+        else:
+            if role in ("query", "key"):
+                ctx.warnings.append(f"{name}: no n_heads given, split per neuron")
+            elif role == "other":
+                unsure.append(name)
+            specs.append(make_spec(name, shape, "rows", f"{role} by {why}: per row", role=role))
+    if not specs:
+        raise ValueError("no trainable parameters (all have requires_grad=False)")
+    return specs
+
+
+def _named_heads(name: str, width: int, role: str, ctx: Context) -> int:
+    if role == "key":
+        heads = ctx.n_kv_heads or (width // ctx.head_dim if ctx.head_dim else ctx.n_heads)
+    else:
+        heads = ctx.n_heads or width // ctx.head_dim
+    if not heads or width % heads:
+        label = "n_kv_heads" if role == "key" and ctx.n_kv_heads else "n_heads"
+        raise ValueError(
+            f"{label}={heads} does not divide the width {width} of {name}; pass the model's real head counts "
+            "(n_kv_heads for keys under grouped-query attention)"
+        )
+    return heads
+
+
+# ---- overrides --------------------------------------------------------------------------
+def _apply_rules(specs: list[BlockSpec], rules: Mapping[str, str], ctx: Context) -> tuple[list[BlockSpec], set[str]]:
+    """Specs with the user's rules applied, and the names those rules matched."""
+    if not isinstance(rules, Mapping):
+        raise TypeError(f"rules must be a mapping {{glob: rule}}, got {type(rules).__name__}")
+    for pattern, rule in rules.items():
+        if rule not in RULES:
+            raise ValueError(f"rules[{pattern!r}] = {rule!r} is not a rule; use one of {RULES}")
+    used, matched = set(), set()
+    out = []
+    for spec in specs:
+        for pattern, rule in rules.items():
+            if any(fnmatch.fnmatchcase(n, pattern) for n in (spec.name, *spec.aliases)):
+                used.add(pattern)
+                matched.add(spec.name)
+                if rule != spec.rule or rule == "heads":
+                    spec = _override(spec, rule, pattern, ctx)
+                else:
+                    spec = replace(spec, reason=f"{spec.reason} (rules[{pattern!r}])")
+                break
+        out.append(spec)
+    unused = [p for p in rules if p not in used]
+    if unused:
+        names = [n for s in specs for n in (s.name, *s.aliases)]
+        shadowed = [p for p in unused if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if shadowed:
+            raise ValueError(
+                f"rules pattern(s) {shadowed} only match parameters an earlier pattern already claimed "
+                "(first match wins): put the more specific pattern first"
+            )
+        raise ValueError(f"rules pattern(s) {unused} match no trainable parameter; check the names in print(plan)")
+    return out, matched
+
+
+def _override(spec: BlockSpec, rule: str, pattern: str, ctx: Context) -> BlockSpec:
+    why = f"user rule {pattern!r} -> {rule}"
+    if rule == "heads":
+        n = spec.n_heads or (ctx.n_kv_heads if spec.role in ("key", "value") and ctx.n_kv_heads else ctx.n_heads)
+        neuron_dim = spec.block_dims[0] if len(spec.block_dims) == 1 else 0
+        if spec.uniform or n is None:
+            return spec.with_rule("heads", reason=why, n_heads=n, neuron_dim=neuron_dim)
+        # a fused tensor already split by heads: keep its layout, note the rule matched
+        return replace(spec, reason=f"{spec.reason} ({why})")
+    return spec.with_rule(rule, reason=why)

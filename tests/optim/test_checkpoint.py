@@ -1,0 +1,120 @@
+"""state_dict / load_state_dict: exact resume, atomic failure, exact float32 statistics."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import blockopt
+
+from .conftest import batches, make_tiny, train
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _snapshot(opt):
+    """Every state tensor (cloned) and group setting, in parameter order."""
+    return [
+        ({k: v for k, v in g.items() if k != "params"}, [{k: v.clone() for k, v in opt.state[p].items()} for p in g["params"]])
+        for g in opt.param_groups
+    ]
+
+
+def _same_state(a, b) -> bool:
+    for (settings_a, states_a), (settings_b, states_b) in zip(a, b, strict=True):
+        if settings_a != settings_b or len(states_a) != len(states_b):
+            return False
+        for sa, sb in zip(states_a, states_b):
+            if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_resume_in_a_fresh_optimizer_is_bit_identical(dtype):
+    data = batches(12)
+    straight = make_tiny(dtype)
+    straight_opt = blockopt.AdamMini(straight, lr=1e-2, weight_decay=0.1)
+    train(straight, straight_opt, data)
+
+    first = make_tiny(dtype)
+    first_opt = blockopt.AdamMini(first, lr=1e-2, weight_decay=0.1)
+    train(first, first_opt, data[:5])
+    model_sd, opt_sd = _roundtrip(first.state_dict()), _roundtrip(first_opt.state_dict())
+
+    resumed = make_tiny(dtype, seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(model_sd)
+    resumed_opt = blockopt.AdamMini(resumed, lr=1e-2, weight_decay=0.1)
+    resumed_opt.load_state_dict(opt_sd)
+    for p in resumed.parameters():
+        assert resumed_opt.state[p]["exp_avg_sq"].dtype == torch.promote_types(dtype, torch.float32)
+    train(resumed, resumed_opt, data[5:])
+
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(straight_opt.state[p][key], resumed_opt.state[q][key])
+
+
+def _trained(model, **kw):
+    opt = blockopt.AdamMini(model, lr=1e-2, **kw)
+    train(model, opt, batches(2))
+    return opt
+
+
+def test_state_dict_from_another_model_is_rejected_and_changes_nothing():
+    model = make_tiny()
+    opt = _trained(model)
+    before = _snapshot(opt)
+    other = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+    other_opt = blockopt.AdamMini(other, lr=1e-2)
+    other_opt.zero_grad()
+    other(torch.tensor([[1, 2]])).sum().backward()
+    other_opt.step()
+    with pytest.raises(ValueError, match="another model"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert _same_state(before, _snapshot(opt))
+    assert opt.param_groups[0]["lr"] == 1e-2
+    train(model, opt, batches(1))  # control: the comparison does see a change
+    assert not _same_state(before, _snapshot(opt))
+
+
+def test_state_dict_from_another_plan_is_rejected_and_changes_nothing():
+    opt = _trained(make_tiny())
+    before = _snapshot(opt)
+    other = _trained(make_tiny(), rules={"*": "coordinate"})
+    with pytest.raises(ValueError, match="another model or plan"):
+        opt.load_state_dict(other.state_dict())
+    assert _same_state(before, _snapshot(opt))
+
+
+def test_state_dict_with_other_names_is_rejected():
+    opt = _trained(make_tiny())
+    sd = opt.state_dict()
+    sd["param_groups"][0]["param_names"] = ["x" + n for n in sd["param_groups"][0]["param_names"]]
+    with pytest.raises(ValueError, match="entry 0 is 'xembed.weight'"):
+        opt.load_state_dict(sd)
+
+
+def test_state_dict_of_another_optimizer_is_rejected():
+    model = make_tiny()
+    opt = _trained(model)
+    adamw = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    train(model, adamw, batches(1))
+    with pytest.raises(ValueError, match="lacks 'step'|different optimizer"):
+        opt.load_state_dict(adamw.state_dict())
+
+
+def test_garbage_is_rejected():
+    opt = _trained(make_tiny())
+    with pytest.raises(ValueError, match="not an optimizer state dict"):
+        opt.load_state_dict({"foo": 1})

@@ -1,0 +1,597 @@
+"""`partition()`: structure detection, adapters, overrides, user geometry, fallbacks.
+
+Expected partitions are written from the models' config numbers with plain loops (see
+``build_index``); the engine's helpers are never used to build an expectation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import blockopt
+from blockopt import PartitionWarning
+
+# Config numbers of the tiny models built in conftest.py (repeated here on purpose: the tests'
+# expectations are written from them, and conftest is not importable as a module).
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+
+
+
+def build_index(shape, fn) -> torch.Tensor:
+    """LongTensor of ``shape`` whose entry at ``pos`` is ``fn(*pos)`` (row-major loop)."""
+    flat = [fn(*pos) for pos in itertools.product(*(range(n) for n in shape))]
+    return torch.tensor(flat, dtype=torch.long).view(shape)
+
+
+def flat_pos(shape):
+    """fn(*pos) -> row-major flat position (one block per coordinate)."""
+
+    def fn(*pos):
+        k = 0
+        for p, n in zip(pos, shape):
+            k = k * n + p
+        return k
+
+    return fn
+
+
+def rows(*pos):
+    return pos[0]
+
+
+def cols(*pos):
+    return pos[1]
+
+
+def zero(*pos):
+    return 0
+
+
+def assert_layout(spec, rule, n_blocks, fn):
+    assert spec.rule == rule, spec
+    assert spec.n_blocks == n_blocks, spec
+    assert torch.equal(spec.block_index(), build_index(spec.shape, fn)), spec.name
+
+
+# ---- expected partitions from config numbers ----------------------------------------------
+def gpt2_expected(name, shape, value="rows", n_heads=None):
+    """(rule, n_blocks, fn) for a GPT-2 tensor. Conv1D stores (in, out): neurons are columns."""
+    E, H, V, P = GPT2["n_embd"], n_heads or GPT2["n_head"], GPT2["vocab_size"], GPT2["n_positions"]
+    hd = E // H
+    if name.endswith(".bias"):
+        n = 1
+        for s in shape:
+            n *= s
+        return "coordinate", n, flat_pos(shape)
+    if ".ln_" in name or name.startswith("transformer.ln_f"):
+        return "whole", 1, zero
+    if name.endswith("attn.c_attn.weight"):
+        assert shape == (E, 3 * E)
+
+        def col(i, c):
+            if c < E:
+                return c // hd  # query heads 0..H-1
+            if c < 2 * E:
+                return H + (c - E) // hd  # key heads H..2H-1
+            return 2 * H if value == "whole" else 2 * H + (c - 2 * E)  # value: one block, or per column
+
+        return "heads", 2 * H + (1 if value == "whole" else E), col
+    if name.endswith("attn.c_proj.weight"):
+        return "cols", E, cols
+    if name.endswith("mlp.c_fc.weight"):
+        return "cols", 4 * E, cols
+    if name.endswith("mlp.c_proj.weight"):
+        return "cols", E, cols
+    if name == "transformer.wte.weight":
+        return "rows", V, rows
+    if name == "transformer.wpe.weight":
+        return "rows", P, rows
+    raise AssertionError(f"unexpected GPT-2 parameter {name}")
+
+
+def llama_expected(name, shape, value="rows", n_heads=None, n_kv_heads=None):
+    E, I, V = LLAMA["hidden_size"], LLAMA["intermediate_size"], LLAMA["vocab_size"]
+    H = n_heads or LLAMA["num_attention_heads"]
+    KV = n_kv_heads or LLAMA["num_key_value_heads"]
+    hd = E // H
+    kv_width = LLAMA["num_key_value_heads"] * (E // LLAMA["num_attention_heads"])
+    if name.endswith("self_attn.q_proj.weight"):
+        assert shape == (E, E)
+        return "heads", H, lambda i, j: i // hd
+    if name.endswith("self_attn.k_proj.weight"):
+        assert shape == (kv_width, E)
+        k_hd = kv_width // KV
+        return "heads", KV, lambda i, j: i // k_hd
+    if name.endswith("self_attn.v_proj.weight"):
+        return ("whole", 1, zero) if value == "whole" else ("rows", kv_width, rows)
+    if name.endswith("self_attn.o_proj.weight"):
+        return "rows", E, rows
+    if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+        return "rows", I, rows
+    if name.endswith("mlp.down_proj.weight"):
+        return "rows", E, rows
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return "rows", V, rows
+    if name.endswith("norm.weight"):
+        return "whole", 1, zero
+    raise AssertionError(f"unexpected Llama parameter {name}")
+
+
+def check_model(model, plan, expected, **kw):
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(plan) == sorted(names)
+    for name, p in model.named_parameters():
+        rule, n, fn = expected(name, tuple(p.shape), **kw)
+        assert_layout(plan[name], rule, n, fn)
+
+
+# ---- 2. GPT-2 and Llama -----------------------------------------------------------------
+@pytest.mark.hf
+def test_tiny_configs_match_expectations(llama, gpt2):
+    for key, v in LLAMA.items():
+        assert getattr(llama.config, key) == v, key
+    for key, v in GPT2.items():
+        assert getattr(gpt2.config, key) == v, key
+
+
+@pytest.mark.hf
+def test_gpt2_every_tensor(gpt2, gpt2_plan):
+    check_model(gpt2, gpt2_plan, gpt2_expected)
+
+
+@pytest.mark.hf
+def test_gpt2_tied_lm_head_is_an_alias_of_wte(gpt2, gpt2_plan):
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    spec = gpt2_plan["lm_head.weight"]
+    assert spec is gpt2_plan["transformer.wte.weight"]
+    assert spec.name == "transformer.wte.weight"
+    assert spec.aliases == ("lm_head.weight",)
+    assert "lm_head.weight" in gpt2_plan
+    assert "lm_head.weight" not in list(gpt2_plan)  # one spec per tensor: iteration is canonical only
+    assert_layout(spec, "rows", GPT2["vocab_size"], rows)
+
+
+@pytest.mark.hf
+def test_gpt2_value_whole(gpt2):
+    plan = blockopt.partition(gpt2, value="whole")
+    check_model(gpt2, plan, gpt2_expected, value="whole")
+
+
+@pytest.mark.hf
+def test_gpt2_roles(gpt2_plan):
+    roles = {n: s.role for n, s in gpt2_plan.items()}
+    assert roles["transformer.wte.weight"] == "embedding"
+    assert roles["transformer.wpe.weight"] == "pos_embedding"
+    assert roles["transformer.h.0.attn.c_attn.weight"] == "qkv"
+    assert roles["transformer.h.0.attn.c_proj.weight"] == "attn_out"
+    assert roles["transformer.h.0.mlp.c_fc.weight"] == roles["transformer.h.1.mlp.c_proj.weight"] == "ffn"
+    assert roles["transformer.h.0.ln_1.weight"] == roles["transformer.ln_f.weight"] == "norm"
+    assert all(r == "bias" for n, r in roles.items() if n.endswith(".bias"))
+
+
+@pytest.mark.hf
+def test_llama_gqa_every_tensor(llama, llama_plan):
+    check_model(llama, llama_plan, llama_expected)
+    k = llama_plan["model.layers.0.self_attn.k_proj.weight"]
+    assert k.n_heads == LLAMA["num_key_value_heads"]
+    assert llama_plan["model.layers.0.self_attn.q_proj.weight"].n_heads == LLAMA["num_attention_heads"]
+
+
+@pytest.mark.hf
+def test_llama_value_whole(llama):
+    plan = blockopt.partition(llama, value="whole")
+    check_model(llama, plan, llama_expected, value="whole")
+
+
+@pytest.mark.hf
+def test_llama_roles(llama_plan):
+    want = {
+        "model.embed_tokens.weight": "embedding", "lm_head.weight": "head",
+        "model.layers.1.self_attn.q_proj.weight": "query", "model.layers.1.self_attn.k_proj.weight": "key",
+        "model.layers.1.self_attn.v_proj.weight": "value", "model.layers.1.self_attn.o_proj.weight": "attn_out",
+        "model.layers.1.mlp.gate_proj.weight": "ffn", "model.layers.1.mlp.up_proj.weight": "ffn",
+        "model.layers.1.mlp.down_proj.weight": "ffn", "model.layers.1.input_layernorm.weight": "norm",
+        "model.norm.weight": "norm",
+    }
+    assert {n: llama_plan[n].role for n in want} == want
+
+
+@pytest.mark.hf
+def test_llama_tied_embeddings_one_spec(llama_factory):
+    model = llama_factory(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    plan = blockopt.partition(model)
+    assert plan["lm_head.weight"] is plan["model.embed_tokens.weight"]
+    assert len(plan) == len(list(model.parameters()))
+    assert_layout(plan["lm_head.weight"], "rows", LLAMA["vocab_size"], rows)
+
+
+@pytest.mark.hf
+def test_hf_models_plan_without_partition_warning(llama, gpt2):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        assert blockopt.partition(llama).warnings == ()
+        assert blockopt.partition(gpt2).warnings == ()
+
+
+# ---- 3. torch.nn modules ----------------------------------------------------------------
+def mha_in_proj(E, H, value="rows"):
+    hd = E // H
+
+    def fn(r, c):
+        if r < E:
+            return r // hd
+        if r < 2 * E:
+            return H + (r - E) // hd
+        return 2 * H if value == "whole" else 2 * H + (r - 2 * E)
+
+    return fn
+
+
+@pytest.mark.parametrize("value", ["rows", "whole"])
+def test_multihead_attention_packed_in_proj(value):
+    E, H = 16, 4
+    plan = blockopt.partition(nn.MultiheadAttention(E, H), value=value)
+    assert_layout(plan["in_proj_weight"], "heads", 2 * H + (1 if value == "whole" else E), mha_in_proj(E, H, value))
+    assert_layout(plan["in_proj_bias"], "coordinate", 3 * E, lambda i: i)
+    assert_layout(plan["out_proj.weight"], "rows", E, rows)
+    assert_layout(plan["out_proj.bias"], "coordinate", E, lambda i: i)
+    assert len(plan) == 4
+
+
+def test_multihead_attention_separate_kdim_vdim():
+    E, H, KD = 16, 4, 8
+    plan = blockopt.partition(nn.MultiheadAttention(E, H, kdim=KD, vdim=KD))
+    assert_layout(plan["q_proj_weight"], "heads", H, lambda i, j: i // (E // H))
+    assert_layout(plan["k_proj_weight"], "heads", H, lambda i, j: i // (E // H))
+    assert_layout(plan["v_proj_weight"], "rows", E, rows)
+    assert plan["k_proj_weight"].shape == (E, KD)
+
+
+def test_transformer_encoder_layer():
+    E, H, F = 16, 4, 32
+    layer = nn.TransformerEncoderLayer(E, H, F, dropout=0.0, batch_first=True)
+    plan = blockopt.partition(layer)
+    assert_layout(plan["self_attn.in_proj_weight"], "heads", 2 * H + E, mha_in_proj(E, H))
+    assert_layout(plan["self_attn.out_proj.weight"], "rows", E, rows)
+    assert_layout(plan["linear1.weight"], "rows", F, rows)
+    assert_layout(plan["linear2.weight"], "rows", E, rows)
+    for norm in ("norm1", "norm2"):
+        assert_layout(plan[f"{norm}.weight"], "whole", 1, zero)
+        assert_layout(plan[f"{norm}.bias"], "coordinate", E, lambda i: i)
+    for bias, n in (("self_attn.in_proj_bias", 3 * E), ("self_attn.out_proj.bias", E), ("linear1.bias", F), ("linear2.bias", E)):
+        assert_layout(plan[bias], "coordinate", n, lambda i: i)
+    assert len(plan) == len(list(layer.parameters()))
+
+
+def test_plain_mlp():
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    plan = blockopt.partition(mlp)
+    assert_layout(plan["0.weight"], "rows", 20, rows)
+    assert_layout(plan["2.weight"], "rows", 5, rows)
+    assert_layout(plan["0.bias"], "coordinate", 20, lambda i: i)
+    assert_layout(plan["2.bias"], "coordinate", 5, lambda i: i)
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False),
+                         nn.ConvTranspose2d(4, 6, 3))
+
+
+def test_cnn_conv_whole_by_default():
+    plan = blockopt.partition(_cnn())
+    for name in ("0.weight", "3.weight", "4.weight"):
+        assert_layout(plan[name], "whole", 1, zero)
+    assert_layout(plan["0.bias"], "coordinate", 8, lambda i: i)
+    assert_layout(plan["1.weight"], "whole", 1, zero)  # BatchNorm scale
+    assert_layout(plan["1.bias"], "coordinate", 8, lambda i: i)
+    assert_layout(plan["4.bias"], "coordinate", 6, lambda i: i)
+
+
+def test_cnn_conv_per_output_channel():
+    plan = blockopt.partition(_cnn(), conv="channel")
+    assert_layout(plan["0.weight"], "rows", 8, lambda o, i, h, w: o)  # Conv2d: (out, in, kh, kw)
+    assert_layout(plan["3.weight"], "rows", 4, lambda o, i, h, w: o)
+    assert_layout(plan["4.weight"], "cols", 6, lambda i, o, h, w: o)  # ConvTranspose2d: (in, out, kh, kw)
+    assert_layout(plan["1.weight"], "whole", 1, zero)
+
+
+def test_grouped_conv_per_output_channel():
+    conv = nn.Conv2d(4, 6, 3, groups=2)  # weight (out=6, in/groups=2, 3, 3): dim 0 is the output channel
+    plan = blockopt.partition(nn.Sequential(conv), conv="channel")
+    assert_layout(plan["0.weight"], "rows", 6, lambda o, i, h, w: o)
+
+
+def test_grouped_conv_transpose_blocks_stay_within_one_output_channel():
+    cin, cout, groups = 4, 6, 2
+    conv = nn.ConvTranspose2d(cin, cout, 3, groups=groups)  # weight (in=4, out/groups=3, 3, 3)
+    plan = blockopt.partition(nn.Sequential(conv), conv="channel")
+    idx = plan["0.weight"].block_index()
+    # output channel of weight[i, c]: input channel i belongs to group i // (cin/groups), whose outputs
+    # are channels g*(cout/groups) .. (g+1)*(cout/groups)-1
+    out_ch = build_index(tuple(conv.weight.shape), lambda i, c, h, w: (i // (cin // groups)) * (cout // groups) + c)
+    for b in idx.unique().tolist():
+        assert out_ch[idx == b].unique().numel() == 1, f"block {b} spans output channels {out_ch[idx == b].unique().tolist()}"
+
+
+def test_embedding_and_norms():
+    model = nn.ModuleDict({"emb": nn.Embedding(12, 6), "ln": nn.LayerNorm(6), "rms": nn.RMSNorm(6),
+                           "ln_nobias": nn.LayerNorm(6, bias=False)})
+    plan = blockopt.partition(model)
+    assert_layout(plan["emb.weight"], "rows", 12, rows)
+    assert plan["emb.weight"].role == "embedding"
+    assert_layout(plan["ln.weight"], "whole", 1, zero)
+    assert_layout(plan["ln.bias"], "coordinate", 6, lambda i: i)
+    assert_layout(plan["rms.weight"], "whole", 1, zero)
+    assert_layout(plan["ln_nobias.weight"], "whole", 1, zero)
+    assert len(plan) == 5
+
+
+# ---- 4. overrides -----------------------------------------------------------------------
+@pytest.mark.hf
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_all_coordinate_is_adamw(which, gpt2, llama):
+    model = gpt2 if which == "gpt2" else llama
+    plan = blockopt.partition(model, rules={"*": "coordinate"})
+    for name, p in model.named_parameters():
+        spec = plan[name]
+        assert spec.rule == "coordinate"
+        assert spec.n_blocks == p.numel()
+        assert torch.equal(spec.block_index(), torch.arange(p.numel()).view(p.shape))
+    s = plan.summary()
+    assert s.n_blocks == s.n_params == sum(p.numel() for p in model.parameters())
+
+
+def test_all_coordinate_on_torch_modules():
+    layer = nn.TransformerEncoderLayer(16, 4, 32)
+    plan = blockopt.partition(layer, rules={"*": "coordinate"})
+    for name, p in layer.named_parameters():
+        assert plan[name].n_blocks == p.numel()
+
+
+@pytest.mark.hf
+def test_first_matching_glob_wins(llama):
+    plan = blockopt.partition(llama, rules={"*.q_proj.weight": "whole", "*_proj.weight": "coordinate"})
+    for name, p in llama.named_parameters():
+        spec = plan[name]
+        if name.endswith("q_proj.weight"):
+            assert_layout(spec, "whole", 1, zero)
+        elif name.endswith("_proj.weight"):
+            assert spec.rule == "coordinate" and spec.n_blocks == p.numel()
+        else:  # untouched: as detected
+            rule, n, fn = llama_expected(name, tuple(p.shape))
+            assert_layout(spec, rule, n, fn)
+    assert "*.q_proj.weight" in plan["model.layers.0.self_attn.q_proj.weight"].reason
+
+
+@pytest.mark.hf
+def test_override_through_tied_alias(gpt2):
+    plan = blockopt.partition(gpt2, rules={"lm_head.weight": "coordinate"})
+    assert plan["transformer.wte.weight"].rule == "coordinate"
+    assert plan["transformer.wte.weight"].n_blocks == GPT2["vocab_size"] * GPT2["n_embd"]
+
+
+@pytest.mark.hf
+def test_heads_override_on_fused_keeps_split(gpt2, gpt2_plan):
+    plan = blockopt.partition(gpt2, rules={"*.c_attn.weight": "heads"})
+    name = "transformer.h.0.attn.c_attn.weight"
+    rule, n, fn = gpt2_expected(name, (GPT2["n_embd"], 3 * GPT2["n_embd"]))
+    assert_layout(plan[name], rule, n, fn)
+
+
+def test_heads_override_with_n_heads_on_plain_linear():
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    plan = blockopt.partition(mlp, n_heads=4, rules={"0.weight": "heads"})
+    assert_layout(plan["0.weight"], "heads", 4, lambda i, j: i // 5)
+    assert_layout(plan["2.weight"], "rows", 5, rows)
+
+
+def test_unknown_rule_raises_naming_it():
+    mlp = nn.Sequential(nn.Linear(10, 20))
+    with pytest.raises(ValueError, match="diagonal"):
+        blockopt.partition(mlp, rules={"0.weight": "diagonal"})
+
+
+def test_unmatched_pattern_raises_naming_it():
+    mlp = nn.Sequential(nn.Linear(10, 20))
+    with pytest.raises(ValueError, match=r"\*\.q_proj\.weight"):
+        blockopt.partition(mlp, rules={"0.weight": "whole", "*.q_proj.weight": "rows"})
+
+
+def test_pattern_matching_only_frozen_parameters_raises():
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 5))
+    mlp[1].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"1\.weight"):
+        blockopt.partition(mlp, rules={"1.weight": "whole"})
+
+
+def test_heads_override_without_head_info_raises():
+    mlp = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    with pytest.raises(ValueError, match=r"n_heads"):
+        blockopt.partition(mlp, rules={"0.weight": "heads"})
+
+
+@pytest.mark.hf
+def test_heads_override_on_gqa_value_uses_kv_heads(llama):
+    plan = blockopt.partition(llama, n_heads=4, n_kv_heads=2, rules={"*.v_proj.weight": "heads"})
+    hd = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+    assert_layout(plan["model.layers.0.self_attn.v_proj.weight"], "heads", LLAMA["num_key_value_heads"], lambda i, j: i // hd)
+
+
+# ---- 5. user geometry -------------------------------------------------------------------
+@pytest.mark.hf
+def test_n_heads_not_dividing_query_width_raises(llama, gpt2):
+    with pytest.raises(ValueError, match=r"n_heads=3") as e:
+        blockopt.partition(llama, n_heads=3)
+    assert "q_proj" in str(e.value)
+    with pytest.raises(ValueError, match=r"n_heads=3") as e:
+        blockopt.partition(gpt2, n_heads=3)
+    assert "c_attn" in str(e.value)
+
+
+def test_n_heads_not_dividing_mha_raises():
+    with pytest.raises(ValueError, match=r"n_heads=3"):
+        blockopt.partition(nn.TransformerEncoderLayer(16, 4, 32), n_heads=3)
+
+
+@pytest.mark.hf
+def test_n_kv_heads_not_dividing_n_heads_raises(llama):
+    with pytest.raises(ValueError, match=r"n_kv_heads=3"):
+        blockopt.partition(llama, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match=r"n_kv_heads=3"):  # n_heads detected (4)
+        blockopt.partition(llama, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("kw", [dict(n_heads=0), dict(n_kv_heads=-2), dict(head_dim=2.5), dict(n_heads=True)])
+def test_bad_geometry_values_raise(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        blockopt.partition(nn.Linear(4, 4), **kw)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="value"):
+        blockopt.partition(nn.Linear(4, 4), value="cols")
+    with pytest.raises(ValueError, match="conv"):
+        blockopt.partition(nn.Linear(4, 4), conv="rows")
+
+
+@pytest.mark.hf
+def test_explicit_heads_override_detected_llama(llama):
+    plan = blockopt.partition(llama, n_heads=8, n_kv_heads=4)
+    check_model(llama, plan, llama_expected, n_heads=8, n_kv_heads=4)
+    plan = blockopt.partition(llama, n_kv_heads=4)  # query heads still detected
+    check_model(llama, plan, llama_expected, n_kv_heads=4)
+    assert plan["model.layers.0.self_attn.q_proj.weight"].n_blocks == 4
+    assert plan["model.layers.0.self_attn.k_proj.weight"].n_blocks == 4
+
+
+@pytest.mark.hf
+def test_explicit_heads_override_detected_gpt2(gpt2):
+    plan = blockopt.partition(gpt2, n_heads=8)
+    check_model(gpt2, plan, gpt2_expected, n_heads=8)
+
+
+def test_explicit_heads_override_detected_mha():
+    E = 16
+    plan = blockopt.partition(nn.MultiheadAttention(E, 4), n_heads=8)
+    assert_layout(plan["in_proj_weight"], "heads", 16 + E, mha_in_proj(E, 8))
+
+
+@pytest.mark.hf
+def test_explicit_fewer_heads_gpt2(gpt2):
+    plan = blockopt.partition(gpt2, n_heads=2)
+    check_model(gpt2, plan, gpt2_expected, n_heads=2)
+
+
+@pytest.mark.hf
+def test_explicit_n_heads_alone_keeps_head_size_for_keys(llama):
+    plan = blockopt.partition(llama, n_heads=8)
+    q = plan["model.layers.0.self_attn.q_proj.weight"]
+    assert_layout(q, "heads", 8, lambda i, j: i // 4)
+    # keys use the same head size as queries (as the official adam-mini: head_numel = dim*dim/n_heads)
+    assert_layout(plan["model.layers.0.self_attn.k_proj.weight"], "heads", 4, lambda i, j: i // 4)
+
+
+# ---- 6. fallback ------------------------------------------------------------------------
+def test_raw_matrix_falls_back_to_rows_with_warning(custom):
+    with pytest.warns(PartitionWarning, match=r"\bmix\b"):
+        plan = blockopt.partition(custom)
+    assert_layout(plan["mix"], "rows", 6, rows)
+    assert_layout(plan["scale"], "coordinate", 5, lambda i: i)
+    assert_layout(plan["lin.weight"], "rows", 6, rows)
+    assert all(s.rule != "whole" for s in plan.values())
+    assert any("mix" in w for w in plan.warnings)
+    assert not any("scale" in w or "lin" in w for w in plan.warnings)
+    assert "mix" in str(plan)  # the report shows the warning
+
+
+def test_raw_3d_parameter_falls_back_to_rows():
+    m = nn.Module()
+    m.experts = nn.Parameter(torch.randn(3, 4, 2))
+    with pytest.warns(PartitionWarning, match="experts"):
+        plan = blockopt.partition(m)
+    assert_layout(plan["experts"], "rows", 3, lambda a, b, c: a)
+
+
+def test_no_warning_when_everything_is_recognised():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)))
+    assert plan.warnings == ()
+
+
+# ---- 7. named parameters ----------------------------------------------------------------
+@pytest.mark.hf
+def test_named_parameters_match_module_path(llama, llama_plan):
+    named = blockopt.partition(llama.named_parameters(), n_heads=4, n_kv_heads=2)
+    assert sorted(named) == sorted(llama_plan)
+    for name, spec in llama_plan.items():
+        other = named[name]
+        assert (other.rule, other.n_blocks) == (spec.rule, spec.n_blocks), name
+        assert torch.equal(other.block_index(), spec.block_index()), name
+    check_model(llama, named, llama_expected)
+
+
+@pytest.mark.hf
+def test_named_parameters_without_heads_never_whole(llama):
+    with pytest.warns(PartitionWarning, match="n_heads"):
+        plan = blockopt.partition(llama.named_parameters())
+    q = plan["model.layers.0.self_attn.q_proj.weight"]
+    assert_layout(q, "rows", LLAMA["hidden_size"], rows)  # finer than heads: safe
+
+
+@pytest.mark.hf
+def test_named_parameters_bad_n_heads(llama):
+    with pytest.raises(ValueError, match=r"n_heads=3"):
+        blockopt.partition(llama.named_parameters(), n_heads=3)
+
+
+def test_named_parameter_given_twice_raises():
+    named = list(nn.Sequential(nn.Linear(3, 4)).named_parameters())
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        blockopt.partition(named + [named[0]])
+
+
+def test_named_parameters_skip_frozen_and_reject_empty():
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    mlp[0].weight.requires_grad_(False)
+    with pytest.warns(PartitionWarning, match=r"1\.weight"):  # a bare name says nothing: rows, warned
+        plan = blockopt.partition(mlp.named_parameters())
+    assert_layout(plan["1.weight"], "rows", 2, rows)
+    assert "0.weight" not in plan and set(plan) == {"0.bias", "1.weight", "1.bias"}
+    with pytest.raises(ValueError):
+        blockopt.partition([])
+
+
+def test_named_parameters_reject_non_pairs():
+    with pytest.raises(TypeError):
+        blockopt.partition([torch.zeros(3)])
+
+
+# ---- 8. meta device ---------------------------------------------------------------------
+@pytest.mark.hf
+def test_meta_llama_plan_equals_cpu_plan(llama_factory, llama_plan):
+    with torch.device("meta"):
+        model = llama_factory()
+    assert next(model.parameters()).is_meta
+    plan = blockopt.partition(model)
+    assert plan == llama_plan
+    assert plan != blockopt.partition(model, value="whole")  # == is not trivially true
+    assert torch.equal(plan["model.layers.0.self_attn.k_proj.weight"].block_index(),
+                       llama_plan["model.layers.0.self_attn.k_proj.weight"].block_index())
+
+
+@pytest.mark.hf
+def test_meta_gpt2_plan_equals_cpu_plan(gpt2_factory, gpt2_plan):
+    with torch.device("meta"):
+        model = gpt2_factory()
+    plan = blockopt.partition(model)
+    assert plan == gpt2_plan
+    assert plan["lm_head.weight"].name == "transformer.wte.weight"
