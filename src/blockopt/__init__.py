@@ -1,5 +1,6 @@
 """blockopt: memory-efficient blockwise optimizers for PyTorch (Adam-mini and friends)."""
 
+from . import hf
 from .optim.adam_mini import AdamMini
 from .optim.state import state_bytes
 from .partition import BlockSpec, PartitionWarning, Plan, partition, register_adapter

@@ -512,12 +512,15 @@ def test_raw_matrix_falls_back_to_rows_with_warning(custom):
     assert "mix" in str(plan)  # the report shows the warning
 
 
-def test_raw_3d_parameter_falls_back_to_rows():
+def test_raw_3d_parameter_falls_back_to_one_block_per_last_dim_vector():
+    # finer than rows-on-dim-0, so a leading dim of size 1 can't make the tensor one block
     m = nn.Module()
     m.experts = nn.Parameter(torch.randn(3, 4, 2))
+    m.table = nn.Parameter(torch.randn(1, 5, 2))
     with pytest.warns(PartitionWarning, match="experts"):
         plan = blockopt.partition(m)
-    assert_layout(plan["experts"], "rows", 3, lambda a, b, c: a)
+    assert_layout(plan["experts"], "rows", 12, lambda a, b, c: 4 * a + b)
+    assert_layout(plan["table"], "rows", 5, lambda a, b, c: b)
 
 
 def test_no_warning_when_everything_is_recognised():

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch.nn as nn
 
-from .context import Context
+from .context import Context, _int_attr
 from .spec import BlockSpec, make_spec
 
 Adapter = Callable[[str, nn.Module, Context], Iterable[BlockSpec]]
@@ -219,8 +219,153 @@ def model_embeddings(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
         yield make_spec(_join(name, "weight"), w.shape, "rows", f"{what} ({type(module).__name__}.{getter})", role=role)
 
 
+# ---- fused query/key/value stored in one Linear (out = rows) -------------------------------
+# The order of q, k and v inside a fused projection is a convention of each family's forward
+# code; shapes alone can't tell it, so each layout is named here and chosen by structure.
+def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bool) -> tuple[tuple[int, int], ...]:
+    def v(rows: int) -> tuple[int, int]:
+        return (rows, rows) if value_whole else (rows, 1)
+
+    if layout == "concat":  # [q heads | k heads | v]: Phi-3 qkv_proj, timm qkv, MPT Wqkv
+        return ((n_heads * hd, hd), (n_kv * hd, hd), v(n_kv * hd))
+    if layout == "per_head":  # [q k v] for each head: GPT-NeoX, Bloom, Falcon-RW
+        return ((hd, hd), (hd, hd), v(hd)) * n_heads
+    if layout == "per_group":  # [q x (n/n_kv) | k | v] for each KV group: Falcon (new / multi-query)
+        return ((n_heads // n_kv * hd, hd), (hd, hd), v(hd)) * n_kv
+    raise ValueError(layout)
+
+
+_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "c_qkv", "in_proj")
+
+
+def _fused_qkv_layout(module: nn.Module) -> str | None:
+    kind = type(module).__name__
+    if hasattr(module, "new_decoder_architecture"):  # Falcon
+        if module.new_decoder_architecture:
+            return "per_group"
+        return "per_group" if getattr(module, "multi_query", False) else "per_head"
+    if kind.startswith(("GPTNeoX", "Bloom", "GPTNeoXJapanese")):
+        return "per_head"
+    return "concat"
+
+
+def _fused_geometry(module: nn.Module, ctx: Context, layout: str, out: int) -> tuple[int, int, int] | None:
+    """(n_heads, n_kv_heads, head_dim) of a fused projection with ``out`` rows: what is known
+    (user, module, config) first; the rest derived from the width."""
+    n_heads, n_kv, hd = ctx.geometry(module)
+    if layout == "per_head":
+        n_kv = n_heads if n_heads else n_kv
+    elif layout == "per_group" and not getattr(module, "new_decoder_architecture", True):
+        n_kv = 1  # Falcon multi-query: one shared key and value
+    per_q_head_units = {"per_head": 3}.get(layout)
+    if hd is None and n_heads:
+        kv = n_kv or n_heads
+        rows_per = n_heads * per_q_head_units if per_q_head_units else n_heads + 2 * kv
+        hd = out // rows_per if out % rows_per == 0 else None
+    if n_heads is None and hd:
+        n_heads = out // (3 * hd) if per_q_head_units else None
+    if n_heads is None or hd is None:
+        return None
+    return n_heads, n_kv or n_heads, hd
+
+
+@register_adapter
+def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """Attention whose query/key/value live in one Linear (GPT-NeoX and Bloom interleave them per
+    head; Falcon groups them per KV head; Phi-3, timm ViT and MPT concatenate them)."""
+    found = next(((n, module._modules[n]) for n in _FUSED_QKV_NAMES if isinstance(module._modules.get(n), nn.Linear)), None)
+    if found is None or _child(module, Q_NAMES):
+        return
+    name, lin = found
+    out, layout, kind = lin.out_features, _fused_qkv_layout(module), type(module).__name__
+    heads = _fused_geometry(module, ctx, layout, out)
+    if heads is None:
+        ctx.warnings.append(f"{path}: head counts of fused {name} unknown; it falls back to one block per row")
+    if heads is not None:
+        n_heads, n_kv, hd = heads
+        if (n_heads + 2 * n_kv) * hd != out or n_heads % n_kv:
+            ctx.warnings.append(
+                f"{path}.{name}: {out} rows do not fit {n_heads} query + 2x{n_kv} key/value heads of {hd}; one block per row"
+            )
+            heads = None
+    if heads is None:
+        yield make_spec(_join(path, name + ".weight"), lin.weight.shape, "rows",
+                        f"{kind} fused {name}: per row (layout unsure: safe fallback)", role="qkv")
+    else:
+        value_whole = ctx.value == "whole" and layout == "concat"
+        segs = _qkv_segments(layout, n_heads, n_kv, hd, value_whole)
+        gqa = f", {n_kv} KV heads" if n_kv != n_heads else ""
+        v_txt = "v whole" if value_whole else "v rows" + (" (per head: interleaved)" if ctx.value == "whole" else "")
+        yield BlockSpec(
+            name=_join(path, name + ".weight"), shape=tuple(lin.weight.shape), rule="heads", role="qkv",
+            reason=f"{kind} fused {name} ({layout.replace('_', ' ')}): {n_heads} q heads{gqa}, {v_txt}",
+            block_dims=(0,), segments=segs, n_heads=n_heads,
+        )
+    yield from _bias_spec(_join(path, name), lin)
+    o = _child(module, O_NAMES)
+    if o:
+        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
+        yield from _bias_spec(_join(path, o[0]), o[1])
+
+
+@register_adapter
+def sibling_attention_output(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """BERT/ViT/RoBERTa: the attention's output projection sits in a sibling ``output.dense``."""
+    inner = module._modules.get("self") or module._modules.get("attention")
+    out = module._modules.get("output")
+    if inner is None or out is None or not (_child(inner, Q_NAMES) and _child(inner, K_NAMES) and _child(inner, V_NAMES)):
+        return
+    dense = out._modules.get("dense")
+    if isinstance(dense, nn.Linear):
+        yield _neuron_spec(_join(path, "output"), "dense", dense, "attn_out",
+                           f"{type(out).__name__} (attention output projection): per output neuron")
+
+
+@register_adapter
+def stacked_experts(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """Mixture-of-experts weights stored as one 3-D tensor per projection, (E, out, in) (or
+    (E, in, out) when the module says ``is_transposed``): one block per expert per output neuron."""
+    n_experts = _int_attr(module, ("num_experts", "num_local_experts", "n_experts", "n_routed_experts"))
+    if not n_experts:
+        return
+    out_dim = 2 if getattr(module, "is_transposed", False) else 1
+    kind = type(module).__name__
+    for attr, p in module.named_parameters(recurse=False):
+        if p.ndim == 3 and p.shape[0] == n_experts:
+            yield BlockSpec(
+                name=_join(path, attr), shape=tuple(p.shape), rule="rows", role="ffn",
+                reason=f"{kind} {attr}: one block per expert per output neuron ({n_experts} experts)",
+                block_dims=(0, out_dim), segments=((n_experts * p.shape[out_dim], 1),),
+            )
+        elif p.ndim == 2 and p.shape[0] == n_experts and "bias" in attr:
+            yield make_spec(_join(path, attr), p.shape, "coordinate", f"{kind} {attr}: expert biases per-coordinate", role="bias")
+        elif p.ndim == 2 and p.shape[0] == n_experts:  # a router: (E, hidden) scores one expert per row
+            yield make_spec(_join(path, attr), p.shape, "rows", f"{kind} router: one block per expert", role="router")
+        elif p.ndim == 1 and "bias" in attr:
+            yield make_spec(_join(path, attr), p.shape, "coordinate", "bias: per-coordinate (Adam)", role="bias")
+
+
+@register_adapter
+def embedding_tables(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """Embedding modules that hold raw tables (ViT ``cls_token`` (1, 1, D), ``position_embeddings``
+    (1, T, D), ...): one block per token vector. Patch projections (a conv applied to patches is a
+    Linear on them) get one block per output channel."""
+    if "embed" not in type(module).__name__.lower():
+        return
+    for attr, p in module.named_parameters(recurse=False):
+        if p.ndim >= 2 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            yield BlockSpec(name=_join(path, attr), shape=tuple(p.shape), rule="rows", role="pos_embedding",
+                            reason=f"{type(module).__name__}.{attr}: one block per token vector",
+                            block_dims=tuple(range(p.ndim - 1)), segments=((p.numel() // p.shape[-1], 1),))
+    for attr, child in module._modules.items():
+        if isinstance(child, nn.modules.conv._ConvNd) and not child.transposed:
+            yield make_spec(_join(path, attr + ".weight"), child.weight.shape, "rows",
+                            f"{type(module).__name__} patch projection ({type(child).__name__}): one block per output channel",
+                            role="embedding")
+
+
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
-_MLP_HINTS = ("mlp", "feedforward", "ffn", "expert", "intermediate", "swiglu", "geglu")
+_MLP_HINTS = ("mlp", "feedforward", "ffn", "expert", "intermediate", "swiglu", "geglu", "layerff", "denseact", "densereludense")
 
 
 def _is_norm(module: nn.Module) -> bool:

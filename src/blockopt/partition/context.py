@@ -9,7 +9,7 @@ import torch.nn as nn
 # Attribute spellings used across PyTorch and Hugging Face code for attention geometry.
 _HEADS_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "attention_heads", "heads")
 _KV_HEADS_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head", "num_key_value_groups_total")
-_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_kv", "d_head")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_kv", "d_head")
 
 
 def _int_attr(obj, names) -> int | None:
@@ -63,6 +63,15 @@ class Context:
                     if nested is not None and not isinstance(nested, (int, float, str, bool, dict)):
                         found.append(nested)
         return found
+
+    def geometry(self, module: nn.Module) -> tuple[int | None, int | None, int | None]:
+        """(n_heads, n_kv_heads, head_dim) as known from the user, else the module, else configs."""
+        n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        for source in (module, *self.configs(module)):
+            n_heads = n_heads or _int_attr(source, _HEADS_ATTRS)
+            n_kv = n_kv or _int_attr(source, _KV_HEADS_ATTRS)
+            head_dim = head_dim or _int_attr(source, _HEAD_DIM_ATTRS)
+        return n_heads, n_kv, head_dim
 
     def attention_heads(self, module: nn.Module, q_width: int, k_width: int, path: str = "") -> Heads:
         """Head counts for an attention module whose query/key outputs are ``q_width``/``k_width``.

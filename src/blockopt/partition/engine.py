@@ -9,6 +9,7 @@ matrix); (3) apply the user's ``rules`` overrides, first matching glob wins.
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -150,7 +151,13 @@ def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec
         why = "bias: per-coordinate (Adam)" if "bias" in leaf else "unrecognised vector/scalar: per-coordinate (Adam, the safe choice)"
         return make_spec(name, shape, "coordinate", why, role="bias" if "bias" in leaf else "other")
     unsure.append(name)
-    return make_spec(name, shape, "rows", "unrecognised: one block per row (safe fallback)", role="other")
+    if len(shape) == 2:
+        return make_spec(name, shape, "rows", "unrecognised: one block per row (safe fallback)", role="other")
+    # N-D: one block per vector along the last dim, so a leading dim of size 1 (ViT's (1, T, D)
+    # position table) can't collapse the tensor into one block.
+    return BlockSpec(name=name, shape=shape, rule="rows", role="other",
+                     reason="unrecognised: one block per last-dim vector (safe fallback)",
+                     block_dims=tuple(range(len(shape) - 1)), segments=((math.prod(shape[:-1]), 1),))
 
 
 # ---- named parameters (no module) -----------------------------------------------------

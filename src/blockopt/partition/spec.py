@@ -35,6 +35,7 @@ ROLES = (
     "qkv",  # a fused query/key/value projection
     "attn_out",
     "ffn",
+    "router",  # mixture-of-experts gate: one row per expert
     "norm",
     "bias",
     "conv",
