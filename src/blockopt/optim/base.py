@@ -158,8 +158,6 @@ class BlockwiseOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
         unless the plan already covers them."""
-        if not hasattr(self, "plan"):  # called from Optimizer.__init__: groups already checked
-            return super().add_param_group(param_group)
         offset = sum(len(g["params"]) for g in self.param_groups)
         group = self._name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)

@@ -26,14 +26,14 @@ class PlanSummary:
         return self.n_blocks / max(self.n_params, 1)
 
     def __str__(self) -> str:
-        lines = [f"{'rule':<11}{'tensors':>8}{'params':>14}{'blocks':>12}"]
+        lines = [f"{'rule':<11}{'tensors':>8}{'params':>19}{'blocks':>13}"]
         for rule in RULES:
             if self.tensors_per_rule.get(rule):
                 lines.append(
-                    f"{rule:<11}{self.tensors_per_rule[rule]:>8}{self.params_per_rule[rule]:>14,}"
-                    f"{self.blocks_per_rule[rule]:>12,}"
+                    f"{rule:<11}{self.tensors_per_rule[rule]:>8}{self.params_per_rule[rule]:>19,}"
+                    f"{self.blocks_per_rule[rule]:>13,}"
                 )
-        lines.append(f"{'total':<11}{self.n_tensors:>8}{self.n_params:>14,}{self.n_blocks:>12,}")
+        lines.append(f"{'total':<11}{self.n_tensors:>8}{self.n_params:>19,}{self.n_blocks:>13,}")
         lines.append(
             f"second-moment scalars: {self.n_blocks:,} vs AdamW's {self.n_params:,} "
             f"({100 * self.v_fraction:.3f}%)"
