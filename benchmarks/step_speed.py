@@ -209,6 +209,7 @@ def table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,6 +224,9 @@ def plot(report: dict, path: Path) -> None:
         ax.barh(names, ratios, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if min(ratios) / 1.5 <= t <= max(ratios) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("step time / AdamW(fused)  (log; lower is faster)")
         ax.set_title(f"{model} ({report['models'][model]['n_params'] / 1e6:.0f}M params)")
         ax.invert_yaxis()
