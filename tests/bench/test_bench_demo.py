@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 import blockopt
 from blockopt.bench.corpus import load_corpus
@@ -11,15 +10,6 @@ from blockopt.bench.demo import run_demo
 from blockopt.bench.models import CONFIGS
 
 STEPS = 4
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and one thread stays fast when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -13,15 +13,6 @@ from blockopt.bench.train import lr_factor, train_run
 LOOP = dict(batch_size=8, seq_len=32, eval_every=10, eval_batches=2, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and one thread stays fast when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:

@@ -598,3 +598,18 @@ def test_meta_gpt2_plan_equals_cpu_plan(gpt2_factory, gpt2_plan):
     plan = blockopt.partition(model)
     assert plan == gpt2_plan
     assert plan["lm_head.weight"].name == "transformer.wte.weight"
+
+
+@pytest.mark.hf
+def test_user_n_heads_on_fused_qkv_is_not_mixed_with_the_models_head_size():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(cfg)  # qkv_proj: 96 rows = 3 x 4 heads of 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(model, n_heads=2)  # the user's view: 2 heads of 16 rows
+    spec = plan["model.layers.0.self_attn.qkv_proj.weight"]
+    index = spec.block_index()[:, 0].tolist()
+    expected = [r // 16 for r in range(32)] + [2 + r // 16 for r in range(32)] + [4 + r for r in range(32)]
+    assert index == expected

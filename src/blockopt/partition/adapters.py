@@ -252,7 +252,7 @@ def _fused_qkv_layout(module: nn.Module) -> str | None:
 def _fused_geometry(module: nn.Module, ctx: Context, layout: str, out: int) -> tuple[int, int, int] | None:
     """(n_heads, n_kv_heads, head_dim) of a fused projection with ``out`` rows: what is known
     (user, module, config) first; the rest derived from the width."""
-    n_heads, n_kv, hd = ctx.geometry(module)
+    n_heads, n_kv, hd, _ = ctx.geometry(module)
     if layout == "per_head":
         n_kv = n_heads if n_heads else n_kv
     elif layout == "per_group" and not getattr(module, "new_decoder_architecture", True):

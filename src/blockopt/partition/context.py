@@ -64,46 +64,41 @@ class Context:
                         found.append(nested)
         return found
 
-    def geometry(self, module: nn.Module) -> tuple[int | None, int | None, int | None]:
-        """(n_heads, n_kv_heads, head_dim) as known from the user, else the module, else configs."""
-        n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        for source in (module, *self.configs(module)):
-            n_heads = n_heads or _int_attr(source, _HEADS_ATTRS)
-            n_kv = n_kv or _int_attr(source, _KV_HEADS_ATTRS)
-            head_dim = head_dim or _int_attr(source, _HEAD_DIM_ATTRS)
-        return n_heads, n_kv, head_dim
+    def geometry(self, module: nn.Module) -> tuple[int | None, int | None, int | None, str]:
+        """(n_heads, n_kv_heads, head_dim, where from): the user's values, then the module's own
+        attributes, then configs, each filling only what is still unknown. A user ``n_heads``
+        without ``head_dim`` defines the head size itself (from the width): the model's own
+        ``head_dim`` and KV count are then not mixed in (the KV count follows from the key width)."""
+        user = (self.n_heads, self.n_kv_heads, self.head_dim)
+        keep_head_dim_unknown = self.n_heads is not None and self.head_dim is None
+        values = list(user)
+        sources = ["user"] if any(v is not None for v in user) else []
+        candidates = [(module, f"{type(module).__name__} attributes")] + [(c, "config") for c in self.configs(module)]
+        for owner, label in candidates:
+            found = [_int_attr(owner, _HEADS_ATTRS), _int_attr(owner, _KV_HEADS_ATTRS), _int_attr(owner, _HEAD_DIM_ATTRS)]
+            if keep_head_dim_unknown:  # the model's own head size and KV count belong to its own n_heads
+                found[1] = found[2] = None
+            filled = [v if v is not None else f for v, f in zip(values, found)]
+            if filled != values and label not in sources:
+                sources.append(label)
+            values = filled
+        return values[0], values[1], values[2], " + ".join(sources)
 
     def attention_heads(self, module: nn.Module, q_width: int, k_width: int, path: str = "") -> Heads:
         """Head counts for an attention module whose query/key outputs are ``q_width``/``k_width``.
 
-        Order: the user's explicit ``n_heads``/``n_kv_heads``/``head_dim``, the module's own
-        attributes, its (or the model's) config, then widths divided by a known ``head_dim``.
-        Raises ValueError when user-given values do not fit; returns counts that divide the widths.
+        Known values come from `geometry`; what is missing is derived from the widths. Raises
+        ValueError when user-given values do not fit; returns counts that divide the widths.
         """
-        sources = []
-        n_heads, n_kv, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        if n_heads or n_kv or head_dim:
-            sources.append("user")
-        if n_heads and head_dim is None:
-            # the user's head count defines the head size; don't mix it with the module's own
-            if q_width % n_heads:
+        n_heads, n_kv, head_dim, source = self.geometry(module)
+        user_given = any(v is not None for v in (self.n_heads, self.n_kv_heads, self.head_dim))
+        if self.n_heads and self.head_dim is None:
+            if q_width % self.n_heads:
                 raise ValueError(
-                    f"{path or 'attention'}: n_heads={n_heads} does not divide the query width {q_width}; "
+                    f"{path or 'attention'}: n_heads={self.n_heads} does not divide the query width {q_width}; "
                     "pass the model's real head counts to partition()/AdamMini"
                 )
-            head_dim = q_width // n_heads
-        n_heads = n_heads or _int_attr(module, _HEADS_ATTRS)
-        n_kv = n_kv or _int_attr(module, _KV_HEADS_ATTRS)
-        head_dim = head_dim or _int_attr(module, _HEAD_DIM_ATTRS)
-        if any(v is not None for v in (n_heads, n_kv, head_dim)) and not sources:
-            sources.append(f"{type(module).__name__} attributes")
-        if n_heads is None or (n_kv is None and k_width != q_width and head_dim is None):
-            for cfg in self.configs(module):
-                n_heads = n_heads or _int_attr(cfg, _HEADS_ATTRS)
-                n_kv = n_kv or _int_attr(cfg, _KV_HEADS_ATTRS)
-                head_dim = head_dim or _int_attr(cfg, _HEAD_DIM_ATTRS)
-            if n_heads:
-                sources.append("config")
+            head_dim = q_width // self.n_heads
         if n_heads is None and head_dim:
             n_heads = q_width // head_dim if q_width % head_dim == 0 else None
         if n_kv is None:
@@ -124,7 +119,7 @@ class Context:
         else:
             problem = None
         if problem:
-            if "user" in sources:
+            if user_given:
                 raise ValueError(f"{path or 'attention'}: {problem}; pass the model's real head counts to partition()/AdamMini")
             raise LookupError(problem)
-        return Heads(n_heads, n_kv, " + ".join(sources) or "widths")
+        return Heads(n_heads, n_kv, source or "widths")
