@@ -215,7 +215,9 @@ class _LanguageModel(nn.Module):
         logits = self.lm_head(hidden)
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        # the loss in at least float32 (bf16 logits upcast; float64 models stay float64)
+        loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+        return logits, F.cross_entropy(logits.flatten(0, 1).to(loss_dtype), targets.flatten())
 
     def _check_input(self, idx: torch.Tensor) -> None:
         if idx.ndim != 2:

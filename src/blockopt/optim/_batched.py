@@ -20,13 +20,14 @@ from .state import stat_dtype
 
 @torch.compiler.disable
 def batched_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
-                      weight_decays, maximize, reduce_block_sums) -> None:
+                      weight_decays, maximize, reduce_block_sums, sq_sums=None) -> None:
     """Same signature and results as `_reference_adam_mini`, grouped into ``torch._foreach_*`` calls."""
-    # Phase 1: local per-block sums of g^2 in the statistics dtype (float32 for bf16 grads).
-    sq_sums = [spec.block_sum(_square(g, v.dtype)) for g, v, spec in zip(grads, exp_avg_sqs, specs)]
-    # Phase 2: blocks split across ranks need their partial sums added up, all in one call.
-    if reduce_block_sums is not None:
-        reduce_block_sums(sq_sums)
+    if sq_sums is None:
+        # Phase 1: local per-block sums of g^2 in the statistics dtype (float32 for bf16 grads).
+        sq_sums = [spec.block_sum(_square(g, v.dtype)) for g, v, spec in zip(grads, exp_avg_sqs, specs)]
+        # Phase 2: blocks split across ranks need their partial sums added up, all in one call.
+        if reduce_block_sums is not None:
+            reduce_block_sums(sq_sums)
     # Phase 3: second moments and the update, one group of like tensors at a time.
     torch._foreach_add_(steps, 1)
     groups = defaultdict(list)

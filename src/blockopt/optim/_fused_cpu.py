@@ -114,11 +114,12 @@ def _layout(spec: BlockSpec) -> _Layout | None:
 
 @torch.compiler.disable
 def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
-                    weight_decays, maximize, reduce_block_sums) -> None:
+                    weight_decays, maximize, reduce_block_sums, sq_sums=None) -> None:
     """Adam-mini with the fused CPU kernel for every tensor it takes (see the note above); the
     rest, if any, runs batched. Same signature and results as `_reference_adam_mini`."""
-    layouts = [_layout(spec) for spec in specs]
-    take = [] if reduce_block_sums is not None else [
+    layouts = [_layout(spec) if isinstance(spec, BlockSpec) else None for spec in specs]
+    # The kernel sums and updates each block in one pass: it can't wait for other ranks' sums.
+    take = [] if reduce_block_sums is not None or sq_sums is not None else [
         i for i, (p, layout) in enumerate(zip(params, layouts)) if layout is not None and p.is_cpu and type(p) in _PLAIN
     ]
     op = kernel() if take else None
@@ -142,4 +143,5 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
         batched_adam_mini(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(specs), lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decays=pick(weight_decays), maximize=maximize, reduce_block_sums=reduce_block_sums,
+            sq_sums=None if sq_sums is None else pick(sq_sums),
         )

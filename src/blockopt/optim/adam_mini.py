@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..distributed.shard import local_tensor
 from ..partition import BlockSpec, Plan
 from ._batched import batched_adam_mini
 from ._fused_cpu import fused_adam_mini
@@ -100,7 +101,8 @@ class AdamMini(BlockwiseOptimizer):
         return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (spec.n_blocks,)}
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays) -> None:
-        for p, spec in zip(group["params"], self.specs(group)):
+        """Gather the group's tensors with a gradient (their local shards, for DTensors)."""
+        for p, layout in zip(group["params"], self.layouts(group)):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -109,33 +111,45 @@ class AdamMini(BlockwiseOptimizer):
             if not state:
                 state[STEP] = torch.tensor(0.0, dtype=torch.float32)
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state[EXP_AVG_SQ] = torch.zeros(spec.n_blocks, dtype=stat_dtype(p), device=p.device)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state[EXP_AVG])
+                # one value per block meeting this rank's shard (all blocks when not sharded)
+                state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
+            params.append(local_tensor(p))
+            grads.append(local_tensor(p.grad))
+            exp_avgs.append(local_tensor(state[EXP_AVG]))
             exp_avg_sqs.append(state[EXP_AVG_SQ])
             steps.append(state[STEP])
-            specs.append(spec)
+            specs.append(layout)
             decays = p.ndim >= 2 or group["decay_1d"]
             weight_decays.append(group["weight_decay"] if decays else 0.0)
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim)."""
+        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
+
+        With sharded (DTensor) parameters, the partial block sums of every group are summed
+        across ranks with one all-reduce for the whole step (Note [one all-reduce per step])."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays = [], [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays)
-            if not params:
-                continue
+            tensors = ([], [], [], [], [], [], [])
+            self._init_group(group, *tensors)
+            if tensors[0]:
+                work.append((group, tensors))
+        reducer = self._block_sum_reducer([layout for _, tensors in work for layout in tensors[5]])
+        sq_sums_per_group = [None] * len(work)
+        if reducer is not None:
+            sq_sums_per_group = [block_sq_sums(tensors[1], tensors[3], tensors[5]) for _, tensors in work]
+            reducer([s for sums in sq_sums_per_group for s in sums])
+        for (group, tensors), sq_sums in zip(work, sq_sums_per_group):
+            params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays = tensors
             beta1, beta2 = group["betas"]
             adam_mini(
                 params, grads, exp_avgs, exp_avg_sqs, steps, specs,
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=weight_decays,
-                maximize=group["maximize"], implementation=group["implementation"],
+                maximize=group["maximize"], sq_sums=sq_sums, implementation=group["implementation"],
             )
         return loss
 
@@ -177,12 +191,15 @@ def adam_mini(
     weight_decays: Sequence[float],
     maximize: bool = False,
     reduce_block_sums: BlockSumReducer | None = None,
+    sq_sums: Sequence[Tensor] | None = None,
     implementation: str = "reference",
 ) -> None:
     """Functional Adam-mini over lists of tensors (all updated in place).
 
+    ``specs`` may be `BlockSpec`s or, for shards of distributed parameters, `ShardView`s.
     ``reduce_block_sums`` lets a distributed caller sum each block's partial ``sum(g^2)`` across
-    ranks (one collective for the whole list) before the means are taken.
+    ranks (one collective for the whole list) before the means are taken. ``sq_sums`` hands in
+    those per-block sums already computed (and reduced), e.g. for several param groups at once.
     """
     # "fused" steps what its kernel takes and hands the rest to "batched", so it is also the best
     # choice for "auto" wherever no kernel fits (other devices, reduce_block_sums, no compiler).
@@ -193,24 +210,31 @@ def adam_mini(
         raise ValueError(f"unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
     step_fn(
         params, grads, exp_avgs, exp_avg_sqs, steps, specs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decays=weight_decays, maximize=maximize, reduce_block_sums=reduce_block_sums,
+        weight_decays=weight_decays, maximize=maximize, reduce_block_sums=reduce_block_sums, sq_sums=sq_sums,
     )
+
+
+def block_sq_sums(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], specs: Sequence) -> list[Tensor]:
+    """Phase 1 of a step: each tensor's per-block ``sum(g^2)``, in the statistics dtype."""
+    sums = []
+    for g, v, spec in zip(grads, exp_avg_sqs, specs):
+        g = g.to(v.dtype)
+        sums.append(spec.block_sum(g * g))
+    return sums
 
 
 # Note: dynamo does not yet trace the layout arithmetic of every spec correctly (symbolic shapes
 # in `BlockSpec.expand`), so a compiled training step runs this loop eagerly (a graph break).
 @torch.compiler.disable
 def _reference_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
-                         weight_decays, maximize, reduce_block_sums) -> None:
+                         weight_decays, maximize, reduce_block_sums, sq_sums=None) -> None:
     """The clear per-tensor loop that the math tests read."""
-    # Phase 1: local per-block sums of g^2 (in the statistics dtype: float32 for bf16 grads).
-    sq_sums = []
-    for g, v, spec in zip(grads, exp_avg_sqs, specs):
-        g = g.to(v.dtype)
-        sq_sums.append(spec.block_sum(g * g))
-    # Phase 2: blocks split across ranks need their partial sums added up.
-    if reduce_block_sums is not None:
-        reduce_block_sums(sq_sums)
+    if sq_sums is None:
+        # Phase 1: local per-block sums of g^2 (in the statistics dtype: float32 for bf16 grads).
+        sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
+        # Phase 2: blocks split across ranks need their partial sums added up.
+        if reduce_block_sums is not None:
+            reduce_block_sums(sq_sums)
     # Phase 3: the update, computed in the statistics dtype and written back.
     for p, g, m, v, step_t, spec, sq_sum, wd in zip(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_decays):
         step_t += 1

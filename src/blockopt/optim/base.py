@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from ..distributed.shard import ShardView, is_dtensor, shard_view
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
 from .state import stat_dtype
@@ -176,21 +177,95 @@ class BlockwiseOptimizer(Optimizer):
     def specs(self, group: dict) -> list[BlockSpec]:
         return [self.plan[n] for n in group["param_names"]]
 
+    def layouts(self, group: dict) -> list[BlockSpec | ShardView]:
+        """What the step sees of each parameter: its `BlockSpec`, or for a sharded (DTensor)
+        parameter the `ShardView` of this rank's shard (cached until its placements change)."""
+        return [self._layout(n, p) for n, p in zip(group["param_names"], group["params"])]
+
+    def _layout(self, name: str, p: torch.Tensor) -> BlockSpec | ShardView:
+        spec = self.plan[name]
+        if not is_dtensor(p):
+            return spec
+        views = self.__dict__.setdefault("_shard_views", {})
+        key = (spec, p.device_mesh, tuple(p.placements))
+        cached = views.get(name)
+        if cached is None or cached[0] != key:
+            cached = views[name] = (key, shard_view(spec, p))
+        return cached[1]
+
+    def _block_sum_reducer(self, layouts: list) -> "BlockSumReducer | None":
+        """The hook summing cut blocks' partial sums across ranks for a step over ``layouts``,
+        or ``None`` when no block is cut (nothing sharded, or shards along block boundaries)."""
+        if not any(isinstance(layout, ShardView) for layout in layouts):
+            return None
+        from ..distributed.reduce import BlockSumReducer
+
+        key = tuple(id(layout) for layout in layouts)
+        cache = self.__dict__.setdefault("_reducers", {})
+        if key not in cache:
+            cache.clear()  # the parameters with gradients changed: keep one layout at a time
+            cache[key] = (layouts, BlockSumReducer(layouts))  # layouts kept so their ids stay unique
+        reducer = cache[key][1]
+        return reducer if reducer.active else None
+
     # ---- checkpoints ------------------------------------------------------------------
     def _state_shapes(self, spec: BlockSpec, param: torch.Tensor) -> dict[str, tuple[int, ...]]:
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with the block statistics of sharded parameters in global form.
+
+        Note [checkpoints of sharded parameters]: a rank keeps the statistics of the blocks that
+        meet its shard; a checkpoint holds each parameter's global ``(n_blocks,)`` vector, the
+        same on every rank, so it loads at any world size (DCP saves it once). Assembling it is
+        one all-reduce, so with sharded parameters this is a collective: call it on every rank,
+        as ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` does.
+        """
+        packed = super().state_dict()
+        sharded = [
+            (index, key, self._layout(name, p))
+            for index, (name, p) in enumerate((n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"]))
+            if is_dtensor(p) and p in self.state
+            for key in self._STAT_KEYS
+            if isinstance(self.state[p].get(key), torch.Tensor)
+        ]
+        if not sharded:
+            return packed
+        from ..distributed.reduce import gather_block_stats
+
+        local = [packed["state"][index][key] for index, key, _ in sharded]
+        full = gather_block_stats([view for _, _, view in sharded], local)
+        state = dict(packed["state"])
+        for (index, key, _), value in zip(sharded, full):
+            state[index] = {**state[index], key: value}
+        return {**packed, "state": state}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; a state dict from another model or plan raises and changes nothing."""
+        """Load state; a state dict from another model or plan raises and changes nothing.
+
+        For sharded (DTensor) parameters, plain full-size tensors (from a single-process or
+        full-state-dict checkpoint) are cut to this rank's shard, and block statistics in global
+        form to the blocks meeting it: a checkpoint loads at any world size.
+        """
         pairs = self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to the parameter's dtype; block statistics
         # must stay float32 for bf16/fp16 params, so restore them from the saved values.
+        names = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
         for saved_id, p in pairs:
-            saved = state_dict["state"].get(saved_id, {})
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            state, layout = self.state[p], self._layout(names[id(p)], p)
             for key in self._STAT_KEYS:
-                if key in saved and isinstance(saved[key], torch.Tensor):
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=stat_dtype(p), copy=True)
+                if isinstance(saved.get(key), torch.Tensor):
+                    value = saved[key].to(device=p.device, dtype=stat_dtype(p), copy=True)
+                    state[key] = layout.to_local(value) if isinstance(layout, ShardView) else value
+            if is_dtensor(p):
+                for key, value in list(state.items()):
+                    if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
+                            and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
+                        state[key] = _shard_like(value, p)
 
     def _validate_state_dict(self, state_dict) -> list[tuple[Any, torch.Tensor]]:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -241,6 +316,17 @@ class BlockwiseOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_partition_options", {})
         super().__setstate__(state)
+
+
+def _shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """A full-size tensor cut to ``param``'s shard, as a DTensor placed like it (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    from ..distributed.shard import shard_box
+
+    box = shard_box(tuple(param.shape), param.placements, tuple(param.device_mesh.get_coordinate()), tuple(param.device_mesh.shape))
+    local = full.to(param.device)[tuple(slice(start, start + size) for start, size in box)]
+    return DTensor.from_local(local.clone(), param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
 
 
 def _all_trainable(pairs):

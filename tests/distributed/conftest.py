@@ -1,0 +1,37 @@
+"""Running several ranks on localhost (gloo) from a test, and the one-process references."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from . import _worker
+
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+
+def run_world(world: int, out: Path, plan: list[tuple[str, dict]]) -> None:
+    """Spawn ``world`` processes that run the scenarios of ``plan`` (see `_worker.main`)."""
+    store = out / f"store_w{world}_{len(list(out.iterdir()))}"
+    torch.multiprocessing.start_processes(
+        _worker.main, args=(world, str(store), str(out), plan), nprocs=world, join=True, start_method="spawn"
+    )
+
+
+def load(out: Path, name: str, rank: int = 0) -> dict:
+    return torch.load(out / f"{name}.rank{rank}.pt", weights_only=False)
+
+
+def single_process(model_name: str, steps: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """The reference: one process, the whole global batch, no distribution."""
+    import blockopt
+
+    model = _worker.MODELS[model_name]()
+    opt = blockopt.AdamMini(model, **_worker.HYPER)
+    _worker.train(model, opt, _worker.batches()[steps], rank=0, world=1)
+    return _worker.full_params(model)
