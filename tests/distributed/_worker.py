@@ -123,9 +123,14 @@ def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str =
     # the last step, with the optimizer's collectives counted
     opt.zero_grad(set_to_none=True)
     loss_of(model, local_rows(data[-1], rank, world)).backward()
-    with CountAllReduce() as counter:
+    with CountAllReduce() as counter, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
-    result = {"params": full_params(model), "all_reduce_calls": counter.calls, "all_reduce_bytes": counter.bytes}
+    # every collective the backend ran, whichever API issued it (DTensor ops use functional ones)
+    collectives = [e.name for e in prof.events() if e.name.startswith("gloo:")]
+    result = {
+        "params": full_params(model), "all_reduce_calls": counter.calls, "all_reduce_bytes": counter.bytes,
+        "collectives": collectives,
+    }
     torch.save(result, out / f"fsdp_{model_name}_{implementation}_w{world}.rank{rank}.pt")
 
 

@@ -60,6 +60,7 @@ def test_one_all_reduce_per_step(runs, model, world):
     for rank in range(world):
         result = load(runs, f"fsdp_{model}_auto_w{world}", rank)
         assert result["all_reduce_calls"] == 1
+        assert result["collectives"] == ["gloo:all_reduce"]  # nothing else, from any API
         assert result["all_reduce_bytes"] > 0
 
 
