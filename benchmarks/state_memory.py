@@ -68,12 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).with_name("state_memory.json")))
     args = parser.parse_args()
-    from transformers import LlamaConfig
+    from blockopt.hf import load_config
 
     results = [measured_gpt2_small()]
-    llama2_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=32)
-    results.append(planned("llama-2-7b shape", llama2_7b))
+    # the paper's Table 1 shapes (Llama-2 7B/13B, GPT-2 sizes), planned on the meta device
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-2-7b", "llama-2-13b"):
+        results.append(planned(f"{name} shape", load_config(name)))
 
     print(f"{'model':<48}{'params':>15}{'AdamW GB':>10}{'Adam-mini GB':>14}{'ratio':>8}")
     for r in results:
@@ -81,7 +81,33 @@ def main() -> None:
     meta = {"torch": torch.__version__, "blockopt": blockopt.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "command": "python benchmarks/state_memory.py"}
     Path(args.out).write_text(json.dumps({"results": results, "meta": meta}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    png = Path(args.out).with_suffix(".png")
+    plot(results, png)
+    print(f"wrote {args.out} and {png}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    planned_rows = [r for r in results if r["how"].startswith("planned")]
+    names = [r["model"].removesuffix(" shape") for r in planned_rows]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.bar([i - 0.2 for i in x], [r["adamw_bytes"] / 1e9 for r in planned_rows], 0.4, label="AdamW (m, v)")
+    ax.bar([i + 0.2 for i in x], [r["adam_mini_bytes"] / 1e9 for r in planned_rows], 0.4, label="Adam-mini (m, v per block)")
+    for i, r in zip(x, planned_rows):
+        ax.text(i + 0.2, r["adam_mini_bytes"] / 1e9, f"{r['ratio']:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), names, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("optimizer state, GB (float32)")
+    ax.set_title("Optimizer state from meta-device plans (numbers: Adam-mini / AdamW)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
