@@ -118,3 +118,17 @@ def test_garbage_is_rejected():
     opt = _trained(make_tiny())
     with pytest.raises(ValueError, match="not an optimizer state dict"):
         opt.load_state_dict({"foo": 1})
+
+
+def test_load_state_dict_keeps_partition_options_for_new_groups():
+    """After a load, parameters added later are still partitioned with the optimizer's options."""
+    import blockopt
+
+    torch.manual_seed(0)
+    attn = torch.nn.Linear(8, 8, bias=False)
+    extra = torch.nn.Linear(8, 8, bias=False)
+    opt = blockopt.AdamMini([("q_proj.weight", attn.weight)], lr=1e-3, n_heads=2, rules={"*q_proj*": "heads"})
+    opt.load_state_dict(opt.state_dict())
+    opt.add_param_group({"params": [("k_proj.q_proj.weight", extra.weight)]})
+    assert opt.plan["k_proj.q_proj.weight"].rule == "heads"
+    assert opt.plan["k_proj.q_proj.weight"].n_blocks == 2

@@ -182,8 +182,13 @@ class BlockwiseOptimizer(Optimizer):
         parameter the `ShardView` of this rank's shard (cached until its placements change)."""
         return [self._layout(n, p) for n, p in zip(group["param_names"], group["params"])]
 
+    def block_spec(self, name: str) -> BlockSpec:
+        """The layout this optimizer steps parameter ``name`` with (its Plan spec, unless a
+        subclass chooses otherwise, like SGD-SaI's one block per tensor)."""
+        return self.plan[name]
+
     def _layout(self, name: str, p: torch.Tensor) -> BlockSpec | ShardView:
-        spec = self.plan[name]
+        spec = self.block_spec(name)
         if not is_dtensor(p):
             return spec
         views = self.__dict__.setdefault("_shard_views", {})
@@ -314,7 +319,10 @@ class BlockwiseOptimizer(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_partition_options", {})
+        # torch's load_state_dict also comes through here, with only state and param_groups:
+        # keep the live options then; a pickle from before they were kept had none.
+        if "_partition_options" not in state and "_partition_options" not in self.__dict__:
+            state["_partition_options"] = {}
         super().__setstate__(state)
 
 

@@ -1,0 +1,468 @@
+r"""SGD-SaI (Xu et al., 2024, "No More Adam"): SGD with momentum, step sizes scaled at initialisation.
+
+Each block :math:`b` of a parameter gets one step-size multiplier, its gradient signal-to-noise
+ratio, computed once, from the parameter's first gradient :math:`g^{(0)}`, and then kept fixed:
+
+.. math::
+    \mathrm{gsnr}_b &= \frac{\lVert g^{(0)}_b \rVert_2}{\operatorname{std}(g^{(0)}_b) + \epsilon}
+        \qquad (\text{unbiased std; a 1-element block gets } \mathrm{gsnr}_b = 1) \\
+    m &\leftarrow g \ \ (\text{first step}), \qquad m \leftarrow \mu\, m + (1-\mu)\, g \ \ (\text{later}) \\
+    p_i &\leftarrow p_i\,(1 - \eta\lambda) - \eta\, s_b\, m_i \quad (i \in b),
+        \qquad s_b = \mathrm{gsnr}_b \ \text{ or, with normalize, } \ \mathrm{gsnr}_b / \max_{b'} \mathrm{gsnr}_{b'}
+
+With the defaults (one block per tensor, no normalisation) this is exactly the ``sgd-sai`` 1.0.3
+package. Only ``m`` (like the parameter) and one scalar per block are kept: half of AdamW's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..distributed.shard import ShardView, local_tensor
+from ..partition import BlockSpec, PartitionWarning, Plan
+from .base import BlockwiseOptimizer, _check_range
+from .state import GSNR, MOMENTUM_BUFFER, stat_dtype
+
+BLOCKS = ("tensor", "plan")
+
+# Hooks for distributed training. The first sums per-block partial statistics across ranks in
+# place (entries have n_blocks as their first dim); the second takes the maximum of a 1-D tensor
+# across ranks in place (used only by ``normalize=True``).
+BlockSumReducer = Callable[[list[Tensor]], None]
+MaxReducer = Callable[[Tensor], None]
+
+_TENSOR_REASON = "SGD-SaI blocks='tensor': one block per tensor, as in sgd-sai 1.0.3"
+
+
+class SGDSaI(BlockwiseOptimizer):
+    r"""SGD-SaI: SGD with momentum whose per-block step sizes are set once, by the gradient SNR.
+
+    Args:
+        params: an ``nn.Module``, ``model.named_parameters()``, plain parameters, or param groups
+            (dicts), as for `blockopt.AdamMini`.
+        lr (float): learning rate :math:`\eta`. Without ``normalize`` the effective step of a
+            block is ``lr * gsnr_b``, and ``gsnr_b`` grows like the square root of the block size,
+            so this lr is much smaller than a plain SGD lr (it is the package's lr). (Default: 1e-2)
+        momentum (float): :math:`\mu`, in ``[0, 1)``; the buffer is an EMA, ``m = mu*m + (1-mu)*g``,
+            started at ``m = g``. ``0`` keeps no buffer (half the state again). (Default: 0.9)
+        eps (float): added to the block's standard deviation; must be > 0. (Default: 1e-8)
+        weight_decay (float): decoupled weight decay :math:`\lambda`: ``p *= 1 - lr*wd``. (Default: 1e-2)
+        blocks (str): ``"tensor"``: one block per parameter tensor, as in the package; ``"plan"``:
+            the blocks of the `Plan` (one per head, per output neuron, per token, ...; biases per
+            coordinate, which then get ``gsnr = 1``, see below). (Default: "tensor")
+        normalize (bool): divide every ``gsnr_b`` by the largest ``gsnr`` of its param group (the
+            paper's normalisation; then ``lr`` is on a plain-SGD scale). The maximum is taken over
+            all blocks of every parameter of the group that has its gsnr at the group's first step
+            with gradients, over all ranks under FSDP (the true maximum over the global blocks, so
+            sharding does not change the step); it is then kept in ``group["gsnr_max"]`` so that
+            parameters whose first gradient comes later are scaled the same way (their ratio to
+            the others stays the raw gsnr ratio, and may exceed 1). (Default: False)
+        decay_1d (bool): also decay 1-D parameters (norm scales, biases). On by default, as in the
+            package; `blockopt.AdamMini` defaults to off. (Default: True)
+        maximize (bool): maximise the objective instead (the gsnr does not depend on the sign).
+            (Default: False)
+        plan, n_heads, n_kv_heads, head_dim, dim, rules, value, conv: passed to
+            `blockopt.partition` (they matter for ``blocks="plan"``).
+
+    Note [degenerate blocks]: the unbiased std of a 1-element block is undefined; the package
+    turns it into 0, so the block steps with ``|g|/eps`` (about 1e8 times too far). Here such a
+    block gets ``gsnr = 1``: it is the limit of ``||g|| / rms(g)`` and what the usual
+    ``gsnr ~ sqrt(block size)`` scaling gives for one element, i.e. plain SGD with momentum. A
+    block whose first gradient is exactly zero gets ``gsnr = 0`` (as in the package: it never
+    moves except by weight decay), and one whose first gradient is constant and non-zero gets
+    ``||g||/eps``; neither happens with real gradients, and both are kept for compatibility.
+
+    Note [first gradient]: the gsnr of a parameter is computed at the first step where it has a
+    gradient, not at the optimizer's first step, so parameters unfrozen later, or added with
+    ``add_param_group``, get theirs from their own first gradient (the package raises there).
+
+    State per parameter: ``gsnr`` (``(n_blocks,)``, float32 for float32/bf16/fp16 parameters,
+    float64 for float64 ones) and ``momentum_buffer`` (like the parameter, in its dtype; absent
+    while ``momentum == 0``). The keys are the package's, and a ``sgd_sai.SGD_sai`` state dict
+    loads (its scalar gsnr becomes ``(1,)``).
+    """
+
+    _STAT_KEYS = (GSNR,)
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        blocks: str = "tensor",
+        normalize: bool = False,
+        decay_1d: bool = True,
+        maximize: bool = False,
+        plan: Plan | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        dim: int | None = None,
+        rules: dict[str, str] | None = None,
+        value: str | None = None,
+        conv: str | None = None,
+    ):
+        _check_hyperparameters(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize)
+        if blocks not in BLOCKS:
+            raise ValueError(
+                f"blocks must be one of {BLOCKS}, got {blocks!r}: 'tensor' is one block per parameter tensor "
+                "(the sgd-sai package), 'plan' uses the blocks of blockopt.partition"
+            )
+        self._blocks = blocks
+        defaults = dict(
+            lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize,
+            decay_1d=decay_1d, maximize=maximize, gsnr_max=None,
+        )
+        options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
+        with self._quiet_partition():
+            super().__init__(params, defaults, plan=plan, partition_options=options)
+
+    # ---- blocks ---------------------------------------------------------------------------
+    @property
+    def blocks(self) -> str:
+        """``"tensor"`` or ``"plan"``: where the blocks come from."""
+        return self._blocks
+
+    @contextlib.contextmanager
+    def _quiet_partition(self):
+        """With one block per tensor the partition only names parameters: its warnings about
+        unsure block detection do not apply, so they are silenced."""
+        with warnings.catch_warnings():
+            if self._blocks == "tensor":
+                warnings.simplefilter("ignore", PartitionWarning)
+            yield
+
+    def block_spec(self, name: str) -> BlockSpec:
+        """The block layout this optimizer uses for parameter ``name``."""
+        return self._mode_spec(self.plan[name])
+
+    def _mode_spec(self, spec: BlockSpec) -> BlockSpec:
+        if self._blocks == "plan" or spec.rule == "whole":
+            return spec
+        cache = self.__dict__.setdefault("_tensor_specs", {})
+        whole = cache.get(spec)
+        if whole is None:
+            whole = cache[spec] = spec.with_rule("whole", reason=_TENSOR_REASON)
+        return whole
+
+    @staticmethod
+    def _max_reducer(layouts: Sequence) -> MaxReducer | None:
+        """An in-place MAX all-reduce over the ranks the step's sharded parameters live on."""
+        meshes = list(dict.fromkeys((v.mesh, v.reduce_mesh_dims) for v in layouts if isinstance(v, ShardView)))
+        if not meshes:
+            return None
+
+        def reduce_max(values: Tensor) -> None:
+            for mesh, dims in meshes:  # max is idempotent: several meshes or dims are harmless
+                for d in dims:
+                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+
+        return reduce_max
+
+    # ---- param groups and checkpoints ----------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        _check_hyperparameters(
+            **{k: param_group[k] for k in ("lr", "momentum", "eps", "weight_decay", "normalize") if k in param_group}
+        )
+        with self._quiet_partition():
+            super().add_param_group(param_group)
+
+    def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
+        # The momentum buffer is absent while momentum == 0, so only its shape is checked (below).
+        return {GSNR: (self._mode_spec(spec).n_blocks,)}
+
+    def _validate_state_dict(self, state_dict):
+        pairs = super()._validate_state_dict(state_dict)
+        names = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
+        for saved_id, p in pairs:
+            buf = (state_dict["state"].get(saved_id) or {}).get(MOMENTUM_BUFFER)
+            if isinstance(buf, Tensor) and tuple(buf.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state {MOMENTUM_BUFFER!r} of {names[id(p)]!r} has shape {tuple(buf.shape)}, expected "
+                    f"{tuple(p.shape)}: it comes from another model"
+                )
+        return pairs
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load state (atomic: a state dict from another model or block layout changes nothing).
+
+        A state dict of the ``sgd-sai`` package loads too when ``blocks="tensor"``: its scalar
+        ``gsnr`` is the one block's value."""
+        if self._blocks == "tensor" and isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict):
+            state = {k: _scalar_gsnr_as_block(v) for k, v in state_dict["state"].items()}
+            state_dict = {**state_dict, "state": state}
+        super().load_state_dict(state_dict)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_blocks"] = self._blocks
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict also comes through here (with only state and param_groups):
+        # keep the live setting then; a pickle from before the option existed was "tensor".
+        if "_blocks" not in state and "_blocks" not in self.__dict__:
+            state["_blocks"] = "tensor"
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before an option existed
+            group.setdefault("normalize", False)
+            group.setdefault("decay_1d", True)
+            group.setdefault("maximize", False)
+            group.setdefault("gsnr_max", None)
+
+    # ---- the step --------------------------------------------------------------------------
+    def _init_group(self, group, params, grads, momentum_buffers, gsnrs, specs, weight_decays, new_gsnr, new_momentum) -> None:
+        """Gather the group's tensors with a gradient (local shards for DTensors), creating state."""
+        for p, layout in zip(group["params"], self.layouts(group)):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SGDSaI does not support sparse gradients")
+            state = self.state[p]
+            first = GSNR not in state
+            if first:  # one value per block meeting this rank's shard (all blocks when not sharded)
+                state[GSNR] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
+            fresh_m = False
+            if group["momentum"] != 0:
+                if MOMENTUM_BUFFER not in state:
+                    state[MOMENTUM_BUFFER] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    fresh_m = True
+                momentum_buffers.append(local_tensor(state[MOMENTUM_BUFFER]))
+            else:
+                momentum_buffers.append(None)
+            params.append(local_tensor(p))
+            grads.append(local_tensor(p.grad))
+            gsnrs.append(state[GSNR])
+            specs.append(layout)
+            weight_decays.append(group["weight_decay"] if p.ndim >= 2 or group["decay_1d"] else 0.0)
+            new_gsnr.append(first)
+            new_momentum.append(fresh_m)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
+
+        At a step where some parameters meet their first gradient, their block statistics, over
+        every group, are summed across ranks with one all-reduce (Note [one all-reduce per step]);
+        with ``normalize``, the groups' maxima take one more (a MAX for all groups), once. Later
+        steps communicate nothing."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            tensors = ([], [], [], [], [], [], [], [])
+            self._init_group(group, *tensors)
+            if tensors[0]:
+                work.append((group, tensors))
+
+        # Phase 1: the gsnr of every parameter at its first gradient, all groups together.
+        new = [(t[1][i], t[3][i], t[4][i], g["eps"]) for g, t in work for i, flag in enumerate(t[6]) if flag]
+        if new:
+            grads, gsnrs, layouts, epss = zip(*new)
+            stats = gsnr_block_stats(grads, [s.dtype for s in gsnrs], layouts)
+            reducer = self._block_sum_reducer(list(layouts))
+            if reducer is not None:
+                reducer(stats)
+            for gsnr, layout, stat, eps in zip(gsnrs, layouts, stats, epss):
+                gsnr.copy_(gsnr_from_stats(stat, layout, eps=eps))
+
+        # Phase 2: each normalising group's largest gsnr, once (one MAX over ranks for all groups).
+        pending = [g for g, _ in work if g["normalize"] and g["gsnr_max"] is None]
+        if pending:
+            per_group = [[self.state[p][GSNR] for p in g["params"] if GSNR in self.state.get(p, {})] for g in pending]
+            reduce_max = self._max_reducer([layout for _, t in work for layout in t[4]])
+            for group, value in zip(pending, group_gsnr_max(per_group, reduce_max)):
+                group["gsnr_max"] = value if value > 0 else None  # all-zero first gradients: try again later
+
+        # Phase 3: the update.
+        for group, (params, grads, momentum_buffers, gsnrs, specs, weight_decays, _, new_momentum) in work:
+            sgd_sai(
+                params, grads, momentum_buffers, gsnrs, specs,
+                lr=group["lr"], momentum=group["momentum"], eps=group["eps"], weight_decays=weight_decays,
+                maximize=group["maximize"], new_momentum=new_momentum,
+                normalize=group["normalize"], gsnr_max=group["gsnr_max"] if group["normalize"] else None,
+            )
+        return loss
+
+
+def _scalar_gsnr_as_block(saved):
+    """sgd-sai keeps a tensor's gsnr as a 0-d tensor; here it is the ``(1,)`` vector of one block."""
+    if isinstance(saved, dict) and isinstance(saved.get(GSNR), Tensor) and saved[GSNR].ndim == 0:
+        return {**saved, GSNR: saved[GSNR].reshape(1)}
+    return saved
+
+
+def _check(name: str, value, low: float, high: float | None, fix: str) -> None:
+    try:
+        _check_range(name, value, low, high)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{e}; {fix}") from None
+
+
+def _check_hyperparameters(*, lr=None, momentum=None, eps=None, weight_decay=None, normalize=None) -> None:
+    if lr is not None:
+        _check("lr", lr, 0.0, None, "pass a non-negative learning rate, e.g. lr=1e-2")
+    if momentum is not None:
+        _check("momentum", momentum, 0.0, 1.0,
+               "use e.g. momentum=0.9, or 0 for no momentum (momentum=1 never lets a gradient in)")
+    if eps is not None:
+        _check("eps", eps, 0.0, None, "use a small positive value such as the default 1e-8")
+        if float(eps) <= 0:
+            raise ValueError(
+                f"eps must be > 0, got {eps}; it keeps gsnr = ||g|| / (std(g) + eps) finite for blocks whose gradient "
+                "has no spread: use a small positive value such as the default 1e-8"
+            )
+    if weight_decay is not None:
+        _check("weight_decay", weight_decay, 0.0, None, "pass weight_decay >= 0 (0 disables it)")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+
+
+# ---- the math: functions over tensor lists -------------------------------------------------
+def gsnr_block_stats(grads: Sequence[Tensor], dtypes: Sequence[torch.dtype], specs: Sequence) -> list[Tensor]:
+    """This rank's per-block statistics of each gradient, ``(n_blocks, 3)`` in the given dtype.
+
+    Columns: ``sum(g)``, ``sum((g - mean_local)^2)`` and ``sum(g) * mean_local``, where
+    ``mean_local`` is the block's mean over the elements held here. All three add up across
+    shards (Chan et al.'s parallel variance: the total squared deviation is the sum of the
+    shards' own ones plus ``sum_k S_k^2/n_k - S^2/n``), so a sum over ranks gives what
+    `gsnr_from_stats` needs without the cancellation of ``sum(g^2) - S^2/n``.
+
+    Note [numerics of the gsnr]: the deviations are taken from each shard's own block means, so
+    the variance loses no digits to a large mean; on one process the correction term is exactly
+    zero and the result is the two-pass variance.
+    """
+    out = []
+    for g, dtype, spec in zip(grads, dtypes, specs):
+        g = g.to(dtype)
+        total = spec.block_sum(g)
+        count = spec.block_sum(torch.ones_like(g))  # elements held here (the block size on one process)
+        mean = total / count.clamp_min(1)
+        dev = g - spec.expand(mean)
+        out.append(torch.stack([total, spec.block_sum(dev * dev), total * mean], dim=-1))
+    return out
+
+
+def gsnr_from_stats(stats: Tensor, spec, *, eps: float) -> Tensor:
+    """``(n_blocks,)`` gsnr from the (summed) `gsnr_block_stats` of one parameter.
+
+    ``||g|| / (std(g) + eps)`` with the unbiased std; 1 for a 1-element block (Note [degenerate
+    blocks] in `SGDSaI`). ``spec.block_numel`` gives the global block sizes."""
+    total, m2_local, between_local = stats.unbind(-1)
+    n = torch.as_tensor(spec.block_numel(stats), dtype=stats.dtype, device=stats.device)
+    centred = total * (total / n)  # n * mean^2, computed like the local column
+    m2 = m2_local + (between_local - centred).clamp_min(0)
+    norm = (m2 + centred).sqrt()
+    std = (m2 / (n - 1).clamp_min(1)).sqrt()
+    return torch.where(n > 1, norm / (std + eps), torch.ones_like(norm))
+
+
+def group_gsnr_max(per_group: Sequence[Sequence[Tensor]], reduce_max: MaxReducer | None = None) -> list[float]:
+    """The largest gsnr of each group (over ranks via ``reduce_max``, called once), as floats."""
+    tensors = [t for group in per_group for t in group]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    zero = torch.zeros((), dtype=dtype, device=device)
+    local = torch.stack([
+        torch.stack([t.max().to(dtype) if t.numel() else zero for t in group]).max() if group else zero
+        for group in per_group
+    ])
+    if reduce_max is not None:
+        reduce_max(local)
+    return local.tolist()
+
+
+# Note: like Adam-mini's reference step, the layout arithmetic runs eagerly under torch.compile.
+@torch.compiler.disable
+def sgd_sai(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    gsnrs: Sequence[Tensor],
+    specs: Sequence,
+    *,
+    lr: float,
+    momentum: float,
+    eps: float,
+    weight_decays: Sequence[float],
+    maximize: bool = False,
+    new_gsnr: Sequence[bool] | None = None,
+    new_momentum: Sequence[bool] | None = None,
+    normalize: bool = False,
+    gsnr_max: float | None = None,
+    reduce_block_sums: BlockSumReducer | None = None,
+    reduce_max: MaxReducer | None = None,
+    block_stats: Sequence[Tensor] | None = None,
+) -> float | None:
+    """Functional SGD-SaI over lists of tensors (all updated in place); one param group.
+
+    Args:
+        params, grads: the tensors (local shards under FSDP).
+        momentum_buffers: like ``params``; ``None`` entries step without momentum (``m = g``).
+        gsnrs: ``(n_blocks,)`` tensors in the statistics dtype; those flagged in ``new_gsnr`` are
+            filled from this step's gradient first.
+        specs: `BlockSpec`s, or `ShardView`s of sharded parameters (only ``block_sum``,
+            ``block_numel``, ``expand`` are used).
+        new_momentum: flags of buffers to start at ``m = g``.
+        normalize, gsnr_max: scale by ``1/gsnr_max``; if ``gsnr_max`` is None it is the largest
+            of ``gsnrs`` (across ranks through ``reduce_max``, called once).
+        reduce_block_sums: sums the per-block statistics of the parameters in ``new_gsnr`` across
+            ranks, in place; called once, with their list (entries ``(n_blocks, 3)``), and only
+            when some parameter computes its gsnr.
+        block_stats: those statistics already computed and reduced (then no hook is called).
+
+    Returns:
+        The ``gsnr_max`` used when ``normalize`` (None if every gsnr was 0), else None.
+    """
+    n = len(params)
+    new_gsnr = [False] * n if new_gsnr is None else list(new_gsnr)
+    new_momentum = [False] * n if new_momentum is None else list(new_momentum)
+    todo = [i for i in range(n) if new_gsnr[i]]
+    if todo:
+        if block_stats is None:
+            block_stats = gsnr_block_stats([grads[i] for i in todo], [gsnrs[i].dtype for i in todo], [specs[i] for i in todo])
+            if reduce_block_sums is not None:
+                reduce_block_sums(block_stats)
+        for i, stats in zip(todo, block_stats):
+            gsnrs[i].copy_(gsnr_from_stats(stats, specs[i], eps=eps))
+    scale = lr
+    if normalize:
+        if gsnr_max is None:
+            gsnr_max = group_gsnr_max([gsnrs], reduce_max)[0]
+        gsnr_max = gsnr_max if gsnr_max > 0 else None
+        scale = lr / gsnr_max if gsnr_max is not None else 0.0
+
+    for p, g, m, gsnr, spec, wd, fresh in zip(params, grads, momentum_buffers, gsnrs, specs, weight_decays, new_momentum):
+        work = gsnr.dtype  # float32 for bf16/fp16 parameters, their own dtype otherwise
+        g = g.to(work)
+        if maximize:
+            g = -g
+        p_w = p.to(work)  # the tensor itself when the dtypes match
+        direction = g
+        if m is not None:
+            m_w = m.to(work)
+            if fresh:
+                m_w.copy_(g)
+            else:
+                m_w.mul_(momentum).add_(g, alpha=1 - momentum)
+            if m_w is not m:
+                m.copy_(m_w)
+            direction = m_w
+        if wd != 0:
+            p_w.mul_(1 - lr * wd)
+        p_w.addcmul_(spec.expand(gsnr * scale), direction, value=-1)
+        if p_w is not p:
+            p.copy_(p_w)
+    return gsnr_max if normalize else None
