@@ -63,6 +63,154 @@ def _run_demo(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from error
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _betas(text: str) -> tuple[float, float]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}")
+    return float(parts[0]), float(parts[1])
+
+
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    # compare_config needs no bench extras (only torch), so the defaults can be shown in --help.
+    from .bench.compare_config import CompareConfig
+
+    d = CompareConfig()
+    parser = subparsers.add_parser(
+        "compare",
+        help="train one model with several optimizers and seeds; table, JSON and plots",
+        description="Train one model config with several optimizers and seeds on the same data order "
+        "(same init and batches per seed), print a table and write compare.json, loss_curves.png, "
+        "memory.png and throughput.png. Runs checkpoint themselves; --resume continues an interrupted "
+        "comparison to the same numbers. See docs/compare.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  blockopt compare                                   # demo Llama, adamw vs adam-mini, 3 seeds\n"
+        "  blockopt compare --opt adamw --opt lion --opt sgd-sai:lr=1e-2,momentum=0.8\n"
+        "  blockopt compare --model hf:gpt2 --model-override n_layer=2,n_embd=128,n_head=4,vocab_size=2048\n"
+        "  blockopt compare --list-optimizers",
+    )
+    what = parser.add_argument_group("what to compare")
+    what.add_argument("--opt", action="append", metavar="NAME[:KEY=VALUE,...]",
+                      help="an optimizer, with optional hyperparameter overrides; repeat for each "
+                      f"(default: {' '.join(d.optimizers)}; see --list-optimizers)")
+    what.add_argument("--list-optimizers", action="store_true", help="list the optimizers by name and exit")
+    what.add_argument("--baseline", metavar="LABEL", help="the optimizer the others are compared with (default: the first)")
+    what.add_argument("--model", metavar="NAME", help=f"a built-in config (demo, llama-tiny, gpt2-tiny, ...), "
+                      f"hf:<name> (hf:gpt2, hf:llama, ...) or an HF config.json (default: {d.model})")
+    what.add_argument("--model-override", action="append", metavar="KEY=VALUE[,...]",
+                      help="change model config fields, e.g. n_layer=2,n_embd=128 (repeatable)")
+    what.add_argument("--corpus", metavar="PATH", help="text file or folder (default: the Python standard library's source)")
+    what.add_argument("--max-bytes", type=_positive_int, help=f"cap on the corpus size (default: {d.max_bytes:,})")
+    what.add_argument("--seeds", type=_positive_int, help=f"number of seeds (default: {len(d.seeds)})")
+    what.add_argument("--first-seed", type=int, help="seeds are first-seed, first-seed+1, ... (default: 0)")
+
+    loop = parser.add_argument_group("training (shared by every optimizer)")
+    loop.add_argument("--steps", type=_positive_int, help=f"optimizer steps per run (default: {d.steps})")
+    loop.add_argument("--batch-size", type=_positive_int, help=f"sequences per step (default: {d.batch_size})")
+    loop.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default: 128, at most the model's)")
+    loop.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr:g})")
+    loop.add_argument("--betas", type=_betas, metavar="B1,B2", help=f"(default: {d.betas[0]:g},{d.betas[1]:g})")
+    loop.add_argument("--eps", type=float, help=f"(default: {d.eps:g})")
+    loop.add_argument("--weight-decay", type=float, help=f"decoupled, on tensors with >= 2 dims (default: {d.weight_decay:g})")
+    loop.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help=f"LR schedule after warm-up (default: {d.schedule})")
+    loop.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warm-up (default: 20%% of the steps)")
+    loop.add_argument("--min-lr-ratio", type=float, help=f"LR floor as a fraction of the peak (default: {d.min_lr_ratio:g})")
+    loop.add_argument("--decay-fraction", type=float, help=f"WSD: share of the run spent decaying (default: {d.decay_fraction:g})")
+    loop.add_argument("--grad-clip", type=float, help=f"max global grad norm, 0 = off (default: {d.grad_clip:g})")
+    loop.add_argument("--eval-every", type=_positive_int, help="validate every N steps (default: a tenth of the run)")
+    loop.add_argument("--eval-batches", type=_positive_int, help=f"validation batches (default: {d.eval_batches})")
+    loop.add_argument("--device", help=f"torch device (default: {d.device})")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", default="compare-out", help="output folder (default: %(default)s)")
+    output.add_argument("--checkpoint-every", type=_positive_int, help="checkpoint each run every N steps (default: --eval-every)")
+    output.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue interrupted ones")
+    output.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.set_defaults(run=_run_compare)
+
+
+# argparse dest -> CompareConfig field, for the options passed through unchanged
+_COMPARE_SETTINGS = (
+    "baseline", "model", "corpus", "max_bytes", "steps", "batch_size", "seq_len", "lr", "betas", "eps", "weight_decay",
+    "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "grad_clip", "eval_every", "eval_batches", "device",
+    "checkpoint_every",
+)
+
+
+def _compare_command(args: argparse.Namespace) -> list[str]:
+    """The command line that reproduces this comparison (given options only), for the JSON."""
+    command = ["blockopt", "compare"]
+    for opt in args.opt or []:
+        command += ["--opt", opt]
+    for override in args.model_override or []:
+        command += ["--model-override", override]
+    for dest in (*_COMPARE_SETTINGS, "seeds", "first_seed"):
+        value = getattr(args, dest)
+        if value is not None:
+            text = ",".join(f"{v:g}" for v in value) if dest == "betas" else str(value)
+            command += ["--" + dest.replace("_", "-"), text]
+    command += ["--out", args.out]
+    if args.resume:
+        command.append("--resume")
+    return command
+
+
+def _list_optimizers() -> None:
+    from .bench.peers import registered_optimizers
+
+    peers = registered_optimizers()
+    width = max(map(len, peers))
+    for name, peer in peers.items():
+        missing = peer.missing()
+        status = "" if not missing else f"  [not installed: pip install {' '.join(missing)}]"
+        print(f"{name.ljust(width)}  {peer.description}{status}")
+        print(f"{''.ljust(width)}  hyperparameters: {', '.join(peer.accepted_keys) or '-'}")
+    print(f"{'po:<name>'.ljust(width)}  any optimizer of pytorch-optimizer, e.g. po:adan, po:soap")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    if args.list_optimizers:
+        _list_optimizers()
+        return
+    _require_bench_extras("compare")
+    from .bench.comparison import compare
+    from .bench.compare_config import seeds_from
+    from .bench.corpus import CorpusError
+    from .bench.modelspec import ModelSpecError, parse_overrides
+    from .bench.peers import PeerError
+
+    settings = {dest: getattr(args, dest) for dest in _COMPARE_SETTINGS if getattr(args, dest) is not None}
+    if args.seeds is not None or args.first_seed is not None:
+        settings["seeds"] = seeds_from(args.seeds or 3, args.first_seed or 0)
+    if settings.get("grad_clip") == 0:
+        settings["grad_clip"] = None
+    try:
+        if args.opt:
+            settings["optimizers"] = tuple(args.opt)
+        settings["model_overrides"] = parse_overrides(args.model_override)
+        result = compare(
+            out_dir=args.out, resume=args.resume, progress=args.progress, log=print,
+            command=_compare_command(args), **settings,
+        )
+    except (PeerError, ModelSpecError, CorpusError, FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    except KeyboardInterrupt:
+        raise CommandError(
+            f"interrupted; finished runs and checkpoints are in {args.out}: run the same command with --resume to continue"
+        ) from None
+    print()
+    print(result.table())
+    for line in result.verdicts():
+        print(line)
+
+
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan",
@@ -103,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockopt", description="Memory-efficient blockwise optimizers for PyTorch.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
+    _add_compare(subparsers)
     _add_plan(subparsers)
     return parser
 

@@ -3,15 +3,22 @@
 Every run with the same seed sees the same initial weights and the same batches in the same order,
 whatever the optimizer, so two runs differ only by the optimizer. Besides loss curves it records the
 optimizer's state size and the time of ``optimizer.step()`` alone.
+
+A run can checkpoint itself (model, optimizer, LR schedule, RNG and batch position, curves so far)
+into a folder every few steps; a run resumed from there continues to the same result, bit for bit,
+as one that was never interrupted (Note [exact resume]).
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,9 +28,16 @@ import blockopt
 
 from .corpus import TokenSplit
 from .models import ModelConfig, build_model
+from .schedules import DEFAULT_DECAY_FRACTION, SCHEDULES, lr_factor
 
 # Losses of the last this-many steps are averaged into the final train loss (one step is noisy).
 FINAL_TRAIN_WINDOW = 10
+CHECKPOINT_FILE = "checkpoint.pt"
+# Bump when the checkpoint layout changes; older files are then refused with a clear message.
+CHECKPOINT_FORMAT = 1
+
+# What builds the model: a config, the name of a built-in config, or a function of the seed.
+ModelSource = ModelConfig | str | Callable[[int], nn.Module]
 
 
 @dataclass
@@ -39,18 +53,21 @@ class RunResult:
     tokens_per_s: float  # training tokens per second of the loop (forward, backward, step; eval excluded)
     state_bytes: int  # optimizer state, from `blockopt.state_bytes`
     n_params: int
-    wall_s: float  # the whole run, evaluation included
+    wall_s: float  # the whole run, evaluation included (summed over sessions when resumed)
+    resumed_from: list[int] = field(default_factory=list)  # steps this run was resumed at, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak LR at ``step`` (0-based): linear warm-up, then cosine to a floor."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RunResult:
+        """The inverse of `to_dict` (JSON turns the curves' tuples into lists; this turns them back)."""
+        data = dict(data)
+        for key in ("train_curve", "val_curve"):
+            data[key] = [(int(step), float(loss)) for step, loss in data[key]]
+        for key in ("step_ms", "tokens_per_s"):  # JSON has no NaN: None stands for it
+            data[key] = float("nan") if data.get(key) is None else float(data[key])
+        return cls(**data)
 
 
 def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -74,8 +91,64 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
+def _build(model_config: ModelSource, seed: int) -> nn.Module:
+    if callable(model_config) and not isinstance(model_config, str):
+        return model_config(seed)
+    return build_model(model_config, seed=seed)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters (a tied weight counts once; ``model.parameters()`` yields it once)."""
+    if hasattr(model, "num_params"):
+        return model.num_params()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: a run killed mid-write leaves the
+    previous checkpoint intact, never half a file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        torch.save(obj, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _fingerprint_mismatch(saved: Mapping, current: Mapping) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [key for key in keys if saved.get(key) != current.get(key)]
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: Mapping | None = None) -> dict | None:
+    """The checkpoint in ``checkpoint_dir`` (``None`` if there is none).
+
+    Raises:
+        ValueError: the file is from another checkpoint format, or was written by a run whose
+            ``fingerprint`` (settings) differs from the one given.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} has checkpoint format {checkpoint.get('format')!r}, this version reads {CHECKPOINT_FORMAT}; "
+            "start a fresh run (delete the file or choose another folder)"
+        )
+    if fingerprint is not None:
+        differing = _fingerprint_mismatch(checkpoint["fingerprint"], dict(fingerprint))
+        if differing:
+            raise ValueError(
+                f"{path} was written by a run with different settings (differ: {', '.join(differing)}); "
+                "resume with the same settings, or start a fresh run in another folder"
+            )
+    return checkpoint
+
+
 def train_run(
-    model_config: ModelConfig | str,
+    model_config: ModelSource,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     data: TokenSplit,
     *,
@@ -84,6 +157,8 @@ def train_run(
     seq_len: int,
     warmup_steps: int | None = None,
     min_lr_ratio: float = 0.1,
+    schedule: str = "cosine",
+    decay_fraction: float = DEFAULT_DECAY_FRACTION,
     grad_clip: float | None = 1.0,
     eval_every: int = 50,
     eval_batches: int = 4,
@@ -91,33 +166,81 @@ def train_run(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    fingerprint: Mapping | None = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> RunResult:
     """Train a fresh model and measure the optimizer.
 
     Args:
-        model_config: a model config or the name of a built-in one.
+        model_config: a model config, the name of a built-in one, or a function ``seed -> model``
+            whose model maps ``(idx, targets)`` to ``(logits, loss)``.
         make_optimizer: builds the optimizer for the model; its LR is the peak of the schedule.
         data: train and validation token ids (`blockopt.bench.corpus.split_ids`).
         steps, batch_size, seq_len: length of the run and shape of each batch.
-        warmup_steps: linear LR warm-up length (default: 10% of ``steps``); then cosine decay to
-            ``min_lr_ratio`` times the peak.
+        warmup_steps: linear LR warm-up length (default: 10% of ``steps``); then ``schedule``
+            (``"cosine"``, ``"wsd"`` or ``"constant"``, see `lr_factor`) down to ``min_lr_ratio``
+            times the peak; WSD decays over the last ``decay_fraction`` of the run.
         grad_clip: max global gradient norm; ``None`` or 0 disables clipping.
         eval_every: validate every this many steps (and always after the last one) on
             ``eval_batches`` fixed batches spread evenly over the validation ids.
-        seed: fixes the initial weights and the batch order; the optimizer does not change either.
+        seed: fixes the initial weights, the batch order and the global RNG (dropout, if the
+            model has any); the optimizer changes none of them. The caller's global RNG state is
+            left as it was.
         device: where the model and batches live; timings synchronize CUDA.
         progress: show a tqdm bar on a terminal (``desc`` labels it).
+        checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
+            (default: ``eval_every``) and after the last step.
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one (else start
+            fresh); without it an existing checkpoint is overwritten.
+        fingerprint: JSON-like settings stored in the checkpoint; resuming with different ones is
+            a ValueError (the optimizer and data cannot be checked from the file alone).
+        callback: called as ``callback(step, train_loss)`` after every step and its checkpoint.
     """
     if min(steps, batch_size, seq_len, eval_every, eval_batches) <= 0:
         raise ValueError("steps, batch_size, seq_len, eval_every and eval_batches must be positive")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
     warmup_steps = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    checkpoint_every = checkpoint_every or eval_every
+    # JSON-normalized (tuples become lists), so a fingerprint compares equal to its saved copy.
+    fingerprint = json.loads(json.dumps(dict(fingerprint or {})))
     device = torch.device(device)
-    start = time.perf_counter()
+    # The global RNG is forked, so the run neither depends on nor changes the caller's.
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        return _train(
+            model_config, make_optimizer, data, steps=steps, batch_size=batch_size, seq_len=seq_len,
+            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule, decay_fraction=decay_fraction,
+            grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
+            progress=progress, desc=desc, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+            checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
+        )
 
-    model = build_model(model_config, seed=seed).to(device)
+
+def _train(
+    model_config, make_optimizer, data, *, steps, batch_size, seq_len, warmup_steps, min_lr_ratio, schedule,
+    decay_fraction, grad_clip, eval_every, eval_batches, seed, device, progress, desc, checkpoint_dir,
+    checkpoint_every, resume, fingerprint, callback,
+) -> RunResult:
+    start = time.perf_counter()
+    model = _build(model_config, seed).to(device)
     optimizer = make_optimizer(model)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(
+            step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+            schedule=schedule, decay_fraction=decay_fraction,
+        ),
     )
 
     train_windows = _windows(data.train, seq_len)
@@ -132,9 +255,66 @@ def train_run(
     val_curve: list[tuple[int, float]] = []
     step_times: list[float] = []
     train_seconds = 0.0
-    timing_warmup = min(5, steps // 5)  # first steps allocate state and warm caches
+    previous_wall = 0.0
+    resumed_from: list[int] = []
+    first_step = 1
+
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            checkpoint = load_checkpoint(checkpoint_dir, fingerprint)
+        else:
+            (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if checkpoint is not None:
+        # Note [exact resume]: everything the next step reads is restored: weights, optimizer
+        # state and param groups (the LR), the scheduler's position, the batch generator and the
+        # global RNG. Steps never carry anything else over (grads are set to None after each).
+        # The optimizer's state_dict is loaded after the scheduler's construction has set the
+        # groups' LR, so the saved LR wins.
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        batch_generator.set_state(checkpoint["batch_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+        train_curve = [(int(s), float(v)) for s, v in checkpoint["train_curve"]]
+        val_curve = [(int(s), float(v)) for s, v in checkpoint["val_curve"]]
+        step_times = list(checkpoint["step_times"])
+        train_seconds = float(checkpoint["train_seconds"])
+        previous_wall = float(checkpoint["wall_s"])
+        resumed_from = [*checkpoint["resumed_from"], int(checkpoint["step"])]
+        first_step = int(checkpoint["step"]) + 1
+
+    def save(step: int) -> None:
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "batch_rng": batch_generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "train_curve": train_curve,
+                "val_curve": val_curve,
+                "step_times": step_times,
+                "train_seconds": train_seconds,
+                "wall_s": previous_wall + time.perf_counter() - start,
+                "resumed_from": resumed_from,
+            },
+            checkpoint_dir / CHECKPOINT_FILE,
+        )
+
+    timing_warmup = min(5, steps // 5)  # first steps (of each session) allocate state and warm caches
     # disable=None: tqdm also hides itself when stderr is not a terminal (logs, CI).
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        range(first_step, steps + 1), desc=desc, initial=first_step - 1, total=steps,
+        disable=None if progress else True, leave=False, dynamic_ncols=True,
+    )
     for step in bar:
         loop_start = time.perf_counter()
         starts = torch.randint(len(train_windows), (batch_size,), generator=batch_generator)
@@ -147,27 +327,34 @@ def train_run(
         step_start = time.perf_counter()
         optimizer.step()
         _sync(device)
-        if step > timing_warmup:
+        if step - first_step >= timing_warmup:
             step_times.append(time.perf_counter() - step_start)
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        scheduler.step()
         train_curve.append((step, loss.item()))
         train_seconds += time.perf_counter() - loop_start
 
         if step % eval_every == 0 or step == steps:
             val_curve.append((step, evaluate(model, val_batches)))
             bar.set_postfix(train=f"{train_curve[-1][1]:.3f}", val=f"{val_curve[-1][1]:.3f}", refresh=False)
+        if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == steps):
+            save(step)
+        if callback is not None:
+            callback(step, train_curve[-1][1])
+    bar.close()
 
     last = [loss for _, loss in train_curve[-FINAL_TRAIN_WINDOW:]]
+    # A run resumed after its last timed step has no timings of its own; keep the saved ones.
     return RunResult(
         optimizer=type(optimizer).__name__,
         train_curve=train_curve,
         val_curve=val_curve,
         final_train_loss=sum(last) / len(last),
         final_val_loss=val_curve[-1][1],
-        step_ms=1e3 * statistics.median(step_times),
-        tokens_per_s=steps * batch_size * seq_len / train_seconds,
+        step_ms=1e3 * statistics.median(step_times) if step_times else float("nan"),
+        tokens_per_s=steps * batch_size * seq_len / train_seconds if train_seconds else float("nan"),
         state_bytes=blockopt.state_bytes(optimizer),
-        n_params=model.num_params(),
-        wall_s=time.perf_counter() - start,
+        n_params=count_params(model),
+        wall_s=previous_wall + time.perf_counter() - start,
+        resumed_from=resumed_from,
     )

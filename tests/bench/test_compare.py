@@ -1,0 +1,262 @@
+"""`blockopt.bench.compare` and `blockopt compare`: results, files, reproducibility, resume, errors."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blockopt import cli
+from blockopt.bench import CompareResult, compare
+from blockopt.bench.compare_config import CompareConfig
+from blockopt.bench.corpus import load_corpus
+from blockopt.bench.modelspec import ModelSpec, ModelSpecError
+from blockopt.bench.peers import PeerError
+
+TINY = dict(model="llama-tiny", steps=6, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, max_bytes=40_000)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BLOCKOPT_CACHE", str(tmp_path_factory.getbasetemp() / "compare-cache"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One tiny comparison written to disk, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before conftest's per-test single_thread
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("BLOCKOPT_CACHE", str(tmp_path_factory.getbasetemp() / "compare-cache"))
+            result = compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, progress=False, **TINY)
+    finally:
+        torch.set_num_threads(threads)
+    return result, out
+
+
+def curves(result):
+    return {(r.label, r.seed): (r.result.train_curve, r.result.val_curve) for r in result.runs}
+
+
+def test_default_settings_are_the_measured_default_run():
+    config = CompareConfig()
+    assert config.labels == ("adamw", "adam-mini") and config.model == "demo" and config.seeds == (0, 1, 2)
+    assert config.steps == 100 and config.baseline_label == "adamw"
+    assert config.resolved_warmup_steps == 20 and config.resolved_eval_every == 10
+
+
+def test_result_summary_and_comparison(saved):
+    result, _ = saved
+    assert [(r.label, r.seed) for r in result.runs] == [("adamw", 0), ("adam-mini", 0), ("adamw", 1), ("adam-mini", 1)]
+    for record in result.runs:
+        assert [s for s, _ in record.result.train_curve] == list(range(1, 7))
+        assert [s for s, _ in record.result.val_curve] == [3, 6]
+        assert record.status == "trained"
+    # Same seed: same init and first batch whatever the optimizer.
+    runs = {(r.label, r.seed): r.result for r in result.runs}
+    assert runs["adamw", 0].train_curve[0] == runs["adam-mini", 0].train_curve[0]
+    assert runs["adamw", 0].train_curve[0] != runs["adamw", 1].train_curve[0]
+
+    summary = result.summary()
+    finals = [runs["adam-mini", s].final_val_loss for s in (0, 1)]
+    assert summary["adam-mini"]["final_val_loss"]["mean"] == pytest.approx(statistics.fmean(finals))
+    assert summary["adam-mini"]["final_val_loss"]["std"] == pytest.approx(statistics.stdev(finals))
+    assert summary["adam-mini"]["final_val_loss"]["values"] == finals and summary["adam-mini"]["seeds"] == [0, 1]
+    base = [runs["adamw", s].final_val_loss for s in (0, 1)]
+    cmp = result.comparison()
+    assert cmp["adam-mini"]["val_loss_rel_diff"] == pytest.approx(statistics.fmean(finals) / statistics.fmean(base) - 1)
+    assert cmp["adam-mini"]["val_loss_rel_diff_per_seed"]["values"] == pytest.approx([m / a - 1 for m, a in zip(finals, base)])
+    assert cmp["adamw"]["val_loss_rel_diff"] == 0.0 and cmp["adamw"]["state_bytes_ratio"] == 1.0
+    assert 0.45 < cmp["adam-mini"]["state_bytes_ratio"] < 0.55
+
+    table = result.table()
+    assert "final val loss" in table and "vs adamw" in table and "±" in table
+    assert table.splitlines()[2].startswith("adamw ") and table.splitlines()[3].startswith("adam-mini ")
+    assert any("adam-mini: final val loss" in line and "state memory" in line for line in result.verdicts())
+
+
+def test_files_and_json_schema(saved):
+    result, out = saved
+    for name in ("loss_curves.png", "memory.png", "throughput.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+    report = json.loads((out / "compare.json").read_text())
+    assert report == json.loads(json.dumps(result.to_dict()))
+    assert report["schema"] == "blockopt.compare/1" and report["baseline"] == "adamw"
+    assert report["settings"]["steps"] == 6 and report["settings"]["seeds"] == [0, 1]
+    assert report["model"]["source"] == "llama-tiny" and report["model"]["config"]["arch"] == "llama"
+    assert report["model"]["n_params"] == result.runs[0].result.n_params
+    assert report["corpus"]["vocab_size"] == 512 and report["corpus"]["tokens"] > 0
+    adamw = report["optimizers"]["adamw"]
+    assert adamw["hyperparameters"]["lr"] == 2e-3 and adamw["hyperparameters"]["betas"] == [0.9, 0.95]
+    assert adamw["class"] == "torch.optim.adamw.AdamW"
+    assert report["optimizers"]["adam-mini"]["class"].endswith("AdamMini")
+    assert len(report["runs"]) == 4
+    run = report["runs"][1]
+    assert run["optimizer"] == "adam-mini" and run["seed"] == 0 and len(run["train_curve"]) == 6
+    for key in ("final_val_loss", "final_train_loss", "state_bytes", "tokens_per_s", "step_ms", "n_params", "wall_s"):
+        assert run[key] > 0
+    assert set(report["summary"]["adamw"]) >= {"final_val_loss", "state_bytes", "tokens_per_s", "step_ms"}
+    assert report["versions"]["torch"] and report["machine"]["cpu_count"] >= 1
+    assert report["timings_s"]["process_cpu"] > 0 and report["loop"]["seq_len"] == 32
+    # A saved comparison loads back to the same report and table (to re-plot it, e.g.).
+    loaded = CompareResult.load(out)
+    assert json.loads(json.dumps(loaded.to_dict())) == report and loaded.table() == result.table()
+    # Finished runs keep their result, not their checkpoint.
+    assert (out / "runs" / "adam-mini-seed1" / "result.json").is_file()
+    assert not (out / "runs" / "adam-mini-seed1" / "checkpoint.pt").exists()
+
+
+def test_same_seeds_give_bit_identical_curves(saved):
+    result, _ = saved
+    again = compare(["adamw", "adam-mini"], seeds=(0, 1), progress=False, **TINY)
+    assert curves(again) == curves(result)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_comparison_resumes_to_the_same_numbers(saved, tmp_path):
+    result, _ = saved
+
+    def kill(label, seed, step, loss):
+        if (label, seed, step) == ("adam-mini", 0, 5):  # after its step-3 checkpoint
+            raise Interrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):
+        compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, progress=False, callback=kill, **TINY)
+    resumed = compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, resume=True, progress=False, **TINY)
+    assert [r.status for r in resumed.runs] == ["loaded", "resumed", "trained", "trained"]
+    assert resumed.runs[1].result.resumed_from == [3]
+    assert curves(resumed) == curves(result)
+
+    # A finished comparison resumes without training anything.
+    again = compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, resume=True, progress=False,
+                    callback=lambda *a: pytest.fail("trained again"), **TINY)
+    assert {r.status for r in again.runs} == {"loaded"} and curves(again) == curves(result)
+
+    with pytest.raises(ValueError, match="different settings"):
+        compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, resume=True, progress=False, lr=1e-3, **TINY)
+
+
+def test_bad_names_and_settings_fail_before_training(tmp_path):
+    def no_training(*args):
+        pytest.fail("trained")
+
+    with pytest.raises(PeerError, match="unknown optimizer 'adamz'"):
+        compare(["adamw", "adamz"], callback=no_training, **TINY)
+    with pytest.raises(PeerError, match="takes no hyperparameter 'momentum'"):
+        compare(["adamw:momentum=0.9"], callback=no_training, **TINY)
+    with pytest.raises(PeerError, match="could not be built"):
+        compare(["adam-mini:betas=0.9,1.5"], callback=no_training, **TINY)
+    with pytest.raises(ValueError, match="listed twice"):
+        compare(["adamw", "adamw"], **TINY)
+    with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 64"):
+        compare(["adamw"], **{**TINY, "seq_len": 128})
+    with pytest.raises(TypeError, match="unknown compare setting 'stepz'"):
+        compare(["adamw"], stepz=3)
+    with pytest.raises(ModelSpecError, match="has no field 'n_layerz'"):
+        compare(["adamw"], model_overrides={"n_layerz": 1}, **TINY)
+
+
+def test_built_in_model_overrides_rederive_dependent_fields():
+    spec = ModelSpec.parse("demo", {"dim": 64, "n_layers": 1})
+    assert spec.config.dim == 64 and spec.config.mlp_hidden == 192  # 8/3 * 64, rounded up to 32
+    assert spec.config.n_kv_heads == 2  # set explicitly in "demo": kept
+    with pytest.raises(ModelSpecError, match="unknown model 'gpt5'"):
+        ModelSpec.parse("gpt5")
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(
+    "source, overrides",
+    [
+        ("hf:gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 512, "n_positions": 64}),
+        ("hf:llama", {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "intermediate_size": 64, "vocab_size": 512, "max_position_embeddings": 64}),
+    ],
+)
+def test_hugging_face_models_train_in_a_comparison(source, overrides):
+    pytest.importorskip("transformers")
+    result = compare(
+        ["adamw", "adam-mini", "adam-mini-official"], model_overrides=overrides, seeds=(0,),
+        progress=False, **{**TINY, "model": source, "steps": 2, "eval_every": 1},
+    )
+    assert result.model["family"] == "hf" and result.model["config"]["vocab_size"] == 512
+    first = {r.label: r.result.train_curve[0] for r in result.runs}
+    assert len(set(first.values())) == 1  # same init and batch for every optimizer
+    for record in result.runs:
+        assert len(record.result.val_curve) == 2 and record.result.final_val_loss < 7.0
+    assert result.comparison()["adam-mini"]["state_bytes_ratio"] < 0.6
+
+
+@pytest.mark.hf
+def test_hf_config_json_path_and_bad_fields(tmp_path):
+    pytest.importorskip("transformers")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+                                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    spec = ModelSpec.parse(str(path), {"num_hidden_layers": 2})
+    assert spec.family == "hf" and spec.config.num_hidden_layers == 2 and spec.vocab_size == 128
+    model = spec.build(seed=0)
+    assert model.num_params() == spec.n_params()
+    with pytest.raises(ModelSpecError, match="has no field 'n_layerz'"):
+        ModelSpec.parse("hf:gpt2", {"n_layerz": 2})
+    with pytest.raises(ModelSpecError, match="unknown Hugging Face model 'gpt7'"):
+        ModelSpec.parse("hf:gpt7")
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_cli_end_to_end_writes_table_json_and_plots(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(load_corpus(max_bytes=40_000))
+    env = os.environ | {"BLOCKOPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = [
+        "compare", "--model", "gpt2-tiny", "--opt", "adamw", "--opt", "adam-mini:implementation=reference",
+        "--seeds", "2", "--first-seed", "4", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+        "--eval-batches", "1", "--schedule", "wsd", "--corpus", str(corpus), "--out", str(out), "--no-progress",
+    ]
+    done = subprocess.run([sys.executable, "-m", "blockopt", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "adam-mini:implementation=reference" in done.stdout and "final val loss" in done.stdout
+    assert "[4/4]" in done.stdout and "state memory" in done.stdout
+    report = json.loads((out / "compare.json").read_text())
+    assert report["settings"]["seeds"] == [4, 5] and report["settings"]["schedule"] == "wsd"
+    assert report["command"][:2] == ["blockopt", "compare"] and "--schedule" in report["command"]
+    assert report["optimizers"]["adam-mini:implementation=reference"]["hyperparameters"]["implementation"] == "reference"
+    for name in ("loss_curves.png", "memory.png", "throughput.png"):
+        assert (out / name).is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert cli.main(["compare", "--opt", "adamz", "--out", out]) == 1
+    assert "unknown optimizer 'adamz'" in capsys.readouterr().err
+    assert cli.main(["compare", "--opt", "sgd-sai:betas=0.9,0.9", "--out", out]) == 1
+    assert "takes no hyperparameter 'betas'" in capsys.readouterr().err
+    assert cli.main(["compare", "--model", "nope", "--out", out]) == 1
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert cli.main(["compare", "--model-override", "n_layers", "--out", out]) == 1
+    assert "bad model override" in capsys.readouterr().err
+    assert not os.path.exists(out)  # nothing trained, nothing written
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--betas", "0.9"])
+    assert "two numbers" in capsys.readouterr().err
+
+
+def test_cli_lists_optimizers_and_shows_defaults(capsys):
+    assert cli.main(["compare", "--list-optimizers"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("adamw", "adam-mini", "adam-mini-official", "adafactor", "sgd-sai", "lion", "po:<name>"):
+        assert name in listed
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    shown = capsys.readouterr().out
+    assert "default: adamw adam-mini" in shown and "default: 100)" in shown and "default: 3)" in shown

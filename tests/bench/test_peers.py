@@ -1,0 +1,148 @@
+"""The optimizer registry: every installed peer steps; names, overrides and missing packages fail clearly."""
+
+import math
+
+import pytest
+import torch
+
+from blockopt.bench import peers
+from blockopt.bench.models import build_model
+from blockopt.bench.peers import (
+    PeerError,
+    PeerUnavailableError,
+    build_optimizer,
+    get_peer,
+    parse_optimizer_spec,
+    register_optimizer,
+    registered_optimizers,
+    unregister_optimizer,
+)
+
+SHARED = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+# Every registered name, plus one optimizer reached through the pytorch-optimizer family.
+ALL_PEERS = [*registered_optimizers(), "po:adan"]
+
+
+def _steps(model, optimizer, n=2):
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(n):
+        idx = torch.randint(model.config.vocab_size, (2, 16), generator=generator)
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("model_name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ALL_PEERS)
+def test_every_installed_peer_steps(name, model_name):
+    peer = get_peer(name)
+    if not peer.available:
+        pytest.skip(f"{name} needs {', '.join(peer.requires)}")
+    model = build_model(model_name, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = build_optimizer(name, model, SHARED)
+    losses = _steps(model, optimizer)
+    assert all(math.isfinite(loss) for loss in losses)
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert sum(changed) >= len(changed) // 2, f"{name} left most tensors unchanged"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert optimizer.state  # it keeps state (the figure the benchmark reports)
+
+
+def test_registry_names_the_peers_the_issue_asks_for():
+    names = set(registered_optimizers())
+    assert {"adamw", "adam-mini", "adam-mini-official", "adafactor", "sgd-sai", "lion"} <= names
+    assert "foreach" in get_peer("adamw").accepted_keys and "momentum" in get_peer("sgd-sai").accepted_keys
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(PeerError, match=r"unknown optimizer 'adamx'; registered: adamw, adam-mini"):
+        get_peer("adamx")
+    with pytest.raises(PeerError, match="unknown optimizer"):
+        parse_optimizer_spec("adamx:lr=1e-3")
+    with pytest.raises(PeerError, match="pytorch-optimizer has no optimizer 'nope'"):
+        get_peer("po:nope")
+
+
+def test_bad_override_names_what_the_peer_takes():
+    spec = parse_optimizer_spec("sgd-sai:lr=1e-2,betas=0.9,0.99")
+    with pytest.raises(PeerError, match=r"'sgd-sai' takes no hyperparameter 'betas'; it takes: lr, eps, weight_decay, momentum"):
+        spec.resolve(SHARED)
+    with pytest.raises(PeerError, match="bad override 'lr' .*key=value"):
+        parse_optimizer_spec("adamw:lr,eps=1e-8")
+    with pytest.raises(PeerError, match="given twice"):
+        parse_optimizer_spec("adamw:lr=1e-3,lr=2e-3")
+    with pytest.raises(PeerError, match="write NAME:key=value"):
+        parse_optimizer_spec("lr=1e-3")
+    # a value the optimizer rejects is reported with the peer's name
+    with pytest.raises(PeerError, match=r"optimizer 'adamw' could not be built .*Invalid learning rate"):
+        build_optimizer("adamw:lr=-1", build_model("llama-tiny"), SHARED)
+
+
+def test_a_missing_package_is_named_with_its_install_command():
+    register_optimizer("needs-missing", lambda m, hp: None, requires="blockopt-no-such-package==1.0", shared=())
+    try:
+        peer = get_peer("needs-missing")
+        assert not peer.available and peer.missing() == ["blockopt-no-such-package==1.0"]
+        assert peer.versions() == {"blockopt-no-such-package": None}
+        with pytest.raises(PeerUnavailableError, match=r"pip install 'blockopt-no-such-package==1.0'"):
+            build_optimizer("needs-missing", build_model("llama-tiny"))
+    finally:
+        unregister_optimizer("needs-missing")
+
+
+def test_spec_parsing_values_and_labels():
+    spec = parse_optimizer_spec("lion:betas=0.9,0.99, lr=1e-4,weight_decay=0")
+    assert spec.name == "lion" and spec.label == "lion:betas=0.9,0.99, lr=1e-4,weight_decay=0"
+    assert dict(spec.overrides) == {"betas": (0.9, 0.99), "lr": 1e-4, "weight_decay": 0}
+    assert parse_optimizer_spec("adam-mini:implementation=reference").overrides["implementation"] == "reference"
+    assert parse_optimizer_spec("adamw:fused=true").overrides["fused"] is True
+    assert parse_optimizer_spec("po:adan:lr=1e-3").name == "po:adan"
+    assert parse_optimizer_spec(" adamw ").label == "adamw"
+
+
+def test_resolution_order_shared_then_defaults_then_overrides():
+    lion = get_peer("lion")
+    assert lion.resolve(SHARED) == {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.99)}  # its own LR default
+    assert get_peer("lion").resolve({**SHARED, "lr": 5e-3})["lr"] == 1e-3
+    assert lion.resolve(SHARED, {"lr": 5e-5})["lr"] == 5e-5
+    assert get_peer("adamw").resolve(SHARED)["lr"] == 1e-3
+    assert "betas" not in get_peer("sgd-sai").resolve(SHARED)  # takes only the shared keys it names
+
+
+def test_weight_decay_skips_1d_tensors_for_torch_style_peers():
+    model = build_model("gpt2-tiny")
+    for name in ("adamw", "lion", "adafactor"):
+        if not get_peer(name).available:
+            continue
+        optimizer = build_optimizer(name, model, SHARED)
+        for group in optimizer.param_groups:
+            dims = {p.ndim >= 2 for p in group["params"]}
+            assert len(dims) == 1
+            assert group["weight_decay"] == (0.1 if dims == {True} else 0.0), name
+
+
+def test_register_validates_names_and_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer("adamw", peers._adamw)
+    with pytest.raises(ValueError, match="lowercase"):
+        register_optimizer("My Opt", peers._adamw)
+    with pytest.raises(ValueError, match="shared keys must be among"):
+        register_optimizer("my-opt", peers._adamw, shared=("momentum",))
+    assert "my-opt" not in registered_optimizers()
+
+
+def test_a_registered_peer_is_usable_by_name():
+    register_optimizer(
+        "test-sgd", lambda model, hp: torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"]),
+        shared=("lr",), defaults={"momentum": 0.5}, description="plain SGD",
+    )
+    try:
+        optimizer = build_optimizer("test-sgd:momentum=0.7", build_model("llama-tiny"), SHARED)
+        assert optimizer.param_groups[0]["momentum"] == 0.7 and optimizer.param_groups[0]["lr"] == 1e-3
+    finally:
+        unregister_optimizer("test-sgd")
