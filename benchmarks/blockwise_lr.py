@@ -1,0 +1,175 @@
+"""Blockwise LR (Wang et al. 2025) on the default comparison: does it reach AdamW's loss sooner?
+
+    python benchmarks/blockwise_lr.py            # writes benchmarks/blockwise_lr.json and .png
+
+The 'demo' Llama on the built-in corpus (the Python standard library's source) with the settings
+of `blockopt.bench.demo.run_demo` (betas (0.9, 0.95), weight decay 0.1 on tensors with >= 2 dims,
+batch 32 x 128 tokens, 20% linear warm-up then cosine to 0.1x, gradient clipping at 1.0, seed 0)
+trains four times over one full schedule, with the same init and the same batches:
+
+* AdamW at the demo's LR (2e-3),
+* AdamW + blockwise LR (`blockopt.blockwise_lr`: Emb 10x, QK 8x, FFN 6x, VO 4x, Norm and head 1x),
+* Adam-mini at 2e-3,
+* Adam-mini + blockwise LR,
+
+validating every ``--eval-every`` steps. The figure of merit is the paper's: the number of steps a
+run needs to first reach plain AdamW's final validation loss, as a fraction of the steps AdamW
+itself needs (the paper: about 0.5 for GPT-2 small, 50k vs 100k steps). Adam-mini + blockwise LR
+is also compared with plain Adam-mini's final loss. A blockwise run's base LR is set with
+``--bw-lr`` (the multiplied LRs on top of 2e-3 reach 2e-2 for the embedding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import blockopt
+from blockopt.bench.corpus import load_corpus, split_ids
+from blockopt.bench.demo import _adamw
+from blockopt.bench.models import CONFIGS, config_dict
+from blockopt.bench.tokenizer import tokenize_corpus
+from blockopt.bench.train import RunResult, train_run
+from blockopt.optim.blockwise_lr import DEFAULT_RATIOS, resolve_ratios
+
+HERE = Path(__file__).resolve().parent
+BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
+
+
+def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float) -> dict:
+    def adamw(model):
+        return _adamw(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def adamw_bw(model):
+        groups = blockopt.blockwise_lr(model, lr=bw_lr, weight_decay=WEIGHT_DECAY)
+        return torch.optim.AdamW(groups, betas=BETAS, eps=EPS)
+
+    def mini(model):
+        return blockopt.AdamMini(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def mini_bw(model):
+        plan = blockopt.partition(model)  # AdamMini keeps the structural plan (heads) with groups
+        groups = blockopt.blockwise_lr(plan, lr=bw_mini_lr, params=model, weight_decay=WEIGHT_DECAY)
+        return blockopt.AdamMini(groups, betas=BETAS, eps=EPS, plan=plan)
+
+    return {"AdamW": adamw, "AdamW + blockwise LR": adamw_bw, "Adam-mini": mini, "Adam-mini + blockwise LR": mini_bw}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step whose validation loss is <= target (None if never)."""
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+def plot(results: dict[str, RunResult], targets: dict[str, float], path: Path, title: str) -> None:
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    full, zoom = fig.subplots(1, 2)
+    for i, (name, r) in enumerate(results.items()):
+        steps, losses = zip(*r.val_curve)
+        style = "-" if "blockwise" in name else "--"
+        for ax in (full, zoom):
+            ax.plot(steps, losses, style, color=f"C{i // 2}", label=name, marker="o", markersize=2, linewidth=1.3)
+    for ax in (full, zoom):
+        ax.axhline(targets["AdamW"], color="grey", linewidth=0.8, linestyle=":", label="AdamW final val loss")
+        ax.set(xlabel="step", ylabel="validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    last = min(r.val_curve[-1][1] for r in results.values())
+    half = max(s for s, _ in next(iter(results.values())).val_curve) // 2
+    zoom.set(xlim=(half, None), ylim=(last - 0.05, targets["AdamW"] + 0.4), title="second half")
+    full.set(title="validation loss")
+    full.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW and Adam-mini peak LR (the demo's)")
+    parser.add_argument("--bw-lr", type=float, default=None, help="base (norm) LR of AdamW + blockwise LR (default: --lr)")
+    parser.add_argument("--bw-mini-lr", type=float, default=None, help="base LR of Adam-mini + blockwise LR (default: --bw-lr)")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "blockwise_lr")
+    args = parser.parse_args(argv)
+    bw_lr = args.lr if args.bw_lr is None else args.bw_lr
+    bw_mini_lr = bw_lr if args.bw_mini_lr is None else args.bw_mini_lr
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    config = CONFIGS["demo"]
+    text = load_corpus(None)
+    tokenized = tokenize_corpus(text, config.vocab_size)
+    data = split_ids(tokenized.ids)
+    loop = dict(
+        steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5), min_lr_ratio=0.1,
+        grad_clip=1.0, eval_every=args.eval_every, eval_batches=args.eval_batches, seed=0,
+    )
+    results: dict[str, RunResult] = {}
+    for name, make in make_optimizers(args.lr, bw_lr, bw_mini_lr).items():
+        t = time.perf_counter()
+        results[name] = train_run(config, make, data, **loop, progress=sys.stderr.isatty(), desc=name)
+        r = results[name]
+        print(f"{name:<26} final val {r.final_val_loss:.4f}  train {r.final_train_loss:.4f}  ({time.perf_counter() - t:.0f}s)", flush=True)
+
+    targets = {"AdamW": results["AdamW"].final_val_loss, "Adam-mini": results["Adam-mini"].final_val_loss}
+    reach = {}
+    for reference, target in targets.items():
+        ref_steps = steps_to_reach(results[reference].val_curve, target)
+        for name, r in results.items():
+            got = steps_to_reach(r.val_curve, target)
+            reach.setdefault(reference, {})[name] = {
+                "steps": got, "ratio": None if got is None else got / ref_steps,
+            }
+    adamw_ratio = reach["AdamW"]["AdamW + blockwise LR"]["ratio"]
+    mini_ratio = reach["Adam-mini"]["Adam-mini + blockwise LR"]["ratio"]
+    print(f"steps to AdamW's final val loss {targets['AdamW']:.4f}:")
+    for name, entry in reach["AdamW"].items():
+        ratio = "never" if entry["ratio"] is None else f"{entry['ratio']:.2f}x"
+        print(f"  {name:<26} {entry['steps']}  ({ratio})")
+    print(f"steps to Adam-mini's final val loss {targets['Adam-mini']:.4f}: "
+          f"Adam-mini + blockwise LR {reach['Adam-mini']['Adam-mini + blockwise LR']['steps']}")
+
+    n_params = results["AdamW"].n_params
+    png = args.out.with_suffix(".png")
+    plot(results, targets, png, f"demo Llama ({n_params:,} params), {args.steps} steps; blockwise base LR {bw_lr:g}")
+    report = {
+        "command": "python benchmarks/blockwise_lr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": {"name": "demo", "n_params": n_params, **config_dict(config)},
+        "corpus": {"source": "stdlib", "tokens": len(tokenized.ids), "train_tokens": len(data.train), "val_tokens": len(data.val)},
+        "settings": {**loop, "lr": args.lr, "bw_lr": bw_lr, "bw_mini_lr": bw_mini_lr, "betas": BETAS, "eps": EPS,
+                     "weight_decay": WEIGHT_DECAY, "weight_decay_1d": 0.0, "ratios": resolve_ratios(),
+                     "default_ratios": dict(DEFAULT_RATIOS)},
+        "final_val_loss": {name: r.final_val_loss for name, r in results.items()},
+        "final_train_loss": {name: r.final_train_loss for name, r in results.items()},
+        "steps_to_reach": reach,
+        "speedup": {
+            "adamw_bw_steps_ratio": adamw_ratio,
+            "adam_mini_bw_steps_ratio_vs_adam_mini": mini_ratio,
+            "target_ratio": 0.6,
+            "met": adamw_ratio is not None and adamw_ratio <= 0.6,
+        },
+        "val_curves": {name: r.val_curve for name, r in results.items()},
+        "train_curves": {name: r.train_curve for name, r in results.items()},
+        "wall_s": time.perf_counter() - started,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                        "threads": args.threads},
+    }
+    out_json = args.out.with_suffix(".json")
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out_json} and {png} ({report['wall_s']:.0f}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

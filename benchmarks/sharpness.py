@@ -1,0 +1,178 @@
+"""Sharpness by block type of the 'demo' Llama during training (the sharpness-disparity check).
+
+    python benchmarks/sharpness.py            # writes benchmarks/sharpness.json and .png
+
+Wang et al. (2025) find the average sharpness of a Transformer's block types ordered
+``Emb << QK < FFN < VO << Norm``, early in training and throughout. This trains the 'demo' Llama
+on the built-in corpus with AdamW at the demo's settings (`blockopt.bench.demo.run_demo`: LR 2e-3,
+betas (0.9, 0.95), weight decay 0.1, batch 32 x 128, 20% warm-up then cosine to 0.1x) through
+`blockopt.bench.train.train_run`, and at each checkpoint measures, per block type, on one fixed
+batch of validation windows (`blockopt.hessian.block_sharpness`):
+
+* ``trace``: Tr(H_bb) / m_b, the paper's "average sharpness" (Hutchinson, Rademacher probes), and
+* ``lambda_max``: the top eigenvalue of H_bb (power iteration),
+
+where H_bb is the Hessian of the loss restricted to the type's parameters. Checkpoints are taken
+just before the optimizer step that follows them (the weights after that many steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from blockopt.bench.corpus import load_corpus, split_ids
+from blockopt.bench.models import CONFIGS, config_dict
+from blockopt.bench.tokenizer import tokenize_corpus
+from blockopt.bench.train import _windows, train_run
+from blockopt.hessian import block_sharpness
+
+HERE = Path(__file__).resolve().parent
+PAPER_ORDER = ["embedding", "qk", "ffn", "vo", "norm"]  # flattest to sharpest
+LABELS = {"embedding": "Emb", "qk": "QK", "ffn": "FFN", "vo": "VO", "norm": "Norm", "head": "Head"}
+
+
+class MeasuredAdamW(torch.optim.AdamW):
+    """AdamW that calls ``hook(steps_done)`` before each step (train_run is used as it is)."""
+
+    def __init__(self, *args, hook, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._hook, self._done = hook, 0
+
+    def step(self, closure=None):
+        self._hook(self._done)
+        self._done += 1
+        return super().step(closure)
+
+
+def pairwise(values: dict[str, float]) -> dict[str, bool]:
+    """For each adjacent pair of the paper's chain, whether it holds here."""
+    return {f"{a} < {b}": values[a] < values[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]) if a in values and b in values}
+
+
+def plot(checkpoints: dict[int, dict], path: Path, title: str) -> None:
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    steps = sorted(checkpoints)
+    types = PAPER_ORDER + [t for t in checkpoints[steps[-1]]["types"] if t not in PAPER_ORDER]
+    width = 0.8 / len(steps)
+    for ax, (measure, key, label) in zip(axes, [
+        ("trace", "trace_per_param", "Tr(H_bb) / m_b (average sharpness)"),
+        ("lambda_max", "lambda_max", "λ_max(H_bb)"),
+    ]):
+        for j, step in enumerate(steps):
+            entries = checkpoints[step]["types"]
+            xs, ys, bad = [], [], []
+            for i, t in enumerate(types):
+                value = entries[t][key] if t in entries else None
+                x = i + (j - (len(steps) - 1) / 2) * width
+                if value is not None and value > 0:
+                    xs.append(x)
+                    ys.append(value)
+                elif value is not None:
+                    bad.append(x)
+            ax.bar(xs, ys, width=width, color=f"C{j}", label=f"after {step} steps")
+            for x in bad:  # a non-positive estimate has no place on a log axis: mark it
+                ax.annotate("≤0", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(types)), [LABELS.get(t, t) for t in types])
+        ax.set(title=label, ylabel=measure)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="length of the training schedule")
+    parser.add_argument("--checkpoints", default="0,25,50,100", help="steps after which to measure")
+    parser.add_argument("--batch", type=int, default=16, help="validation windows in the measured batch")
+    parser.add_argument("--iters", type=int, default=20, help="power-iteration limit per type")
+    parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes per type")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "sharpness")
+    args = parser.parse_args(argv)
+    checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
+    if checkpoints[0] < 0 or checkpoints[-1] > args.steps:
+        parser.error(f"checkpoints must lie in [0, --steps={args.steps}]")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    config = CONFIGS["demo"]
+    tokenized = tokenize_corpus(load_corpus(None), config.vocab_size)
+    data = split_ids(tokenized.ids)
+    windows = _windows(data.val, 128)
+    batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()]  # fixed, evenly spaced
+
+    results: dict[int, dict] = {}
+    holder = {}
+
+    def measure(done: int) -> None:
+        if done not in checkpoints or done in results:
+            return
+        model = holder["model"]
+        t = time.perf_counter()
+        report = block_sharpness(
+            model, lambda: model(batch[:, :-1], batch[:, 1:])[1], iters=args.iters, probes=args.probes, seed=0,
+        )
+        entry = report.to_dict()
+        entry["ordering"] = {m: report.ordering(m) for m in ("trace", "lambda_max")}
+        entry["paper_pairs"] = {m: pairwise(report.values_of(m)) for m in ("trace", "lambda_max")}
+        entry["seconds"] = time.perf_counter() - t
+        results[done] = entry
+        print(f"--- after {done} steps ({entry['seconds']:.0f}s)\n{report}", flush=True)
+        print("    flattest -> sharpest (trace):     ", " < ".join(entry["ordering"]["trace"]), flush=True)
+        print("    flattest -> sharpest (lambda_max):", " < ".join(entry["ordering"]["lambda_max"]), flush=True)
+
+    def make(model):
+        holder["model"] = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return MeasuredAdamW(groups, lr=2e-3, betas=(0.9, 0.95), eps=1e-8, hook=measure)
+
+    run = train_run(
+        config, make, data, steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5),
+        min_lr_ratio=0.1, grad_clip=1.0, eval_every=max(1, args.steps // 10), eval_batches=4, seed=0,
+        progress=sys.stderr.isatty(), desc="AdamW",
+    )
+    measure(args.steps)  # after the last step
+
+    last = results[checkpoints[-1]]
+    png = args.out.with_suffix(".png")
+    plot(results, png, f"demo Llama ({run.n_params:,} params): sharpness by block type, batch {args.batch}x128")
+    report = {
+        "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "paper_order": PAPER_ORDER,
+        "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
+        "training": {"optimizer": "AdamW", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
+                     "batch_size": 32, "seq_len": 128, "val_curve": run.val_curve},
+        "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes, "seed": 0},
+        "checkpoints": {str(k): v for k, v in sorted(results.items())},
+        "final_ordering": last["ordering"],
+        "final_paper_pairs": last["paper_pairs"],
+        "wall_s": time.perf_counter() - started,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                        "threads": args.threads},
+    }
+    out_json = args.out.with_suffix(".json")
+    out_json.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out_json} and {png} ({report['wall_s']:.0f}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+r"""Sharpness by block type: how curved the loss is along each type's parameters.
+
+For a block type :math:`b` (all tensors of that type, e.g. every query and key matrix: ``qk``)
+let :math:`H_{bb}` be the Hessian of the loss restricted to those parameters (the principal
+sub-matrix; other parameters held fixed). Two measures are computed from Hessian-vector products
+(double backward), never from the Hessian itself:
+
+* ``lambda_max``: the largest eigenvalue of :math:`H_{bb}`, by power iteration. This is the
+  curvature that bounds a stable step along the type's directions (GD needs
+  :math:`\eta < 2/\lambda_{\max}`).
+* ``trace_per_param``: :math:`\operatorname{Tr}(H_{bb}) / m_b`, the average curvature per
+  parameter of the type, estimated with Hutchinson's estimator
+  :math:`\mathbb{E}_v[v^\top H_{bb} v]` (Rademacher :math:`v` on the type's :math:`m_b`
+  coordinates). This is the "average sharpness" of Wang et al. (2025), who compare block types
+  by :math:`\operatorname{Tr}(H_b)/m_b`; they estimate the diagonal with a Gauss-Newton-type
+  approximation, we estimate the same trace of the exact Hessian.
+
+Both use the one batch the caller's ``loss_fn`` evaluates (sharpness is a property of that
+loss), a fixed seed, and a few iterations/probes: a meter, not an eigen-solver.
+
+Note [power iteration and negative curvature]: power iteration finds the eigenvalue of largest
+*magnitude*. Away from a minimum :math:`H_{bb}` can have a negative eigenvalue larger in
+magnitude than the top one; then a second run on :math:`H_{bb} - \mu I` (with :math:`\mu` the
+negative eigenvalue found, so every eigenvalue of the shifted matrix is >= 0) finds
+:math:`\lambda_{\max} - \mu`, and :math:`\mu` is added back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..optim.blockwise_lr import BLOCK_TYPES, block_types
+from ..partition import Plan, partition
+
+MEASURES = ("lambda_max", "trace")
+
+MatVec = Callable[[list[Tensor]], list[Tensor]]
+
+
+# ---- the math: operators on lists of tensors ----------------------------------------------------
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _norm(a: Sequence[Tensor]) -> Tensor:
+    return _dot(a, a).sqrt()
+
+
+def hvp_operator(grads: Sequence[Tensor], params: Sequence[Tensor]) -> MatVec:
+    r"""``v -> H v`` for the Hessian of the loss whose gradients (taken with ``create_graph=True``)
+    are ``grads`` with respect to ``params``: :math:`H v = \nabla_\theta (g \cdot v)`.
+
+    Restricting to a subset of parameters is passing only their grads and params: the result is
+    :math:`H_{bb} v` (the other parameters are held fixed).
+    """
+    live = [i for i, g in enumerate(grads) if g.requires_grad]  # a constant gradient has zero curvature
+
+    def matvec(vectors: list[Tensor]) -> list[Tensor]:
+        if not live:
+            return [torch.zeros_like(p) for p in params]
+        out = torch.autograd.grad(
+            [grads[i] for i in live], list(params), grad_outputs=[vectors[i] for i in live],
+            retain_graph=True, allow_unused=True, materialize_grads=True,
+        )
+        return [o.detach() for o in out]
+
+    return matvec
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    """The outcome of `power_iteration`."""
+
+    eigenvalue: float
+    vector: list[Tensor]
+    iterations: int  # matrix-vector products used
+    converged: bool  # relative change of the estimate fell below ``tol``
+
+
+def power_iteration(
+    matvec: MatVec,
+    like: Sequence[Tensor],
+    *,
+    iters: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+    top: bool = True,
+) -> PowerResult:
+    """The dominant eigenvalue of a symmetric operator by power iteration (Rayleigh quotients).
+
+    Args:
+        matvec: ``v -> A v`` on lists of tensors shaped like ``like``.
+        like: tensors giving the shapes, dtype and device of a vector.
+        iters: most matrix-vector products per run.
+        tol: stop when the estimate changes by less than ``tol`` times its size.
+        seed: seeds the start vector (a Gaussian, drawn on the CPU: the same on every device).
+        top: return the largest (algebraic) eigenvalue: if the dominant one is negative, rerun on
+            the shifted operator (Note [power iteration and negative curvature]). With
+            ``top=False`` the eigenvalue of largest magnitude is returned as found.
+    """
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    first = _power(matvec, like, iters=iters, tol=tol, seed=seed)
+    if not top or first.eigenvalue >= 0:
+        return first
+    mu = first.eigenvalue
+
+    def shifted(v: list[Tensor]) -> list[Tensor]:
+        return [hv - mu * x for hv, x in zip(matvec(v), v)]
+
+    second = _power(shifted, like, iters=iters, tol=tol, seed=seed + 1)
+    return PowerResult(
+        eigenvalue=second.eigenvalue + mu, vector=second.vector,
+        iterations=first.iterations + second.iterations, converged=first.converged and second.converged,
+    )
+
+
+def _power(matvec: MatVec, like: Sequence[Tensor], *, iters: int, tol: float, seed: int) -> PowerResult:
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device=t.device, dtype=t.dtype) for t in like]
+    scale = _norm(v)
+    v = [x / scale for x in v]
+    estimate, converged, n = float("nan"), False, 0
+    for n in range(1, iters + 1):
+        w = matvec(v)
+        new = _dot(v, w).item()  # Rayleigh quotient (v has unit norm)
+        size = _norm(w)
+        if size.item() == 0.0:  # v is in the null space: A is zero on the type, or v was unlucky
+            estimate, converged = 0.0, True
+            break
+        v = [x / size for x in w]
+        if math.isfinite(estimate) and abs(new - estimate) <= tol * max(abs(new), 1e-30):
+            estimate, converged = new, True
+            break
+        estimate = new
+    return PowerResult(eigenvalue=estimate, vector=v, iterations=n, converged=converged)
+
+
+def hutchinson_trace(matvec: MatVec, like: Sequence[Tensor], *, probes: int = 8, seed: int = 0) -> tuple[float, float]:
+    r"""``(mean, standard error)`` of :math:`v^\top A v` over ``probes`` Rademacher vectors: an
+    unbiased estimate of :math:`\operatorname{Tr}(A)`."""
+    samples = _hutchinson_samples(matvec, like, probes=probes, seed=seed).sum(dim=1)
+    return _mean_and_stderr(samples)
+
+
+def _hutchinson_samples(matvec: MatVec, like: Sequence[Tensor], *, probes: int, seed: int) -> Tensor:
+    r"""``(probes, len(like))`` float64: :math:`v_t^\top (A v)_t` for each probe and tensor ``t``.
+
+    Summed over ``t`` a row is :math:`v^\top A v`. Each column alone is an unbiased estimate of
+    the trace of tensor ``t``'s diagonal block: the cross terms :math:`v_t^\top A_{ts} v_s`
+    (``s != t``) have mean zero, as the probes of different tensors are independent."""
+    if not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(probes):
+        v = [
+            (torch.randint(0, 2, t.shape, generator=generator).to(torch.float64) * 2 - 1).to(device=t.device, dtype=t.dtype)
+            for t in like
+        ]
+        rows.append(torch.stack([(x * hx).sum().to(torch.float64).cpu() for x, hx in zip(v, matvec(v))]))
+    return torch.stack(rows)
+
+
+def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
+    n = samples.shape[0]
+    mean = samples.mean().item()
+    return mean, (samples.std(unbiased=True).item() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+# ---- the meter: block types of a model ----------------------------------------------------------
+@dataclass(frozen=True)
+class TypeSharpness:
+    """Sharpness of one block type (``None`` for a measure that was not asked for)."""
+
+    block_type: str
+    n_params: int
+    param_names: tuple[str, ...]
+    lambda_max: float | None = None
+    power_iterations: int | None = None
+    converged: bool | None = None
+    trace_per_param: float | None = None
+    trace_stderr: float | None = None  # standard error of trace_per_param over the probes
+    # per tensor: name -> (Tr(H_tt)/numel, its standard error), from the same probes (noisier)
+    tensor_traces: Mapping[str, tuple[float, float]] | None = None
+
+
+class SharpnessReport(Mapping[str, TypeSharpness]):
+    """Block type -> `TypeSharpness`, in the order of `blockopt.optim.blockwise_lr.BLOCK_TYPES`."""
+
+    def __init__(self, entries: Sequence[TypeSharpness], settings: dict):
+        self._entries = {e.block_type: e for e in entries}
+        self.settings = dict(settings)
+
+    def __getitem__(self, key: str) -> TypeSharpness:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values_of(self, measure: str) -> dict[str, float]:
+        """``{block type: value}`` of ``"lambda_max"`` or ``"trace"`` (trace per parameter)."""
+        attr = _measure_attr(measure)
+        return {k: getattr(e, attr) for k, e in self._entries.items() if getattr(e, attr) is not None}
+
+    def ordering(self, measure: str = "lambda_max") -> list[str]:
+        """Block types from flattest to sharpest under ``measure``."""
+        values = self.values_of(measure)
+        return sorted(values, key=values.__getitem__)
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "types": {k: asdict(e) for k, e in self._entries.items()}}
+
+    def __str__(self) -> str:
+        rows = [("type", "params", "lambda_max", "iters", "Tr(H)/m", "+-")]
+        for e in self._entries.values():
+            rows.append((
+                e.block_type, f"{e.n_params:,}",
+                "-" if e.lambda_max is None else f"{e.lambda_max:.4g}",
+                "-" if e.power_iterations is None else f"{e.power_iterations}{'' if e.converged else '*'}",
+                "-" if e.trace_per_param is None else f"{e.trace_per_param:.4g}",
+                "-" if e.trace_stderr is None else f"{e.trace_stderr:.2g}",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        if any(e.converged is False for e in self._entries.values()):
+            lines.append("* power iteration stopped at the iteration limit before converging")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SharpnessReport({', '.join(self._entries)})"
+
+
+def _measure_attr(measure: str) -> str:
+    attrs = {"lambda_max": "lambda_max", "trace": "trace_per_param"}
+    if measure not in attrs:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    return attrs[measure]
+
+
+def block_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    *,
+    plan: Plan | None = None,
+    types: Sequence[str] | None = None,
+    measures: Sequence[str] = MEASURES,
+    iters: int = 20,
+    tol: float = 1e-3,
+    probes: int = 8,
+    seed: int = 0,
+    bias: str = "owner",
+) -> SharpnessReport:
+    r"""Sharpness of the loss per block type of ``model`` (the types of `blockopt.blockwise_lr`).
+
+    Args:
+        model: the model; its trainable parameters are grouped into block types by the Plan's
+            roles.
+        loss_fn: ``() -> scalar loss`` on the batch to measure, e.g.
+            ``lambda: model(x, y)[1]``. Called once; its graph is differentiated twice.
+        plan: use this partition (default: ``blockopt.partition(model)``).
+        types: measure only these block types (default: every type the model has).
+        measures: any of ``"lambda_max"`` (power iteration) and ``"trace"`` (Hutchinson
+            :math:`\operatorname{Tr}(H_{bb})/m_b`).
+        iters, tol: power-iteration limit and relative tolerance (per type).
+        probes: Rademacher probes per type for the trace.
+        seed: start vectors and probes; each type's come from ``seed`` alone, so adding or
+            removing a type does not change another's result.
+        bias: how biases are typed (see `blockopt.optim.blockwise_lr.block_types`).
+
+    Costs ``len(types) * (iters + probes)`` Hessian-vector products, each about two backward
+    passes. ``loss_fn`` runs with `scaled_dot_product_attention` restricted to its math kernel
+    (the fused kernels have no double backward). Dropout or other randomness in the forward pass is frozen by the single call of
+    ``loss_fn``; call ``model.eval()`` first if you want it off.
+    """
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {list(measures)}")
+    plan = partition(model) if plan is None else plan
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kinds = block_types(plan, bias=bias)
+    missing = [n for n, p in named if n not in plan or tuple(plan[n].shape) != tuple(p.shape)]
+    if missing:
+        raise ValueError(f"parameters {missing[:3]} are not in the plan (or have other shapes): build the plan from this model")
+    by_type: dict[str, list[tuple[str, Tensor]]] = {}
+    for name, p in named:
+        by_type.setdefault(kinds[plan[name].name], []).append((name, p))
+    present = [t for t in BLOCK_TYPES if t in by_type]
+    if types is not None:
+        bad = [t for t in types if t not in present]
+        if bad:
+            raise ValueError(f"block type(s) {bad} not in this model; it has {present}")
+        present = [t for t in present if t in types]
+
+    # Fused attention kernels (flash, memory-efficient) have no double backward; the math one does.
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = loss_fn()
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError("loss_fn must return a scalar loss tensor that depends on the model's parameters")
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+    grad_of = dict(zip((n for n, _ in named), grads))
+
+    entries = []
+    for index, block_type in enumerate(present):
+        members = by_type[block_type]
+        names = tuple(n for n, _ in members)
+        ps = [p for _, p in members]
+        matvec = hvp_operator([grad_of[n] for n in names], ps)
+        n_params = sum(p.numel() for p in ps)
+        fields: dict = {}
+        if "lambda_max" in measures:
+            result = power_iteration(matvec, ps, iters=iters, tol=tol, seed=seed)
+            fields.update(lambda_max=result.eigenvalue, power_iterations=result.iterations, converged=result.converged)
+        if "trace" in measures:
+            samples = _hutchinson_samples(matvec, ps, probes=probes, seed=seed)
+            mean, err = _mean_and_stderr(samples.sum(dim=1))
+            per_tensor = {}
+            for column, (name, p) in enumerate(members):
+                t_mean, t_err = _mean_and_stderr(samples[:, column])
+                per_tensor[name] = (t_mean / p.numel(), t_err / p.numel())
+            fields.update(trace_per_param=mean / n_params, trace_stderr=err / n_params, tensor_traces=per_tensor)
+        entries.append(TypeSharpness(block_type=block_type, n_params=n_params, param_names=names, **fields))
+    del grads, grad_of, loss  # free the double-backward graph now
+    settings = dict(measures=list(measures), iters=iters, tol=tol, probes=probes, seed=seed, bias=bias)
+    return SharpnessReport(entries, settings)
