@@ -112,7 +112,8 @@ Note [cost]
     Per low-rank tensor and step: ``fit_iters`` times two products of the ``m x n`` gradient with
     an ``r``-column matrix and two thin QRs (``m x r``, ``n x r``), then two rank-r products into
     the residual buffer: about :math:`(4K + 4)\,mnr` flops, matmul-shaped. Memory: ``r (m + n)``
-    state values instead of ``m n``, and one float32 ``m x n`` temporary during the step.
+    state values instead of ``m n``, and one float32 ``m x n`` buffer during the step (plus,
+    briefly, the ``g^2`` whose block sums feed the second moment, as in Adam-mini's step).
 """
 
 from __future__ import annotations
