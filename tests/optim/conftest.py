@@ -25,6 +25,8 @@ class TinyTransformer(nn.Module):
 
 def lm_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     logits = model(idx[:, :-1])
+    if isinstance(logits, tuple):  # the bench models return (logits, loss)
+        logits = logits[0]
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
 

@@ -125,7 +125,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..distributed.shard import ShardView, is_dtensor, local_tensor, shard_view
+from ..distributed.shard import ShardView, is_dtensor, local_tensor
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
 from .adam_mini import IMPLEMENTATIONS, _check_hyperparameters, adam_mini, block_sq_sums
@@ -258,6 +258,7 @@ class AdaPM(BlockwiseOptimizer):
     """
 
     _STAT_KEYS = (EXP_AVG_SQ, EXP_AVG_L, EXP_AVG_R)
+    _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "momentum": dict(DEFAULT_MOMENTUM), "second_moment": "adam-mini", "seed": 0}
 
     def __init__(
         self,
@@ -325,7 +326,7 @@ class AdaPM(BlockwiseOptimizer):
         """``{parameter name: policy}`` for every parameter of every group."""
         return {n: self.policy(n) for g in self.param_groups for n in g["param_names"]}
 
-    def _spec(self, name: str) -> BlockSpec:
+    def block_spec(self, name: str) -> BlockSpec:
         """The second moment's layout: the plan's blocks, or one block per coordinate ("adam")."""
         spec = self.plan[name]
         if self.second_moment == "adam-mini":
@@ -334,17 +335,6 @@ class AdaPM(BlockwiseOptimizer):
         cached = cache.get(name)
         if cached is None or cached[0] != spec:
             cached = cache[name] = (spec, spec.with_rule("coordinate", reason="AdaPM second_moment='adam': per coordinate"))
-        return cached[1]
-
-    def _layout(self, name: str, p: Tensor) -> BlockSpec | ShardView:
-        spec = self._spec(name)
-        if not is_dtensor(p):
-            return spec
-        views = self.__dict__.setdefault("_shard_views", {})
-        key = (spec, p.device_mesh, tuple(p.placements))
-        cached = views.get(name)
-        if cached is None or cached[0] != key:
-            cached = views[name] = (key, shard_view(spec, p))
         return cached[1]
 
     def _rank(self, group: dict, shape: Sequence[int]) -> int:
@@ -356,7 +346,7 @@ class AdaPM(BlockwiseOptimizer):
     def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
         group = self._group_of(param)
         name = next(n for n, q in zip(group["param_names"], group["params"]) if q is param)
-        shapes = {STEP: (), EXP_AVG_SQ: (self._spec(name).n_blocks,)}
+        shapes = {STEP: (), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
         policy = self.policy(name)
         if policy == "full":
             shapes[EXP_AVG] = tuple(param.shape)
@@ -466,15 +456,7 @@ class AdaPM(BlockwiseOptimizer):
         return loss
 
     # ---- pickling / deepcopy / old checkpoints -------------------------------------------
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.update(momentum=self.momentum, second_moment=self.second_moment, seed=self.seed)
-        return state
-
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("momentum", dict(DEFAULT_MOMENTUM))
-        state.setdefault("second_moment", "adam-mini")
-        state.setdefault("seed", 0)
         super().__setstate__(state)
         for group in self.param_groups:
             for key, default in (("decay_1d", False), ("maximize", False), ("implementation", "auto"), ("rank", 8),

@@ -8,6 +8,8 @@ exact. Subclasses only gather state and call their functional step.
 
 from __future__ import annotations
 
+import copy
+
 import itertools
 import warnings
 from collections.abc import Iterable, Mapping
@@ -42,9 +44,13 @@ class BlockwiseOptimizer(Optimizer):
     Subclasses define ``_state_shapes(spec, param) -> {key: shape}`` (used to validate state
     dicts) and may list ``_STAT_KEYS``: state entries kept in `stat_dtype` (at least float32),
     which ``load_state_dict`` restores exactly instead of casting them to the parameter's dtype.
+    Optimizer-wide settings kept as attributes (not per group) are listed in ``_OPTIONS`` with the
+    value a pickle from before the setting existed gets; pickles carry them, and
+    ``load_state_dict`` keeps the live ones.
     """
 
     _STAT_KEYS: tuple[str, ...] = ()
+    _OPTIONS: dict[str, Any] = {"_partition_options": {}}
 
     def __init__(self, params, defaults: dict[str, Any], *, plan: Plan | None = None, partition_options: dict | None = None):
         self._partition_options = {k: v for k, v in (partition_options or {}).items() if v is not None}
@@ -315,14 +321,15 @@ class BlockwiseOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["plan"] = self.plan
-        state["_partition_options"] = self._partition_options
+        state.update({name: getattr(self, name) for name in self._OPTIONS})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch's load_state_dict also comes through here, with only state and param_groups:
-        # keep the live options then; a pickle from before they were kept had none.
-        if "_partition_options" not in state and "_partition_options" not in self.__dict__:
-            state["_partition_options"] = {}
+        # the live options must survive that; a pickle from before an option existed gets its default.
+        for name, default in self._OPTIONS.items():
+            if name not in state and name not in self.__dict__:
+                state[name] = copy.deepcopy(default)
         super().__setstate__(state)
 
 

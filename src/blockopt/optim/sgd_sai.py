@@ -90,6 +90,7 @@ class SGDSaI(BlockwiseOptimizer):
     """
 
     _STAT_KEYS = (GSNR,)
+    _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor"}
 
     def __init__(
         self,
@@ -209,10 +210,6 @@ class SGDSaI(BlockwiseOptimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        # torch's load_state_dict also comes through here (with only state and param_groups):
-        # keep the live setting then; a pickle from before the option existed was "tensor".
-        if "_blocks" not in state and "_blocks" not in self.__dict__:
-            state["_blocks"] = "tensor"
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints from before an option existed
             group.setdefault("normalize", False)
