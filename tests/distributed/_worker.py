@@ -46,6 +46,18 @@ def gpt2() -> nn.Module:
 
 MODELS = {"llama": llama, "gpt2": gpt2}
 
+# AdaPM at rank 2: low-rank query/key/MLP factors (the 4-row key under 3 ranks leaves a rank no
+# rows of it), full value, no momentum for the embedding, attention output and head.
+OPTIMIZERS = {
+    "adam-mini": lambda model, implementation="auto": blockopt.AdamMini(model, **HYPER, implementation=implementation),
+    "adapm": lambda model, implementation="auto": blockopt.AdaPM(model, **HYPER, rank=2, implementation=implementation),
+}
+
+
+def tag(model_name: str, optimizer: str, implementation: str = "auto") -> str:
+    """File-name part of a run: AdamMini runs by implementation, others by optimizer."""
+    return f"{model_name}_{implementation}" if optimizer == "adam-mini" else f"{model_name}_{optimizer}"
+
 
 def batches(steps: int = STEPS) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -115,9 +127,9 @@ class CountAllReduce:
 
 
 # ---- scenarios --------------------------------------------------------------------------
-def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str = "auto") -> None:
+def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str = "auto", optimizer: str = "adam-mini") -> None:
     model = fsdp(MODELS[model_name](), world)
-    opt = blockopt.AdamMini(model, **HYPER, implementation=implementation)
+    opt = OPTIMIZERS[optimizer](model, implementation)
     data = batches()
     train(model, opt, data[:-1], rank, world)
     # the last step, with the optimizer's collectives counted
@@ -131,7 +143,7 @@ def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str =
         "params": full_params(model), "all_reduce_calls": counter.calls, "all_reduce_bytes": counter.bytes,
         "collectives": collectives,
     }
-    torch.save(result, out / f"fsdp_{model_name}_{implementation}_w{world}.rank{rank}.pt")
+    torch.save(result, out / f"fsdp_{tag(model_name, optimizer, implementation)}_w{world}.rank{rank}.pt")
 
 
 def scenario_ddp(rank, world, out: Path, model_name: str = "llama") -> None:
@@ -143,31 +155,34 @@ def scenario_ddp(rank, world, out: Path, model_name: str = "llama") -> None:
     torch.save({"params": full_params(model)}, out / f"ddp_{model_name}_w{world}.rank{rank}.pt")
 
 
-def scenario_checkpoint_save(rank, world, out: Path, model_name: str, split: int) -> None:
+def scenario_checkpoint_save(rank, world, out: Path, model_name: str, split: int, optimizer: str = "adam-mini") -> None:
     """Train ``split`` steps under FSDP at this world size, then save model + optimizer with DCP."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = fsdp(MODELS[model_name](), world)
-    opt = blockopt.AdamMini(model, **HYPER)
+    opt = OPTIMIZERS[optimizer](model)
     train(model, opt, batches()[:split], rank, world)
     model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / f"ckpt_{model_name}_w{world}"))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / f"ckpt_{tag(model_name, optimizer)}_w{world}"))
 
 
-def scenario_checkpoint_resume(rank, world, out: Path, model_name: str, split: int, saved_world: int) -> None:
+def scenario_checkpoint_resume(
+    rank, world, out: Path, model_name: str, split: int, saved_world: int, optimizer: str = "adam-mini"
+) -> None:
     """Load the checkpoint written at ``saved_world`` ranks into ``world`` ranks and finish the run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = fsdp(MODELS[model_name](), world) if world > 1 or dist.is_initialized() else MODELS[model_name]()
-    opt = blockopt.AdamMini(model, **HYPER)
+    opt = OPTIMIZERS[optimizer](model)
     model_sd, optim_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(out / f"ckpt_{model_name}_w{saved_world}"))
+    dcp.load(state, checkpoint_id=str(out / f"ckpt_{tag(model_name, optimizer)}_w{saved_world}"))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(model, opt, batches()[split:], rank, world)
-    torch.save({"params": full_params(model)}, out / f"resume_{model_name}_w{saved_world}_to_w{world}.rank{rank}.pt")
+    name = f"resume_{tag(model_name, optimizer)}_w{saved_world}_to_w{world}"
+    torch.save({"params": full_params(model)}, out / f"{name}.rank{rank}.pt")
 
 
 SCENARIOS = {

@@ -27,11 +27,9 @@ def load(out: Path, name: str, rank: int = 0) -> dict:
     return torch.load(out / f"{name}.rank{rank}.pt", weights_only=False)
 
 
-def single_process(model_name: str, steps: slice = slice(None)) -> dict[str, torch.Tensor]:
+def single_process(model_name: str, steps: slice = slice(None), optimizer: str = "adam-mini") -> dict[str, torch.Tensor]:
     """The reference: one process, the whole global batch, no distribution."""
-    import blockopt
-
     model = _worker.MODELS[model_name]()
-    opt = blockopt.AdamMini(model, **_worker.HYPER)
+    opt = _worker.OPTIMIZERS[optimizer](model)
     _worker.train(model, opt, _worker.batches()[steps], rank=0, world=1)
     return _worker.full_params(model)

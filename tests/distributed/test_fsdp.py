@@ -1,4 +1,4 @@
-"""AdamMini under FSDP2 and DDP (gloo, CPU, several processes) equals one process.
+"""AdamMini (and AdaPM) under FSDP2 and DDP (gloo, CPU, several processes) equals one process.
 
 Two spawns cover everything (start-up dominates on a small CI machine): 3 ranks train both models
 under FSDP2 and save checkpoints with DCP; 2 ranks train both models under FSDP2 and DDP and resume
@@ -25,10 +25,13 @@ TOLERANCE = {"gpt2": 1e-9, "llama": 1e-12}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    adapm = {"model_name": "llama", "optimizer": "adapm"}
     run_world(3, out, [("fsdp", {"model_name": m}) for m in MODELS]
-              + [("checkpoint_save", {"model_name": m, "split": SPLIT}) for m in MODELS])
+              + [("checkpoint_save", {"model_name": m, "split": SPLIT}) for m in MODELS]
+              + [("fsdp", adapm), ("checkpoint_save", {**adapm, "split": SPLIT})])
     run_world(2, out, [("fsdp", {"model_name": m}) for m in MODELS] + [("ddp", {"model_name": "llama"})]
-              + [("checkpoint_resume", {"model_name": m, "split": SPLIT, "saved_world": 3}) for m in MODELS])
+              + [("checkpoint_resume", {"model_name": m, "split": SPLIT, "saved_world": 3}) for m in MODELS]
+              + [("fsdp", adapm), ("checkpoint_resume", {**adapm, "split": SPLIT, "saved_world": 3})])
     return out
 
 
@@ -98,14 +101,14 @@ def test_ddp_equals_one_process(runs, references):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_checkpoint_world3_resumes_at_world2(runs, references, model):
-    result = load(runs, f"resume_{model}_w3_to_w2")
+    result = load(runs, f"resume_{model}_auto_w3_to_w2")
     assert max_difference(result["params"], references[model]) <= TOLERANCE[model]
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_checkpoint_world3_resumes_in_one_process(runs, references, model):
     _worker.scenario_checkpoint_resume(0, 1, runs, model_name=model, split=SPLIT, saved_world=3)
-    result = load(runs, f"resume_{model}_w3_to_w1")
+    result = load(runs, f"resume_{model}_auto_w3_to_w1")
     assert max_difference(result["params"], references[model]) <= TOLERANCE[model]
 
 
@@ -123,3 +126,39 @@ def test_interrupted_reference_is_the_same_run(references):
     _worker.train(model, fresh, data[SPLIT:], 0, 1)
     assert max_difference(_worker.full_params(model), references["llama"]) == 0
     assert torch.is_tensor(state["state"][0]["exp_avg_sq"])
+
+
+# ---- AdaPM: the same machinery, plus its row-sharded low-rank factors ---------------------------
+@pytest.fixture(scope="module")
+def adapm_reference():
+    return single_process("llama", optimizer="adapm")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_adapm_fsdp_equals_one_process(runs, adapm_reference, world):
+    result = load(runs, f"fsdp_llama_adapm_w{world}")
+    assert max_difference(result["params"], adapm_reference) <= 1e-10
+    for rank in range(1, world):
+        assert max_difference(load(runs, f"fsdp_llama_adapm_w{world}", rank)["params"], result["params"]) == 0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_adapm_collectives_per_step(runs, world):
+    """One all-reduce for the cut blocks' sums, and per low-rank tensor two per fit iteration
+    (gathered QR, summed product) and two for the residual clip's norms; nothing else."""
+    opt = _worker.OPTIMIZERS["adapm"](_worker.llama())
+    lowrank = sum(policy == "lowrank" for policy in opt.policies.values())
+    fit_iters = opt.param_groups[0]["fit_iters"]
+    assert lowrank > 0
+    for rank in range(world):
+        result = load(runs, f"fsdp_llama_adapm_w{world}", rank)
+        expected = 1 + lowrank * (2 * fit_iters + 2)
+        assert result["all_reduce_calls"] == expected
+        assert result["collectives"] == ["gloo:all_reduce"] * expected
+
+
+def test_adapm_checkpoint_world3_resumes_at_world2_and_in_one_process(runs, adapm_reference):
+    assert max_difference(load(runs, "resume_llama_adapm_w3_to_w2")["params"], adapm_reference) <= 1e-10
+    _worker.scenario_checkpoint_resume(0, 1, runs, model_name="llama", split=SPLIT, saved_world=3, optimizer="adapm")
+    assert max_difference(load(runs, "resume_llama_adapm_w3_to_w1")["params"], adapm_reference) <= 1e-10
+

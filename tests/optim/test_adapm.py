@@ -656,32 +656,46 @@ def _sharded(model):
     return [(n, nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))) for n, p in model.named_parameters()], mesh
 
 
-def test_dtensor_reaching_lowrank_momentum_raises(world_of_one):
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    model = _llama()
-    named, mesh = _sharded(model)
-    opt = blockopt.AdaPM(named, plan=blockopt.partition(model), rank=3)
-    for (_, p), g in zip(named, _grads(model)):
-        p.grad = distribute_tensor(g, mesh, [Shard(0)])
-    with pytest.raises(NotImplementedError, match=r"low-rank momentum of the sharded .* 'layers\.0\.attn\.q_proj\.weight'.*momentum=\{'query': 'full'\}"):
-        opt.step()
-
-
-def test_dtensor_with_full_and_no_momentum_equals_one_tensor(world_of_one):
-    from torch.distributed.tensor import Shard, distribute_tensor
+@pytest.mark.parametrize("second_moment", ["adam-mini", "adam"])
+def test_dtensor_steps_equal_one_tensor_for_every_policy(world_of_one, second_moment):
+    """The default policies (none, full and low-rank) on DTensors go through the sharded code
+    (factors as DTensors, gathered QR, summed products); on one rank they equal the plain step.
+    Several ranks: tests/distributed."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     model = _llama()
     plan = blockopt.partition(model)
     named, mesh = _sharded(model)
-    policy = {"query": "full", "key": "full", "ffn": "full"}
-    opt = blockopt.AdaPM(named, plan=plan, lr=LR, weight_decay=0.1, momentum=policy)
-    ref = blockopt.AdaPM(model, plan=plan, lr=LR, weight_decay=0.1, momentum=policy)
+    kwargs = dict(plan=plan, lr=LR, weight_decay=0.1, rank=3, second_moment=second_moment)
+    opt = blockopt.AdaPM(named, **kwargs)
+    ref = blockopt.AdaPM(model, **kwargs)
+    assert {"none", "full", "lowrank"} <= set(opt.policies.values())
     for seed in range(3):
         grads = _grads(model, seed)
         for (_, p), g in zip(named, grads):
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
         opt.step()
         _step_with(model, ref, grads)
-    for (_, p), q in zip(named, model.parameters()):
+    for (name, p), q in zip(named, model.parameters()):
         torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=1e-14)
+        if opt.policies[name] == "lowrank":
+            assert isinstance(opt.state[p][EXP_AVG_L], DTensor) and isinstance(opt.state[p][EXP_AVG_R], DTensor)
+    # a one-process checkpoint loads into the sharded optimizer: full factors are placed like the parameter
+    resumed = blockopt.AdaPM(named, **kwargs)
+    resumed.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for (name, p), q in zip(named, model.parameters()):
+        if opt.policies[name] == "lowrank":
+            assert isinstance(resumed.state[p][EXP_AVG_L], DTensor)
+            torch.testing.assert_close(resumed.state[p][EXP_AVG_L].full_tensor(), ref.state[q][EXP_AVG_L], rtol=0, atol=1e-14)
+
+
+def test_lowrank_momentum_of_a_column_sharded_parameter_is_refused():
+    from torch.distributed.tensor import Shard
+
+    from blockopt.distributed.reduce import RowShards
+    from blockopt.distributed.shard import _shard_view
+
+    spec = blockopt.partition(nn.ModuleDict({"w": nn.Linear(4, 6)}))["w.weight"]
+    view = _shard_view(spec, (Shard(1),), (0,), (2,), None, (6, 2))
+    with pytest.raises(NotImplementedError, match=r"w\.weight: only parameters sharded along dim 0"):
+        RowShards(view)

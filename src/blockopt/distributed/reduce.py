@@ -97,3 +97,39 @@ def gather_block_stats(views: Sequence[ShardView], local_values: Sequence[Tensor
         for i, part in zip(indices, buffer.split(sizes)):
             out[i] = part.clone()
     return out  # type: ignore[return-value]
+
+
+class RowShards:
+    """Collectives for a matrix whose rows are sharded like a parameter's dim 0 (FSDP2's
+    ``Shard(0)``), for algorithms that keep a row-sharded factor ``L`` (``m x r``) beside a
+    replicated one: gathering ``L`` whole, and summing row-wise partial products ``L_i^T X_i``.
+
+    Gathers are all-reduces of zero-padded buffers (each row is held by exactly one rank, and
+    adding zeros is exact), so the gathered matrix is bit-identical to the unsharded one.
+    """
+
+    def __init__(self, view: ShardView):
+        if any(size != full for (_, size), full in zip(view.box[1:], view.spec.shape[1:])):
+            raise NotImplementedError(
+                f"{view.name}: only parameters sharded along dim 0 (FSDP2's Shard(0)) are supported here; "
+                f"this shard covers {view.box} of {tuple(view.spec.shape)}"
+            )
+        self.mesh, self.mesh_dims = view.mesh, view.reduce_mesh_dims
+        self.rows = slice(view.box[0][0], view.box[0][0] + view.box[0][1]) if view.box else slice(0, view.spec.shape[0])
+        self.n_rows = view.spec.shape[0] if view.spec.shape else 1
+
+    def gather_rows(self, local: Tensor) -> Tensor:
+        """The full ``(m, ...)`` matrix from every rank's ``local`` rows (the same on every rank)."""
+        full = local.new_zeros((self.n_rows, *local.shape[1:]))
+        full[self.rows] = local
+        _all_reduce(full, self.mesh, self.mesh_dims)
+        return full
+
+    def local_rows(self, full: Tensor) -> Tensor:
+        return full[self.rows]
+
+    def sum_(self, partial: Tensor) -> Tensor:
+        """Sum ``partial`` (a rank's share of a sum over rows) over the ranks, in place."""
+        _all_reduce(partial, self.mesh, self.mesh_dims)
+        return partial
+

@@ -165,6 +165,7 @@ class ShardView:
     global_sizes: Tensor | float  # global elements of each piece's block
     mesh: object  # the DeviceMesh
     reduce_mesh_dims: tuple[int, ...]  # mesh dims the parameter is sharded over
+    box: Box = ()  # (global start, size) of the local shard along each dim of the parameter
 
     # ---- what a step reads -----------------------------------------------------------------
     @property
@@ -259,6 +260,7 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
         global_sizes=global_sizes,
         mesh=mesh,
         reduce_mesh_dims=reduce_dims,
+        box=box,
     )
 
 

@@ -108,6 +108,15 @@ Note [default policies]
     policy on a tensor with fewer than 2 dims gives it ``full`` momentum (a vector costs little);
     tensors with more than 2 dims use the matrix view ``(shape[0], numel // shape[0])``.
 
+Note [sharded low-rank momentum]
+    Under FSDP2 a parameter's rows are split over ranks (``Shard(0)``), and so are the matrix
+    view's. ``L`` is kept split the same way and ``R`` replicated, both as DTensors (DCP saves
+    and reshards them). Every product in the fit is then row-local except two: the QR of ``L``,
+    computed on the gathered ``m x r`` factor (bit-identical to the unsharded one, so every rank
+    gets the one-process ``Q``), and :math:`Q_L^\top T`, a sum over rows. Those are two all-reduces
+    per fit iteration, plus one scalar each for the clip's two Frobenius norms. Shardings along
+    other dims raise `NotImplementedError`.
+
 Note [cost]
     Per low-rank tensor and step: ``fit_iters`` times two products of the ``m x n`` gradient with
     an ``r``-column matrix and two thin QRs (``m x r``, ``n x r``), then two rank-r products into
@@ -121,6 +130,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -131,6 +141,9 @@ from ..partition.spec import ROLES
 from .adam_mini import IMPLEMENTATIONS, _check_hyperparameters, adam_mini, block_sq_sums
 from .base import BlockwiseOptimizer, _check_range
 from .state import EXP_AVG, EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
+
+if TYPE_CHECKING:
+    from ..distributed.reduce import RowShards
 
 POLICIES = ("none", "full", "lowrank")
 SECOND_MOMENTS = ("adam-mini", "adam")
@@ -210,6 +223,24 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     """The matrix view a low-rank momentum factorises: ``(shape[0], numel // shape[0])``."""
     rows = shape[0]
     return rows, math.prod(shape) // rows
+
+
+def _factors_placed_like(p: Tensor, left: Tensor | None, right: Tensor | None, view: ShardView) -> tuple:
+    """Note [sharded low-rank momentum]: the factors of a sharded parameter, as DTensors on its
+    mesh: ``L`` (``m x r``) split over rows like the parameter, ``R`` (``r x n``) replicated.
+    DCP saves and reshards them like any DTensor state."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from ..distributed.reduce import RowShards
+
+    rows = RowShards(view)  # refuses shardings other than along dim 0
+    mesh = p.device_mesh
+    L = R = None
+    if left is not None:
+        L = DTensor.from_local(rows.local_rows(left).clone(), mesh, p.placements, shape=left.shape, stride=left.stride())
+    if right is not None:
+        R = DTensor.from_local(right, mesh, [Replicate()] * mesh.ndim, shape=right.shape, stride=right.stride())
+    return L, R
 
 
 class AdaPM(BlockwiseOptimizer):
@@ -343,6 +374,14 @@ class AdaPM(BlockwiseOptimizer):
     def _group_of(self, param: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is param for q in g["params"]))
 
+    def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
+        if key in (EXP_AVG_L, EXP_AVG_R) and isinstance(layout, ShardView) and not is_dtensor(value):
+            # full factors (a one-process checkpoint) for a sharded parameter: L's rows, R whole
+            left, right = (value, None) if key == EXP_AVG_L else (None, value)
+            placed = _factors_placed_like(p, left, right, layout)
+            return placed[0] if key == EXP_AVG_L else placed[1]
+        return super()._place_loaded_stat(p, key, value, layout)
+
     def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
         group = self._group_of(param)
         name = next(n for n, q in zip(group["param_names"], group["params"]) if q is param)
@@ -391,12 +430,6 @@ class AdaPM(BlockwiseOptimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("AdaPM does not support sparse gradients")
             policy = self.policy(name)
-            if policy == "lowrank" and is_dtensor(p):
-                raise NotImplementedError(
-                    f"AdaPM: low-rank momentum of the sharded (DTensor / FSDP2) parameter {name!r} is not supported; "
-                    f"give its role {self.plan[name].role!r} full or no momentum, e.g. "
-                    f"AdaPM(..., momentum={{{self.plan[name].role!r}: 'full'}})"
-                )
             layout = self._layout(name, p)
             state = self.state[p]
             if not state:
@@ -406,15 +439,17 @@ class AdaPM(BlockwiseOptimizer):
                 elif policy == "lowrank":
                     m, n = matrix_shape(p.shape)
                     r = self._rank(group, p.shape)
-                    state[EXP_AVG_L] = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
-                    state[EXP_AVG_R] = self._initial_right_factor(name, r, n, p)
+                    left = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
+                    right = self._initial_right_factor(name, r, n, p)
+                    state[EXP_AVG_L], state[EXP_AVG_R] = (
+                        _factors_placed_like(p, left, right, layout) if is_dtensor(p) else (left, right))
                 state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
             params.append(local_tensor(p))
             grads.append(local_tensor(p.grad))
             if policy == "full":
                 momenta.append(local_tensor(state[EXP_AVG]))
             elif policy == "lowrank":
-                momenta.append((state[EXP_AVG_L], state[EXP_AVG_R]))
+                momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
             else:
                 momenta.append(None)
             exp_avg_sqs.append(state[EXP_AVG_SQ])
@@ -496,12 +531,6 @@ def adapm(
     split across ranks; ``sq_sums`` hands in those sums already reduced. ``full`` tensors take
     `adam_mini` with ``implementation``; the others a per-tensor loop.
     """
-    for momentum, spec in zip(momenta, specs):
-        if isinstance(momentum, tuple) and isinstance(spec, ShardView):
-            raise NotImplementedError(
-                f"AdaPM: low-rank momentum of the sharded (DTensor / FSDP2) parameter {spec.name!r} is not supported; "
-                "give it full or no momentum"
-            )
     if sq_sums is None and reduce_block_sums is not None:
         sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
         reduce_block_sums(sq_sums)
@@ -573,31 +602,55 @@ def _no_momentum_step(p, g, v, step_t, spec, sq_sum, *, lr, beta2, eps, wd, maxi
     _apply(p, u, denom, lr=lr, wd=wd, scratch=True)
 
 
-def fit_lowrank(L: Tensor, R: Tensor, G: Tensor, *, beta1: float, iters: int, fit_lr: float) -> tuple[Tensor, Tensor]:
+def fit_lowrank(L: Tensor, R: Tensor, G: Tensor, *, beta1: float, iters: int, fit_lr: float,
+                rows: RowShards | None = None) -> tuple[Tensor, Tensor]:
     """Factors ``(L, R)`` fitting ``T = beta1 L R + (1 - beta1) G`` (module docstring), warm-started at
-    the given ``L``, ``R``; ``T`` is never formed. Returns new tensors; ``L`` has orthonormal columns."""
+    the given ``L``, ``R``; ``T`` is never formed. Returns new tensors; ``L`` has orthonormal columns.
+
+    With ``rows`` (Note [sharded low-rank momentum]) ``L`` and ``G`` are this rank's rows and ``R``
+    is replicated: the QR of ``L`` runs on the gathered ``m x r`` factor and ``Q_L^T T`` is summed
+    over the ranks, two collectives per iteration."""
     L0, R0 = L, R
 
-    def t_times(Q: Tensor) -> Tensor:  # T @ Q, Q (n, r)
+    def t_times(Q: Tensor) -> Tensor:  # T @ Q, Q (n, r): row-local
         return torch.addmm((G @ Q).mul_(1 - beta1), L0, R0 @ Q, alpha=beta1)
 
-    def t_transposed_times(P: Tensor) -> Tensor:  # P^T @ T, P (m, r)
-        return torch.addmm((P.T @ G).mul_(1 - beta1), P.T @ L0, R0, alpha=beta1)
+    def t_transposed_times(P: Tensor) -> Tensor:  # P^T @ T, P (m, r): a sum over rows
+        partial = torch.addmm((P.T @ G).mul_(1 - beta1), P.T @ L0, R0, alpha=beta1)
+        return partial if rows is None else rows.sum_(partial)
+
+    def thin_qr(A: Tensor) -> tuple[Tensor, Tensor]:  # of the row-sharded L: the whole factor's QR
+        if rows is None:
+            return torch.linalg.qr(A)
+        Q, S = torch.linalg.qr(rows.gather_rows(A))
+        return rows.local_rows(Q), S
 
     for _ in range(iters):
         Q_R, S = torch.linalg.qr(R.T)  # L R = (L S^T) Q_R^T
         L_ls = t_times(Q_R)
         L = L_ls if fit_lr == 1 else torch.add((L @ S.T).mul_(1 - fit_lr), L_ls, alpha=fit_lr)
-        Q_L, S_L = torch.linalg.qr(L)  # L Q_R^T = Q_L (S_L Q_R^T)
+        Q_L, S_L = thin_qr(L)  # L Q_R^T = Q_L (S_L Q_R^T)
         R_ls = t_transposed_times(Q_L)
         R = R_ls if fit_lr == 1 else torch.add((S_L @ Q_R.T).mul_(1 - fit_lr), R_ls, alpha=fit_lr)
         L = Q_L
     return L, R
 
 
+def _frobenius_norm(x: Tensor, rows: RowShards | None) -> Tensor:
+    if rows is None:
+        return torch.linalg.vector_norm(x)
+    return rows.sum_(x.square().sum()).sqrt()
+
+
 def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps, wd, maximize, fit_iters, fit_lr,
                   residual_clip) -> None:
-    """Policy ``lowrank``: refit ``L R``, feed back the clipped residual, take the step."""
+    """Policy ``lowrank``: refit ``L R``, feed back the clipped residual, take the step. For a
+    sharded parameter (``spec`` a `ShardView`) ``p``, ``g`` and ``L`` are this rank's rows."""
+    rows = None
+    if isinstance(spec, ShardView):
+        from ..distributed.reduce import RowShards
+
+        rows = RowShards(spec)
     step_t += 1
     step = step_t.item()
     work = v.dtype
@@ -608,16 +661,16 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
     if maximize:
         D.neg_()
     denom = _second_moment(D.view(p.shape), v, step, spec, sq_sum, beta2=beta2, eps=eps)
-    L_new, R_new = fit_lowrank(L, R, D, beta1=beta1, iters=fit_iters, fit_lr=fit_lr)
+    L_new, R_new = fit_lowrank(L, R, D, beta1=beta1, iters=fit_iters, fit_lr=fit_lr, rows=rows)
 
     # Note [bias correction: the residual estimates the momentum the factors lost]
     scale = 1.0 / (1 - beta1)
     if residual_clip is None or residual_clip > 0:
-        limit = None if residual_clip is None else residual_clip * torch.linalg.vector_norm(D)
+        limit = None if residual_clip is None else residual_clip * _frobenius_norm(D, rows)
         D.mul_(1 - beta1).addmm_(L, R, alpha=beta1).addmm_(L_new, R_new, alpha=-1.0)  # the residual T - L_new R_new
         correction = D.mul_(scale)
         if limit is not None:
-            norm = torch.linalg.vector_norm(correction)
+            norm = _frobenius_norm(correction, rows)
             correction.mul_(torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(work).tiny), 1.0))
         u = correction.addmm_(L_new, R_new, alpha=1 / (1 - beta1**step))
     else:

@@ -238,7 +238,8 @@ class BlockwiseOptimizer(Optimizer):
             for index, (name, p) in enumerate((n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"]))
             if is_dtensor(p) and p in self.state
             for key in self._STAT_KEYS
-            if isinstance(self.state[p].get(key), torch.Tensor)
+            # (state kept as DTensors, like AdaPM's factors, is already global: DCP handles it)
+            if isinstance(self.state[p].get(key), torch.Tensor) and not is_dtensor(self.state[p][key])
         ]
         if not sharded:
             return packed
@@ -271,12 +272,19 @@ class BlockwiseOptimizer(Optimizer):
             for key in self._STAT_KEYS:
                 if isinstance(saved.get(key), torch.Tensor):
                     value = saved[key].to(device=p.device, dtype=stat_dtype(p), copy=True)
-                    state[key] = layout.to_local(value) if isinstance(layout, ShardView) else value
+                    state[key] = self._place_loaded_stat(p, key, value, layout)
             if is_dtensor(p):
                 for key, value in list(state.items()):
                     if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
                         state[key] = _shard_like(value, p)
+
+    def _place_loaded_stat(self, p: torch.Tensor, key: str, value: torch.Tensor, layout) -> torch.Tensor:
+        """A loaded statistic in the form the step keeps: global block statistics are cut to the
+        blocks meeting this rank's shard; DTensors are already placed."""
+        if isinstance(layout, ShardView) and not is_dtensor(value):
+            return layout.to_local(value)
+        return value
 
     def _validate_state_dict(self, state_dict) -> list[tuple[Any, torch.Tensor]]:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
