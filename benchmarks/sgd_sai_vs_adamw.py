@@ -1,6 +1,9 @@
 """SGD-SaI against AdamW on the built-in "demo" Llama (the settings of ``blockopt demo``).
 
-    python benchmarks/sgd_sai.py            # writes benchmarks/sgd_sai.json and sgd_sai.png
+    python benchmarks/sgd_sai_vs_adamw.py            # writes benchmarks/sgd_sai.json and sgd_sai.png
+
+(Not named sgd_sai.py: a script's folder comes first on sys.path, and that name would hide the
+`sgd-sai` package from every script run here.)
 
 Both optimizers train the same model (same init, same batches, same warm-up + cosine schedule,
 gradient clipping at 1) on the Python standard library's source, tokenized with the built-in BPE:
@@ -91,7 +94,7 @@ def main() -> None:
     title = f"demo Llama ({a.n_params:,} params): AdamW vs SGD-SaI lr sweep"
     plot = plot_loss_curves(results, args.out / "sgd_sai.png", title=title)
     report = {
-        "command": "python benchmarks/sgd_sai.py" + ("" if args.steps == 100 else f" --steps {args.steps}")
+        "command": "python benchmarks/sgd_sai_vs_adamw.py" + ("" if args.steps == 100 else f" --steps {args.steps}")
                    + ("" if tuple(args.lrs) == DEFAULT_LRS else " --lrs " + " ".join(f"{lr:g}" for lr in args.lrs)),
         "model": {"name": "demo", "n_params": a.n_params, **config_dict(config)},
         "corpus": {"source": "stdlib", "bytes": len(text.encode("utf-8")), "tokens": len(tokenized.ids)},
