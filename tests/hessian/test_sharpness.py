@@ -236,3 +236,59 @@ def test_meter_leaves_gradients_alone(tiny_exact):
     before = [p.grad for p in model.parameters()]
     block_sharpness(model, lambda: model(batch[:, :-1], batch[:, 1:])[1], types=["norm"], iters=3, probes=1)
     assert [p.grad for p in model.parameters()] == before
+
+
+# ---- the Gauss-Newton trace ----------------------------------------------------------------------
+class SoftmaxRegression(torch.nn.Module):
+    """logits = W x + c: linear in the parameters, so the Gauss-Newton matrix is the Hessian."""
+
+    def __init__(self, dim=5, classes=7):
+        super().__init__()
+        self.head = torch.nn.Linear(dim, classes).double()
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_gauss_newton_trace_matches_its_closed_form():
+    """For logits W x_t + c over N positions, Tr(G_WW) = (1/N) sum_t (1 - |p_t|^2) |x_t|^2 and
+    Tr(G_cc) = (1/N) sum_t (1 - |p_t|^2): the sampled estimate must agree within its error."""
+    torch.manual_seed(0)
+    model = SoftmaxRegression()
+    x = torch.randn(3, 40, 5, dtype=torch.float64)  # (..., dim): leading dims are positions
+    report = block_sharpness(model, lambda: None, measures=["gauss_newton"], logits_fn=lambda: model(x),
+                             gn_samples=400, seed=1, bias="separate")
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=-1).reshape(-1, 7)
+        spread = 1 - p.square().sum(-1)
+        exact = {"head.weight": (spread * x.reshape(-1, 5).square().sum(-1)).mean().item() / 35,
+                 "head.bias": spread.mean().item() / 7}
+    entries = {e.param_names: e for e in report.values()}
+    for name, value in exact.items():
+        got = entries[(name,)]
+        assert abs(got.gauss_newton_per_param - value) <= 4 * got.gauss_newton_stderr, name
+        assert got.gauss_newton_stderr < 0.1 * value  # (the test has the power to see a wrong answer)
+
+
+def test_gauss_newton_agrees_with_the_exact_trace_where_they_coincide():
+    torch.manual_seed(1)
+    model = SoftmaxRegression()
+    x = torch.randn(64, 5, dtype=torch.float64)
+    y = torch.randint(0, 7, (64,))
+    report = block_sharpness(
+        model, lambda: torch.nn.functional.cross_entropy(model(x), y), measures=["trace", "gauss_newton"],
+        logits_fn=lambda: model(x), probes=200, gn_samples=400, seed=2,
+    )
+    for entry in report.values():
+        err = 4 * (entry.trace_stderr ** 2 + entry.gauss_newton_stderr ** 2) ** 0.5
+        assert abs(entry.trace_per_param - entry.gauss_newton_per_param) <= err
+    assert report.ordering("gauss_newton")  # usable like the other measures
+
+
+def test_gauss_newton_needs_logits():
+    model = SoftmaxRegression()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs logits_fn"):
+        block_sharpness(model, lambda: model(x).sum(), measures=["gauss_newton"])
+    with pytest.raises(ValueError, match="gn_samples must be >= 2"):
+        block_sharpness(model, lambda: None, measures=["gauss_newton"], logits_fn=lambda: model(x), gn_samples=1)

@@ -12,8 +12,23 @@ sub-matrix; other parameters held fixed). Two measures are computed from Hessian
   parameter of the type, estimated with Hutchinson's estimator
   :math:`\mathbb{E}_v[v^\top H_{bb} v]` (Rademacher :math:`v` on the type's :math:`m_b`
   coordinates). This is the "average sharpness" of Wang et al. (2025), who compare block types
-  by :math:`\operatorname{Tr}(H_b)/m_b`; they estimate the diagonal with a Gauss-Newton-type
-  approximation, we estimate the same trace of the exact Hessian.
+  by :math:`\operatorname{Tr}(H_b)/m_b`, here on the exact Hessian.
+* ``gauss_newton``: :math:`\operatorname{Tr}(G_{bb}) / m_b` for the Gauss-Newton matrix
+  :math:`G = \frac1N\sum_t J_t^\top H^{(z)}_t J_t` of a cross-entropy loss over :math:`N`
+  positions (:math:`J_t` the Jacobian of position t's logits, :math:`H^{(z)}_t` the softmax
+  Hessian): the positive semi-definite part of the Hessian, which Hessian approximations of
+  the kind Wang et al. use estimate. Sampling labels :math:`\hat y_t` from the model's own
+  softmax makes :math:`N\lVert\nabla_b \bar\ell(\hat y)\rVert^2` (the gradient of the mean loss
+  on those labels) an unbiased estimate of :math:`\operatorname{Tr}(G_{bb})`: one backward pass
+  per sample, for every type at once (Note [Gauss-Newton trace by sampled labels]). It needs the
+  logits (``logits_fn``).
+
+Note [Gauss-Newton trace by sampled labels]: for cross-entropy, the softmax Hessian at
+position t is the covariance of the score :math:`s_t = \nabla_z \ell_t(\hat y_t)` under
+:math:`\hat y_t \sim \mathrm{softmax}(z_t)`, so :math:`G = \frac1N\sum_t
+\mathbb{E}[J_t^\top s_t s_t^\top J_t]`. With :math:`\hat g = \frac1N \sum_t J_t^\top s_t`,
+:math:`\mathbb{E}[N \hat g \hat g^\top] = G` because the scores of different positions are
+independent with mean zero, so the cross terms vanish.
 
 Both use the one batch the caller's ``loss_fn`` evaluates (sharpness is a property of that
 loss), a fixed seed, and a few iterations/probes: a meter, not an eigen-solver.
@@ -39,7 +54,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..optim.blockwise_lr import BLOCK_TYPES, block_types
 from ..partition import Plan, partition
 
-MEASURES = ("lambda_max", "trace")
+MEASURES = ("lambda_max", "trace", "gauss_newton")
+DEFAULT_MEASURES = ("lambda_max", "trace")  # the ones that need only the loss
 
 MatVec = Callable[[list[Tensor]], list[Tensor]]
 
@@ -192,6 +208,8 @@ class TypeSharpness:
     trace_stderr: float | None = None  # standard error of trace_per_param over the probes
     # per tensor: name -> (Tr(H_tt)/numel, its standard error), from the same probes (noisier)
     tensor_traces: Mapping[str, tuple[float, float]] | None = None
+    gauss_newton_per_param: float | None = None  # Tr(G_bb) / m_b
+    gauss_newton_stderr: float | None = None
 
 
 class SharpnessReport(Mapping[str, TypeSharpness]):
@@ -224,14 +242,17 @@ class SharpnessReport(Mapping[str, TypeSharpness]):
         return {"settings": self.settings, "types": {k: asdict(e) for k, e in self._entries.items()}}
 
     def __str__(self) -> str:
-        rows = [("type", "params", "lambda_max", "iters", "Tr(H)/m", "+-")]
+        rows = [("type", "params", "lambda_max", "iters", "Tr(H)/m", "+-", "Tr(G)/m", "+-")]
+
+        def fmt(value, digits):
+            return "-" if value is None else f"{value:.{digits}g}"
+
         for e in self._entries.values():
             rows.append((
-                e.block_type, f"{e.n_params:,}",
-                "-" if e.lambda_max is None else f"{e.lambda_max:.4g}",
+                e.block_type, f"{e.n_params:,}", fmt(e.lambda_max, 4),
                 "-" if e.power_iterations is None else f"{e.power_iterations}{'' if e.converged else '*'}",
-                "-" if e.trace_per_param is None else f"{e.trace_per_param:.4g}",
-                "-" if e.trace_stderr is None else f"{e.trace_stderr:.2g}",
+                fmt(e.trace_per_param, 4), fmt(e.trace_stderr, 2),
+                fmt(e.gauss_newton_per_param, 4), fmt(e.gauss_newton_stderr, 2),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -244,7 +265,7 @@ class SharpnessReport(Mapping[str, TypeSharpness]):
 
 
 def _measure_attr(measure: str) -> str:
-    attrs = {"lambda_max": "lambda_max", "trace": "trace_per_param"}
+    attrs = {"lambda_max": "lambda_max", "trace": "trace_per_param", "gauss_newton": "gauss_newton_per_param"}
     if measure not in attrs:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     return attrs[measure]
@@ -256,12 +277,14 @@ def block_sharpness(
     *,
     plan: Plan | None = None,
     types: Sequence[str] | None = None,
-    measures: Sequence[str] = MEASURES,
+    measures: Sequence[str] = DEFAULT_MEASURES,
     iters: int = 20,
     tol: float = 1e-3,
     probes: int = 8,
     seed: int = 0,
     bias: str = "owner",
+    logits_fn: Callable[[], Tensor] | None = None,
+    gn_samples: int = 16,
 ) -> SharpnessReport:
     r"""Sharpness of the loss per block type of ``model`` (the types of `blockopt.blockwise_lr`).
 
@@ -272,22 +295,28 @@ def block_sharpness(
             ``lambda: model(x, y)[1]``. Called once; its graph is differentiated twice.
         plan: use this partition (default: ``blockopt.partition(model)``).
         types: measure only these block types (default: every type the model has).
-        measures: any of ``"lambda_max"`` (power iteration) and ``"trace"`` (Hutchinson
-            :math:`\operatorname{Tr}(H_{bb})/m_b`).
+        measures: any of ``"lambda_max"`` (power iteration), ``"trace"`` (Hutchinson
+            :math:`\operatorname{Tr}(H_{bb})/m_b`) and ``"gauss_newton"``
+            (:math:`\operatorname{Tr}(G_{bb})/m_b` by sampled labels; needs ``logits_fn``).
         iters, tol: power-iteration limit and relative tolerance (per type).
         probes: Rademacher probes per type for the trace.
         seed: start vectors and probes; each type's come from ``seed`` alone, so adding or
             removing a type does not change another's result.
         bias: how biases are typed (see `blockopt.optim.blockwise_lr.block_types`).
+        logits_fn: ``() -> logits`` (``(..., vocab)``) of the same batch, for ``"gauss_newton"``
+            (the loss it stands for is the mean cross-entropy over all positions).
+        gn_samples: sampled label sets for ``"gauss_newton"`` (one backward pass each).
 
     Costs ``len(types) * (iters + probes)`` Hessian-vector products, each about two backward
-    passes. ``loss_fn`` runs with `scaled_dot_product_attention` restricted to its math kernel
+    passes, plus ``gn_samples`` backward passes for ``"gauss_newton"``. ``loss_fn`` runs with `scaled_dot_product_attention` restricted to its math kernel
     (the fused kernels have no double backward). Dropout or other randomness in the forward pass is frozen by the single call of
     ``loss_fn``; call ``model.eval()`` first if you want it off.
     """
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {list(measures)}")
+    if "gauss_newton" in measures and logits_fn is None:
+        raise ValueError("measure 'gauss_newton' needs logits_fn: () -> the batch's logits, shape (..., vocab)")
     plan = partition(model) if plan is None else plan
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     kinds = block_types(plan, bias=bias)
@@ -303,6 +332,17 @@ def block_sharpness(
         if bad:
             raise ValueError(f"block type(s) {bad} not in this model; it has {present}")
         present = [t for t in present if t in types]
+
+    gauss_newton = None
+    if "gauss_newton" in measures:
+        gauss_newton = _gauss_newton_samples(logits_fn, [p for _, p in named], samples=gn_samples, seed=seed)
+        gn_column = {n: i for i, (n, _) in enumerate(named)}
+    if not {"lambda_max", "trace"} & set(measures):
+        entries = [
+            _type_entry(t, by_type[t], gauss_newton_fields(gauss_newton, [gn_column[n] for n, _ in by_type[t]], by_type[t]))
+            for t in present
+        ]
+        return SharpnessReport(entries, _settings(measures, iters, tol, probes, seed, bias, gn_samples))
 
     # Fused attention kernels (flash, memory-efficient) have no double backward; the math one does.
     with sdpa_kernel(SDPBackend.MATH):
@@ -332,7 +372,47 @@ def block_sharpness(
                 t_mean, t_err = _mean_and_stderr(samples[:, column])
                 per_tensor[name] = (t_mean / p.numel(), t_err / p.numel())
             fields.update(trace_per_param=mean / n_params, trace_stderr=err / n_params, tensor_traces=per_tensor)
-        entries.append(TypeSharpness(block_type=block_type, n_params=n_params, param_names=names, **fields))
+        if gauss_newton is not None:
+            fields.update(gauss_newton_fields(gauss_newton, [gn_column[n] for n in names], members))
+        entries.append(_type_entry(block_type, members, fields))
     del grads, grad_of, loss  # free the double-backward graph now
-    settings = dict(measures=list(measures), iters=iters, tol=tol, probes=probes, seed=seed, bias=bias)
-    return SharpnessReport(entries, settings)
+    return SharpnessReport(entries, _settings(measures, iters, tol, probes, seed, bias, gn_samples))
+
+
+def _type_entry(block_type: str, members: list[tuple[str, Tensor]], fields: dict) -> TypeSharpness:
+    return TypeSharpness(
+        block_type=block_type, n_params=sum(p.numel() for _, p in members),
+        param_names=tuple(n for n, _ in members), **fields,
+    )
+
+
+def _settings(measures, iters, tol, probes, seed, bias, gn_samples) -> dict:
+    return dict(measures=list(measures), iters=iters, tol=tol, probes=probes, seed=seed, bias=bias, gn_samples=gn_samples)
+
+
+def gauss_newton_fields(samples: Tensor, columns: list[int], members: list[tuple[str, Tensor]]) -> dict:
+    """``gauss_newton_per_param`` and its standard error for the tensors at ``columns``."""
+    n_params = sum(p.numel() for _, p in members)
+    mean, err = _mean_and_stderr(samples[:, columns].sum(dim=1))
+    return dict(gauss_newton_per_param=mean / n_params, gauss_newton_stderr=err / n_params)
+
+
+def _gauss_newton_samples(logits_fn: Callable[[], Tensor], params: Sequence[Tensor], *, samples: int, seed: int) -> Tensor:
+    r"""``(samples, len(params))``: per sample, :math:`N\lVert\hat g_i\rVert^2` for each tensor
+    (Note [Gauss-Newton trace by sampled labels])."""
+    if samples < 2:
+        raise ValueError(f"gn_samples must be >= 2 (the standard error needs two), got {samples}")
+    logits = logits_fn()
+    if not isinstance(logits, Tensor) or logits.ndim < 2 or not logits.requires_grad:
+        raise ValueError("logits_fn must return the logits, shape (..., vocab), as a tensor that depends on the parameters")
+    flat = logits.reshape(-1, logits.shape[-1])
+    n = flat.shape[0]
+    probs = torch.softmax(flat.detach().double(), dim=-1)
+    generator = torch.Generator(device=probs.device).manual_seed(seed)
+    rows = []
+    for k in range(samples):
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        loss = nn.functional.cross_entropy(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, labels)
+        grads = torch.autograd.grad(loss, params, retain_graph=k < samples - 1, allow_unused=True, materialize_grads=True)
+        rows.append(torch.stack([n * g.detach().double().square().sum() for g in grads]))
+    return torch.stack(rows)
