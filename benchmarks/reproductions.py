@@ -74,7 +74,8 @@ def save(name: str, report: dict, figure) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     report = {"command": f"python benchmarks/reproductions.py {name}", **report, "environment": environment()}
     (OUT / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     figure.savefig(OUT / f"{name}.png", dpi=120)
     print(f"wrote {OUT / name}.json and .png")
 
@@ -199,8 +200,16 @@ def sensitivity(lrs=(1e-3, 2e-3, 4e-3, 8e-3), beta2s=(0.95, 0.99, 0.999), steps:
     for name in ("adamw", "adam-mini"):
         grid[name] = [[run(f"{name} lr={lr:g} beta2={b2}", config, peer(name, lr=lr, betas=(0.9, b2)), steps=steps).final_val_loss
                        for b2 in beta2s] for lr in lrs]
+    report = {"model": config_dict(config), "shared": SHARED, "loop": loop(steps), "lrs": list(lrs),
+              "beta2s": list(beta2s), "final_val": grid}
+    save("sensitivity", report, sensitivity_figure(report))
+
+
+def sensitivity_figure(report: dict):
+    """The lr x beta2 heat maps of a sensitivity report, on one colour scale."""
+    lrs, beta2s, grid = report["lrs"], report["beta2s"], report["final_val"]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     low = min(min(min(row) for row in g) for g in grid.values())
     high = max(max(max(row) for row in g) for g in grid.values())
     for ax, (name, g) in zip(axes, grid.items()):
@@ -211,9 +220,8 @@ def sensitivity(lrs=(1e-3, 2e-3, 4e-3, 8e-3), beta2s=(0.95, 0.99, 0.999), steps:
         ax.set_xticks(range(len(beta2s)), [str(b) for b in beta2s])
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set(xlabel="beta2", ylabel="peak lr", title=f"{name}: final val loss")
-    fig.colorbar(image, ax=axes)
-    save("sensitivity", {"model": config_dict(config), "shared": SHARED, "loop": loop(steps), "lrs": list(lrs),
-                         "beta2s": list(beta2s), "final_val": grid}, fig)
+    fig.colorbar(image, ax=list(axes), shrink=0.9)
+    return fig
 
 
 # ---- Fig. 12a: a small scaling sweep --------------------------------------------------------
@@ -245,7 +253,13 @@ def main() -> None:
     commands = {"gpt2": gpt2, "partition": partition, "trajectory": trajectory, "sensitivity": sensitivity, "scaling": scaling}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="+", choices=list(commands))
+    parser.add_argument("--replot", action="store_true", help="redraw sensitivity.png from its JSON (no training)")
     args = parser.parse_args()
+    if args.replot:
+        if args.what != ["sensitivity"]:
+            parser.error("--replot redraws the sensitivity figure only")
+        sensitivity_figure(json.loads((OUT / "sensitivity.json").read_text())).savefig(OUT / "sensitivity.png", dpi=120)
+        return
     for name in args.what:
         print(f"== {name}", flush=True)
         commands[name]()
