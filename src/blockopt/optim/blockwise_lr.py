@@ -25,7 +25,8 @@ block type         roles                        default ratio
 ``ffn``            ffn                          6
 ``vo``             value, attn_out              4
 ``norm``           norm                         1 (the base)
-``head``           head (untied output head)    1 (the authors' scripts)
+``head``           head (untied output head)    1 (the authors' scripts; 4 trained better on
+                                                the demo Llama: benchmarks/blockwise_lr.md)
 ``pos_embedding``  pos_embedding                1 (the authors' scripts)
 ``qkv``            qkv (fused projections)      ``min(qk, vo)``: see Note [fused qkv]
 ``router``         router (MoE gate)            1
