@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,6 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=20, help="power-iteration limit per type")
     parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes per type")
     parser.add_argument("--gn-samples", type=int, default=32, help="sampled label sets for the Gauss-Newton trace")
+    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
     args = parser.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    config = CONFIGS["demo"]
+    config = CONFIGS["demo"] if args.vocab is None else replace(CONFIGS["demo"], vocab_size=args.vocab)
     tokenized = tokenize_corpus(load_corpus(None), config.vocab_size)
     data = split_ids(tokenized.ids)
     windows = _windows(data.val, 128)
