@@ -13,12 +13,7 @@ from blockopt.bench.models import LlamaConfig, build_model
 from blockopt.hessian import block_sharpness, hutchinson_trace, hvp_operator, power_iteration
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def symmetric(eigenvalues, seed=0) -> torch.Tensor:

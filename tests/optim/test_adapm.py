@@ -23,14 +23,7 @@ from .conftest import batches, lm_loss, make_tiny, max_param_diff, train
 LR, BETAS, EPS = 1e-2, (0.9, 0.95), 1e-8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second OpenMP thread only adds synchronisation, which on a busy
-    machine costs milliseconds per matmul and QR."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(dtype=torch.float64, seed=0) -> nn.Module:

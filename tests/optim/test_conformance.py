@@ -46,13 +46,7 @@ def make(request):
     return OPTIMIZERS[request.param]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(dtype=torch.float64, seed: int = 0) -> nn.Module:

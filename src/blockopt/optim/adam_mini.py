@@ -132,18 +132,7 @@ class AdamMini(BlockwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            tensors = ([], [], [], [], [], [], [])
-            self._init_group(group, *tensors)
-            if tensors[0]:
-                work.append((group, tensors))
-        reducer = self._block_sum_reducer([layout for _, tensors in work for layout in tensors[5]])
-        sq_sums_per_group = [None] * len(work)
-        if reducer is not None:
-            sq_sums_per_group = [block_sq_sums(tensors[1], tensors[3], tensors[5]) for _, tensors in work]
-            reducer([s for sums in sq_sums_per_group for s in sums])
-        for (group, tensors), sq_sums in zip(work, sq_sums_per_group):
+        for group, tensors, sq_sums in step_work(self):
             params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays = tensors
             beta1, beta2 = group["betas"]
             adam_mini(
@@ -159,6 +148,26 @@ class AdamMini(BlockwiseOptimizer):
             group.setdefault("decay_1d", False)
             group.setdefault("maximize", False)
             group.setdefault("implementation", "auto")
+
+
+def step_work(optimizer: BlockwiseOptimizer) -> list[tuple[dict, tuple[list, ...], list[Tensor] | None]]:
+    """``(group, tensor lists, sq_sums)`` for each param group with gradients, for optimizers whose
+    ``_init_group`` fills ``params, grads, first moments, exp_avg_sqs, steps, layouts,
+    weight_decays``. ``sq_sums`` is ``None`` unless parameters are sharded; then it holds every
+    tensor's per-block ``sum(g^2)``, summed across ranks by one all-reduce for the whole step
+    (Note [one all-reduce per step])."""
+    work = []
+    for group in optimizer.param_groups:
+        tensors = ([], [], [], [], [], [], [])
+        optimizer._init_group(group, *tensors)
+        if tensors[0]:
+            work.append((group, tensors))
+    reducer = optimizer._block_sum_reducer([layout for _, tensors in work for layout in tensors[5]])
+    if reducer is None:
+        return [(group, tensors, None) for group, tensors in work]
+    sq_sums = [block_sq_sums(tensors[1], tensors[3], tensors[5]) for _, tensors in work]
+    reducer([s for sums in sq_sums for s in sums])
+    return [(group, tensors, sums) for (group, tensors), sums in zip(work, sq_sums)]
 
 
 def _check_hyperparameters(*, lr=None, betas=None, eps=None, weight_decay=None) -> None:

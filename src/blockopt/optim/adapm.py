@@ -138,7 +138,7 @@ from torch import Tensor
 from ..distributed.shard import ShardView, is_dtensor, local_tensor
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
-from .adam_mini import IMPLEMENTATIONS, _check_hyperparameters, adam_mini, block_sq_sums
+from .adam_mini import IMPLEMENTATIONS, _check_hyperparameters, adam_mini, block_sq_sums, step_work
 from .base import BlockwiseOptimizer, _check_range
 from .state import EXP_AVG, EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
 
@@ -468,18 +468,7 @@ class AdaPM(BlockwiseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            tensors = ([], [], [], [], [], [], [])
-            self._init_group(group, *tensors)
-            if tensors[0]:
-                work.append((group, tensors))
-        reducer = self._block_sum_reducer([layout for _, tensors in work for layout in tensors[5]])
-        sq_sums_per_group = [None] * len(work)
-        if reducer is not None:
-            sq_sums_per_group = [block_sq_sums(tensors[1], tensors[3], tensors[5]) for _, tensors in work]
-            reducer([s for sums in sq_sums_per_group for s in sums])
-        for (group, tensors), sq_sums in zip(work, sq_sums_per_group):
+        for group, tensors, sq_sums in step_work(self):
             params, grads, momenta, exp_avg_sqs, steps, layouts, weight_decays = tensors
             beta1, beta2 = group["betas"]
             adapm(
