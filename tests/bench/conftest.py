@@ -1,7 +1,6 @@
 """Shared by the bench tests."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
