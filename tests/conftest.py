@@ -1,7 +1,15 @@
 """Fixtures shared by the whole test tree."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels are tested in Triton's interpreter, on CPU tensors
+# (tests/optim/test_fused_cuda.py). Triton decides at import whether to interpret, and torch
+# imports it early (with torch._dynamo), so the choice is made here, before anything else runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -6,17 +6,18 @@ need it skip when it can't be built here.
 
 from __future__ import annotations
 
-import random
 import warnings
 
 import pytest
 import torch
 
 import blockopt
-from blockopt.optim import _fused_cpu
+from blockopt.optim import _fused, _fused_cpu
 from blockopt.optim.adam_mini import IMPLEMENTATIONS, adam_mini
 from blockopt.partition import BlockSpec, Plan
 from blockopt.partition.spec import make_spec
+
+from .layouts import make_problem as _make_problem
 
 
 @pytest.fixture(scope="session")
@@ -31,41 +32,6 @@ def implementation(request):
     if request.param != "batched":
         request.getfixturevalue("fused_kernel")
     return request.param
-
-
-# ---- random specs of every layout kind -------------------------------------------------------
-def _random_layouts(rng: random.Random) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]]:
-    """(shape, block_dims, segments) for every kind of layout, with odd sizes (partial vector packs)."""
-    rows, cols, heads = rng.choice([6, 12, 20]), rng.choice([5, 24, 37]), rng.choice([1, 2, 3, 6])
-    e, out, inp = rng.choice([2, 3]), rng.choice([4, 6]), rng.choice([3, 17])
-    n = rng.choice([1, 7, 40])
-    return [
-        ((rows, cols), (0,), ((rows, 1),)),  # rows
-        ((rows, cols), (1,), ((cols, 1),)),  # cols: neurons of an (in, out) Conv1D weight
-        ((rows, cols), (0,), ((rows, rows // heads),)),  # heads
-        ((rows, cols), (), ((1, 1),)),  # whole
-        ((n,), (), ((1, 1),)),  # whole vector (norm scale)
-        ((rows, cols), (0, 1), ((rows * cols, 1),)),  # coordinate
-        ((n,), (0,), ((n, 1),)),  # coordinate vector (bias)
-        ((3 * rows, cols), (0,), ((rows, rows // heads), (rows, rows // heads), (rows, 1))),  # fused qkv rows
-        ((rows, 3 * cols), (1,), ((cols, 1), (cols, 1), (cols, 1))),  # fused c_attn columns
-        ((rows, 8 + cols), (1,), ((4, 2), (4, 4), (cols, 1))),  # grouped columns + per-column tail
-        ((e, out, inp), (0, 1), ((e * out, 1),)),  # experts: one block per expert row
-        ((e, out, inp), (0,), ((e, 1),)),  # one block per expert
-        ((e, out, inp), (1,), ((out, 1),)),  # a middle block dim: every expert holds a piece of each block
-        ((e, out, inp), (0, 2), ((e * inp, 1),)),  # non-adjacent block dims (the kernel leaves it to batched)
-    ]
-
-
-def _make_problem(seed: int, dtype=torch.float64):
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    specs, params = [], []
-    for k, (shape, block_dims, segments) in enumerate(_random_layouts(rng)):
-        specs.append(BlockSpec(name=f"p{k}", shape=shape, rule="heads", reason="test", block_dims=block_dims, segments=segments))
-        params.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
-    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in params] for _ in range(4)]
-    return specs, params, grads
 
 
 def _run(implementation, specs, params, grads_per_step, *, groups=2, maximize=False, lr=0.02, weight_decay=0.1):
@@ -200,13 +166,13 @@ def test_fused_runs_the_kernel_on_everything_it_supports(fused_kernel, monkeypat
     dims, a non-contiguous gradient."""
     specs, params, grads = _make_problem(0, torch.float32)
     handed_over = []
-    batched = _fused_cpu.batched_adam_mini
+    batched = _fused.batched_adam_mini
 
     def spy(params, *args, **kwargs):
         handed_over.extend(p.shape for p in params)
         batched(params, *args, **kwargs)
 
-    monkeypatch.setattr(_fused_cpu, "batched_adam_mini", spy)
+    monkeypatch.setattr(_fused, "batched_adam_mini", spy)
     tensors = [p.clone().requires_grad_(True) for p in params]
     opt = blockopt.AdamMini(list(zip([s.name for s in specs], tensors)), plan=Plan(specs), implementation="fused")
     for t, g in zip(tensors, grads[0]):

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..distributed.shard import local_tensor
 from ..partition import BlockSpec, Plan
 from ._batched import batched_adam_mini
-from ._fused_cpu import fused_adam_mini
+from ._fused import fused_adam_mini
 from .base import BlockwiseOptimizer, _check_range
 from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
 
@@ -53,8 +53,9 @@ class AdamMini(BlockwiseOptimizer):
         n_heads, n_kv_heads, head_dim, dim, rules, value, conv: passed to `blockopt.partition`.
         implementation (str): which step implementation to run: ``"reference"`` (the clear
             per-tensor loop), ``"batched"`` (``torch._foreach_*`` over groups of tensors),
-            ``"fused"`` (one C++ kernel call for all CPU tensors it takes, built on first use;
-            the rest batched), ``"auto"`` (the fastest available: today that is ``"fused"``).
+            ``"fused"`` (per param group, one C++ kernel call for the CPU tensors, built on first
+            use, and up to three Triton launches per dtype for the CUDA tensors; whatever no
+            kernel takes runs batched), ``"auto"`` (the fastest available: today ``"fused"``).
             All compute the same update, to rounding. (Default: "auto")
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its

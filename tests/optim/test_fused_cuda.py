@@ -1,0 +1,246 @@
+"""The fused CUDA (Triton) step computes what `_reference_adam_mini` computes.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors:
+the same kernel code, executed program by program with NumPy. Tests marked ``gpu`` run the
+compiled kernels and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import blockopt
+from blockopt.optim import _fused, _fused_cpu, _fused_cuda
+from blockopt.optim._kernel_layout import kernel_layout
+from blockopt.optim.adam_mini import _reference_adam_mini
+from blockopt.partition import BlockSpec, Plan
+
+from .layouts import make_problem
+
+KERNELS = f"{_fused_cuda.__package__}._triton_kernels"
+HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+def _fresh_kernels():
+    sys.modules.pop(KERNELS, None)
+    _fused_cuda.kernels.cache_clear()
+
+
+@pytest.fixture
+def interpreted():
+    """The Triton kernels, interpreted on the CPU (tests/conftest.py turns the interpreter on
+    where there is no GPU; with one, the compiled kernels are tested below instead)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off (a GPU is present: the gpu tests run the kernels)")
+    assert _fused_cuda.kernels() is not None
+
+
+def _state(specs, params, dtype):
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    return ([p.clone() for p in params], [torch.zeros_like(p) for p in params],
+            [torch.zeros(s.n_blocks, dtype=stat, device=params[0].device) for s in specs], [torch.tensor(0.0) for _ in params])
+
+
+def _steps(specs, params, grads_per_step, *, kernels, maximize=False, hyper=HYPER):
+    """Runs every step with the Triton kernels (the reference for whatever they leave) or with
+    the reference alone; returns (params, exp_avgs, exp_avg_sqs, positions left each step)."""
+    ps, ms, vs, steps = _state(specs, params, params[0].dtype)
+    weight_decays = [0.1 * (k % 3) for k in range(len(ps))]  # some tensors undecayed
+    left_per_step = []
+    for grads in grads_per_step:
+        kw = dict(hyper, weight_decays=weight_decays, maximize=maximize)
+        left = list(range(len(ps)))
+        if kernels:
+            left = _fused_cuda.step(ps, grads, ms, vs, steps, [kernel_layout(s) for s in specs], **kw)
+            left_per_step.append(left)
+        if left:
+            def pick(xs):
+                return [xs[i] for i in left]
+
+            kw["weight_decays"] = pick(weight_decays)
+            _reference_adam_mini(pick(ps), pick(grads), pick(ms), pick(vs), pick(steps), pick(specs), reduce_block_sums=None, **kw)
+    assert all(s.item() == len(grads_per_step) for s in steps)
+    return ps, ms, vs, left_per_step
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("maximize", [False, True])
+def test_float64_equals_reference_on_every_layout(interpreted, seed, maximize):
+    specs, params, grads = make_problem(seed)
+    ours = _steps(specs, params, grads[:3], kernels=True, maximize=maximize)
+    ref = _steps(specs, params, grads[:3], kernels=False, maximize=maximize)
+    # every layout but blocks over non-adjacent dims (the last) went through a kernel
+    assert ours[3] == [[len(specs) - 1]] * 3
+    for spec, *pairs in zip(specs, *(zip(a, b) for a, b in zip(ours[:3], ref[:3]))):
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14, msg=lambda m: f"{spec.shape} {spec.block_dims} {spec.segments}: {m}")
+    assert min((a - p).abs().max().item() for a, p in zip(ours[0], params)) > 1e-3  # they went somewhere
+
+
+def test_float32_matches_reference(interpreted):
+    specs, params, grads = make_problem(3, torch.float32)
+    ours = _steps(specs, params, grads[:2], kernels=True)
+    ref = _steps(specs, params, grads[:2], kernels=False)
+    for a, b in zip(ours[0] + ours[1] + ours[2], ref[0] + ref[1] + ref[2]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rounds_once_like_the_reference(interpreted, dtype):
+    """Math in float32, rounded once on store: the only difference from the reference is the
+    order in which g^2 is summed, which can flip a rounding now and then, never by more than one
+    step of the dtype."""
+    specs, params, grads = make_problem(3, dtype)
+    ours = _steps(specs, params, grads[:2], kernels=True)
+    ref = _steps(specs, params, grads[:2], kernels=False)
+    equal = total = 0
+    for a, b in zip(ours[0] + ours[1], ref[0] + ref[1]):
+        assert a.dtype == dtype
+        spacing = torch.finfo(dtype).eps * b.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((a.float() - b.float()).abs() <= spacing).all()
+        equal += (a == b).sum().item()
+        total += a.numel()
+    assert equal / total >= 0.99
+    for v, v_ref in zip(ours[2], ref[2]):
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=0)
+
+
+def test_lerp_from_the_nearer_end_for_large_weights(interpreted):
+    """beta1 < 0.5 takes torch.lerp's other formula (weight 1 - beta1 >= 0.5)."""
+    specs, params, grads = make_problem(4)
+    hyper = dict(HYPER, beta1=0.2)
+    ours = _steps(specs, params, grads[:2], kernels=True, hyper=hyper)
+    ref = _steps(specs, params, grads[:2], kernels=False, hyper=hyper)
+    for a, b in zip(ours[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_coordinate_rule_is_adamw(interpreted):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(33, 70, generator=gen)
+    b = a.clone().requires_grad_(True)
+    spec = BlockSpec(name="w", shape=(33, 70), rule="coordinate", reason="test", block_dims=(0, 1), segments=((33 * 70, 1),))
+    m, v, step = torch.zeros_like(a), torch.zeros(33 * 70), torch.tensor(0.0)
+    adamw = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        g = torch.randn(a.shape, generator=gen)
+        b.grad = g.clone()
+        adamw.step()
+        assert _fused_cuda.step([a], [g], [m], [v], [step], [kernel_layout(spec)], lr=1e-2, beta1=0.9, beta2=0.999,
+                                eps=1e-8, weight_decays=[0.1], maximize=False) == []
+    torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_wide_column_tiles_and_what_the_kernels_leave(interpreted):
+    """A column block wider than a tile gets a tile of its own; one wider than MAX_TILE_COLUMNS,
+    a non-contiguous gradient and a second moment of the wrong dtype are left to the caller."""
+    wide = _fused_cuda.MAX_TILE_COLUMNS + 8
+    layouts = [((5, 100), (1,), ((80, 80), (20, 1))), ((3, wide), (1,), ((wide, wide),)), ((6, 10), (0,), ((6, 1),))]
+    specs = [BlockSpec(name=f"p{k}", shape=s, rule="heads", reason="test", block_dims=d, segments=g) for k, (s, d, g) in enumerate(layouts)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in specs]
+    grads = [[torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params] for _ in range(2)]
+    ours = _steps(specs, params, grads, kernels=True)
+    ref = _steps(specs, params, grads, kernels=False)
+    assert ours[3] == [[1], [1]]
+    for a, b in zip(ours[0], ref[0]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+    p, g = torch.randn(6, 10, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64).t()
+    m, step = torch.zeros_like(p), torch.tensor(0.0)
+    layout = kernel_layout(specs[2])
+    left = _fused_cuda.step([p, p.clone()], [g, g.contiguous()], [m, m.clone()], [torch.zeros(6, dtype=torch.float64), torch.zeros(6)],
+                            [step, step.clone()], [layout, layout], weight_decays=[0.0, 0.0], maximize=False, **HYPER)
+    assert left == [0, 1]
+    assert step.item() == 0  # nothing was stepped
+
+
+def test_the_optimizer_routes_cuda_tensors_to_the_kernels(interpreted, monkeypatch):
+    """End to end through AdamMini, with the CPU standing in for CUDA: the Triton backend gets
+    the tensors, param groups keep their own hyperparameters, and the result is the reference's."""
+    monkeypatch.setattr(_fused_cpu, "handles", lambda p: False)
+    monkeypatch.setattr(_fused_cuda, "handles", lambda p: True)
+    calls = []
+    real_step = _fused_cuda.step
+    monkeypatch.setattr(_fused_cuda, "step", lambda *a, **k: calls.append(len(a[0])) or real_step(*a, **k))
+    specs, params, grads = make_problem(1)
+
+    def run(implementation):
+        tensors = [p.clone().requires_grad_(True) for p in params]
+        named = [(s.name, t) for s, t in zip(specs, tensors)]
+        opt = blockopt.AdamMini([{"params": named[::2]}, {"params": named[1::2], "lr": 0.03, "weight_decay": 0.05}],
+                                lr=0.01, weight_decay=0.1, decay_1d=True, plan=Plan(specs), implementation=implementation)
+        for step_grads in grads[:2]:
+            for t, g in zip(tensors, step_grads):
+                t.grad = g.clone()
+            before = tensors[0]._version
+            opt.step()
+            assert tensors[0]._version > before
+        return tensors
+
+    ours, ref = run("fused"), run("reference")
+    assert calls == [7, 6, 7, 6]  # both groups, both steps; blocks over non-adjacent dims go batched
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_without_triton_one_warning_then_batched(monkeypatch):
+    real_import = importlib.import_module
+
+    def no_triton(name, *args, **kwargs):
+        if name == KERNELS:
+            raise ModuleNotFoundError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", no_triton)
+    _fresh_kernels()
+    try:
+        specs, params, grads = make_problem(0)
+        layouts = [kernel_layout(s) for s in specs]
+        state = _state(specs, params, torch.float64)
+        with pytest.warns(RuntimeWarning, match="needs Triton"):
+            left = _fused_cuda.step(state[0], grads[0], *state[1:], layouts, weight_decays=[0.0] * len(specs), maximize=False, **HYPER)
+        assert left == list(range(len(specs)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _fused_cuda.step(state[0], grads[0], *state[1:], layouts, weight_decays=[0.0] * len(specs), maximize=False, **HYPER)
+    finally:
+        _fresh_kernels()
+    assert all(torch.equal(a, p) for a, p in zip(state[0], params))  # nothing half-applied
+
+
+def test_the_cpu_never_reaches_the_cuda_kernels(monkeypatch):
+    """CPU tensors take the C++ kernel or the batched path; only CUDA tensors go to Triton."""
+    monkeypatch.setattr(_fused_cuda, "step", lambda *a, **k: pytest.fail("CPU tensors reached the CUDA kernels"))
+    specs, params, grads = make_problem(0)
+    state = _state(specs, params, torch.float64)
+    _fused.fused_adam_mini(state[0], grads[0], *state[1:], specs, weight_decays=[0.0] * len(specs), maximize=False,
+                           reduce_block_sums=None, **HYPER)
+
+
+# ---- compiled, on a real GPU ---------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_equals_reference(dtype):
+    pytest.importorskip("triton")
+    specs, params, grads = make_problem(2, dtype)
+    params = [p.cuda() for p in params]
+    grads = [[g.cuda() for g in step] for step in grads]
+    ours = _steps(specs, params, grads, kernels=True)
+    ref = _steps(specs, params, grads, kernels=False)
+    assert ours[3] == [[len(specs) - 1]] * len(grads)
+    tol = dict(rtol=1e-13, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    if dtype == torch.bfloat16:
+        tol = dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(ours[0], ref[0]):
+        torch.testing.assert_close(a, b, **tol)
