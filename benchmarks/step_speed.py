@@ -1,28 +1,30 @@
 """Optimizer step time on the CPU: blockopt AdamMini (each implementation) against its peers.
 
-    python benchmarks/step_speed.py            # writes benchmarks/step_speed.json and .png
+    python benchmarks/step_speed.py                  # CPU: benchmarks/step_speed.json and .png
+    python benchmarks/step_speed.py --device cuda    # GPU: benchmarks/step_speed_cuda.json and .png
 
 Every peer steps the same model with the same fixed random gradients (no backward pass), in one
 process, after a warm-up step, in interleaved rounds (the order rotates each round); medians and
 ratios to ``torch.optim.AdamW(fused=True)`` are reported. Models: GPT-2 small with an untied
-head (163M), a Llama-shaped model with grouped-query attention (125M), and 2000 small Linear
-layers (launch overhead). Also reported: the first step's extra time (state allocation, kernel
-loading), the peak extra memory of a step, and the fused kernel's first build and load times.
+head (163M), a Llama-shaped model with grouped-query attention (125M), 2000 small Linear layers
+(launch overhead) and, on CUDA, a 1.1B Llama (TinyLlama's shape). Also reported: the first
+step's extra time (state allocation, kernel building or loading: on CUDA that includes Triton's
+compilation), the peak extra memory of a step, and the fused CPU kernel's first build and load
+times. On CUDA every timed step is synchronised and the GPU's name is recorded.
 
-Peak extra memory: the process's resident set size is sampled every 0.2 ms during one step,
-after returning freed heap pages to the OS (``malloc_trim``) so temporaries show up as new
+Peak extra memory on the CPU: the process's resident set size is sampled every 0.2 ms during one
+step, after returning freed heap pages to the OS (``malloc_trim``) so temporaries show up as new
 pages; the figure is the peak minus the RSS just before the step. It counts torch's and the C++
-kernel's scratch alike, with a resolution of a few hundred KB.
+kernel's scratch alike, with a resolution of a few hundred KB. On CUDA it is the allocator's
+peak during the step above what was allocated before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import blockopt
+from blockopt.bench.comparison import environment
 from blockopt.optim import _fused_cpu
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +68,18 @@ def many_linears():
     return nn.Sequential(*(nn.Linear(64, 64) for _ in range(2000))), dict(dim=64, n_heads=1, n_kv_heads=1)
 
 
-MODELS = {"gpt2-small-untied": gpt2_small, "llama-gqa": llama_gqa, "2000-linears": many_linears}
+def llama_1b():
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config), dict(dim=2048, n_heads=32, n_kv_heads=4)
+
+
+MODELS = {"gpt2-small-untied": gpt2_small, "llama-gqa": llama_gqa, "2000-linears": many_linears, "llama-1b": llama_1b}
+DEFAULT_MODELS = {"cpu": ["gpt2-small-untied", "llama-gqa", "2000-linears"], "cuda": list(MODELS)}
 
 
 # ---- peers --------------------------------------------------------------------------------
@@ -103,12 +117,19 @@ def peers(model: nn.Module, heads: dict) -> dict:
 def fill_grads(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device)
 
 
-def timed(step) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     step()
+    synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -139,6 +160,16 @@ def peak_extra_rss_mb(step) -> float:
     return max(0, peak - base) / 2**20
 
 
+def peak_extra_cuda_mb(step, device: torch.device) -> float:
+    """The caching allocator's peak during ``step()`` above what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def kernel_build_seconds() -> dict:
     """First build (empty extensions dir) and load from the cache, each in a fresh process."""
     code = "from blockopt.optim import _fused_cpu as f; assert f.available(); print(f.load_seconds)"
@@ -148,9 +179,10 @@ def kernel_build_seconds() -> dict:
         return {"first_build_s": run(), "cached_load_s": run()}
 
 
-def bench_model(name: str, rounds: int) -> dict:
+def bench_model(name: str, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     model, heads = MODELS[name]()
+    model.to(device)
     fill_grads(model)
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -160,13 +192,16 @@ def bench_model(name: str, rounds: int) -> dict:
         warnings.simplefilter("ignore")
         for peer, build in peers(model, heads).items():
             opts[peer] = build()
-            first[peer] = timed(opts[peer].step)
+            first[peer] = timed(opts[peer].step, device)
     times = {peer: [] for peer in opts}
     order = list(opts)
     for r in range(rounds):
         for peer in order[r % len(order):] + order[: r % len(order)]:
-            times[peer].append(timed(opts[peer].step))
-    memory = {peer: peak_extra_rss_mb(opt.step) for peer, opt in opts.items()}
+            times[peer].append(timed(opts[peer].step, device))
+    if device.type == "cuda":
+        memory = {peer: peak_extra_cuda_mb(opt.step, device) for peer, opt in opts.items()}
+    else:
+        memory = {peer: peak_extra_rss_mb(opt.step) for peer, opt in opts.items()}
     base = statistics.median(times["AdamW(fused)"])
     results = {}
     for peer in opts:
@@ -178,22 +213,6 @@ def bench_model(name: str, rounds: int) -> dict:
         }
     return {"n_params": n_params, "n_tensors": len(list(model.parameters())), "largest_param_mb": largest / 2**20,
             "rounds": rounds, "peers": results}
-
-
-def environment() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    versions = {}
-    for package in ("torch", "transformers", "adam-mini", "pytorch-optimizer"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": versions,
-        "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-    }
 
 
 def table(report: dict) -> str:
@@ -232,32 +251,40 @@ def plot(report: dict, path: Path) -> None:
         ax.invert_yaxis()
         for y, ratio in enumerate(ratios):
             ax.text(ratio, y, f" {ratio:.2f}x", va="center", fontsize=8)
-    env = report["environment"]
-    fig.suptitle(f"Optimizer step, {env['torch_threads']} threads, {env['cpu']}, torch {env['versions']['torch']}", fontsize=10)
+    machine, versions = report["environment"]["machine"], report["environment"]["versions"]
+    where = machine.get("gpu") or f"{machine['torch_threads']} threads, {machine['cpu']}"
+    fig.suptitle(f"Optimizer step, {where}, torch {versions['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all but llama-1b on the CPU, all on CUDA")
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per peer (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "step_speed.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/step_speed.json (_cuda.json on CUDA)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = args.out or HERE / ("step_speed.json" if args.device == "cpu" else "step_speed_cuda.json")
 
-    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment()}
-    report["fused_kernel"] = kernel_build_seconds() if _fused_cpu.available() else {"available": False}
-    print("fused kernel:", report["fused_kernel"], flush=True)
+    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "environment": environment(args.device, ("adam-mini", "pytorch-optimizer", "triton"))}
+    if device.type == "cpu":
+        report["fused_kernel"] = kernel_build_seconds() if _fused_cpu.available() else {"available": False}
+        print("fused kernel:", report["fused_kernel"], flush=True)
     report["models"] = {}
-    for name in args.models:
-        report["models"][name] = bench_model(name, args.rounds)
-    report["environment"]["load_average_at_end"] = os.getloadavg()
+    for name in args.models or DEFAULT_MODELS[args.device]:
+        report["models"][name] = bench_model(name, args.rounds, device)
+    report["environment"]["machine"]["load_average_end"] = list(os.getloadavg())
     print("\n" + table(report))
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ from . import hf
 from .optim.adam_mini import AdamMini
 from .optim.adapm import AdaPM
 from .optim.sgd_sai import SGDSaI
-from .optim.blockwise_lr import blockwise_lr
+from .optim.blockwise_lr import blockwise_lr, sharpness_ratios
 from .optim.state import state_bytes
 from .partition import BlockSpec, PartitionWarning, Plan, partition, register_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaPM", "AdamMini", "BlockSpec", "PartitionWarning", "Plan", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "state_bytes", "__version__"]
+__all__ = ["AdaPM", "AdamMini", "BlockSpec", "PartitionWarning", "Plan", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]

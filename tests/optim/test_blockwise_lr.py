@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import blockopt
 from blockopt.bench.models import CONFIGS, build_model
-from blockopt.optim.blockwise_lr import BLOCK_TYPES, DEFAULT_RATIOS, ROLE_TO_TYPE, block_types
+from blockopt.optim.blockwise_lr import BLOCK_TYPES, DEFAULT_RATIOS, ROLE_TO_TYPE, block_types, resolve_ratios
 from blockopt.partition.spec import ROLES
 
 from .conftest import VOCAB, make_tiny
@@ -384,3 +384,53 @@ def test_plan_for_another_model():
 def test_vocab_constant_is_the_optim_tiny_model():
     # guards the fused-qkv test above: the tiny model's embedding is the token embedding
     assert make_tiny().embed.num_embeddings == VOCAB
+
+
+# ---- ratios from measured sharpness ------------------------------------------------------------
+def test_sharpness_ratios_scale_with_inverse_sqrt_of_sharpness():
+    ratios = blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0, "ffn": 0.25, "qk": 1e-4})
+    assert ratios["vo"] == 1.0  # the sharpest type is the base
+    assert ratios["norm"] == pytest.approx(2.0)  # sqrt(4 / 1)
+    assert ratios["ffn"] == pytest.approx(4.0)  # sqrt(4 / 0.25)
+    assert ratios["qk"] == 10.0  # sqrt(4e4) = 200, capped at max_ratio
+    assert ratios["embedding"] == ratios["head"] == ratios["bias"] == 1.0  # not measured: the base
+    assert "qkv" not in ratios and resolve_ratios(ratios)["qkv"] == 1.0  # min(qk, vo)
+
+
+def test_sharpness_ratios_power_and_cap():
+    ratios = blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0, "qk": 0.01}, power=1.0, max_ratio=50.0)
+    assert ratios["norm"] == pytest.approx(4.0) and ratios["qk"] == pytest.approx(50.0)
+    assert blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0}, max_ratio=1.0)["norm"] == 1.0
+
+
+def test_sharpness_ratios_from_a_report_feed_blockwise_lr():
+    from blockopt.hessian import SharpnessReport, TypeSharpness
+
+    report = SharpnessReport([
+        TypeSharpness("embedding", 10, ("e",), gauss_newton_per_param=9e-4, trace_per_param=-1.0),
+        TypeSharpness("vo", 10, ("v",), gauss_newton_per_param=3.6e-3, trace_per_param=2.0),
+    ], settings={})
+    ratios = blockopt.sharpness_ratios(report)
+    assert ratios["embedding"] == pytest.approx(2.0) and ratios["vo"] == 1.0
+    model = make_tiny()
+    groups = blockopt.blockwise_lr(model, lr=1e-3, ratios=ratios)
+    lrs = {g["block_type"]: g["lr"] for g in groups}
+    assert lrs["embedding"] == pytest.approx(2e-3) and lrs["norm"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="positive.*gauss_newton"):
+        blockopt.sharpness_ratios(report, measure="trace")  # the embedding's trace is negative
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({}, "non-empty"),
+    ({"vo": 1.0, "emb": 0.5}, "unknown block type.*'emb'"),
+    ({"vo": 1.0, "qk": 0.0}, "positive"),
+    ({"vo": float("nan")}, "finite"),
+])
+def test_sharpness_ratios_refuse_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        blockopt.sharpness_ratios(bad)
+
+
+def test_sharpness_ratios_refuse_a_cap_below_one():
+    with pytest.raises(ValueError, match="max_ratio must be >= 1"):
+        blockopt.sharpness_ratios({"vo": 1.0}, max_ratio=0.5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import warnings
 
@@ -140,9 +141,10 @@ def test_coordinate_rule_is_adamw(interpreted):
     torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_wide_column_tiles_and_what_the_kernels_leave(interpreted):
+def test_wide_column_tiles_and_what_the_kernels_leave(interpreted, monkeypatch):
     """A column block wider than a tile gets a tile of its own; one wider than MAX_TILE_COLUMNS,
-    a non-contiguous gradient and a second moment of the wrong dtype are left to the caller."""
+    a contiguous block over MAX_BLOCK_ELEMENTS, a non-contiguous gradient and a second moment of
+    the wrong dtype are left to the caller."""
     wide = _fused_cuda.MAX_TILE_COLUMNS + 8
     layouts = [((5, 100), (1,), ((80, 80), (20, 1))), ((3, wide), (1,), ((wide, wide),)), ((6, 10), (0,), ((6, 1),))]
     specs = [BlockSpec(name=f"p{k}", shape=s, rule="heads", reason="test", block_dims=d, segments=g) for k, (s, d, g) in enumerate(layouts)]
@@ -162,6 +164,12 @@ def test_wide_column_tiles_and_what_the_kernels_leave(interpreted):
                             [step, step.clone()], [layout, layout], weight_decays=[0.0, 0.0], maximize=False, **HYPER)
     assert left == [0, 1]
     assert step.item() == 0  # nothing was stepped
+
+    v = torch.zeros(6, dtype=torch.float64)
+    monkeypatch.setattr(_fused_cuda, "MAX_BLOCK_ELEMENTS", 10)
+    assert _fused_cuda._fits(p, g.contiguous(), m, v, layout)
+    monkeypatch.setattr(_fused_cuda, "MAX_BLOCK_ELEMENTS", 9)  # rows of 10 elements are now too long
+    assert not _fused_cuda._fits(p, g.contiguous(), m, v, layout)
 
 
 def test_the_optimizer_routes_cuda_tensors_to_the_kernels(interpreted, monkeypatch):
@@ -225,6 +233,46 @@ def test_the_cpu_never_reaches_the_cuda_kernels(monkeypatch):
     state = _state(specs, params, torch.float64)
     _fused.fused_adam_mini(state[0], grads[0], *state[1:], specs, weight_decays=[0.0] * len(specs), maximize=False,
                            reduce_block_sums=None, **HYPER)
+
+
+# ---- compiled ------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = """
+import sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blockopt.optim import _fused_cuda, _triton_kernels as k
+
+arch, dtype = int(sys.argv[1]), getattr(tl, sys.argv[2])
+math_dtype = tl.float64 if dtype == tl.float64 else tl.float32
+coeffs = "*fp64" if math_dtype == tl.float64 else "*fp32"
+common = dict(DTYPE=dtype, MATH=math_dtype, MAXIMIZE=True)
+cols = _fused_cuda.MAX_TILE_COLUMNS
+kernels = [
+    (k.blocks_kernel, ["ptrs", "coeffs", "items"], dict(common, BLOCK=_fused_cuda.BLOCK), 4),
+    (k.columns_kernel, ["ptrs", "coeffs", "items", "column_blocks"], dict(common, ROWS=4096 // cols, COLS=cols), 8),
+    (k.coordinates_kernel, ["ptrs", "coeffs", "items"], dict(common, BLOCK=_fused_cuda.BLOCK), 4),
+]
+for fn, pointers, constexprs, warps in kernels:
+    signature = {name: coeffs if name == "coeffs" else "*i64" for name in pointers}
+    signature.update({name: "constexpr" for name in constexprs})
+    binary = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    assert binary.asm["cubin"] and "st.local" not in binary.asm["ptx"], fn  # built, no register spills
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_kernels_compile_for_a_gpu_without_one(dtype):
+    """Triton compiles the kernels ahead of time to an H100's machine code (sm_90) with no GPU
+    present: what the interpreter can't check (types, the barrier, register pressure) is checked
+    by the real compiler here. Runs in a fresh interpreter, as this one has Triton interpreting."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, "90", dtype], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # ---- compiled, on a real GPU ---------------------------------------------------------------------

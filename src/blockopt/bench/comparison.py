@@ -302,14 +302,16 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def environment(device: str = "cpu") -> dict:
-    """Versions and machine facts for the JSON (load average included: these machines are shared)."""
+def environment(device: str = "cpu", distributions: tuple[str, ...] = ()) -> dict:
+    """Versions and machine facts for the JSON (load average included: these machines are shared);
+    ``distributions`` adds the versions of more packages (``None`` where not installed)."""
     machine = {
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": device,
     }
     if hasattr(os, "getloadavg"):
@@ -323,7 +325,7 @@ def environment(device: str = "cpu") -> dict:
     if torch.device(device).type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
     versions = {"python": platform.python_version(), "torch": torch.__version__, "blockopt": blockopt.__version__}
-    for distribution in ("tokenizers", "matplotlib", "tqdm", "transformers"):
+    for distribution in ("tokenizers", "matplotlib", "tqdm", "transformers", *distributions):
         versions[distribution] = _version(distribution)
     return {"versions": versions, "machine": machine}
 

@@ -13,11 +13,13 @@ interpreter (``TRITON_INTERPRET=1``); see ``tests/optim/test_fused_cuda.py``.
 Note [which tensors the CUDA kernels take]: dense contiguous tensors of float32, float64,
 bfloat16 or float16 (gradient and first moment alike; second moments in the statistics dtype) on
 one device, whose layout a kernel knows (`KernelLayout`). Column blocks wider than
-`MAX_TILE_COLUMNS` columns are left to the batched path.
+`MAX_TILE_COLUMNS` columns, and contiguous blocks of more than `MAX_BLOCK_ELEMENTS` elements (a
+block is one program, which would run alone for long), are left to the batched path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -31,6 +33,7 @@ from .state import stat_dtype
 
 TILE_COLUMNS = 64  # column blocks are packed into tiles of about this many columns
 MAX_TILE_COLUMNS = 128  # a column tile is held in registers: wider blocks go batched
+MAX_BLOCK_ELEMENTS = 1 << 22  # a contiguous block is one program: larger ones go batched
 BLOCK = 1024  # elements per vector operation in the blocks and coordinates kernels
 CHUNK = 1 << 16  # elements per program of the coordinates kernel
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -79,16 +82,18 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
         coeffs = torch.tensor(coeffs, dtype=math_dtype).to(device)
         work = _work_items(tuple(layouts[i] for i in idx), tuple(params[i].numel() for i in idx), device)
         kinds = dict(DTYPE=_tl_dtype(k, dtype), MATH=_tl_dtype(k, math_dtype), MAXIMIZE=bool(maximize))
-        if work.blocks is not None:
-            k.blocks_kernel[(work.blocks.shape[0],)](ptrs, coeffs, work.blocks, BLOCK=BLOCK, **kinds)
-        if work.columns is not None:
-            cols = work.tile_columns
-            k.columns_kernel[(work.columns.shape[0],)](
-                ptrs, coeffs, work.columns, work.column_blocks, ROWS=max(1, 4096 // cols), COLS=cols,
-                num_warps=8 if cols > 64 else 4, **kinds,
-            )
-        if work.coordinates is not None:
-            k.coordinates_kernel[(work.coordinates.shape[0],)](ptrs, coeffs, work.coordinates, BLOCK=BLOCK, **kinds)
+        # Triton launches on the current CUDA device: make it the tensors' own
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            if work.blocks is not None:
+                k.blocks_kernel[(work.blocks.shape[0],)](ptrs, coeffs, work.blocks, BLOCK=BLOCK, **kinds)
+            if work.columns is not None:
+                cols = work.tile_columns
+                k.columns_kernel[(work.columns.shape[0],)](
+                    ptrs, coeffs, work.columns, work.column_blocks, ROWS=max(1, 4096 // cols), COLS=cols,
+                    num_warps=8 if cols > 64 else 4, **kinds,
+                )
+            if work.coordinates is not None:
+                k.coordinates_kernel[(work.coordinates.shape[0],)](ptrs, coeffs, work.coordinates, BLOCK=BLOCK, **kinds)
         # the kernels write through raw pointers: tell autograd, as an in-place op would
         torch.autograd.graph.increment_version([params[i] for i in idx])
     return left
@@ -97,8 +102,10 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
 def _fits(p: Tensor, g: Tensor, m: Tensor, v: Tensor, layout: KernelLayout | None) -> bool:
     if layout is None or p.dtype not in _SUPPORTED:
         return False
-    if layout.bounds is not None and layout.outer > 1 and _widest_block(layout) > MAX_TILE_COLUMNS:
-        return False
+    if layout.bounds is not None:
+        widest = _widest_block(layout)
+        if widest > (MAX_TILE_COLUMNS if layout.outer > 1 else MAX_BLOCK_ELEMENTS):
+            return False
     like_p = all(t.dtype == p.dtype and t.shape == p.shape and t.device == p.device for t in (g, m))
     dense = all(t.layout == torch.strided and t.is_contiguous() and not t.is_neg() and not t.is_conj() for t in (p, g, m, v))
     return like_p and dense and v.dtype == stat_dtype(p) and v.device == p.device
