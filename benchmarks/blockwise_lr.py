@@ -14,6 +14,10 @@ trains six times over one full schedule (200 steps by default), with the same in
 * the same with the untied head at 4x (``--head-ratio``; chosen by a small sweep, see
   benchmarks/blockwise_lr.md),
 * Adam-mini at 2e-3 and Adam-mini + blockwise LR (paper ratios, base 2e-3),
+* AdamW and Adam-mini + blockwise LR with ratios from this model's own measured sharpness
+  (`blockopt.sharpness_ratios` on the Gauss-Newton sharpness at the last checkpoint of
+  ``--sharpness``, by default benchmarks/sharpness.json: ``(S_VO / S_type) ** 0.5``, the
+  sharpest type, VO, at the base LR 2e-3),
 
 validating every ``--eval-every`` steps. The figure of merit is the paper's: the number of steps a
 run needs to first reach plain AdamW's final validation loss, as a fraction of the steps AdamW
@@ -48,7 +52,18 @@ HERE = Path(__file__).resolve().parent
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 
 
-def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float, head_ratio: float, control_lr: float) -> dict:
+def measured_ratios(path: Path, power: float) -> dict[str, float] | None:
+    """`blockopt.sharpness_ratios` from the Gauss-Newton sharpness at the last checkpoint of a
+    benchmarks/sharpness.py report (None if there is no such file)."""
+    if not path.exists():
+        return None
+    checkpoints = json.loads(path.read_text())["checkpoints"]
+    last = checkpoints[max(checkpoints, key=int)]["types"]
+    return blockopt.sharpness_ratios({k: v["gauss_newton_per_param"] for k, v in last.items()}, power=power)
+
+
+def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float, head_ratio: float, control_lr: float,
+                    measured: dict[str, float] | None = None) -> dict:
     """name -> ``model -> optimizer``; the order is the order of the runs (and of the legend)."""
 
     def adamw(lr):
@@ -63,10 +78,12 @@ def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float, head_ratio: floa
     def mini(model):
         return blockopt.AdamMini(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
-    def mini_bw(model):
-        plan = blockopt.partition(model)  # AdamMini keeps the structural plan (heads) with groups
-        groups = blockopt.blockwise_lr(plan, lr=bw_mini_lr, params=model, weight_decay=WEIGHT_DECAY)
-        return blockopt.AdamMini(groups, betas=BETAS, eps=EPS, plan=plan)
+    def mini_bw(ratios=None):
+        def make(model):
+            plan = blockopt.partition(model)  # AdamMini keeps the structural plan (heads) with groups
+            groups = blockopt.blockwise_lr(plan, lr=bw_mini_lr, ratios=ratios, params=model, weight_decay=WEIGHT_DECAY)
+            return blockopt.AdamMini(groups, betas=BETAS, eps=EPS, plan=plan)
+        return make
 
     runs = {"AdamW": adamw(lr)}
     if control_lr:
@@ -75,12 +92,17 @@ def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float, head_ratio: floa
     if head_ratio:
         runs[f"AdamW + blockwise LR, head {head_ratio:g}x"] = adamw_bw({"head": head_ratio})
     runs["Adam-mini"] = mini
-    runs["Adam-mini + blockwise LR"] = mini_bw
+    runs["Adam-mini + blockwise LR"] = mini_bw()
+    if measured is not None:
+        runs["AdamW + measured-sharpness LR"] = adamw_bw(measured)
+        runs["Adam-mini + measured-sharpness LR"] = mini_bw(measured)
     return runs
 
 
 STYLES = {  # name prefix -> (color, line style); first match wins
     "AdamW (lr": ("grey", ":"),
+    "AdamW + measured": ("C3", "-"),
+    "Adam-mini + measured": ("C4", "-"),
     "AdamW + blockwise LR, head": ("C2", "-"),
     "AdamW + blockwise LR": ("C0", "-"),
     "AdamW": ("C0", "--"),
@@ -126,6 +148,9 @@ def main(argv=None) -> dict:
                         help="also run AdamW + blockwise LR with this head multiplier (0: skip)")
     parser.add_argument("--control-lr", type=float, default=4e-3,
                         help="also run plain AdamW at this LR, to tell a better LR recipe from a higher LR (0: skip)")
+    parser.add_argument("--sharpness", type=Path, default=HERE / "sharpness.json",
+                        help="sharpness.py report whose last checkpoint sets the measured ratios (skipped if missing)")
+    parser.add_argument("--power", type=float, default=0.5, help="power of the measured ratios (sharpness_ratios)")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
@@ -145,7 +170,11 @@ def main(argv=None) -> dict:
         grad_clip=1.0, eval_every=args.eval_every, eval_batches=args.eval_batches, seed=0,
     )
     results: dict[str, RunResult] = {}
-    for name, make in make_optimizers(args.lr, bw_lr, bw_mini_lr, args.head_ratio, args.control_lr).items():
+    measured = measured_ratios(args.sharpness, args.power)
+    print("measured-sharpness ratios:", "none (no report)" if measured is None else
+          {k: round(v, 2) for k, v in measured.items() if v != 1.0 or k == "vo"}, flush=True)
+    runs = make_optimizers(args.lr, bw_lr, bw_mini_lr, args.head_ratio, args.control_lr, measured)
+    for name, make in runs.items():
         t = time.perf_counter()
         results[name] = train_run(config, make, data, **loop, progress=sys.stderr.isatty(), desc=name)
         r = results[name]
@@ -179,6 +208,7 @@ def main(argv=None) -> dict:
         "settings": {**loop, "lr": args.lr, "bw_lr": bw_lr, "bw_mini_lr": bw_mini_lr, "head_ratio_variant": args.head_ratio,
                      "control_lr": args.control_lr, "betas": BETAS, "eps": EPS,
                      "weight_decay": WEIGHT_DECAY, "weight_decay_1d": 0.0, "ratios": resolve_ratios(),
+                     "measured_ratios": measured, "sharpness_report": os.path.relpath(args.sharpness, HERE.parent), "power": args.power,
                      "default_ratios": dict(DEFAULT_RATIOS)},
         "final_val_loss": {name: r.final_val_loss for name, r in results.items()},
         "final_train_loss": {name: r.final_train_loss for name, r in results.items()},
@@ -188,8 +218,11 @@ def main(argv=None) -> dict:
             "adamw_bw_head_steps_ratio": reach["AdamW"].get(f"AdamW + blockwise LR, head {args.head_ratio:g}x", {}).get("ratio"),
             "adamw_control_steps_ratio": reach["AdamW"].get(f"AdamW (lr {args.control_lr:g}, control)", {}).get("ratio"),
             "adam_mini_bw_steps_ratio_vs_adam_mini": mini_ratio,
+            "adamw_measured_steps_ratio": reach["AdamW"].get("AdamW + measured-sharpness LR", {}).get("ratio"),
+            "adam_mini_measured_steps_ratio_vs_adamw": reach["AdamW"].get("Adam-mini + measured-sharpness LR", {}).get("ratio"),
             "target_ratio": 0.6,
-            "met": adamw_ratio is not None and adamw_ratio <= 0.6,
+            "met": any(r is not None and r <= 0.6 for name, entry in reach["AdamW"].items()
+                       if "blockwise" in name or "measured" in name for r in [entry["ratio"]]),
         },
         "val_curves": {name: r.val_curve for name, r in results.items()},
         "train_curves": {name: r.train_curve for name, r in results.items()},

@@ -64,18 +64,19 @@ def pairwise(values: dict[str, float]) -> dict[str, bool]:
     return {f"{a} < {b}": values[a] < values[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]) if a in values and b in values}
 
 
-def plot(checkpoints: dict[int, dict], path: Path, title: str) -> None:
-    fig = Figure(figsize=(17, 4.2), layout="constrained")
+def plot(checkpoints: dict[int, dict], path: Path, title: str, measures=MEASURES) -> None:
+    fig = Figure(figsize=(17 * len(measures) / len(MEASURES) + 1, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(MEASURES))
+    axes = fig.subplots(1, len(measures), squeeze=False)[0]
     steps = sorted(checkpoints)
     types = PAPER_ORDER + [t for t in checkpoints[steps[-1]]["types"] if t not in PAPER_ORDER]
     width = 0.8 / len(steps)
-    for ax, (measure, key, label) in zip(axes, [
+    panels = [
         ("gauss_newton", "gauss_newton_per_param", "Tr(G_bb) / m_b (Gauss-Newton average sharpness)"),
         ("trace", "trace_per_param", "Tr(H_bb) / m_b (exact Hessian)"),
         ("lambda_max", "lambda_max", "λ_max(H_bb)"),
-    ]):
+    ]
+    for ax, (measure, key, label) in zip(axes, [panel for panel in panels if panel[0] in measures]):
         for j, step in enumerate(steps):
             entries = checkpoints[step]["types"]
             xs, ys, bad = [], [], []
@@ -108,6 +109,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes per type")
     parser.add_argument("--gn-samples", type=int, default=32, help="sampled label sets for the Gauss-Newton trace")
     parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
+    parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
+    parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
     args = parser.parse_args(argv)
@@ -117,7 +120,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    config = CONFIGS["demo"] if args.vocab is None else replace(CONFIGS["demo"], vocab_size=args.vocab)
+    config = CONFIGS["demo"]
+    if args.vocab is not None:
+        config = replace(config, vocab_size=args.vocab)
+    if args.dim is not None:
+        config = replace(config, dim=args.dim, mlp_hidden=None)
     tokenized = tokenize_corpus(load_corpus(None), config.vocab_size)
     data = split_ids(tokenized.ids)
     windows = _windows(data.val, 128)
@@ -133,15 +140,15 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         report = block_sharpness(
             model, lambda: model(batch[:, :-1], batch[:, 1:])[1], iters=args.iters, probes=args.probes, seed=0,
-            measures=MEASURES, logits_fn=lambda: model(batch[:, :-1])[0], gn_samples=args.gn_samples,
+            measures=args.measures, logits_fn=lambda: model(batch[:, :-1])[0], gn_samples=args.gn_samples,
         )
         entry = report.to_dict()
-        entry["ordering"] = {m: report.ordering(m) for m in MEASURES}
-        entry["paper_pairs"] = {m: pairwise(report.values_of(m)) for m in MEASURES}
+        entry["ordering"] = {m: report.ordering(m) for m in args.measures}
+        entry["paper_pairs"] = {m: pairwise(report.values_of(m)) for m in args.measures}
         entry["seconds"] = time.perf_counter() - t
         results[done] = entry
         print(f"--- after {done} steps ({entry['seconds']:.0f}s)\n{report}", flush=True)
-        for m in MEASURES:
+        for m in args.measures:
             print(f"    flattest -> sharpest ({m}):".ljust(38), " < ".join(entry["ordering"][m]), flush=True)
 
     def make(model):
@@ -162,7 +169,8 @@ def main(argv=None) -> dict:
 
     last = results[checkpoints[-1]]
     png = args.out.with_suffix(".png")
-    plot(results, png, f"demo Llama ({run.n_params:,} params): sharpness by block type, batch {args.batch}x128")
+    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}): "
+                       f"sharpness by block type, batch {args.batch}x128", args.measures)
     report = {
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "paper_order": PAPER_ORDER,

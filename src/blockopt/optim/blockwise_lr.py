@@ -14,6 +14,12 @@ per block type, each with its own ``lr``. Any optimizer that takes param groups 
 (``torch.optim.AdamW``, `blockopt.AdamMini`), and an LR scheduler scales each group's own peak,
 so the ratios hold over the whole schedule (warm-up and decay alike).
 
+The paper's table rests on its ordering. A model whose own ordering differs can take ratios
+from its own measurement instead: `sharpness_ratios` turns a `blockopt.hessian.block_sharpness`
+report into ``{block type: ratio}`` (``(S_sharpest / S_type) ** 0.5``; on the demo Llama this
+reached AdamW's final loss in 0.68x its steps at 200 steps, where the paper's table never did:
+benchmarks/blockwise_lr.md).
+
 Block types come from the Plan's ``spec.role`` (what the partition engine detected from the
 model's structure), never from parameter names:
 
