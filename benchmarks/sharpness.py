@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
 
     last = results[checkpoints[-1]]
     png = args.out.with_suffix(".png")
-    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}): "
+    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}):\n"
                        f"sharpness by block type, batch {args.batch}x128", args.measures)
     report = {
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
