@@ -103,25 +103,33 @@ class AdamMini(BlockwiseOptimizer):
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays) -> None:
         """Gather the group's tensors with a gradient (their local shards, for DTensors)."""
+        # Note: this loop runs every step for every tensor, so it reads each attribute once
+        # (models with thousands of small tensors spend a good part of a step here).
+        weight_decay, decay_1d, all_state = group["weight_decay"], group["decay_1d"], self.state
         for p, layout in zip(group["params"], self.layouts(group)):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("AdamMini does not support sparse gradients")
-            state = self.state[p]
+            state = all_state[p]
             if not state:
                 state[STEP] = torch.tensor(0.0, dtype=torch.float32)
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # one value per block meeting this rank's shard (all blocks when not sharded)
                 state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
-            params.append(local_tensor(p))
-            grads.append(local_tensor(p.grad))
-            exp_avgs.append(local_tensor(state[EXP_AVG]))
+            if type(p) is torch.nn.Parameter or type(p) is torch.Tensor:
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(state[EXP_AVG])
+            else:  # a DTensor (or another subclass): its local shard
+                params.append(local_tensor(p))
+                grads.append(local_tensor(grad))
+                exp_avgs.append(local_tensor(state[EXP_AVG]))
             exp_avg_sqs.append(state[EXP_AVG_SQ])
             steps.append(state[STEP])
             specs.append(layout)
-            decays = p.ndim >= 2 or group["decay_1d"]
-            weight_decays.append(group["weight_decay"] if decays else 0.0)
+            weight_decays.append(weight_decay if decay_1d or p.ndim >= 2 else 0.0)
 
     @torch.no_grad()
     def step(self, closure=None):
