@@ -24,20 +24,16 @@ from pathlib import Path
 import torch
 
 import blockopt
-from blockopt.bench.corpus import DEFAULT_MAX_BYTES, load_corpus, split_ids
-from blockopt.bench.demo import DEFAULT_STEPS, DEMO_CONFIG, _adamw, _environment
+from blockopt.bench.corpus import DEFAULT_MAX_BYTES
+from blockopt.bench.demo import DEFAULT_STEPS, DEMO_CONFIG, _adamw, _environment, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
 from blockopt.bench.plots import plot_loss_curves
-from blockopt.bench.tokenizer import tokenize_corpus
 from blockopt.bench.train import train_run
 from blockopt.optim.state import EXP_AVG, EXP_AVG_L, EXP_AVG_R
 
 HERE = Path(__file__).parent
 SETTINGS = {"lr": 2e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-LOOP = {
-    "steps": DEFAULT_STEPS, "batch_size": 32, "seq_len": 128, "warmup_steps": DEFAULT_STEPS // 5, "min_lr_ratio": 0.1,
-    "grad_clip": 1.0, "eval_every": DEFAULT_STEPS // 10, "eval_batches": 4, "seed": 0,
-}
+LOOP = demo_loop(DEFAULT_STEPS)
 # AdaPM as shipped (defaults) on the main comparison; variants only with --ablations.
 ADAPM_DEFAULT: dict = {}
 ABLATIONS: dict[str, dict] = {
@@ -77,9 +73,7 @@ def main() -> None:
 
     started = time.perf_counter()
     config = CONFIGS[DEMO_CONFIG]
-    text = load_corpus(None, max_bytes=DEFAULT_MAX_BYTES)
-    tokenized = tokenize_corpus(text, config.vocab_size)
-    data = split_ids(tokenized.ids)
+    tokenized, data = demo_data(config.vocab_size)
 
     variants = {"AdaPM": ADAPM_DEFAULT, **(ABLATIONS if args.ablations else {})}
     makers = {

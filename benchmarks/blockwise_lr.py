@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,10 +40,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import blockopt
-from blockopt.bench.corpus import load_corpus, split_ids
-from blockopt.bench.demo import _adamw
+from blockopt.bench.comparison import environment
+from blockopt.bench.demo import _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
-from blockopt.bench.tokenizer import tokenize_corpus
 from blockopt.bench.train import RunResult, train_run
 from blockopt.optim.blockwise_lr import DEFAULT_RATIOS, resolve_ratios
 
@@ -52,14 +50,17 @@ HERE = Path(__file__).resolve().parent
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 
 
-def measured_ratios(path: Path, power: float) -> dict[str, float] | None:
-    """`blockopt.sharpness_ratios` from the Gauss-Newton sharpness at the last checkpoint of a
-    benchmarks/sharpness.py report (None if there is no such file)."""
-    if not path.exists():
-        return None
+def final_sharpness(path: Path) -> tuple[int, dict[str, float]]:
+    """The last checkpoint of a benchmarks/sharpness.py report and its Gauss-Newton sharpness
+    ``{block type: Tr(G)/m}``."""
     checkpoints = json.loads(path.read_text())["checkpoints"]
-    last = checkpoints[max(checkpoints, key=int)]["types"]
-    return blockopt.sharpness_ratios({k: v["gauss_newton_per_param"] for k, v in last.items()}, power=power)
+    last = max(checkpoints, key=int)
+    return int(last), {k: v["gauss_newton_per_param"] for k, v in checkpoints[last]["types"].items()}
+
+
+def measured_ratios(path: Path, power: float) -> dict[str, float] | None:
+    """`blockopt.sharpness_ratios` from `final_sharpness` (None if there is no such report)."""
+    return blockopt.sharpness_ratios(final_sharpness(path)[1], power=power) if path.exists() else None
 
 
 def make_optimizers(lr: float, bw_lr: float, bw_mini_lr: float, head_ratio: float, control_lr: float,
@@ -162,13 +163,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     config = CONFIGS["demo"]
-    text = load_corpus(None)
-    tokenized = tokenize_corpus(text, config.vocab_size)
-    data = split_ids(tokenized.ids)
-    loop = dict(
-        steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5), min_lr_ratio=0.1,
-        grad_clip=1.0, eval_every=args.eval_every, eval_batches=args.eval_batches, seed=0,
-    )
+    tokenized, data = demo_data(config.vocab_size)
+    loop = demo_loop(args.steps, eval_every=args.eval_every, eval_batches=args.eval_batches)
     results: dict[str, RunResult] = {}
     measured = measured_ratios(args.sharpness, args.power)
     print("measured-sharpness ratios:", "none (no report)" if measured is None else
@@ -227,8 +223,7 @@ def main(argv=None) -> dict:
         "val_curves": {name: r.val_curve for name, r in results.items()},
         "train_curves": {name: r.train_curve for name, r in results.items()},
         "wall_s": time.perf_counter() - started,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                        "threads": args.threads},
+        "environment": environment("cpu"),  # versions, CPU, torch threads, load average
     }
     out_json = args.out.with_suffix(".json")
     out_json.write_text(json.dumps(report, indent=1) + "\n")

@@ -23,15 +23,13 @@ import torch
 
 import blockopt
 from blockopt.bench.comparison import environment
-from blockopt.bench.corpus import load_corpus, split_ids
-from blockopt.bench.demo import _adamw
+from blockopt.bench.demo import _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS
-from blockopt.bench.tokenizer import tokenize_corpus
 from blockopt.bench.train import train_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, steps_to_reach  # noqa: E402
+from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness, steps_to_reach  # noqa: E402
 
 # name -> (optimizer, power, max_ratio, base lr); power None: plain optimizer at that lr
 VARIANTS = {
@@ -49,10 +47,11 @@ VARIANTS = {
 __doc__ += "".join(f"\n    {name}: {spec}" for name, spec in VARIANTS.items()) + "\n"
 
 
-def make_optimizer(optimizer: str, power: float | None, max_ratio: float | None, lr: float, sharpness: dict):
-    if power is None:
+def make_optimizer(optimizer: str, lr: float, ratios: dict[str, float] | None):
+    """``model -> optimizer``: plain AdamW at ``lr`` without ratios, else ``optimizer`` on
+    `blockopt.blockwise_lr` groups."""
+    if ratios is None:
         return lambda model: _adamw(model, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    ratios = blockopt.sharpness_ratios(sharpness, power=power, max_ratio=max_ratio)
     if optimizer == "AdamW":
         return lambda model: torch.optim.AdamW(
             blockopt.blockwise_lr(model, lr=lr, ratios=ratios, weight_decay=WEIGHT_DECAY), betas=BETAS, eps=EPS)
@@ -74,22 +73,19 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    checkpoints = json.loads(args.sharpness.read_text())["checkpoints"]
-    last = max(checkpoints, key=int)
-    sharpness = {k: v["gauss_newton_per_param"] for k, v in checkpoints[last]["types"].items()}
+    last, sharpness = final_sharpness(args.sharpness)
 
     config = CONFIGS["demo"]
-    data = split_ids(tokenize_corpus(load_corpus(None), config.vocab_size).ids)
-    loop = dict(steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5), min_lr_ratio=0.1,
-                grad_clip=1.0, eval_every=5, eval_batches=4, seed=0)
+    _, data = demo_data(config.vocab_size)
+    loop = demo_loop(args.steps, eval_every=5)
     runs = {"AdamW": ("AdamW", None, None, 2e-3), **{name: VARIANTS[name] for name in args.variants}}
     results = {}
     for name, (optimizer, power, max_ratio, lr) in runs.items():
         t = time.perf_counter()
-        run = train_run(config, make_optimizer(optimizer, power, max_ratio, lr, sharpness), data, **loop, progress=False, desc=name)
+        ratios = None if power is None else blockopt.sharpness_ratios(sharpness, power=power, max_ratio=max_ratio)
+        run = train_run(config, make_optimizer(optimizer, lr, ratios), data, **loop, progress=False, desc=name)
         target = results["AdamW"]["final_val_loss"] if results else run.final_val_loss
         reached = steps_to_reach(run.val_curve, target)
-        ratios = None if power is None else blockopt.sharpness_ratios(sharpness, power=power, max_ratio=max_ratio)
         results[name] = {
             "optimizer": optimizer, "power": power, "max_ratio": max_ratio, "base_lr": lr,
             "ratios": None if ratios is None else {k: ratios[k] for k in sharpness},
@@ -101,7 +97,7 @@ def main(argv=None) -> dict:
               flush=True)
     report = {
         "command": "python benchmarks/blockwise_lr_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "sharpness": {"report": "benchmarks/" + args.sharpness.name, "checkpoint": int(last), "measure": "gauss_newton",
+        "sharpness": {"report": "benchmarks/" + args.sharpness.name, "checkpoint": last, "measure": "gauss_newton",
                       "values": sharpness},
         "settings": {**loop, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY},
         "runs": results,

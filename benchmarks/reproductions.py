@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import blockopt
-from blockopt.bench.corpus import load_corpus, split_ids
+from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, config_dict
 from blockopt.bench.peers import build_optimizer
-from blockopt.bench.tokenizer import tokenize_corpus
 from blockopt.bench.train import train_run
 
 OUT = Path(__file__).resolve().parent / "repro"
 SHARED = dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # `blockopt demo`'s settings
-LOOP = dict(steps=100, batch_size=32, seq_len=128, min_lr_ratio=0.1, grad_clip=1.0, eval_batches=4)
 VOCAB = 2048
 GPT2_DEMO = GPT2Config(vocab_size=VOCAB, dim=128, n_layers=4, n_heads=4, max_seq_len=128)
 
@@ -43,14 +39,9 @@ _data_cache: dict[int, object] = {}
 
 def data(vocab: int = VOCAB):
     if vocab not in _data_cache:
-        _data_cache[vocab] = split_ids(tokenize_corpus(load_corpus(None), vocab).ids)
+        _data_cache[vocab] = demo_data(vocab)[1]
     return _data_cache[vocab]
 
-
-def loop(steps: int = 100, **overrides) -> dict:
-    settings = {**LOOP, "steps": steps, "warmup_steps": max(1, steps // 5), "eval_every": max(1, steps // 10)}
-    settings.update(overrides)
-    return settings
 
 
 def peer(spec: str, **shared):
@@ -59,7 +50,7 @@ def peer(spec: str, **shared):
 
 def run(label: str, config, make, seed: int = 0, **settings):
     start = time.perf_counter()
-    result = train_run(config, make, data(config.vocab_size), **loop(**settings), seed=seed, progress=False, desc=label)
+    result = train_run(config, make, data(config.vocab_size), **demo_loop(**settings, seed=seed), progress=False, desc=label)
     print(f"  {label:<44} seed {seed}: val {result.final_val_loss:.4f}  train {result.final_train_loss:.4f}  "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return result
@@ -107,7 +98,7 @@ def gpt2(seeds=(0, 1, 2)) -> None:
     ax.set(xlabel="step", ylabel="validation loss", title=f"GPT-2-style ({runs['adamw'][0].n_params:,} params), min-max band")
     ax.legend()
     save("gpt2", {
-        "model": config_dict(GPT2_DEMO), "shared": SHARED, "loop": loop(), "seeds": list(seeds),
+        "model": config_dict(GPT2_DEMO), "shared": SHARED, "loop": demo_loop(), "seeds": list(seeds),
         "final_val": finals, "mean_final_val": means, "val_difference_per_seed": diffs,
         "val_difference_of_means": means["adam-mini"] / means["adamw"] - 1,
         "runs": {name: [r.to_dict() for r in rs] for name, rs in runs.items()},
@@ -144,9 +135,9 @@ def partition(lrs=(2e-3, 6e-3)) -> None:
         ax.set(xlabel="step", ylabel="train loss", title=f"demo Llama, peak lr {lr:g}", ylim=(4, 9))
         ax.legend(fontsize=8)
     save("partition", {
-        "model": config_dict(config), "shared": SHARED, "loop": loop(), "lrs": list(lrs),
+        "model": config_dict(config), "shared": SHARED, "loop": demo_loop(), "lrs": list(lrs),
         "final_val": {k: r.final_val_loss for k, r in results.items()},
-        "max_train_loss_after_warmup": {k: max(v for s, v in r.train_curve if s > loop()["warmup_steps"]) for k, r in results.items()},
+        "max_train_loss_after_warmup": {k: max(v for s, v in r.train_curve if s > demo_loop()["warmup_steps"]) for k, r in results.items()},
         "runs": {k: r.to_dict() for k, r in results.items()},
     }, fig)
 
@@ -169,7 +160,7 @@ def trajectory(every: int = 10) -> None:
             if step % every == 0:
                 holder[step] = torch.cat([p.detach().flatten() for p in holder["model"].parameters()]).clone()
 
-        results[label] = train_run(config, make, data(), **loop(), seed=0, progress=False, callback=snapshot)
+        results[label] = train_run(config, make, data(), **demo_loop(), progress=False, callback=snapshot)
         snapshots[label] = {k: v for k, v in holder.items() if isinstance(k, int)}
         print(f"  {label:<12} val {results[label].final_val_loss:.4f}", flush=True)
     reference = snapshots["adamw"]
@@ -187,7 +178,7 @@ def trajectory(every: int = 10) -> None:
     ax.set(xlabel="step", ylabel="||w - w_AdamW|| / ||w_AdamW - w_0||", title="Distance to AdamW's trajectory (demo Llama)")
     ax.legend()
     save("trajectory", {
-        "model": config_dict(config), "shared": SHARED, "loop": loop(), "every": every,
+        "model": config_dict(config), "shared": SHARED, "loop": demo_loop(), "every": every,
         "relative_distance_to_adamw": distances, "final_val": {k: r.final_val_loss for k, r in results.items()},
         "runs": {k: r.to_dict() for k, r in results.items()},
     }, fig)
@@ -200,7 +191,7 @@ def sensitivity(lrs=(1e-3, 2e-3, 4e-3, 8e-3), beta2s=(0.95, 0.99, 0.999), steps:
     for name in ("adamw", "adam-mini"):
         grid[name] = [[run(f"{name} lr={lr:g} beta2={b2}", config, peer(name, lr=lr, betas=(0.9, b2)), steps=steps).final_val_loss
                        for b2 in beta2s] for lr in lrs]
-    report = {"model": config_dict(config), "shared": SHARED, "loop": loop(steps), "lrs": list(lrs),
+    report = {"model": config_dict(config), "shared": SHARED, "loop": demo_loop(steps), "lrs": list(lrs),
               "beta2s": list(beta2s), "final_val": grid}
     save("sensitivity", report, sensitivity_figure(report))
 
@@ -245,7 +236,7 @@ def scaling() -> None:
         ax.plot(n, [row[name] for row in table.values()], marker="o", label=name)
     ax.set(xscale="log", xlabel="parameters", ylabel="final validation loss", title="Scaling (100 steps of 32x128 tokens)")
     ax.legend()
-    save("scaling", {"sizes": {k: config_dict(c) for k, c in SIZES.items()}, "shared": SHARED, "loop": loop(),
+    save("scaling", {"sizes": {k: config_dict(c) for k, c in SIZES.items()}, "shared": SHARED, "loop": demo_loop(),
                      "final_val": table}, fig)
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 import blockopt
 from blockopt.bench.corpus import load_corpus, split_ids
+from blockopt.bench.demo import demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
 from blockopt.bench.plots import plot_loss_curves
 from blockopt.bench.tokenizer import tokenize_corpus
@@ -63,10 +64,7 @@ def main() -> None:
     text = load_corpus(None)
     tokenized = tokenize_corpus(text, config.vocab_size)
     data = split_ids(tokenized.ids)
-    loop = dict(
-        steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5), min_lr_ratio=0.1,
-        grad_clip=1.0, eval_every=max(1, args.steps // 10), eval_batches=4, seed=0,
-    )
+    loop = demo_loop(args.steps)
     makers = {f"AdamW lr={ADAMW['lr']:g}": adamw}
     for lr in args.lrs:
         makers[f"SGD-SaI lr={lr:g}"] = lambda model, lr=lr: blockopt.SGDSaI(model, lr=lr, **SAI)

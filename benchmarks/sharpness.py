@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -34,9 +32,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from blockopt.bench.corpus import load_corpus, split_ids
+from blockopt.bench.comparison import environment
+from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
-from blockopt.bench.tokenizer import tokenize_corpus
 from blockopt.bench.train import _windows, train_run
 from blockopt.hessian import block_sharpness
 
@@ -125,8 +123,7 @@ def main(argv=None) -> dict:
         config = replace(config, vocab_size=args.vocab)
     if args.dim is not None:
         config = replace(config, dim=args.dim, mlp_hidden=None)
-    tokenized = tokenize_corpus(load_corpus(None), config.vocab_size)
-    data = split_ids(tokenized.ids)
+    _, data = demo_data(config.vocab_size)
     windows = _windows(data.val, 128)
     batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()]  # fixed, evenly spaced
 
@@ -161,9 +158,7 @@ def main(argv=None) -> dict:
         return MeasuredAdamW(groups, lr=2e-3, betas=(0.9, 0.95), eps=1e-8, hook=measure)
 
     run = train_run(
-        config, make, data, steps=args.steps, batch_size=32, seq_len=128, warmup_steps=max(1, args.steps // 5),
-        min_lr_ratio=0.1, grad_clip=1.0, eval_every=max(1, args.steps // 10), eval_batches=4, seed=0,
-        progress=sys.stderr.isatty(), desc="AdamW",
+        config, make, data, **demo_loop(args.steps), progress=sys.stderr.isatty(), desc="AdamW",
     )
     measure(args.steps)  # after the last step
 
@@ -183,8 +178,7 @@ def main(argv=None) -> dict:
         "final_ordering": last["ordering"],
         "final_paper_pairs": last["paper_pairs"],
         "wall_s": time.perf_counter() - started,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                        "threads": args.threads},
+        "environment": environment("cpu"),  # versions, CPU, torch threads, load average
     }
     out_json = args.out.with_suffix(".json")
     out_json.write_text(json.dumps(report, indent=1) + "\n")

@@ -48,3 +48,18 @@ def test_demo_smoke(corpus_file, tmp_path, capsys):
     assert saved["versions"]["blockopt"] == blockopt.__version__ and saved["versions"]["torch"]
     assert saved["machine"]["platform"]
     assert set(saved["timings_s"]) >= {"tokenizer", "run_AdamW", "run_Adam-mini", "total"}
+
+
+def test_demo_loop_is_the_demos_own_schedule():
+    """The benchmarks train with `demo_loop`; it must stay what `run_demo` uses by default."""
+    import inspect
+
+    from blockopt.bench.demo import DEFAULT_STEPS, demo_loop, run_demo
+
+    loop = demo_loop()
+    defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+    for key in ("steps", "batch_size", "seq_len", "min_lr_ratio", "grad_clip", "eval_batches", "seed"):
+        assert loop[key] == defaults[key], key
+    assert loop["warmup_steps"] == DEFAULT_STEPS // 5 and loop["eval_every"] == DEFAULT_STEPS // 10
+    short = demo_loop(7, eval_every=1, seed=3)
+    assert (short["steps"], short["warmup_steps"], short["eval_every"], short["seed"]) == (7, 1, 1, 3)

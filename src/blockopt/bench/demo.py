@@ -31,6 +31,23 @@ DEMO_CONFIG = "demo"
 DEFAULT_STEPS = 100
 
 
+def demo_loop(steps: int = DEFAULT_STEPS, **overrides) -> dict:
+    """`train_run`'s loop settings of the demo, for ``steps`` steps: batches of 32x128 tokens, 20%
+    linear warm-up then cosine to 0.1x, clipping at 1, validation every ``steps // 10`` steps on
+    4 batches, seed 0. ``overrides`` replace any of them. The benchmarks start from these."""
+    settings = dict(steps=steps, batch_size=32, seq_len=128, warmup_steps=max(1, steps // 5), min_lr_ratio=0.1,
+                    grad_clip=1.0, eval_every=max(1, steps // 10), eval_batches=4, seed=0)
+    settings.update(overrides)
+    return settings
+
+
+def demo_data(vocab_size: int, corpus: str | os.PathLike | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
+    """``(tokenized, splits)`` of a corpus (default: the built-in one) with a BPE vocabulary of
+    ``vocab_size`` (trained once, then cached): what every demo-style run trains on."""
+    tokenized = tokenize_corpus(load_corpus(corpus, max_bytes=max_bytes), vocab_size)
+    return tokenized, split_ids(tokenized.ids)
+
+
 def _adamw(model: nn.Module, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
     """AdamW matching Adam-mini's defaults: decay matrices and embeddings, not 1-D norm weights or biases."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -15,7 +15,6 @@ With every block of size one this is exactly AdamW.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
