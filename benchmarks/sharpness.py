@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--gn-samples", type=int, default=32, help="sampled label sets for the Gauss-Newton trace")
     parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
     parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="std of the weight matrices and embeddings at init (default: the demo's 0.02)")
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -123,6 +125,8 @@ def main(argv=None) -> dict:
         config = replace(config, vocab_size=args.vocab)
     if args.dim is not None:
         config = replace(config, dim=args.dim, mlp_hidden=None)
+    if args.init_std is not None:
+        config = replace(config, init_std=args.init_std)
     _, data = demo_data(config.vocab_size)
     windows = _windows(data.val, 128)
     batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()]  # fixed, evenly spaced
@@ -164,8 +168,8 @@ def main(argv=None) -> dict:
 
     last = results[checkpoints[-1]]
     png = args.out.with_suffix(".png")
-    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}):\n"
-                       f"sharpness by block type, batch {args.batch}x128", args.measures)
+    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}, "
+                       f"init std {config.init_std:g}):\nsharpness by block type, batch {args.batch}x128", args.measures)
     report = {
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "paper_order": PAPER_ORDER,

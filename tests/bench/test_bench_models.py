@@ -2,6 +2,8 @@
 
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -119,6 +121,18 @@ def test_residual_projections_start_smaller():
     assert layer.mlp.down_proj.weight.std() < 0.6 * layer.mlp.up_proj.weight.std()
 
 
+@pytest.mark.parametrize("arch", ["llama-tiny", "gpt2-tiny"])
+def test_init_std_scales_every_weight(arch):
+    config = CONFIGS[arch]
+    base = build_model(config, seed=3).state_dict()
+    scaled = build_model(replace(config, init_std=3 * config.init_std), seed=3).state_dict()
+    for name, tensor in base.items():
+        if tensor.ndim >= 2:  # matrices and embeddings: the same draw, 3x the scale
+            torch.testing.assert_close(scaled[name], 3 * tensor)
+        else:  # norm scales and biases keep their own init
+            assert torch.equal(scaled[name], tensor), name
+
+
 def test_gpt2_small_has_the_124m_shape():
     config = CONFIGS["gpt2-small"]
     shape = (config.vocab_size, config.n_layers, config.dim, config.n_heads, config.max_seq_len)
@@ -137,6 +151,8 @@ def test_gpt2_small_has_the_124m_shape():
         (dict(n_layers=0), "n_layers must be a positive int"),
         (dict(vocab_size=True), "vocab_size must be a positive int"),
         (dict(norm_eps=0.0), "must be positive"),
+        (dict(init_std=0.0), "init_std must be a positive finite number"),
+        (dict(init_std=float("nan")), "init_std must be a positive finite number"),
     ],
 )
 def test_llama_config_validation(kwargs, message):

@@ -25,6 +25,12 @@ def _check_positive(config: object, *names: str) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_init_std(config: object) -> None:
+    std = config.init_std
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
+        raise ValueError(f"init_std must be a positive finite number, got {std!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """A Llama-style decoder: RMSNorm pre-norms, RoPE, grouped-query attention, SwiGLU MLP.
@@ -43,6 +49,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    init_std: float = INIT_STD  # std of every weight matrix and embedding at init
 
     def __post_init__(self) -> None:
         # Resolve the derived defaults once, so every reader sees concrete ints.
@@ -59,6 +66,7 @@ class LlamaConfig:
             raise ValueError(f"head_dim (dim / n_heads = {self.head_dim}) must be even for RoPE")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"rope_theta and norm_eps must be positive, got {self.rope_theta}, {self.norm_eps}")
+        _check_init_std(self)
 
     @property
     def head_dim(self) -> int:
@@ -77,6 +85,7 @@ class GPT2Config:
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    init_std: float = INIT_STD  # std of every weight matrix and embedding at init
 
     def __post_init__(self) -> None:
         if self.mlp_hidden is None:
@@ -86,6 +95,7 @@ class GPT2Config:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        _check_init_std(self)
 
     @property
     def head_dim(self) -> int:
@@ -229,15 +239,16 @@ class _LanguageModel(nn.Module):
     def reset_parameters(self, seed: int = 0) -> None:
         """Initialize every weight from ``seed`` alone (the global RNG is neither read nor advanced)."""
         generator = torch.Generator().manual_seed(seed)
-        residual_std = INIT_STD / math.sqrt(2 * self.config.n_layers)
+        base_std = self.config.init_std
+        residual_std = base_std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                std = residual_std if name.rsplit(".", 1)[-1] in self._RESIDUAL_OUT else INIT_STD
+                std = residual_std if name.rsplit(".", 1)[-1] in self._RESIDUAL_OUT else base_std
                 _normal_(module.weight, std, generator)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
-                _normal_(module.weight, INIT_STD, generator)
+                _normal_(module.weight, base_std, generator)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
