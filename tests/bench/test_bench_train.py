@@ -76,3 +76,63 @@ def test_bad_arguments(data):
         train_run("llama-tiny", adamw(), data, steps=0, **LOOP)
     with pytest.raises(ValueError, match="more than seq_len"):
         train_run("llama-tiny", adamw(), data._replace(val=data.val[:10]), steps=1, **LOOP)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("shared_floor", [False, True])
+def test_shared_floor_ends_every_blockwise_group_at_the_base_floor(data, schedule, shared_floor):
+    base, floor_ratio, steps = 1e-3, 0.1, 12
+    lrs: list[dict[str, float]] = []
+    holder = {}
+
+    def make(model):
+        groups = blockopt.blockwise_lr(model, lr=base, weight_decay=0.1)
+        holder["opt"] = torch.optim.AdamW(groups)
+        return holder["opt"]
+
+    def record(step, loss):  # after each step: the LR the next step will use
+        lrs.append({g["block_type"]: g["lr"] for g in holder["opt"].param_groups})
+
+    train_run("llama-tiny", make, data, steps=steps, warmup_steps=3, min_lr_ratio=floor_ratio, schedule=schedule,
+              shared_floor=shared_floor, callback=record, **LOOP)
+    ratios = {g["block_type"]: g["lr_ratio"] for g in holder["opt"].param_groups}
+    assert len(set(ratios.values())) > 1  # the test means something only with unequal ratios
+    peak_step = lrs[1]  # after step 2 of a 3-step warm-up: the peak
+    for block_type, ratio in ratios.items():
+        assert peak_step[block_type] == pytest.approx(base * ratio)
+        # `lrs[-1]` is the schedule at `steps`, the end of the decay: the floor.
+        expected_floor = base * floor_ratio if shared_floor else base * ratio * floor_ratio
+        assert lrs[-1][block_type] == pytest.approx(expected_floor, rel=1e-6)
+    # In between, every group is the same fraction of the way from its peak to its floor.
+    for step_lrs in lrs[1:]:
+        progress = {
+            t: (ratios[t] * base - lr) / (ratios[t] * base - (base if shared_floor else ratios[t] * base) * floor_ratio)
+            for t, lr in step_lrs.items()
+        }
+        assert max(progress.values()) - min(progress.values()) < 1e-9
+
+
+def test_shared_floor_rejects_a_group_without_a_usable_lr_ratio(data):
+    def make(model):
+        return torch.optim.AdamW([{"params": list(model.parameters()), "lr_ratio": 0.0}], lr=1e-3)
+
+    with pytest.raises(ValueError, match="param group 0 has lr_ratio=0.0"):
+        train_run("llama-tiny", make, data, steps=2, shared_floor=True, **LOOP)
+
+
+def test_shared_floor_keeps_a_group_below_the_floor_at_its_peak(data):
+    lrs = []
+    holder = {}
+
+    def make(model):
+        params = list(model.parameters())
+        holder["opt"] = torch.optim.AdamW([
+            {"params": params[:1], "lr": 1e-4, "lr_ratio": 0.05},  # base 2e-3: the floor 2e-4 is above its peak
+            {"params": params[1:], "lr": 2e-3, "lr_ratio": 1.0},
+        ])
+        return holder["opt"]
+
+    train_run("llama-tiny", make, data, steps=6, warmup_steps=1, min_lr_ratio=0.1, shared_floor=True,
+              callback=lambda step, loss: lrs.append([g["lr"] for g in holder["opt"].param_groups]), **LOOP)
+    assert all(low == pytest.approx(1e-4) for low, _ in lrs)
+    assert lrs[-1][1] == pytest.approx(2e-4)

@@ -12,6 +12,7 @@ as one that was never interrupted (Note [exact resume]).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -159,6 +160,7 @@ def train_run(
     min_lr_ratio: float = 0.1,
     schedule: str = "cosine",
     decay_fraction: float = DEFAULT_DECAY_FRACTION,
+    shared_floor: bool = False,
     grad_clip: float | None = 1.0,
     eval_every: int = 50,
     eval_batches: int = 4,
@@ -183,6 +185,10 @@ def train_run(
         warmup_steps: linear LR warm-up length (default: 10% of ``steps``); then ``schedule``
             (``"cosine"``, ``"wsd"`` or ``"constant"``, see `lr_factor`) down to ``min_lr_ratio``
             times the peak; WSD decays over the last ``decay_fraction`` of the run.
+        shared_floor: with `blockopt.blockwise_lr` groups, end every group at the same absolute
+            LR, ``min_lr_ratio`` times the base (each group's peak over its ``lr_ratio``), as the
+            Blockwise LR authors do, instead of ``min_lr_ratio`` times the group's own peak. A
+            group without ``lr_ratio`` counts as ratio 1.
         grad_clip: max global gradient norm; ``None`` or 0 disables clipping.
         eval_every: validate every this many steps (and always after the last one) on
             ``eval_batches`` fixed batches spread evenly over the validation ids.
@@ -221,26 +227,43 @@ def train_run(
         return _train(
             model_config, make_optimizer, data, steps=steps, batch_size=batch_size, seq_len=seq_len,
             warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule, decay_fraction=decay_fraction,
-            grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches, seed=seed, device=device,
-            progress=progress, desc=desc, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+            shared_floor=shared_floor, grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches,
+            seed=seed, device=device, progress=progress, desc=desc, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
             checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
         )
 
 
+def _group_floors(optimizer: torch.optim.Optimizer, min_lr_ratio: float) -> list[float]:
+    """Each group's floor as a fraction of its own peak, so that all end at ``min_lr_ratio`` times
+    the base: a group of LR ratio r decays to ``min_lr_ratio / r`` (at most 1: a group whose peak is
+    already below the shared floor stays at its peak)."""
+    floors = []
+    for index, group in enumerate(optimizer.param_groups):
+        ratio = group.get("lr_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise ValueError(f"param group {index} has lr_ratio={ratio!r}; shared_floor needs a positive finite lr_ratio")
+        floors.append(min(1.0, min_lr_ratio / ratio))
+    return floors
+
+
 def _train(
     model_config, make_optimizer, data, *, steps, batch_size, seq_len, warmup_steps, min_lr_ratio, schedule,
-    decay_fraction, grad_clip, eval_every, eval_batches, seed, device, progress, desc, checkpoint_dir,
+    decay_fraction, shared_floor, grad_clip, eval_every, eval_batches, seed, device, progress, desc, checkpoint_dir,
     checkpoint_every, resume, fingerprint, callback,
 ) -> RunResult:
     start = time.perf_counter()
     model = _build(model_config, seed).to(device)
     optimizer = make_optimizer(model)
+    floors = _group_floors(optimizer, min_lr_ratio) if shared_floor else [min_lr_ratio] * len(optimizer.param_groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(
-            step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
-            schedule=schedule, decay_fraction=decay_fraction,
-        ),
+        [
+            lambda step, floor=floor: lr_factor(
+                step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=floor,
+                schedule=schedule, decay_fraction=decay_fraction,
+            )
+            for floor in floors
+        ],
     )
 
     train_windows = _windows(data.train, seq_len)
