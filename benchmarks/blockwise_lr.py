@@ -50,12 +50,12 @@ HERE = Path(__file__).resolve().parent
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.95), 1e-8, 0.1
 
 
-def final_sharpness(path: Path) -> tuple[int, dict[str, float]]:
-    """The last checkpoint of a benchmarks/sharpness.py report and its Gauss-Newton sharpness
-    ``{block type: Tr(G)/m}``."""
+def final_sharpness(path: Path, checkpoint: int | None = None) -> tuple[int, dict[str, float]]:
+    """A checkpoint of a benchmarks/sharpness.py report (default: the last) and its Gauss-Newton
+    sharpness ``{block type: Tr(G)/m}``."""
     checkpoints = json.loads(path.read_text())["checkpoints"]
-    last = max(checkpoints, key=int)
-    return int(last), {k: v["gauss_newton_per_param"] for k, v in checkpoints[last]["types"].items()}
+    key = max(checkpoints, key=int) if checkpoint is None else str(checkpoint)
+    return int(key), {k: v["gauss_newton_per_param"] for k, v in checkpoints[key]["types"].items()}
 
 
 def measured_ratios(path: Path, power: float) -> dict[str, float] | None:

@@ -1,0 +1,174 @@
+"""Blockwise LR probes: which block types take a higher LR, and what else moves the figure of merit.
+
+    python benchmarks/blockwise_lr_probes.py        # blockwise_lr_probes.json (about 25 min)
+
+Same model, corpus, schedule and figure of merit as benchmarks/blockwise_lr.py: the demo Llama,
+batches of 32 x 128 tokens, 20% warm-up then cosine to 0.1x, and the steps a run needs to first
+reach plain AdamW's final validation loss after ``--steps`` (200), as a fraction of those steps.
+Every run starts from the same init and sees the same batches. Groups of runs:
+
+* ``probe-<type>``: AdamW with one block type at 3x the base LR (2e-3), every other type at 1x.
+  Which types gain from a faster LR, and which lose?
+* ``floor-*``: the shared LR floor of the Blockwise LR authors (every group decays to the same
+  absolute LR, ``train_run(shared_floor=True)``) instead of each group's own 0.1x.
+* ``init-*``: ratios from the sharpness at initialisation (checkpoint 0 of sharpness.json), which
+  needs no pilot training run.
+* ``short-*``: whole schedules (warm-up and decay) of ``--short`` times the steps. A run counts as
+  a speed-up of that size if its *final* loss reaches AdamW's: the other way to read "steps to
+  reach AdamW's loss over a full schedule".
+* ``combo-*``: ratio tables guided by the probes.
+
+Ratios named "measured" are `blockopt.sharpness_ratios` (power 0.5) of the Gauss-Newton sharpness
+at the last checkpoint of ``--sharpness`` (benchmarks/sharpness.json), as in blockwise_lr.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import blockopt
+from blockopt.bench.comparison import environment
+from blockopt.bench.demo import demo_data, demo_loop
+from blockopt.bench.models import CONFIGS
+from blockopt.bench.train import train_run
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness, steps_to_reach  # noqa: E402
+from blockwise_lr_sweep import make_optimizer  # noqa: E402
+
+BASE_LR = 2e-3
+PROBE_RATIO = 3.0
+PROBED = ("embedding", "head", "qk", "vo", "ffn", "norm")
+
+
+def table(**ratios: float) -> dict[str, float]:
+    """A ratio table over the probed types: the given ones, 1 for the rest."""
+    return {t: float(ratios.get(t, 1.0)) for t in PROBED}
+
+
+def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str, dict]:
+    """name -> run spec: optimizer, ratios (None: plain AdamW), base LR, share of the steps, shared floor."""
+
+    def run(optimizer="AdamW", ratios=None, lr=BASE_LR, fraction=1.0, shared_floor=False, group=""):
+        return dict(optimizer=optimizer, ratios=ratios, lr=lr, fraction=fraction, shared_floor=shared_floor, group=group)
+
+    specs = {f"probe-{t}": run(ratios=table(**{t: PROBE_RATIO}), group="probe") for t in PROBED}
+    specs.update({
+        "floor-measured": run(ratios=measured, shared_floor=True, group="floor"),
+        "floor-mini-measured": run("AdamMini", measured, shared_floor=True, group="floor"),
+        "init-measured": run(ratios=at_init, group="init"),
+        "init-mini-measured": run("AdamMini", at_init, group="init"),
+        "short-adamw": run(fraction=None, group="short"),
+        "short-control-4e-3": run(lr=4e-3, fraction=None, group="short"),
+        "short-measured": run(ratios=measured, fraction=None, group="short"),
+        "short-mini-measured": run("AdamMini", measured, fraction=None, group="short"),
+        "combo-a": run(ratios=table(head=3, embedding=3, norm=3, qk=3), group="combo"),
+        "combo-c": run(ratios={**measured, "ffn": 1.0, "head": 4.0}, group="combo"),
+        "combo-mini-a": run("AdamMini", table(head=3, embedding=3, norm=3, qk=3), group="combo"),
+    })
+    return specs
+
+
+def plot(target_curve, results: dict, path: Path, title: str) -> None:
+    """Left: validation curves of the full-length runs that are not probes. Right: each probe's
+    final loss against AdamW's."""
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    curves, bars = fig.subplots(1, 2)
+    target = target_curve[-1][1]
+    curves.plot(*zip(*target_curve), "--", color="black", label="AdamW", linewidth=1.3)
+    for i, (name, r) in enumerate((n, r) for n, r in results.items() if r["group"] not in ("probe", "short")):
+        curves.plot(*zip(*r["val_curve"]), color=f"C{i}", label=name, linewidth=1.2)
+    curves.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+    last = min([target] + [r["final_val_loss"] for r in results.values()])
+    curves.set(xlabel="step", ylabel="validation loss (nats/token)", ylim=(last - 0.05, target + 0.8),
+               title="full-length runs (dotted: AdamW's final loss)")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    probes = {n.removeprefix("probe-"): r["final_val_loss"] for n, r in results.items() if r["group"] == "probe"}
+    if probes:
+        bars.bar(list(probes), [v - target for v in probes.values()],
+                 color=["C2" if v < target else "C3" for v in probes.values()])
+        bars.axhline(0, color="black", linewidth=0.8)
+        bars.set(ylabel="final val loss minus AdamW's", title=f"one block type at {PROBE_RATIO:g}x the base LR")
+        bars.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--short", type=float, default=0.6, help="length of the short-* schedules, as a share of --steps")
+    parser.add_argument("--sharpness", type=Path, default=HERE / "sharpness.json")
+    parser.add_argument("--seed", type=int, default=0, help="init and batch order of every run")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants (AdamW always runs)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "blockwise_lr_probes.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    measured = blockopt.sharpness_ratios(final_sharpness(args.sharpness)[1])
+    at_init = blockopt.sharpness_ratios(final_sharpness(args.sharpness, checkpoint=0)[1])
+    specs = variants(measured, at_init)
+    if args.only:
+        unknown = sorted(set(args.only) - set(specs))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {sorted(specs)}")
+        specs = {name: specs[name] for name in args.only}
+
+    config = CONFIGS["demo"]
+    _, data = demo_data(config.vocab_size)
+    reference = train_run(config, make_optimizer("AdamW", BASE_LR, None), data,
+                          **demo_loop(args.steps, eval_every=5, seed=args.seed), progress=False)
+    target = reference.final_val_loss
+    print(f"AdamW ({args.steps} steps): final val {target:.4f}", flush=True)
+    results = {}
+    for name, spec in specs.items():
+        t = time.perf_counter()
+        steps = args.steps if spec["fraction"] is not None else round(args.short * args.steps)
+        loop = demo_loop(steps, eval_every=5, seed=args.seed)
+        run = train_run(config, make_optimizer(spec["optimizer"], spec["lr"], spec["ratios"]), data, **loop,
+                        shared_floor=spec["shared_floor"], progress=False, desc=name)
+        reached = steps_to_reach(run.val_curve, target)
+        results[name] = {
+            **{k: v for k, v in spec.items() if k != "fraction"}, "steps": steps,
+            "ratios": None if spec["ratios"] is None else {k: round(v, 4) for k, v in spec["ratios"].items()},
+            "final_val_loss": run.final_val_loss,
+            "steps_to_adamw_final": reached,
+            "steps_ratio": None if reached is None else reached / args.steps,
+            "val_curve": run.val_curve,
+        }
+        shown = "never" if reached is None else f"{reached} ({reached / args.steps:.3f}x)"
+        print(f"{name:<22} {steps} steps  final val {run.final_val_loss:.4f}  steps to AdamW's final: {shown}"
+              f"  ({time.perf_counter() - t:.0f}s)", flush=True)
+    report = {
+        "command": "python benchmarks/blockwise_lr_probes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "target": {"what": f"AdamW's final validation loss after {args.steps} steps", "val_loss": target,
+                   "val_curve": reference.val_curve},
+        "settings": {**demo_loop(args.steps, eval_every=5, seed=args.seed), "base_lr": BASE_LR, "probe_ratio": PROBE_RATIO,
+                     "short": args.short, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY,
+                     "sharpness_report": "benchmarks/" + args.sharpness.name},
+        "runs": results,
+        "wall_s": time.perf_counter() - started,
+        "environment": environment("cpu"),
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(reference.val_curve, results, png, f"demo Llama, {args.steps} steps, seed {args.seed}: blockwise LR probes")
+    print(f"wrote {args.out} and {png} ({report['wall_s']:.0f}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
