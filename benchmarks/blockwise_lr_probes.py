@@ -81,9 +81,10 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
 def plot(target_curve, results: dict, path: Path, title: str) -> None:
     """Left: validation curves of the full-length runs that are not probes. Right: each probe's
     final loss against AdamW's."""
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    probes = {n.removeprefix("probe-"): r["final_val_loss"] for n, r in results.items() if r["group"] == "probe"}
+    fig = Figure(figsize=(12 if probes else 6.5, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
-    curves, bars = fig.subplots(1, 2)
+    curves, *bars = fig.subplots(1, 2 if probes else 1, squeeze=False)[0]
     target = target_curve[-1][1]
     curves.plot(*zip(*target_curve), "--", color="black", label="AdamW", linewidth=1.3)
     for i, (name, r) in enumerate((n, r) for n, r in results.items() if r["group"] not in ("probe", "short")):
@@ -94,8 +95,8 @@ def plot(target_curve, results: dict, path: Path, title: str) -> None:
                title="full-length runs (dotted: AdamW's final loss)")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
-    probes = {n.removeprefix("probe-"): r["final_val_loss"] for n, r in results.items() if r["group"] == "probe"}
     if probes:
+        bars = bars[0]
         bars.bar(list(probes), [v - target for v in probes.values()],
                  color=["C2" if v < target else "C3" for v in probes.values()])
         bars.axhline(0, color="black", linewidth=0.8)

@@ -18,7 +18,10 @@ The paper's table rests on its ordering. A model whose own ordering differs can 
 from its own measurement instead: `sharpness_ratios` turns a `blockopt.hessian.block_sharpness`
 report into ``{block type: ratio}`` (``(S_sharpest / S_type) ** 0.5``; on the demo Llama this
 reached AdamW's final loss in 0.68x its steps at 200 steps, where the paper's table never did:
-benchmarks/blockwise_lr.md).
+benchmarks/blockwise_lr.md). Ratios can also be chosen by probing: one short run per block type
+with that type at 3x shows which types gain from a faster LR. On the demo Llama, raising the
+four that gain (head, embedding, norm, QK: 3x; VO and FFN: 1x) reached AdamW's final loss in
+0.525x its steps, and in 0.575x with `AdamMini` (benchmarks/blockwise_lr_probes.py).
 
 Block types come from the Plan's ``spec.role`` (what the partition engine detected from the
 model's structure), never from parameter names:
@@ -58,7 +61,10 @@ Note [LR floor]: an LR scheduler multiplies each group's peak, so its floor (e.g
 is scaled by the group's ratio too. The authors use one absolute floor for every group
 (``base / 20``). To reproduce that, give `torch.optim.lr_scheduler.LambdaLR` one function per
 group, using the ``lr_ratio`` stored in each group, e.g.
-``LambdaLR(opt, [lambda s, r=g["lr_ratio"]: max(f(s), floor / r) for g in groups])``.
+``LambdaLR(opt, [lambda s, r=g["lr_ratio"]: max(f(s), floor / r) for g in groups])``, or
+decay each group from its peak to ``floor / r`` of it (what ``blockopt.bench.train.train_run``'s
+``shared_floor=True`` does). On the demo Llama at 200 steps the floor made no difference
+(benchmarks/blockwise_lr.md).
 """
 
 from __future__ import annotations
