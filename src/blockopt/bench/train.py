@@ -228,8 +228,8 @@ def train_run(
             model_config, make_optimizer, data, steps=steps, batch_size=batch_size, seq_len=seq_len,
             warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule, decay_fraction=decay_fraction,
             shared_floor=shared_floor, grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches,
-            seed=seed, device=device, progress=progress, desc=desc, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-            checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
+            seed=seed, device=device, progress=progress, desc=desc,
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
         )
 
 
