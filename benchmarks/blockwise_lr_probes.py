@@ -48,6 +48,7 @@ from blockwise_lr_sweep import make_optimizer  # noqa: E402
 BASE_LR = 2e-3
 PROBE_RATIO = 3.0
 PROBED = ("embedding", "head", "qk", "vo", "ffn", "norm")
+ONLY_ON_REQUEST = ("floor-paper", "floor-paper-head-4x")  # the paper's table with the authors' floor: --only
 
 
 def table(**ratios: float) -> dict[str, float]:
@@ -56,21 +57,23 @@ def table(**ratios: float) -> dict[str, float]:
 
 
 def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str, dict]:
-    """name -> run spec: optimizer, ratios (None: plain AdamW), base LR, share of the steps, shared floor."""
+    """name -> run spec: optimizer, ratios (None: plain AdamW), base LR, shared floor, group."""
 
-    def run(optimizer="AdamW", ratios=None, lr=BASE_LR, fraction=1.0, shared_floor=False, group=""):
-        return dict(optimizer=optimizer, ratios=ratios, lr=lr, fraction=fraction, shared_floor=shared_floor, group=group)
+    def run(optimizer="AdamW", ratios=None, lr=BASE_LR, shared_floor=False, group=""):
+        return dict(optimizer=optimizer, ratios=ratios, lr=lr, shared_floor=shared_floor, group=group)
 
     specs = {f"probe-{t}": run(ratios=table(**{t: PROBE_RATIO}), group="probe") for t in PROBED}
     specs.update({
         "floor-measured": run(ratios=measured, shared_floor=True, group="floor"),
         "floor-mini-measured": run("AdamMini", measured, shared_floor=True, group="floor"),
+        "floor-paper": run(ratios={}, shared_floor=True, group="floor"),
+        "floor-paper-head-4x": run(ratios={"head": 4.0}, shared_floor=True, group="floor"),
         "init-measured": run(ratios=at_init, group="init"),
         "init-mini-measured": run("AdamMini", at_init, group="init"),
-        "short-adamw": run(fraction=None, group="short"),
-        "short-control-4e-3": run(lr=4e-3, fraction=None, group="short"),
-        "short-measured": run(ratios=measured, fraction=None, group="short"),
-        "short-mini-measured": run("AdamMini", measured, fraction=None, group="short"),
+        "short-adamw": run(group="short"),
+        "short-control-4e-3": run(lr=4e-3, group="short"),
+        "short-measured": run(ratios=measured, group="short"),
+        "short-mini-measured": run("AdamMini", measured, group="short"),
         "combo-a": run(ratios=table(head=3, embedding=3, norm=3, qk=3), group="combo"),
         "combo-c": run(ratios={**measured, "ffn": 1.0, "head": 4.0}, group="combo"),
         "combo-mini-a": run("AdamMini", table(head=3, embedding=3, norm=3, qk=3), group="combo"),
@@ -127,6 +130,8 @@ def main(argv=None) -> dict:
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {sorted(specs)}")
         specs = {name: specs[name] for name in args.only}
+    else:
+        specs = {name: spec for name, spec in specs.items() if name not in ONLY_ON_REQUEST}
 
     config = CONFIGS["demo"]
     _, data = demo_data(config.vocab_size)
@@ -137,13 +142,13 @@ def main(argv=None) -> dict:
     results = {}
     for name, spec in specs.items():
         t = time.perf_counter()
-        steps = args.steps if spec["fraction"] is not None else round(args.short * args.steps)
+        steps = round(args.short * args.steps) if spec["group"] == "short" else args.steps
         loop = demo_loop(steps, eval_every=5, seed=args.seed)
         run = train_run(config, make_optimizer(spec["optimizer"], spec["lr"], spec["ratios"]), data, **loop,
                         shared_floor=spec["shared_floor"], progress=False, desc=name)
         reached = steps_to_reach(run.val_curve, target)
         results[name] = {
-            **{k: v for k, v in spec.items() if k != "fraction"}, "steps": steps,
+            **spec, "steps": steps,
             "ratios": None if spec["ratios"] is None else {k: round(v, 4) for k, v in spec["ratios"].items()},
             "final_val_loss": run.final_val_loss,
             "steps_to_adamw_final": reached,
