@@ -17,6 +17,9 @@ Every run starts from the same init and sees the same batches. Groups of runs:
   a speed-up of that size if its *final* loss reaches AdamW's: the other way to read "steps to
   reach AdamW's loss over a full schedule".
 * ``combo-*``: ratio tables guided by the probes.
+* ``paper``, ``mini-paper`` (only with ``--only``): the paper's table with AdamW and Adam-mini,
+  for a model changed by ``--vocab``, ``--kv-heads``, ``--init-std`` or ``--dim`` (the flags of
+  sharpness.py); pass that model's own ``--sharpness`` report too.
 
 Ratios named "measured" are `blockopt.sharpness_ratios` (power 0.5) of the Gauss-Newton sharpness
 at the last checkpoint of ``--sharpness`` (benchmarks/sharpness.json), as in blockwise_lr.py.
@@ -37,18 +40,20 @@ from matplotlib.figure import Figure
 import blockopt
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
-from blockopt.bench.models import CONFIGS
+from blockopt.bench.models import config_dict
 from blockopt.bench.train import train_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness, steps_to_reach  # noqa: E402
 from blockwise_lr_sweep import make_optimizer  # noqa: E402
+from sharpness import add_model_arguments, model_config  # noqa: E402
 
 BASE_LR = 2e-3
 PROBE_RATIO = 3.0
 PROBED = ("embedding", "head", "qk", "vo", "ffn", "norm")
-ONLY_ON_REQUEST = ("floor-paper", "floor-paper-head-4x")  # the paper's table with the authors' floor: --only
+# run only when named in --only: the paper's table (with the authors' floor, and plain)
+ONLY_ON_REQUEST = ("floor-paper", "floor-paper-head-4x", "paper", "mini-paper")
 
 
 def table(**ratios: float) -> dict[str, float]:
@@ -68,6 +73,8 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
         "floor-mini-measured": run("AdamMini", measured, shared_floor=True, group="floor"),
         "floor-paper": run(ratios={}, shared_floor=True, group="floor"),
         "floor-paper-head-4x": run(ratios={"head": 4.0}, shared_floor=True, group="floor"),
+        "paper": run(ratios={}, group="paper"),
+        "mini-paper": run("AdamMini", {}, group="paper"),
         "init-measured": run(ratios=at_init, group="init"),
         "init-mini-measured": run("AdamMini", at_init, group="init"),
         "short-adamw": run(group="short"),
@@ -117,6 +124,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="init and batch order of every run")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (AdamW always runs)")
     parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=HERE / "blockwise_lr_probes.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -133,7 +141,7 @@ def main(argv=None) -> dict:
     else:
         specs = {name: spec for name, spec in specs.items() if name not in ONLY_ON_REQUEST}
 
-    config = CONFIGS["demo"]
+    config = model_config(args)
     _, data = demo_data(config.vocab_size)
     reference = train_run(config, make_optimizer("AdamW", BASE_LR, None), data,
                           **demo_loop(args.steps, eval_every=5, seed=args.seed), progress=False)
@@ -160,6 +168,7 @@ def main(argv=None) -> dict:
               f"  ({time.perf_counter() - t:.0f}s)", flush=True)
     report = {
         "command": "python benchmarks/blockwise_lr_probes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": config_dict(config),
         "target": {"what": f"AdamW's final validation loss after {args.steps} steps", "val_loss": target,
                    "val_curve": reference.val_curve},
         "settings": {**demo_loop(args.steps, eval_every=5, seed=args.seed), "base_lr": BASE_LR, "probe_ratio": PROBE_RATIO,
@@ -171,7 +180,8 @@ def main(argv=None) -> dict:
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
-    plot(reference.val_curve, results, png, f"demo Llama, {args.steps} steps, seed {args.seed}: blockwise LR probes")
+    model = f"vocabulary {config.vocab_size}, {config.n_kv_heads} kv heads, init std {config.init_std:g}"
+    plot(reference.val_curve, results, png, f"demo Llama ({model}), {args.steps} steps, seed {args.seed}: blockwise LR probes")
     print(f"wrote {args.out} and {png} ({report['wall_s']:.0f}s)")
     return report
 

@@ -1,6 +1,8 @@
 """Sharpness by block type of the 'demo' Llama during training (the sharpness-disparity check).
 
     python benchmarks/sharpness.py            # writes benchmarks/sharpness.json and .png
+    python benchmarks/sharpness.py --vocab 16384 --kv-heads 4 --init-std 0.0566 --steps 600 \
+        --checkpoints 0,100,300,600 --measures gauss_newton --out benchmarks/sharpness_paper_proportions
 
 Wang et al. (2025) find the average sharpness of a Transformer's block types ordered
 ``Emb << QK < FFN < VO << Norm``, early in training and throughout. This trains the 'demo' Llama
@@ -17,6 +19,9 @@ batch of validation windows (`blockopt.hessian.block_sharpness`):
 
 where H_bb is the Hessian of the loss restricted to the type's parameters. Checkpoints are taken
 just before the optimizer step that follows them (the weights after that many steps).
+``--vocab``, ``--dim``, ``--kv-heads`` and ``--init-std`` change the model; the second command
+above gives it the paper's proportions of vocabulary to width, fan-in x σ² and multi-head
+attention (benchmarks/blockwise_lr.md).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
-from blockopt.bench.models import CONFIGS, config_dict
+from blockopt.bench.models import CONFIGS, LlamaConfig, config_dict
 from blockopt.bench.train import _windows, train_run
 from blockopt.hessian import block_sharpness
 
@@ -55,6 +60,24 @@ class MeasuredAdamW(torch.optim.AdamW):
         self._hook(self._done)
         self._done += 1
         return super().step(closure)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that change the 'demo' Llama (each defaults to the demo's own value)."""
+    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
+    parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key/value heads (default: the demo's 2 of 4, grouped-query; 4 is plain multi-head)")
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="std of the weight matrices and embeddings at init (default: the demo's 0.02)")
+
+
+def model_config(args: argparse.Namespace) -> LlamaConfig:
+    """The 'demo' Llama with the changes asked for by `add_model_arguments`' flags."""
+    changes = {"vocab_size": args.vocab, "n_kv_heads": args.kv_heads, "init_std": args.init_std}
+    if args.dim is not None:
+        changes.update(dim=args.dim, mlp_hidden=None)  # the MLP follows the width
+    return replace(CONFIGS["demo"], **{k: v for k, v in changes.items() if v is not None})
 
 
 def pairwise(values: dict[str, float]) -> dict[str, bool]:
@@ -106,10 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=20, help="power-iteration limit per type")
     parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes per type")
     parser.add_argument("--gn-samples", type=int, default=32, help="sampled label sets for the Gauss-Newton trace")
-    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
-    parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
-    parser.add_argument("--init-std", type=float, default=None,
-                        help="std of the weight matrices and embeddings at init (default: the demo's 0.02)")
+    add_model_arguments(parser)
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -120,13 +140,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    config = CONFIGS["demo"]
-    if args.vocab is not None:
-        config = replace(config, vocab_size=args.vocab)
-    if args.dim is not None:
-        config = replace(config, dim=args.dim, mlp_hidden=None)
-    if args.init_std is not None:
-        config = replace(config, init_std=args.init_std)
+    config = model_config(args)
     _, data = demo_data(config.vocab_size)
     windows = _windows(data.val, 128)
     batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()]  # fixed, evenly spaced

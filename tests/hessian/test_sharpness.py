@@ -263,6 +263,17 @@ def test_gauss_newton_trace_matches_its_closed_form():
         got = entries[(name,)]
         assert abs(got.gauss_newton_per_param - value) <= 4 * got.gauss_newton_stderr, name
         assert got.gauss_newton_stderr < 0.1 * value  # (the test has the power to see a wrong answer)
+        assert got.tensor_gauss_newton == {name: (got.gauss_newton_per_param, got.gauss_newton_stderr)}
+    # one type holding both tensors: each tensor's own value, from the same samples
+    joint = block_sharpness(model, lambda: None, measures=["gauss_newton"], logits_fn=lambda: model(x),
+                            gn_samples=400, seed=1)
+    (entry,) = joint.values()
+    assert list(entry.tensor_gauss_newton) == ["head.weight", "head.bias"]
+    for name, value in exact.items():
+        t_mean, t_err = entry.tensor_gauss_newton[name]
+        assert abs(t_mean - value) <= 4 * t_err and t_err < 0.1 * value, name
+    total = sum(entry.tensor_gauss_newton[n][0] * p.numel() for n, p in model.named_parameters())
+    assert entry.gauss_newton_per_param == pytest.approx(total / 42, rel=1e-12)
 
 
 def test_gauss_newton_agrees_with_the_exact_trace_where_they_coincide():

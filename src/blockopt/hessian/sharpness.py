@@ -210,6 +210,8 @@ class TypeSharpness:
     tensor_traces: Mapping[str, tuple[float, float]] | None = None
     gauss_newton_per_param: float | None = None  # Tr(G_bb) / m_b
     gauss_newton_stderr: float | None = None
+    # per tensor: name -> (Tr(G_tt)/numel, its standard error), from the same sampled labels
+    tensor_gauss_newton: Mapping[str, tuple[float, float]] | None = None
 
 
 class SharpnessReport(Mapping[str, TypeSharpness]):
@@ -391,10 +393,15 @@ def _settings(measures, iters, tol, probes, seed, bias, gn_samples) -> dict:
 
 
 def gauss_newton_fields(samples: Tensor, columns: list[int], members: list[tuple[str, Tensor]]) -> dict:
-    """``gauss_newton_per_param`` and its standard error for the tensors at ``columns``."""
+    """``gauss_newton_per_param``, its standard error and the per-tensor values for the tensors
+    (``members``) at ``columns``."""
     n_params = sum(p.numel() for _, p in members)
     mean, err = _mean_and_stderr(samples[:, columns].sum(dim=1))
-    return dict(gauss_newton_per_param=mean / n_params, gauss_newton_stderr=err / n_params)
+    per_tensor = {}
+    for column, (name, p) in zip(columns, members):
+        t_mean, t_err = _mean_and_stderr(samples[:, column])
+        per_tensor[name] = (t_mean / p.numel(), t_err / p.numel())
+    return dict(gauss_newton_per_param=mean / n_params, gauss_newton_stderr=err / n_params, tensor_gauss_newton=per_tensor)
 
 
 def _gauss_newton_samples(logits_fn: Callable[[], Tensor], params: Sequence[Tensor], *, samples: int, seed: int) -> Tensor:
