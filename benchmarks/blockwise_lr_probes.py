@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
     model = f"vocabulary {config.vocab_size}, {config.n_kv_heads} kv heads, init std {config.init_std:g}"
-    plot(reference.val_curve, results, png, f"demo Llama ({model}), {args.steps} steps, seed {args.seed}: blockwise LR probes")
+    plot(reference.val_curve, results, png, f"demo Llama ({model}),\n{args.steps} steps, seed {args.seed}: blockwise LR probes")
     print(f"wrote {args.out} and {png} ({report['wall_s']:.0f}s)")
     return report
 
