@@ -119,7 +119,8 @@ def plot(target_curve, results: dict, path: Path, title: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--short", type=float, default=0.6, help="length of the short-* schedules, as a share of --steps")
+    parser.add_argument("--short", type=float, default=0.6,
+                        help="length of the short-* schedules, as a share of --steps")
     parser.add_argument("--sharpness", type=Path, default=HERE / "sharpness.json")
     parser.add_argument("--seed", type=int, default=0, help="init and batch order of every run")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (AdamW always runs)")
@@ -171,8 +172,9 @@ def main(argv=None) -> dict:
         "model": config_dict(config),
         "target": {"what": f"AdamW's final validation loss after {args.steps} steps", "val_loss": target,
                    "val_curve": reference.val_curve},
-        "settings": {**demo_loop(args.steps, eval_every=5, seed=args.seed), "base_lr": BASE_LR, "probe_ratio": PROBE_RATIO,
-                     "short": args.short, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY,
+        "settings": {**demo_loop(args.steps, eval_every=5, seed=args.seed), "base_lr": BASE_LR,
+                     "probe_ratio": PROBE_RATIO, "short": args.short, "betas": BETAS, "eps": EPS,
+                     "weight_decay": WEIGHT_DECAY,
                      "sharpness_report": "benchmarks/" + args.sharpness.name},
         "runs": results,
         "wall_s": time.perf_counter() - started,
@@ -181,7 +183,8 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
     model = f"vocabulary {config.vocab_size}, {config.n_kv_heads} kv heads, init std {config.init_std:g}"
-    plot(reference.val_curve, results, png, f"demo Llama ({model}),\n{args.steps} steps, seed {args.seed}: blockwise LR probes")
+    title = f"demo Llama ({model}),\n{args.steps} steps, seed {args.seed}: blockwise LR probes"
+    plot(reference.val_curve, results, png, title)
     print(f"wrote {args.out} and {png} ({report['wall_s']:.0f}s)")
     return report
 

@@ -80,6 +80,13 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
     return replace(CONFIGS["demo"], **{k: v for k, v in changes.items() if v is not None})
 
 
+def plot_title(model: dict, n_params: int, batch: int) -> str:
+    """The figure's title, from the model's `config_dict`."""
+    return (f"demo Llama ({n_params:,} params, width {model['dim']}, vocabulary {model['vocab_size']},\n"
+            f"{model['n_kv_heads']} kv heads, init std {model['init_std']:g}): "
+            f"sharpness by block type, batch {batch}x128")
+
+
 def pairwise(values: dict[str, float]) -> dict[str, bool]:
     """For each adjacent pair of the paper's chain, whether it holds here."""
     return {f"{a} < {b}": values[a] < values[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]) if a in values and b in values}
@@ -182,8 +189,7 @@ def main(argv=None) -> dict:
 
     last = results[checkpoints[-1]]
     png = args.out.with_suffix(".png")
-    plot(results, png, f"demo Llama ({run.n_params:,} params, width {config.dim}, vocabulary {config.vocab_size}, "
-                       f"init std {config.init_std:g}):\nsharpness by block type, batch {args.batch}x128", args.measures)
+    plot(results, png, plot_title(config_dict(config), run.n_params, args.batch), args.measures)
     report = {
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "paper_order": PAPER_ORDER,

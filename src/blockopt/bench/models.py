@@ -25,10 +25,14 @@ def _check_positive(config: object, *names: str) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def is_positive_finite(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool) in (0, inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def _check_init_std(config: object) -> None:
-    std = config.init_std
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
-        raise ValueError(f"init_std must be a positive finite number, got {std!r}")
+    if not is_positive_finite(config.init_std):
+        raise ValueError(f"init_std must be a positive finite number, got {config.init_std!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

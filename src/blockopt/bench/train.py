@@ -12,7 +12,6 @@ as one that was never interrupted (Note [exact resume]).
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 import blockopt
 
 from .corpus import TokenSplit
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, is_positive_finite
 from .schedules import DEFAULT_DECAY_FRACTION, SCHEDULES, lr_factor
 
 # Losses of the last this-many steps are averaged into the final train loss (one step is noisy).
@@ -229,7 +228,8 @@ def train_run(
             warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule, decay_fraction=decay_fraction,
             shared_floor=shared_floor, grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches,
             seed=seed, device=device, progress=progress, desc=desc,
-            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+            checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
         )
 
 
@@ -240,8 +240,10 @@ def _group_floors(optimizer: torch.optim.Optimizer, min_lr_ratio: float) -> list
     floors = []
     for index, group in enumerate(optimizer.param_groups):
         ratio = group.get("lr_ratio", 1.0)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-            raise ValueError(f"param group {index} has lr_ratio={ratio!r}; shared_floor needs a positive finite lr_ratio")
+        if not is_positive_finite(ratio):
+            raise ValueError(
+                f"param group {index} has lr_ratio={ratio!r}; shared_floor needs a positive finite lr_ratio"
+            )
         floors.append(min(1.0, min_lr_ratio / ratio))
     return floors
 

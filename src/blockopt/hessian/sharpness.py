@@ -401,7 +401,9 @@ def gauss_newton_fields(samples: Tensor, columns: list[int], members: list[tuple
     for column, (name, p) in zip(columns, members):
         t_mean, t_err = _mean_and_stderr(samples[:, column])
         per_tensor[name] = (t_mean / p.numel(), t_err / p.numel())
-    return dict(gauss_newton_per_param=mean / n_params, gauss_newton_stderr=err / n_params, tensor_gauss_newton=per_tensor)
+    return dict(
+        gauss_newton_per_param=mean / n_params, gauss_newton_stderr=err / n_params, tensor_gauss_newton=per_tensor,
+    )
 
 
 def _gauss_newton_samples(logits_fn: Callable[[], Tensor], params: Sequence[Tensor], *, samples: int, seed: int) -> Tensor:
