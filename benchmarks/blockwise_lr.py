@@ -43,7 +43,7 @@ import blockopt
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
-from blockopt.bench.train import RunResult, train_run
+from blockopt.bench.train import RunResult, steps_to_reach, train_run
 from blockopt.optim.blockwise_lr import DEFAULT_RATIOS, resolve_ratios
 
 HERE = Path(__file__).resolve().parent
@@ -110,11 +110,6 @@ STYLES = {  # name prefix -> (color, line style); first match wins
     "Adam-mini + blockwise LR": ("C1", "-"),
     "Adam-mini": ("C1", "--"),
 }
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    """The first evaluated step whose validation loss is <= target (None if never)."""
-    return next((step for step, loss in curve if loss <= target), None)
 
 
 def plot(results: dict[str, RunResult], targets: dict[str, float], path: Path, title: str) -> None:

@@ -25,11 +25,11 @@ import blockopt
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS
-from blockopt.bench.train import train_run
+from blockopt.bench.train import steps_to_reach, train_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness, steps_to_reach  # noqa: E402
+from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness  # noqa: E402
 
 # name -> (optimizer, power, max_ratio, base lr); power None: plain optimizer at that lr
 VARIANTS = {

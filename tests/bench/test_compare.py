@@ -74,10 +74,55 @@ def test_result_summary_and_comparison(saved):
     assert cmp["adamw"]["val_loss_rel_diff"] == 0.0 and cmp["adamw"]["state_bytes_ratio"] == 1.0
     assert 0.45 < cmp["adam-mini"]["state_bytes_ratio"] < 0.55
 
+    # Steps to the baseline's final loss, per seed, against a plain scan of the curves.
+    for label in ("adamw", "adam-mini"):
+        expected = []
+        for seed in (0, 1):
+            target = runs["adamw", seed].final_val_loss
+            hits = [step for step, loss in runs[label, seed].val_curve if loss <= target]
+            expected.append(hits[0] if hits else None)
+        assert cmp[label]["steps_to_baseline_loss"] == expected
+    assert cmp["adamw"]["steps_to_baseline_loss"][0] is not None  # the baseline reaches its own final loss
+
     table = result.table()
-    assert "final val loss" in table and "vs adamw" in table and "±" in table
+    assert "final val loss" in table and "vs adamw" in table and "±" in table and "steps to adamw's" in table
     assert table.splitlines()[2].startswith("adamw ") and table.splitlines()[3].startswith("adam-mini ")
     assert any("adam-mini: final val loss" in line and "state memory" in line for line in result.verdicts())
+
+
+def _record(label, seed, val_curve):
+    from blockopt.bench import RunRecord, RunResult
+
+    result = RunResult(
+        optimizer=label, train_curve=[(s, 9.0) for s, _ in val_curve], val_curve=val_curve,
+        final_train_loss=9.0, final_val_loss=val_curve[-1][1], step_ms=1.0, tokens_per_s=1.0,
+        state_bytes=8, n_params=1, wall_s=1.0,
+    )
+    return RunRecord(label, seed, result)
+
+
+def test_steps_to_the_baseline_loss_reads_each_seed_against_its_own_baseline():
+    base = {0: [(5, 3.0), (10, 2.0)], 1: [(5, 3.5), (10, 2.5)], 2: [(5, 3.2), (10, 2.2)]}
+    fast = {0: [(5, 2.0), (10, 1.5)], 1: [(5, 2.6), (10, 2.4)], 2: [(5, 2.4), (10, 2.3)]}
+    runs = [_record("adamw", s, c) for s, c in base.items()] + [_record("adam-mini", s, c) for s, c in fast.items()]
+    result = CompareResult(
+        config=CompareConfig(optimizers=("adamw", "adam-mini"), seeds=(0, 1, 2), steps=10), model={}, corpus={},
+        optimizers={"adamw": {}, "adam-mini": {}}, runs=runs,
+    )
+    cmp = result.comparison()
+    # seed 0: 2.0 <= 2.0 at step 5; seed 1: 2.4 <= 2.5 only at step 10; seed 2: 2.3 > 2.2, never
+    assert cmp["adam-mini"]["steps_to_baseline_loss"] == [5, 10, None]
+    assert cmp["adam-mini"]["steps_to_baseline_loss_fraction"]["values"] == [0.5, 1.0]
+    assert cmp["adamw"]["steps_to_baseline_loss"] == [10, 10, 10]
+    row = next(line for line in result.table().splitlines() if line.startswith("adam-mini"))
+    assert "0.75x (2/3 seeds)" in row
+    verdict = next(line for line in result.verdicts() if line.startswith("adam-mini"))
+    assert "reaches adamw's final val loss in 0.75x (2/3 seeds)" in verdict and "5 / 10 / never of 10" in verdict
+    slow = [_record("adamw", s, c) for s, c in base.items()] + [_record("adam-mini", s, [(10, 9.0)]) for s in base]
+    result = CompareResult(config=result.config, model={}, corpus={}, optimizers=result.optimizers, runs=slow)
+    assert result.comparison()["adam-mini"]["steps_to_baseline_loss_fraction"] is None
+    assert "never reaches adamw's final val loss;" in result.verdicts()[0]
+    assert " never " in next(line for line in result.table().splitlines() if line.startswith("adam-mini"))
 
 
 def test_files_and_json_schema(saved):

@@ -16,7 +16,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,13 @@ class RunResult:
         for key in ("step_ms", "tokens_per_s"):  # JSON has no NaN: None stands for it
             data[key] = float("nan") if data.get(key) is None else float(data[key])
         return cls(**data)
+
+
+def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    """The first step of ``curve`` (``(step, loss)`` pairs, as `RunResult.val_curve`) whose loss
+    is <= ``target``; ``None`` if none is. How the blockwise-LR speed-ups are read: the steps a
+    run needs to reach a baseline's final validation loss."""
+    return next((step for step, loss in curve if loss <= target), None)
 
 
 def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
