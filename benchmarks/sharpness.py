@@ -66,6 +66,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that change the 'demo' Llama (each defaults to the demo's own value)."""
     parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
     parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the demo's 4)")
     parser.add_argument("--kv-heads", type=int, default=None,
                         help="key/value heads (default: the demo's 2 of 4, grouped-query; 4 is plain multi-head)")
     parser.add_argument("--init-std", type=float, default=None,
@@ -74,7 +75,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
     """The 'demo' Llama with the changes asked for by `add_model_arguments`' flags."""
-    changes = {"vocab_size": args.vocab, "n_kv_heads": args.kv_heads, "init_std": args.init_std}
+    changes = {"vocab_size": args.vocab, "n_layers": args.layers, "n_kv_heads": args.kv_heads,
+               "init_std": args.init_std}
     if args.dim is not None:
         changes.update(dim=args.dim, mlp_hidden=None)  # the MLP follows the width
     return replace(CONFIGS["demo"], **{k: v for k, v in changes.items() if v is not None})
@@ -82,7 +84,8 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
 
 def plot_title(model: dict, n_params: int, batch: int) -> str:
     """The figure's title, from the model's `config_dict`."""
-    return (f"demo Llama ({n_params:,} params, width {model['dim']}, vocabulary {model['vocab_size']},\n"
+    return (f"demo Llama ({n_params:,} params, {model['n_layers']} layers, width {model['dim']}, "
+            f"vocabulary {model['vocab_size']},\n"
             f"{model['n_kv_heads']} kv heads, init std {model['init_std']:g}): "
             f"sharpness by block type, batch {batch}x128")
 
