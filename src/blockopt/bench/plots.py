@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,6 +47,36 @@ def plot_loss_curves(results: Mapping[str, RunResult], path: str | Path, *, titl
     return path
 
 
+# A label longer than this (an optimizer spec with overrides, e.g. a blockwise-LR ratio table) is
+# wrapped, and numbered where the panel is too narrow for it.
+SHORT_LABEL = 16
+
+
+def _wrap(label: str, width: int) -> str:
+    """``label`` on several lines of at most ``width`` characters where it can be, broken after a
+    ``,`` or ``:`` (the separators of an optimizer spec)."""
+    lines, line = [], ""
+    for piece in re.split(r"(?<=[,:])", label):
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join([*lines, line])
+
+
+def _label_ticks(ax, labels: Sequence[str], *, numbered: bool = False, slant_above: int = 3) -> None:
+    """One x tick per label: as they are when short (slanted when more than ``slant_above``),
+    else wrapped flat in a small font, or their 1-based numbers with ``numbered`` (the legend
+    then names them)."""
+    if all(len(label) <= SHORT_LABEL for label in labels):
+        many = len(labels) > slant_above
+        ax.set_xticks(range(len(labels)), labels, rotation=20 if many else 0, ha="right" if many else "center")
+    elif numbered:
+        ax.set_xticks(range(len(labels)), [str(i + 1) for i in range(len(labels))])
+    else:
+        ax.set_xticks(range(len(labels)), [_wrap(label, 22) for label in labels], fontsize=7)
+
+
 def _mean_band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
     """Pointwise mean, min and max of equally long curves (one per seed)."""
     columns = list(zip(*curves))
@@ -60,8 +91,10 @@ def plot_compare_curves(runs: Mapping[str, Sequence[RunResult]], path: str | Pat
     train_ax, val_ax, final_ax = fig.subplots(1, 3, width_ratios=(1, 1, 0.6))
     val_ax.sharey(train_ax)
     n_seeds = set()
+    numbered = any(len(label) > SHORT_LABEL for label in runs)  # the final panel is narrow
     for index, (label, results) in enumerate(runs.items()):
         color = f"C{index}"
+        label = f"{index + 1}: {_wrap(label, 48)}" if numbered else label
         n_seeds.add(len(results))
         steps = [step for step, _ in results[0].train_curve]
         window = max(1, len(steps) // 20)
@@ -82,9 +115,8 @@ def plot_compare_curves(runs: Mapping[str, Sequence[RunResult]], path: str | Pat
     val_ax.set(title=f"validation loss (band: {band})", xlabel="step")
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
-    final_ax.set_xticks(range(len(runs)), list(runs), rotation=20 if len(runs) > 2 else 0,
-                        ha="right" if len(runs) > 2 else "center")
+        ax.legend(fontsize=7 if numbered else None)
+    _label_ticks(final_ax, list(runs), numbered=numbered, slant_above=2)
     final_ax.set(title="final validation loss\n(dots: seeds; bar: mean)", xlim=(-0.6, len(runs) - 0.4))
     final_ax.grid(axis="y", alpha=0.3)
     if title:
@@ -124,7 +156,7 @@ def plot_state_memory(
     if param_bytes:
         ax.axhline(param_bytes / 2**20, color="gray", linestyle="--", linewidth=1, label="the parameters themselves")
         ax.legend(loc="best")
-    ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center")
+    _label_ticks(ax, labels)
     ax.set(ylabel="optimizer state (MiB)", title=title or "optimizer state memory")
     ax.margins(y=0.2)
     ax.grid(axis="y", alpha=0.3)
@@ -152,8 +184,7 @@ def plot_throughput(
         bars = ax.bar(range(len(labels)), means, yerr=[low, high], capsize=4,
                       color=[f"C{i}" for i in range(len(labels))])
         _bar_labels(ax, bars, [fmt.format(m) for m in means], inside=True)
-        ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 3 else 0,
-                      ha="right" if len(labels) > 3 else "center")
+        _label_ticks(ax, labels)
         ax.set(ylabel=ylabel)
         ax.margins(y=0.2)
         ax.grid(axis="y", alpha=0.3)
