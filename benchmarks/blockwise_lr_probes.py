@@ -16,7 +16,14 @@ Every run starts from the same init and sees the same batches. Groups of runs:
 * ``short-*``: whole schedules (warm-up and decay) of ``--short`` times the steps. A run counts as
   a speed-up of that size if its *final* loss reaches AdamW's: the other way to read "steps to
   reach AdamW's loss over a full schedule".
-* ``combo-*``: ratio tables guided by the probes.
+* ``combo-*``: ratio tables guided by the probes. ``combo-a`` (and ``combo-mini-a``) from
+  AdamW's probes at 200 steps; ``combo-b`` (and ``combo-mini-b``) from Adam-mini's own probes and
+  a few ``--table`` runs at 100 steps, seed 0 (only with ``--only``).
+* ``mini-probe-<type>``, ``mini-plain`` (only with ``--only``): the probes with Adam-mini, and
+  Adam-mini with every ratio 1.
+* ``control-4e-3`` (only with ``--only``): plain AdamW at twice the base LR, over the full
+  schedule: is a table better than one higher LR?
+* ``--table NAME=OPTIMIZER:TYPE=RATIO,...``: any other table, run beside the chosen variants.
 * ``paper``, ``mini-paper`` (only with ``--only``): the paper's table with AdamW and Adam-mini,
   for a model changed by ``--vocab``, ``--kv-heads``, ``--init-std`` or ``--dim`` (the flags of
   sharpness.py); pass that model's own ``--sharpness`` report too.
@@ -34,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -41,24 +49,45 @@ import blockopt
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import config_dict
-from blockopt.bench.train import train_run
+from blockopt.bench.train import steps_to_reach, train_run
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness, steps_to_reach  # noqa: E402
+from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness  # noqa: E402
 from blockwise_lr_sweep import make_optimizer  # noqa: E402
 from sharpness import add_model_arguments, model_config  # noqa: E402
 
 BASE_LR = 2e-3
 PROBE_RATIO = 3.0
 PROBED = ("embedding", "head", "qk", "vo", "ffn", "norm")
-# run only when named in --only: the paper's table (with the authors' floor, and plain)
-ONLY_ON_REQUEST = ("floor-paper", "floor-paper-head-4x", "paper", "mini-paper")
+# run only when named in --only: the paper's table (with the authors' floor, and plain), and the
+# Adam-mini probes, combo-b and the control added at 100 steps (so the default run stays as committed)
+ONLY_ON_REQUEST = ("floor-paper", "floor-paper-head-4x", "paper", "mini-paper", "mini-plain",
+                   *(f"mini-probe-{t}" for t in PROBED), "combo-b", "combo-mini-b", "control-4e-3",
+                   "short-b", "short-mini-b")
 
 
 def table(**ratios: float) -> dict[str, float]:
     """A ratio table over the probed types: the given ones, 1 for the rest."""
     return {t: float(ratios.get(t, 1.0)) for t in PROBED}
+
+
+COMBO_B = table(embedding=10, head=4, qk=2, ffn=1.5)
+
+
+def parse_table(text: str) -> tuple[str, dict]:
+    """``NAME=OPTIMIZER:TYPE=RATIO,...`` (a ``--table`` flag) -> (name, run spec)."""
+    name, _, rest = text.partition("=")
+    optimizer, _, pairs = rest.partition(":")
+    if not name or optimizer not in ("AdamW", "AdamMini") or not pairs:
+        raise ValueError(f"--table {text!r}: write NAME=AdamW:TYPE=RATIO,... or NAME=AdamMini:TYPE=RATIO,...")
+    ratios = {}
+    for pair in pairs.split(","):
+        block_type, _, ratio = pair.partition("=")
+        if block_type not in PROBED:
+            raise ValueError(f"--table {text!r}: unknown block type {block_type!r}; choose from {PROBED}")
+        ratios[block_type] = float(ratio)
+    return name, dict(optimizer=optimizer, ratios=table(**ratios), lr=BASE_LR, shared_floor=False, group="table")
 
 
 def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str, dict]:
@@ -68,6 +97,7 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
         return dict(optimizer=optimizer, ratios=ratios, lr=lr, shared_floor=shared_floor, group=group)
 
     specs = {f"probe-{t}": run(ratios=table(**{t: PROBE_RATIO}), group="probe") for t in PROBED}
+    specs.update({f"mini-probe-{t}": run("AdamMini", table(**{t: PROBE_RATIO}), group="mini-probe") for t in PROBED})
     specs.update({
         "floor-measured": run(ratios=measured, shared_floor=True, group="floor"),
         "floor-mini-measured": run("AdamMini", measured, shared_floor=True, group="floor"),
@@ -75,6 +105,7 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
         "floor-paper-head-4x": run(ratios={"head": 4.0}, shared_floor=True, group="floor"),
         "paper": run(ratios={}, group="paper"),
         "mini-paper": run("AdamMini", {}, group="paper"),
+        "mini-plain": run("AdamMini", table(), group="plain"),
         "init-measured": run(ratios=at_init, group="init"),
         "init-mini-measured": run("AdamMini", at_init, group="init"),
         "short-adamw": run(group="short"),
@@ -84,33 +115,49 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
         "combo-a": run(ratios=table(head=3, embedding=3, norm=3, qk=3), group="combo"),
         "combo-c": run(ratios={**measured, "ffn": 1.0, "head": 4.0}, group="combo"),
         "combo-mini-a": run("AdamMini", table(head=3, embedding=3, norm=3, qk=3), group="combo"),
+        # from Adam-mini's own probes at 100 steps, seed 0 (blockwise_lr_probes_mini_100steps.json)
+        "combo-b": run(ratios=COMBO_B, group="combo"),
+        "combo-mini-b": run("AdamMini", COMBO_B, group="combo"),
+        "control-4e-3": run(lr=4e-3, group="control"),
+        "short-b": run(ratios=COMBO_B, group="short"),
+        "short-mini-b": run("AdamMini", COMBO_B, group="short"),
     })
     return specs
 
 
 def plot(target_curve, results: dict, path: Path, title: str) -> None:
-    """Left: validation curves of the full-length runs that are not probes. Right: each probe's
-    final loss against AdamW's."""
-    probes = {n.removeprefix("probe-"): r["final_val_loss"] for n, r in results.items() if r["group"] == "probe"}
+    """Left: validation curves of the runs that are not probes. Right: each probe's
+    final loss against its optimizer's plain run (AdamW's; Adam-mini's is ``mini-plain``)."""
+    target = target_curve[-1][1]
+    mini_plain = results.get("mini-plain", {}).get("final_val_loss", target)
+    # AdamW's probes by type alone, Adam-mini's as "mini-<type>": (final loss, its plain run's)
+    probes = {n.removeprefix("probe-"): (r["final_val_loss"], target)
+              for n, r in results.items() if r["group"] == "probe"}
+    probes.update({n.replace("-probe", ""): (r["final_val_loss"], mini_plain)
+                   for n, r in results.items() if r["group"] == "mini-probe"})
     fig = Figure(figsize=(12 if probes else 6.5, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     curves, *bars = fig.subplots(1, 2 if probes else 1, squeeze=False)[0]
-    target = target_curve[-1][1]
     curves.plot(*zip(*target_curve), "--", color="black", label="AdamW", linewidth=1.3)
-    for i, (name, r) in enumerate((n, r) for n, r in results.items() if r["group"] not in ("probe", "short")):
-        curves.plot(*zip(*r["val_curve"]), color=f"C{i}", label=name, linewidth=1.2)
+    shown = ((n, r) for n, r in results.items() if r["group"] not in ("probe", "mini-probe"))
+    for i, (name, r) in enumerate(shown):
+        short = r["group"] == "short"  # a complete schedule of fewer steps: dashed, its length named
+        curves.plot(*zip(*r["val_curve"]), color=colormaps["tab20"](i % 20), linewidth=1.2,
+                    linestyle="--" if short else "-", label=f"{name} ({r['steps']} steps)" if short else name)
     curves.axhline(target, color="grey", linewidth=0.8, linestyle=":")
     last = min([target] + [r["final_val_loss"] for r in results.values()])
     curves.set(xlabel="step", ylabel="validation loss (nats/token)", ylim=(last - 0.05, target + 0.8),
-               title="full-length runs (dotted: AdamW's final loss)")
+               title="runs (dashed: shorter complete schedules; dotted: AdamW's final loss)")
     curves.grid(alpha=0.3)
-    curves.legend(fontsize=8)
+    curves.legend(fontsize=8, ncols=2 if len(curves.get_lines()) > 8 else 1)
     if probes:
         bars = bars[0]
-        bars.bar(list(probes), [v - target for v in probes.values()],
-                 color=["C2" if v < target else "C3" for v in probes.values()])
+        gains = [loss - plain for loss, plain in probes.values()]
+        bars.bar(list(probes), gains, color=["C2" if gain < 0 else "C3" for gain in gains])
         bars.axhline(0, color="black", linewidth=0.8)
-        bars.set(ylabel="final val loss minus AdamW's", title=f"one block type at {PROBE_RATIO:g}x the base LR")
+        bars.tick_params(axis="x", labelrotation=30)
+        bars.set(ylabel="final val loss minus the plain run's",
+                 title=f"one block type at {PROBE_RATIO:g}x the base LR (vs the same optimizer at 1x)")
         bars.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
@@ -124,6 +171,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sharpness", type=Path, default=HERE / "sharpness.json")
     parser.add_argument("--seed", type=int, default=0, help="init and batch order of every run")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (AdamW always runs)")
+    parser.add_argument("--table", action="append", default=[], metavar="NAME=OPTIMIZER:TYPE=RATIO,...",
+                        help="also run this ratio table (types not named stay at 1x), e.g. "
+                        "mini-e6=AdamMini:embedding=6,head=3; repeatable")
     parser.add_argument("--threads", type=int, default=2)
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, default=HERE / "blockwise_lr_probes.json")
@@ -141,6 +191,12 @@ def main(argv=None) -> dict:
         specs = {name: specs[name] for name in args.only}
     else:
         specs = {name: spec for name, spec in specs.items() if name not in ONLY_ON_REQUEST}
+    for text in args.table:
+        try:
+            name, spec = parse_table(text)
+        except ValueError as error:
+            parser.error(str(error))
+        specs[name] = spec
 
     config = model_config(args)
     _, data = demo_data(config.vocab_size)

@@ -19,9 +19,11 @@ from its own measurement instead: `sharpness_ratios` turns a `blockopt.hessian.b
 report into ``{block type: ratio}`` (``(S_sharpest / S_type) ** 0.5``; on the demo Llama this
 reached AdamW's final loss in 0.68x its steps at 200 steps, where the paper's table never did:
 benchmarks/blockwise_lr.md). Ratios can also be chosen by probing: one short run per block type
-with that type at 3x shows which types gain from a faster LR. On the demo Llama, raising the
-four that gain (head, embedding, norm, QK: 3x; VO and FFN: 1x) reached AdamW's final loss in
-0.525x its steps, and in 0.575x with `AdamMini` (benchmarks/blockwise_lr_probes.py).
+with that type at 3x shows which types gain from a faster LR. On the demo Llama, Adam-mini's
+probes led to ``{"embedding": 10, "head": 4, "qk": 2, "ffn": 1.5, "vo": 1, "norm": 1}`` (the
+paper's QK : FFN : VO, with a faster embedding and the norms at VO's LR). At `blockopt compare`'s
+100 steps it reached AdamW's final loss in 0.30-0.35x its steps with AdamW and 0.35-0.40x with
+`AdamMini` on three seeds (benchmarks/blockwise_lr_probes.py).
 
 Block types come from the Plan's ``spec.role`` (what the partition engine detected from the
 model's structure), never from parameter names:
