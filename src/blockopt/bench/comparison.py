@@ -133,7 +133,8 @@ class CompareResult:
         base_by_seed = {r.seed: r.result.final_val_loss for r in self.runs if r.label == self.baseline}
         out = {}
         for label, stats in summary.items():
-            records = [r for r in sorted(self.runs, key=lambda r: r.seed) if r.label == label and r.seed in base_by_seed]
+            records = [r for r in sorted(self.runs, key=lambda r: r.seed)
+                       if r.label == label and r.seed in base_by_seed]
             paired = [r.result.final_val_loss / base_by_seed[r.seed] - 1.0 for r in records]
             reached = [steps_to_reach(r.result.val_curve, base_by_seed[r.seed]) for r in records]
             fractions = [step / self.config.steps for step in reached if step is not None]
