@@ -72,7 +72,13 @@ def table(**ratios: float) -> dict[str, float]:
     return {t: float(ratios.get(t, 1.0)) for t in PROBED}
 
 
-COMBO_B = table(embedding=10, head=4, qk=2, ffn=1.5)
+COMBO_A = table(head=3, embedding=3, norm=3, qk=3)  # from AdamW's probes at 200 steps
+COMBO_B = table(embedding=10, head=4, qk=2, ffn=1.5)  # from Adam-mini's probes at 100 steps
+
+
+def run_spec(optimizer="AdamW", ratios=None, lr=BASE_LR, shared_floor=False, group="") -> dict:
+    """A run: optimizer, ratios (None: plain AdamW), base LR, shared floor, group."""
+    return dict(optimizer=optimizer, ratios=ratios, lr=lr, shared_floor=shared_floor, group=group)
 
 
 def parse_table(text: str) -> tuple[str, dict]:
@@ -86,16 +92,16 @@ def parse_table(text: str) -> tuple[str, dict]:
         block_type, _, ratio = pair.partition("=")
         if block_type not in PROBED:
             raise ValueError(f"--table {text!r}: unknown block type {block_type!r}; choose from {PROBED}")
-        ratios[block_type] = float(ratio)
-    return name, dict(optimizer=optimizer, ratios=table(**ratios), lr=BASE_LR, shared_floor=False, group="table")
+        try:
+            ratios[block_type] = float(ratio)
+        except ValueError:
+            raise ValueError(f"--table {text!r}: the ratio of {block_type!r} must be a number, got {ratio!r}") from None
+    return name, run_spec(optimizer, table(**ratios), group="table")
 
 
 def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str, dict]:
-    """name -> run spec: optimizer, ratios (None: plain AdamW), base LR, shared floor, group."""
-
-    def run(optimizer="AdamW", ratios=None, lr=BASE_LR, shared_floor=False, group=""):
-        return dict(optimizer=optimizer, ratios=ratios, lr=lr, shared_floor=shared_floor, group=group)
-
+    """name -> `run_spec`."""
+    run = run_spec
     specs = {f"probe-{t}": run(ratios=table(**{t: PROBE_RATIO}), group="probe") for t in PROBED}
     specs.update({f"mini-probe-{t}": run("AdamMini", table(**{t: PROBE_RATIO}), group="mini-probe") for t in PROBED})
     specs.update({
@@ -112,10 +118,10 @@ def variants(measured: dict[str, float], at_init: dict[str, float]) -> dict[str,
         "short-control-4e-3": run(lr=4e-3, group="short"),
         "short-measured": run(ratios=measured, group="short"),
         "short-mini-measured": run("AdamMini", measured, group="short"),
-        "combo-a": run(ratios=table(head=3, embedding=3, norm=3, qk=3), group="combo"),
+        "combo-a": run(ratios=COMBO_A, group="combo"),
         "combo-c": run(ratios={**measured, "ffn": 1.0, "head": 4.0}, group="combo"),
-        "combo-mini-a": run("AdamMini", table(head=3, embedding=3, norm=3, qk=3), group="combo"),
-        # from Adam-mini's own probes at 100 steps, seed 0 (blockwise_lr_probes_mini_100steps.json)
+        "combo-mini-a": run("AdamMini", COMBO_A, group="combo"),
+        # combo-b: chosen at 100 steps, seed 0 (blockwise_lr_probes_mini_100steps.json)
         "combo-b": run(ratios=COMBO_B, group="combo"),
         "combo-mini-b": run("AdamMini", COMBO_B, group="combo"),
         "control-4e-3": run(lr=4e-3, group="control"),
@@ -188,6 +194,8 @@ def main(argv=None) -> dict:
         unknown = sorted(set(args.only) - set(specs))
         if unknown:
             parser.error(f"unknown variants {unknown}; choose from {sorted(specs)}")
+        if any(name.startswith("mini-probe-") for name in args.only) and "mini-plain" not in args.only:
+            args.only.insert(0, "mini-plain")  # what Adam-mini's probes are measured against
         specs = {name: specs[name] for name in args.only}
     else:
         specs = {name: spec for name, spec in specs.items() if name not in ONLY_ON_REQUEST}
