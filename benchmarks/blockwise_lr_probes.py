@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from blockwise_lr import BETAS, EPS, WEIGHT_DECAY, final_sharpness  # noqa: E402
 from blockwise_lr_sweep import make_optimizer  # noqa: E402
-from sharpness import add_model_arguments, model_config  # noqa: E402
+from sharpness import add_model_arguments, attention_heads, describe, model_config  # noqa: E402
 
 BASE_LR = 2e-3
 PROBE_RATIO = 3.0
@@ -246,8 +246,9 @@ def main(argv=None) -> dict:
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
-    model = f"vocabulary {config.vocab_size}, {config.n_kv_heads} kv heads, init std {config.init_std:g}"
-    title = f"demo Llama ({model}),\n{args.steps} steps, seed {args.seed}: blockwise LR probes"
+    spec = config_dict(config)
+    model = f"vocabulary {config.vocab_size}, {attention_heads(spec)}, init std {config.init_std:g}"
+    title = f"{describe(spec)} ({model}),\n{args.steps} steps, seed {args.seed}: blockwise LR probes"
     plot(reference.val_curve, results, png, title)
     print(f"wrote {args.out} and {png} ({report['wall_s']:.0f}s)")
     return report

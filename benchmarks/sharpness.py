@@ -19,9 +19,10 @@ batch of validation windows (`blockopt.hessian.block_sharpness`):
 
 where H_bb is the Hessian of the loss restricted to the type's parameters. Checkpoints are taken
 just before the optimizer step that follows them (the weights after that many steps).
-``--vocab``, ``--dim``, ``--kv-heads`` and ``--init-std`` change the model; the second command
-above gives it the paper's proportions of vocabulary to width, fan-in x σ² and multi-head
-attention (benchmarks/blockwise_lr.md).
+``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
+model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
+x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--device cuda`` trains and
+measures on a GPU. Each checkpoint also records every weight's RMS (``weight_rms``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
-from blockopt.bench.models import CONFIGS, LlamaConfig, config_dict
+from blockopt.bench.models import CONFIGS, GPT2Config, ModelConfig, config_dict
 from blockopt.bench.train import _windows, train_run
 from blockopt.hessian import block_sharpness
 
@@ -64,6 +65,9 @@ class MeasuredAdamW(torch.optim.AdamW):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that change the 'demo' Llama (each defaults to the demo's own value)."""
+    parser.add_argument("--arch", choices=("llama", "gpt2"), default="llama",
+                        help="the demo's Llama, or a GPT-2 of the demo's size (LayerNorm, learned positions, "
+                             "GELU MLP 4x wide, tied output head)")
     parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (default: the demo's 2048)")
     parser.add_argument("--dim", type=int, default=None, help="model width (default: the demo's 128; MLP 8/3 of it)")
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the demo's 4)")
@@ -73,20 +77,39 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="std of the weight matrices and embeddings at init (default: the demo's 0.02)")
 
 
-def model_config(args: argparse.Namespace) -> LlamaConfig:
-    """The 'demo' Llama with the changes asked for by `add_model_arguments`' flags."""
-    changes = {"vocab_size": args.vocab, "n_layers": args.layers, "n_kv_heads": args.kv_heads,
-               "init_std": args.init_std}
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The 'demo' model with the changes asked for by `add_model_arguments`' flags."""
+    demo = CONFIGS["demo"]
+    asked = {"vocab_size": args.vocab, "n_layers": args.layers, "init_std": args.init_std}
+    if args.arch == "gpt2":
+        if args.kv_heads is not None:
+            raise SystemExit("error: --kv-heads is for --arch llama (GPT-2 attention is plain multi-head)")
+        base = GPT2Config(vocab_size=demo.vocab_size, dim=demo.dim, n_layers=demo.n_layers, n_heads=demo.n_heads,
+                          max_seq_len=demo.max_seq_len, init_std=demo.init_std)
+    else:
+        base, asked["n_kv_heads"] = demo, args.kv_heads
+    changes = {k: v for k, v in asked.items() if v is not None}
     if args.dim is not None:
-        changes.update(dim=args.dim, mlp_hidden=None)  # the MLP follows the width
-    return replace(CONFIGS["demo"], **{k: v for k, v in changes.items() if v is not None})
+        # mlp_hidden=None makes the config derive the MLP width from the new width again
+        changes.update(dim=args.dim, mlp_hidden=None)
+    return replace(base, **changes)
+
+
+def describe(model: dict) -> str:
+    """'demo Llama' or 'demo-size GPT-2', from a `config_dict`."""
+    return "demo Llama" if model["arch"] == "llama" else "demo-size GPT-2"
+
+
+def attention_heads(model: dict) -> str:
+    """How the attention's key/value heads are shared, from a `config_dict`."""
+    return f"{model['n_kv_heads']} kv heads" if "n_kv_heads" in model else f"{model['n_heads']} heads"
 
 
 def plot_title(model: dict, n_params: int, batch: int) -> str:
     """The figure's title, from the model's `config_dict`."""
-    return (f"demo Llama ({n_params:,} params, {model['n_layers']} layers, width {model['dim']}, "
+    return (f"{describe(model)} ({n_params:,} params, {model['n_layers']} layers, width {model['dim']}, "
             f"vocabulary {model['vocab_size']},\n"
-            f"{model['n_kv_heads']} kv heads, init std {model['init_std']:g}): "
+            f"{attention_heads(model)}, init std {model['init_std']:g}): "
             f"sharpness by block type, batch {batch}x128")
 
 
@@ -142,6 +165,7 @@ def main(argv=None) -> dict:
     add_model_arguments(parser)
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
     args = parser.parse_args(argv)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
@@ -153,7 +177,7 @@ def main(argv=None) -> dict:
     config = model_config(args)
     _, data = demo_data(config.vocab_size)
     windows = _windows(data.val, 128)
-    batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()]  # fixed, evenly spaced
+    batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()].to(args.device)  # fixed, evenly spaced
 
     results: dict[int, dict] = {}
     holder = {}
@@ -170,6 +194,9 @@ def main(argv=None) -> dict:
         entry = report.to_dict()
         entry["ordering"] = {m: report.ordering(m) for m in args.measures}
         entry["paper_pairs"] = {m: pairwise(report.values_of(m)) for m in args.measures}
+        # the weights' scale: a norm's curvature grows with fan-out x mean square of the matrices it feeds
+        entry["weight_rms"] = {name: p.detach().float().square().mean().sqrt().item()
+                               for name, p in model.named_parameters()}
         entry["seconds"] = time.perf_counter() - t
         results[done] = entry
         print(f"--- after {done} steps ({entry['seconds']:.0f}s)\n{report}", flush=True)
@@ -186,7 +213,7 @@ def main(argv=None) -> dict:
         return MeasuredAdamW(groups, lr=2e-3, betas=(0.9, 0.95), eps=1e-8, hook=measure)
 
     run = train_run(
-        config, make, data, **demo_loop(args.steps), progress=sys.stderr.isatty(), desc="AdamW",
+        config, make, data, **demo_loop(args.steps), device=args.device, progress=sys.stderr.isatty(), desc="AdamW",
     )
     measure(args.steps)  # after the last step
 
@@ -205,7 +232,7 @@ def main(argv=None) -> dict:
         "final_ordering": last["ordering"],
         "final_paper_pairs": last["paper_pairs"],
         "wall_s": time.perf_counter() - started,
-        "environment": environment("cpu"),  # versions, CPU, torch threads, load average
+        "environment": environment(args.device),  # versions, CPU or GPU, torch threads, load average
     }
     out_json = args.out.with_suffix(".json")
     out_json.write_text(json.dumps(report, indent=1) + "\n")
