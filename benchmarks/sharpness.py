@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
-from blockopt.bench.models import CONFIGS, GPT2Config, ModelConfig, config_dict
+from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
 from blockopt.bench.train import _windows, train_run
 from blockopt.hessian import block_sharpness
 
@@ -118,6 +118,47 @@ def pairwise(values: dict[str, float]) -> dict[str, bool]:
     return {f"{a} < {b}": values[a] < values[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]) if a in values and b in values}
 
 
+def tensor_sizes(model: dict) -> dict[str, int]:
+    """Each parameter's element count for a report's `config_dict`, from a model built on the meta device."""
+    fields = {k: v for k, v in model.items() if k not in ("name", "n_params", "arch")}
+    config = (GPT2Config if model["arch"] == "gpt2" else LlamaConfig)(**fields)
+    with torch.device("meta"):
+        return {name: p.numel() for name, p in build_model(config).named_parameters()}
+
+
+def gauss_newton_without(types: dict, sizes: dict[str, int], prefix: str) -> dict[str, float]:
+    """Each type's Gauss-Newton value per parameter, leaving out the tensors whose names start with
+    ``prefix``: the size-weighted mean of its other tensors' values (the report's per-type value is
+    that mean over all of them)."""
+    values = {}
+    for block_type, entry in types.items():
+        per_tensor = entry.get("tensor_gauss_newton") or {}  # absent from reports older than the field
+        kept = {n: v for n, (v, _) in per_tensor.items() if not n.startswith(prefix)}
+        if kept:
+            values[block_type] = sum(sizes[n] * v for n, v in kept.items()) / sum(sizes[n] for n in kept)
+    return values
+
+
+def summarize(report: dict, without: str = "layers.0.") -> str:
+    """A markdown table of a report's Gauss-Newton orderings and the ratios of the paper's adjacent
+    pairs (above 1 where the paper's link holds), over all layers and without the tensors named
+    ``without*`` (by default the first layer)."""
+
+    def ratios(values: dict[str, float]) -> str:
+        return " / ".join(f"{values[b] / values[a]:.2f}" if a in values and b in values else "-"
+                          for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]))
+
+    sizes = tensor_sizes(report["model"])
+    pairs = ", ".join(f"{LABELS[b]}/{LABELS[a]}" for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]))
+    rows = [f"| after steps | flattest → sharpest | {pairs} | the same without `{without}*` |", "|---|---|---|---|"]
+    for step, entry in report["checkpoints"].items():
+        values = {t: e["gauss_newton_per_param"] for t, e in entry["types"].items()}
+        order = " < ".join(LABELS.get(t, t) for t in sorted(values, key=values.__getitem__))
+        rows.append(f"| {step} | {order} | {ratios(values)} | "
+                    f"{ratios(gauss_newton_without(entry['types'], sizes, without))} |")
+    return "\n".join(rows)
+
+
 def plot(checkpoints: dict[int, dict], path: Path, title: str, measures=MEASURES) -> None:
     fig = Figure(figsize=(17 * len(measures) / len(MEASURES) + 1, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -167,7 +208,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
+    parser.add_argument("--summarize", type=Path, metavar="JSON",
+                        help="print a written report's orderings and pair ratios as a table, and exit")
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        report = json.loads(args.summarize.read_text())
+        print(summarize(report))
+        return report
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
     if checkpoints[0] < 0 or checkpoints[-1] > args.steps:
         parser.error(f"checkpoints must lie in [0, --steps={args.steps}]")
