@@ -1,0 +1,86 @@
+"""The helpers that `benchmarks/sharpness.py --summarize` builds its tables from.
+
+The per-type values in `benchmarks/blockwise_lr.md` "without layer 0" come from
+`gauss_newton_without`, so it is checked against what the meter itself wrote: leaving nothing out
+must give back each type's reported value, on every committed report that carries per-tensor
+values (which also checks `tensor_sizes` against the model the report was measured on).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("sharpness_script", BENCHMARKS / "sharpness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reports_with_tensor_values():
+    paths = []
+    for path in sorted(BENCHMARKS.glob("sharpness*.json")):
+        checkpoints = json.loads(path.read_text())["checkpoints"].values()
+        if any("tensor_gauss_newton" in e for c in checkpoints for e in c["types"].values()):
+            paths.append(path)
+    return paths
+
+
+REPORTS = reports_with_tensor_values()
+
+
+def test_there_are_reports_to_check():
+    # the sharpness reports from the paper-proportions runs on carry per-tensor values
+    assert len(REPORTS) >= 3
+
+
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: p.stem)
+def test_leaving_nothing_out_gives_back_the_reported_type_values(script, path):
+    report = json.loads(path.read_text())
+    sizes = script.tensor_sizes(report["model"])
+    assert sum(sizes.values()) == report["model"]["n_params"]
+    for step, checkpoint in report["checkpoints"].items():
+        types = checkpoint["types"]
+        for block_type, entry in types.items():
+            assert set(entry["tensor_gauss_newton"]) <= set(sizes), (step, block_type)
+        recomputed = script.gauss_newton_without(types, sizes, prefix="no parameter starts with this")
+        assert set(recomputed) == set(types)
+        for block_type, value in recomputed.items():
+            reported = types[block_type]["gauss_newton_per_param"]
+            assert value == pytest.approx(reported, rel=1e-9), (step, block_type)
+
+
+def test_leaving_a_layer_out_weights_the_rest_by_size(script):
+    types = {
+        "ffn": {"tensor_gauss_newton": {"layers.0.w": [8.0, 0.1], "layers.1.w": [2.0, 0.1], "layers.1.v": [5.0, 0.1]}},
+        "norm": {"tensor_gauss_newton": {"layers.0.n": [1.0, 0.1]}},
+        "head": {},  # a report older than the per-tensor field
+    }
+    sizes = {"layers.0.w": 10, "layers.1.w": 30, "layers.1.v": 10, "layers.0.n": 4}
+    values = script.gauss_newton_without(types, sizes, prefix="layers.0.")
+    assert values == {"ffn": pytest.approx((30 * 2.0 + 10 * 5.0) / 40)}  # norm has nothing left
+    assert script.gauss_newton_without(types, sizes, prefix="x")["ffn"] == pytest.approx((10 * 8.0 + 30 * 2.0 + 10 * 5.0) / 50)
+
+
+def test_summary_rows_give_the_paper_pairs_ratios(script):
+    path = BENCHMARKS / "sharpness_width512_vocab16k.json"
+    report = json.loads(path.read_text())
+    table = script.summarize(report).splitlines()
+    assert len(table) == 2 + len(report["checkpoints"])
+    for line, (step, checkpoint) in zip(table[2:], report["checkpoints"].items()):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == step
+        values = {t: e["gauss_newton_per_param"] for t, e in checkpoint["types"].items()}
+        labels = [script.LABELS[t] for t in sorted(values, key=values.get)]
+        assert cells[1] == " < ".join(labels)
+        order = script.PAPER_ORDER
+        expected = [values[b] / values[a] for a, b in zip(order, order[1:])]
+        assert [float(r) for r in cells[2].split(" / ")] == pytest.approx(expected, abs=0.006)
