@@ -25,7 +25,8 @@ import torch
 
 import blockopt
 from blockopt.bench.corpus import DEFAULT_MAX_BYTES
-from blockopt.bench.demo import DEFAULT_STEPS, DEMO_CONFIG, _adamw, _environment, demo_data, demo_loop
+from blockopt.bench.comparison import environment
+from blockopt.bench.demo import DEFAULT_STEPS, DEMO_CONFIG, _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
 from blockopt.bench.plots import plot_loss_curves
 from blockopt.bench.train import train_run
@@ -145,7 +146,7 @@ def main() -> None:
         "targets_met": met,
         "runs": {name: r.to_dict() for name, r in results.items()},
         "total_s": time.perf_counter() - started,
-        **_environment(),
+        **environment(),
     }
     (args.out / "adapm.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {plot} and {args.out / 'adapm.json'} in {report['total_s']:.0f} s")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from blockopt.bench.comparison import environment
 
 HERE = Path(__file__).parent
 PEERS = ("adamw", "adam-mini (blockopt)", "adam-mini-official")
@@ -180,8 +181,7 @@ def main() -> None:
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
         "backend": "gloo (CPU), one thread per rank",
         "results": {str(w): r for w, r in by_world.items()},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
-        "versions": {"torch": torch.__version__},
+        **environment(),
         "wall_s": time.perf_counter() - started,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

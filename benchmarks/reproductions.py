@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 import blockopt
+from blockopt.bench.comparison import environment
 from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, config_dict
 from blockopt.bench.peers import build_optimizer
@@ -54,11 +54,6 @@ def run(label: str, config, make, seed: int = 0, **settings):
     print(f"  {label:<44} seed {seed}: val {result.final_val_loss:.4f}  train {result.final_train_loss:.4f}  "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return result
-
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "blockopt": blockopt.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "load_average": list(__import__("os").getloadavg())}
 
 
 def save(name: str, report: dict, figure) -> None:

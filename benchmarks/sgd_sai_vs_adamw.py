@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 import blockopt
+from blockopt.bench.comparison import environment
 from blockopt.bench.corpus import load_corpus, split_ids
 from blockopt.bench.demo import demo_loop
 from blockopt.bench.models import CONFIGS, config_dict
@@ -103,9 +102,7 @@ def main() -> None:
         "best_sgd_sai": {"run": best, "val_loss_vs_adamw": b.final_val_loss / a.final_val_loss - 1,
                          "state_memory_vs_adamw": b.state_bytes / a.state_bytes},
         "runs": {name: r.to_dict() for name, r in results.items()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "blockopt": blockopt.__version__},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg()},  # other jobs on the machine slow the runs, not the losses
+        **environment(distributions=("sgd-sai",)),  # the load average: other jobs slow the runs, not the losses
         "total_s": time.perf_counter() - started,
         "runs_s": sum(r.wall_s for r in results.values()),  # reused runs included
     }

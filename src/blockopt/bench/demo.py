@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import matplotlib
-import tokenizers
 import torch
 from torch import nn
 
 import blockopt
 
+from .comparison import environment
 from .corpus import DEFAULT_MAX_BYTES, load_corpus, split_ids
 from .models import CONFIGS, config_dict
 from .plots import plot_loss_curves
@@ -78,25 +76,6 @@ def _table(results: dict[str, RunResult]) -> str:
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _environment() -> dict:
-    return {
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "blockopt": blockopt.__version__,
-            "tokenizers": tokenizers.__version__,
-            "matplotlib": matplotlib.__version__,
-        },
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
-    }
 
 
 def run_demo(
@@ -204,7 +183,7 @@ def run_demo(
             **{f"run_{name}": result.wall_s for name, result in results.items()},
             "total": time.perf_counter() - started,
         },
-        **_environment(),
+        **environment(),
     }
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {plot} and {out / 'demo.json'}")
