@@ -115,7 +115,8 @@ def plot_title(model: dict, n_params: int, batch: int) -> str:
 
 def pairwise(values: dict[str, float]) -> dict[str, bool]:
     """For each adjacent pair of the paper's chain, whether it holds here."""
-    return {f"{a} < {b}": values[a] < values[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]) if a in values and b in values}
+    pairs = zip(PAPER_ORDER, PAPER_ORDER[1:])
+    return {f"{a} < {b}": values[a] < values[b] for a, b in pairs if a in values and b in values}
 
 
 def tensor_sizes(model: dict) -> dict[str, int]:
