@@ -74,6 +74,7 @@ def test_leaving_a_layer_out_weights_the_rest_by_size(script):
 def test_summary_rows_give_the_paper_pairs_ratios(script):
     path = BENCHMARKS / "sharpness_width512_vocab16k.json"
     report = json.loads(path.read_text())
+    sizes = script.tensor_sizes(report["model"])
     table = script.summarize(report).splitlines()
     assert len(table) == 2 + len(report["checkpoints"])
     for line, (step, checkpoint) in zip(table[2:], report["checkpoints"].items()):
@@ -85,3 +86,12 @@ def test_summary_rows_give_the_paper_pairs_ratios(script):
         order = script.PAPER_ORDER
         expected = [values[b] / values[a] for a, b in zip(order, order[1:])]
         assert [float(r) for r in cells[2].split(" / ")] == pytest.approx(expected, abs=0.006)
+        # the last column leaves out every first-layer tensor: a size-weighted mean of the rest
+        kept = {}
+        for block_type, entry in checkpoint["types"].items():
+            per_tensor = entry["tensor_gauss_newton"].items()
+            rest = [(sizes[n], v) for n, (v, _) in per_tensor if not n.startswith("layers.0.")]
+            if rest:
+                kept[block_type] = sum(m * v for m, v in rest) / sum(m for m, _ in rest)
+        expected = [kept[b] / kept[a] for a, b in zip(order, order[1:])]
+        assert [float(r) for r in cells[3].split(" / ")] == pytest.approx(expected, abs=0.006)
