@@ -22,7 +22,8 @@ just before the optimizer step that follows them (the weights after that many st
 ``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
 model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
 x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--device cuda`` trains and
-measures on a GPU. Each checkpoint also records every weight's RMS (``weight_rms``).
+measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint also
+records every weight's RMS (``weight_rms``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
+from blockopt.bench.corpus import DEFAULT_MAX_BYTES
 from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
 from blockopt.bench.train import _windows, train_run
@@ -206,6 +208,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--gn-samples", type=int, default=32, help="sampled label sets for the Gauss-Newton trace")
     add_model_arguments(parser)
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
+    parser.add_argument("--corpus", metavar="PATH",
+                        help="text file or folder to train and measure on (default: the built-in corpus)")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help=f"cap on the corpus size in bytes (default: {DEFAULT_MAX_BYTES:,}); 0 reads all of it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -216,6 +222,9 @@ def main(argv=None) -> dict:
         report = json.loads(args.summarize.read_text())
         print(summarize(report))
         return report
+    if args.max_bytes < 0:
+        parser.error(f"--max-bytes must be positive, or 0 to read the whole corpus; got {args.max_bytes}")
+    max_bytes = args.max_bytes or None
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
     if checkpoints[0] < 0 or checkpoints[-1] > args.steps:
         parser.error(f"checkpoints must lie in [0, --steps={args.steps}]")
@@ -223,7 +232,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     config = model_config(args)
-    _, data = demo_data(config.vocab_size)
+    _, data = demo_data(config.vocab_size, args.corpus, max_bytes=max_bytes)
     windows = _windows(data.val, 128)
     batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()].to(args.device)  # fixed, evenly spaced
 
@@ -273,7 +282,8 @@ def main(argv=None) -> dict:
         "paper_order": PAPER_ORDER,
         "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
         "training": {"optimizer": "AdamW", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
-                     "batch_size": 32, "seq_len": 128, "val_curve": run.val_curve},
+                     "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": max_bytes,
+                     "train_tokens": len(data.train), "val_curve": run.val_curve},
         "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,
                         "gn_samples": args.gn_samples, "seed": 0},
         "checkpoints": {str(k): v for k, v in sorted(results.items())},

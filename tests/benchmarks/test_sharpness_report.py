@@ -95,3 +95,38 @@ def test_summary_rows_give_the_paper_pairs_ratios(script):
                 kept[block_type] = sum(m * v for m, v in rest) / sum(m for m, _ in rest)
         expected = [kept[b] / kept[a] for a, b in zip(order, order[1:])]
         assert [float(r) for r in cells[3].split(" / ")] == pytest.approx(expected, abs=0.006)
+
+
+TINY_RUN = ["--vocab", "300", "--dim", "32", "--layers", "1", "--steps", "2", "--checkpoints", "0,2",
+            "--measures", "gauss_newton", "--gn-samples", "2", "--batch", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "value"]
+    lines = (" ".join(words[(7 * i + 3 * j) % len(words)] for j in range(12)) for i in range(3000))
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_a_passed_in_corpus_is_what_the_run_trains_on_and_records(script, corpus_file, tmp_path):
+    from blockopt.bench.demo import demo_data
+
+    whole = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--max-bytes", "0", "--out", str(tmp_path / "a")])
+    capped = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--max-bytes", "20000",
+                          "--out", str(tmp_path / "b")])
+    _, expected = demo_data(300, corpus_file, max_bytes=None)
+    assert whole["training"]["corpus"] == str(corpus_file) and whole["training"]["max_bytes"] is None
+    assert whole["training"]["train_tokens"] == len(expected.train)  # the built-in corpus has far more
+    assert capped["training"]["max_bytes"] == 20000
+    assert capped["training"]["train_tokens"] < whole["training"]["train_tokens"]
+    written = json.loads((tmp_path / "a.json").read_text())["training"]
+    assert {k: written[k] for k in ("corpus", "max_bytes", "train_tokens")} == {
+        k: whole["training"][k] for k in ("corpus", "max_bytes", "train_tokens")}
+
+
+def test_a_negative_max_bytes_is_refused_by_name(script, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main([*TINY_RUN, "--max-bytes", "-1", "--out", str(tmp_path / "x")])
+    assert "--max-bytes must be positive" in capsys.readouterr().err
