@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
-from blockopt.bench.corpus import DEFAULT_MAX_BYTES
+from blockopt.bench.corpus import DEFAULT_MAX_BYTES, CorpusError
 from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
 from blockopt.bench.train import _windows, train_run
@@ -232,7 +232,10 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     config = model_config(args)
-    _, data = demo_data(config.vocab_size, args.corpus, max_bytes=max_bytes)
+    try:
+        _, data = demo_data(config.vocab_size, args.corpus, max_bytes=max_bytes)
+    except (FileNotFoundError, CorpusError) as error:
+        parser.error(f"--corpus: {error}")
     windows = _windows(data.val, 128)
     batch = windows[torch.linspace(0, len(windows) - 1, args.batch).long()].to(args.device)  # fixed, evenly spaced
 

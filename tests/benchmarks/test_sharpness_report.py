@@ -130,3 +130,10 @@ def test_a_negative_max_bytes_is_refused_by_name(script, capsys, tmp_path):
     with pytest.raises(SystemExit):
         script.main([*TINY_RUN, "--max-bytes", "-1", "--out", str(tmp_path / "x")])
     assert "--max-bytes must be positive" in capsys.readouterr().err
+
+
+def test_a_missing_corpus_is_refused_by_name(script, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main([*TINY_RUN, "--corpus", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--corpus" in err and "absent.txt" in err and "does not exist" in err
