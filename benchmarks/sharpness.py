@@ -22,8 +22,8 @@ just before the optimizer step that follows them (the weights after that many st
 ``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
 model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
 x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--device cuda`` trains and
-measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint also
-records every weight's RMS (``weight_rms``).
+measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint
+also records every weight's RMS (``weight_rms``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from blockopt.bench.corpus import DEFAULT_MAX_BYTES, CorpusError
 from blockopt.bench.demo import demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
 from blockopt.bench.train import _windows, train_run
+from blockopt.cli import _positive_int
 from blockopt.hessian import block_sharpness
 
 HERE = Path(__file__).resolve().parent
@@ -210,8 +211,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=list(MEASURES))
     parser.add_argument("--corpus", metavar="PATH",
                         help="text file or folder to train and measure on (default: the built-in corpus)")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                        help=f"cap on the corpus size in bytes (default: {DEFAULT_MAX_BYTES:,}); 0 reads all of it")
+    parser.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
+                        help=f"cap on the corpus size in bytes, as in `blockopt compare` (default: {DEFAULT_MAX_BYTES:,})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -222,9 +223,6 @@ def main(argv=None) -> dict:
         report = json.loads(args.summarize.read_text())
         print(summarize(report))
         return report
-    if args.max_bytes < 0:
-        parser.error(f"--max-bytes must be positive, or 0 to read the whole corpus; got {args.max_bytes}")
-    max_bytes = args.max_bytes or None
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
     if checkpoints[0] < 0 or checkpoints[-1] > args.steps:
         parser.error(f"checkpoints must lie in [0, --steps={args.steps}]")
@@ -233,7 +231,7 @@ def main(argv=None) -> dict:
 
     config = model_config(args)
     try:
-        _, data = demo_data(config.vocab_size, args.corpus, max_bytes=max_bytes)
+        _, data = demo_data(config.vocab_size, args.corpus, max_bytes=args.max_bytes)
     except (FileNotFoundError, CorpusError) as error:
         parser.error(f"--corpus: {error}")
     windows = _windows(data.val, 128)
@@ -285,7 +283,7 @@ def main(argv=None) -> dict:
         "paper_order": PAPER_ORDER,
         "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
         "training": {"optimizer": "AdamW", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
-                     "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": max_bytes,
+                     "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
                      "train_tokens": len(data.train), "val_curve": run.val_curve},
         "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,
                         "gn_samples": args.gn_samples, "seed": 0},

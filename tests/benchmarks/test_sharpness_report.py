@@ -113,11 +113,12 @@ def corpus_file(tmp_path_factory):
 def test_a_passed_in_corpus_is_what_the_run_trains_on_and_records(script, corpus_file, tmp_path):
     from blockopt.bench.demo import demo_data
 
-    whole = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--max-bytes", "0", "--out", str(tmp_path / "a")])
+    whole = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--max-bytes", "1000000",
+                         "--out", str(tmp_path / "a")])
     capped = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--max-bytes", "20000",
                           "--out", str(tmp_path / "b")])
-    _, expected = demo_data(300, corpus_file, max_bytes=None)
-    assert whole["training"]["corpus"] == str(corpus_file) and whole["training"]["max_bytes"] is None
+    _, expected = demo_data(300, corpus_file, max_bytes=None)  # the file is under 1 MB: all of it
+    assert whole["training"]["corpus"] == str(corpus_file) and whole["training"]["max_bytes"] == 1_000_000
     assert whole["training"]["train_tokens"] == len(expected.train)  # the built-in corpus has far more
     assert capped["training"]["max_bytes"] == 20000
     assert capped["training"]["train_tokens"] < whole["training"]["train_tokens"]
@@ -126,10 +127,12 @@ def test_a_passed_in_corpus_is_what_the_run_trains_on_and_records(script, corpus
         k: whole["training"][k] for k in ("corpus", "max_bytes", "train_tokens")}
 
 
-def test_a_negative_max_bytes_is_refused_by_name(script, capsys, tmp_path):
+@pytest.mark.parametrize("cap", ["0", "-1"])
+def test_a_cap_below_one_byte_is_refused_by_name(script, capsys, tmp_path, cap):
     with pytest.raises(SystemExit):
-        script.main([*TINY_RUN, "--max-bytes", "-1", "--out", str(tmp_path / "x")])
-    assert "--max-bytes must be positive" in capsys.readouterr().err
+        script.main([*TINY_RUN, "--max-bytes", cap, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--max-bytes" in err and "positive integer" in err
 
 
 def test_a_missing_corpus_is_refused_by_name(script, capsys, tmp_path):
