@@ -21,8 +21,8 @@ where H_bb is the Hessian of the loss restricted to the type's parameters. Check
 just before the optimizer step that follows them (the weights after that many steps).
 ``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
 model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
-x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--device cuda`` trains and
-measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint
+x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--lr`` changes AdamW's peak learning
+rate. ``--device cuda`` trains and measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint
 also records every weight's RMS (``weight_rms``).
 """
 
@@ -50,7 +50,9 @@ from blockopt.hessian import block_sharpness
 HERE = Path(__file__).resolve().parent
 PAPER_ORDER = ["embedding", "qk", "ffn", "vo", "norm"]  # flattest to sharpest
 MEASURES = ("gauss_newton", "trace", "lambda_max")
-LABELS = {"embedding": "Emb", "qk": "QK", "ffn": "FFN", "vo": "VO", "norm": "Norm", "head": "Head"}
+LR = 2e-3  # the demo's peak learning rate
+LABELS = {"embedding": "Emb", "qk": "QK", "ffn": "FFN", "vo": "VO", "norm": "Norm", "head": "Head",
+          "pos_embedding": "Pos"}
 
 
 class MeasuredAdamW(torch.optim.AdamW):
@@ -213,6 +215,8 @@ def main(argv=None) -> dict:
                         help="text file or folder to train and measure on (default: the built-in corpus)")
     parser.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
                         help=f"cap on the corpus size in bytes, as in `blockopt compare` (default: {DEFAULT_MAX_BYTES:,})")
+    parser.add_argument("--lr", type=float, default=LR,
+                        help=f"AdamW's peak learning rate (default: the demo's {LR:g})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -223,6 +227,8 @@ def main(argv=None) -> dict:
         report = json.loads(args.summarize.read_text())
         print(summarize(report))
         return report
+    if not args.lr > 0:  # also refuses nan
+        parser.error(f"--lr must be a positive number, got {args.lr}")
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",")})
     if checkpoints[0] < 0 or checkpoints[-1] > args.steps:
         parser.error(f"checkpoints must lie in [0, --steps={args.steps}]")
@@ -268,7 +274,7 @@ def main(argv=None) -> dict:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return MeasuredAdamW(groups, lr=2e-3, betas=(0.9, 0.95), eps=1e-8, hook=measure)
+        return MeasuredAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, hook=measure)
 
     run = train_run(
         config, make, data, **demo_loop(args.steps), device=args.device, progress=sys.stderr.isatty(), desc="AdamW",
@@ -282,7 +288,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "paper_order": PAPER_ORDER,
         "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
-        "training": {"optimizer": "AdamW", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
+        "training": {"optimizer": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
                      "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
                      "train_tokens": len(data.train), "val_curve": run.val_curve},
         "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,

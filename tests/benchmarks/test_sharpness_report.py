@@ -140,3 +140,23 @@ def test_a_missing_corpus_is_refused_by_name(script, capsys, tmp_path):
         script.main([*TINY_RUN, "--corpus", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "--corpus" in err and "absent.txt" in err and "does not exist" in err
+
+
+def test_the_run_trains_at_the_lr_it_is_given_and_records_it(script, corpus_file, tmp_path):
+    def weight_change(lr: str) -> tuple[dict, float]:
+        report = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--lr", lr, "--out", str(tmp_path / lr)])
+        before, after = (report["checkpoints"][s]["weight_rms"] for s in ("0", "2"))
+        return report, max(abs(after[n] - before[n]) for n in before)
+
+    frozen, tiny_change = weight_change("1e-12")
+    moving, change = weight_change("1e-2")
+    assert frozen["training"]["lr"] == 1e-12 and moving["training"]["lr"] == 1e-2
+    assert tiny_change < 1e-9 < 1e-5 < change
+
+
+@pytest.mark.parametrize("lr", ["0", "-0.001", "nan"])
+def test_a_non_positive_lr_is_refused_by_name(script, capsys, tmp_path, lr):
+    with pytest.raises(SystemExit):
+        script.main([*TINY_RUN, "--lr", lr, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--lr" in err and "positive" in err
