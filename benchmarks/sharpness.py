@@ -29,6 +29,7 @@ also records every weight's RMS (``weight_rms``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -41,7 +42,7 @@ from matplotlib.figure import Figure
 
 from blockopt.bench.comparison import environment
 from blockopt.bench.corpus import DEFAULT_MAX_BYTES, CorpusError
-from blockopt.bench.demo import demo_data, demo_loop
+from blockopt.bench.demo import DEFAULT_LR, _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
 from blockopt.bench.train import _windows, train_run
 from blockopt.cli import _positive_int
@@ -50,22 +51,8 @@ from blockopt.hessian import block_sharpness
 HERE = Path(__file__).resolve().parent
 PAPER_ORDER = ["embedding", "qk", "ffn", "vo", "norm"]  # flattest to sharpest
 MEASURES = ("gauss_newton", "trace", "lambda_max")
-LR = 2e-3  # the demo's peak learning rate
 LABELS = {"embedding": "Emb", "qk": "QK", "ffn": "FFN", "vo": "VO", "norm": "Norm", "head": "Head",
           "pos_embedding": "Pos"}
-
-
-class MeasuredAdamW(torch.optim.AdamW):
-    """AdamW that calls ``hook(steps_done)`` before each step (train_run is used as it is)."""
-
-    def __init__(self, *args, hook, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._hook, self._done = hook, 0
-
-    def step(self, closure=None):
-        self._hook(self._done)
-        self._done += 1
-        return super().step(closure)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,8 +202,8 @@ def main(argv=None) -> dict:
                         help="text file or folder to train and measure on (default: the built-in corpus)")
     parser.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES,
                         help=f"cap on the corpus size in bytes, as in `blockopt compare` (default: {DEFAULT_MAX_BYTES:,})")
-    parser.add_argument("--lr", type=float, default=LR,
-                        help=f"AdamW's peak learning rate (default: the demo's {LR:g})")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help=f"AdamW's peak learning rate (default: the demo's {DEFAULT_LR:g})")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -267,14 +254,15 @@ def main(argv=None) -> dict:
         for m in args.measures:
             print(f"    flattest -> sharpest ({m}):".ljust(38), " < ".join(entry["ordering"][m]), flush=True)
 
+    adamw = {"lr": args.lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}  # the demo's, at --lr
+
     def make(model):
         holder["model"] = model
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        return MeasuredAdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, hook=measure)
+        optimizer = _adamw(model, **adamw)
+        steps_done = itertools.count()
+        # measure just before each step: the weights after that many steps
+        optimizer.register_step_pre_hook(lambda *_: measure(next(steps_done)))
+        return optimizer
 
     run = train_run(
         config, make, data, **demo_loop(args.steps), device=args.device, progress=sys.stderr.isatty(), desc="AdamW",
@@ -288,7 +276,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "paper_order": PAPER_ORDER,
         "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
-        "training": {"optimizer": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "steps": args.steps,
+        "training": {"optimizer": "AdamW", **adamw, "betas": list(adamw["betas"]), "steps": args.steps,
                      "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
                      "train_tokens": len(data.train), "val_curve": run.val_curve},
         "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,

@@ -27,6 +27,7 @@ from .train import RunResult, train_run
 DEMO_CONFIG = "demo"
 # About 400k tokens per run: both runs fit in ~2 minutes on 2 CPU cores.
 DEFAULT_STEPS = 100
+DEFAULT_LR = 2e-3  # the demo's peak learning rate, for both optimizers
 
 
 def demo_loop(steps: int = DEFAULT_STEPS, **overrides) -> dict:
@@ -84,7 +85,7 @@ def run_demo(
     steps: int = DEFAULT_STEPS,
     out_dir: str | os.PathLike = "demo-out",
     seed: int = 0,
-    lr: float = 2e-3,
+    lr: float = DEFAULT_LR,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     weight_decay: float = 0.1,
