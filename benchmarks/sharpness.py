@@ -22,8 +22,10 @@ just before the optimizer step that follows them (the weights after that many st
 ``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
 model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
 x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--lr`` changes AdamW's peak learning
-rate. ``--device cuda`` trains and measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint
-also records every weight's RMS (``weight_rms``).
+rate. ``--device cuda`` trains and measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it
+trains on. Each checkpoint also records every weight's RMS (``weight_rms``). The JSON and PNG are
+written after every checkpoint, so a run stopped early keeps what it measured (``"complete": false``
+until the run ends, with no validation curve).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from blockopt.bench.comparison import environment
 from blockopt.bench.corpus import DEFAULT_MAX_BYTES, CorpusError
 from blockopt.bench.demo import DEFAULT_LR, _adamw, demo_data, demo_loop
 from blockopt.bench.models import CONFIGS, GPT2Config, LlamaConfig, ModelConfig, build_model, config_dict
-from blockopt.bench.train import _windows, train_run
+from blockopt.bench.train import _windows, count_params, train_run
 from blockopt.cli import _positive_int
 from blockopt.hessian import block_sharpness
 
@@ -149,6 +151,9 @@ def summarize(report: dict, without: str = "layers.0.") -> str:
         order = " < ".join(LABELS.get(t, t) for t in sorted(values, key=values.__getitem__))
         rows.append(f"| {step} | {order} | {ratios(values)} | "
                     f"{ratios(gauss_newton_without(entry['types'], sizes, without))} |")
+    if report.get("complete") is False:  # reports from before the flag are all complete
+        rows.append(f"\nStopped early: measured through step {max(map(int, report['checkpoints']))} "
+                    f"of the {report['training']['steps']}-step schedule.")
     return "\n".join(rows)
 
 
@@ -232,6 +237,32 @@ def main(argv=None) -> dict:
 
     results: dict[int, dict] = {}
     holder = {}
+    adamw = {"lr": args.lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}  # the demo's, at --lr
+
+    def write(val_curve) -> dict:
+        """Write the JSON and PNG of the checkpoints measured so far; ``complete`` is false (and
+        ``val_curve`` null) until the run has finished."""
+        last = results[max(results)]
+        png = args.out.with_suffix(".png")
+        plot(results, png, plot_title(config_dict(config), count_params(holder["model"]), args.batch), args.measures)
+        report = {
+            "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "complete": val_curve is not None,
+            "paper_order": PAPER_ORDER,
+            "model": {"name": "demo", "n_params": count_params(holder["model"]), **config_dict(config)},
+            "training": {"optimizer": "AdamW", **adamw, "betas": list(adamw["betas"]), "steps": args.steps,
+                         "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
+                         "train_tokens": len(data.train), "val_curve": val_curve},
+            "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,
+                            "gn_samples": args.gn_samples, "seed": 0},
+            "checkpoints": {str(k): v for k, v in sorted(results.items())},
+            "final_ordering": last["ordering"],
+            "final_paper_pairs": last["paper_pairs"],
+            "wall_s": time.perf_counter() - started,
+            "environment": environment(args.device),  # versions, CPU or GPU, torch threads, load average
+        }
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        return report
 
     def measure(done: int) -> None:
         if done not in checkpoints or done in results:
@@ -253,8 +284,7 @@ def main(argv=None) -> dict:
         print(f"--- after {done} steps ({entry['seconds']:.0f}s)\n{report}", flush=True)
         for m in args.measures:
             print(f"    flattest -> sharpest ({m}):".ljust(38), " < ".join(entry["ordering"][m]), flush=True)
-
-    adamw = {"lr": args.lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}  # the demo's, at --lr
+        write(val_curve=None)  # a run stopped later still leaves what it has measured
 
     def make(model):
         holder["model"] = model
@@ -269,27 +299,8 @@ def main(argv=None) -> dict:
     )
     measure(args.steps)  # after the last step
 
-    last = results[checkpoints[-1]]
-    png = args.out.with_suffix(".png")
-    plot(results, png, plot_title(config_dict(config), run.n_params, args.batch), args.measures)
-    report = {
-        "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "paper_order": PAPER_ORDER,
-        "model": {"name": "demo", "n_params": run.n_params, **config_dict(config)},
-        "training": {"optimizer": "AdamW", **adamw, "betas": list(adamw["betas"]), "steps": args.steps,
-                     "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
-                     "train_tokens": len(data.train), "val_curve": run.val_curve},
-        "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,
-                        "gn_samples": args.gn_samples, "seed": 0},
-        "checkpoints": {str(k): v for k, v in sorted(results.items())},
-        "final_ordering": last["ordering"],
-        "final_paper_pairs": last["paper_pairs"],
-        "wall_s": time.perf_counter() - started,
-        "environment": environment(args.device),  # versions, CPU or GPU, torch threads, load average
-    }
-    out_json = args.out.with_suffix(".json")
-    out_json.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out_json} and {png} ({report['wall_s']:.0f}s)")
+    report = write(val_curve=run.val_curve)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')} ({report['wall_s']:.0f}s)")
     return report
 
 

@@ -160,3 +160,33 @@ def test_a_non_positive_lr_is_refused_by_name(script, capsys, tmp_path, lr):
         script.main([*TINY_RUN, "--lr", lr, "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "--lr" in err and "positive" in err
+
+
+def test_a_run_stopped_after_a_checkpoint_leaves_a_report_of_what_it_measured(script, corpus_file, tmp_path,
+                                                                                monkeypatch):
+    measured = []
+
+    def measure_once(*args, **kwargs):
+        if measured:
+            raise KeyboardInterrupt  # stopped during the second measurement
+        measured.append(True)
+        return real(*args, **kwargs)
+
+    real = script.block_sharpness
+    monkeypatch.setattr(script, "block_sharpness", measure_once)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*TINY_RUN, "--corpus", str(corpus_file), "--out", str(tmp_path / "stopped")])
+    stopped = json.loads((tmp_path / "stopped.json").read_text())
+    assert (tmp_path / "stopped.png").exists()
+    assert stopped["complete"] is False and stopped["training"]["val_curve"] is None
+    assert list(stopped["checkpoints"]) == ["0"]
+    assert "Stopped early: measured through step 0 of the 2-step schedule" in script.summarize(stopped)
+
+    monkeypatch.setattr(script, "block_sharpness", real)
+    finished = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--out", str(tmp_path / "stopped")])
+    written = json.loads((tmp_path / "stopped.json").read_text())
+    assert written["complete"] is True and finished["complete"] is True
+    assert list(written["checkpoints"]) == ["0", "2"] and written["training"]["val_curve"]
+    # the first checkpoint is the same measurement either way
+    assert written["checkpoints"]["0"]["types"] == stopped["checkpoints"]["0"]["types"]
+    assert "Stopped early" not in script.summarize(written)
