@@ -243,13 +243,14 @@ def main(argv=None) -> dict:
         """Write the JSON and PNG of the checkpoints measured so far; ``complete`` is false (and
         ``val_curve`` null) until the run has finished."""
         last = results[max(results)]
-        png = args.out.with_suffix(".png")
-        plot(results, png, plot_title(config_dict(config), count_params(holder["model"]), args.batch), args.measures)
+        n_params = count_params(holder["model"])
+        plot(results, args.out.with_suffix(".png"), plot_title(config_dict(config), n_params, args.batch),
+             args.measures)
         report = {
             "command": "python benchmarks/sharpness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "complete": val_curve is not None,
             "paper_order": PAPER_ORDER,
-            "model": {"name": "demo", "n_params": count_params(holder["model"]), **config_dict(config)},
+            "model": {"name": "demo", "n_params": n_params, **config_dict(config)},
             "training": {"optimizer": "AdamW", **adamw, "betas": list(adamw["betas"]), "steps": args.steps,
                          "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
                          "train_tokens": len(data.train), "val_curve": val_curve},
@@ -264,9 +265,10 @@ def main(argv=None) -> dict:
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         return report
 
-    def measure(done: int) -> None:
+    def measure(done: int) -> bool:
+        """Measure the weights after ``done`` steps if that is a checkpoint; True if it was."""
         if done not in checkpoints or done in results:
-            return
+            return False
         model = holder["model"]
         t = time.perf_counter()
         report = block_sharpness(
@@ -284,14 +286,19 @@ def main(argv=None) -> dict:
         print(f"--- after {done} steps ({entry['seconds']:.0f}s)\n{report}", flush=True)
         for m in args.measures:
             print(f"    flattest -> sharpest ({m}):".ljust(38), " < ".join(entry["ordering"][m]), flush=True)
-        write(val_curve=None)  # a run stopped later still leaves what it has measured
+        return True
 
     def make(model):
         holder["model"] = model
         optimizer = _adamw(model, **adamw)
         steps_done = itertools.count()
-        # measure just before each step: the weights after that many steps
-        optimizer.register_step_pre_hook(lambda *_: measure(next(steps_done)))
+
+        def before_step(*_):
+            # the weights after that many steps; a run stopped later still leaves what it measured
+            if measure(next(steps_done)):
+                write(val_curve=None)
+
+        optimizer.register_step_pre_hook(before_step)
         return optimizer
 
     run = train_run(
