@@ -22,10 +22,11 @@ just before the optimizer step that follows them (the weights after that many st
 ``--arch``, ``--vocab``, ``--dim``, ``--layers``, ``--kv-heads`` and ``--init-std`` change the
 model; the second command above gives it the paper's proportions of vocabulary to width, fan-in
 x σ² and multi-head attention (benchmarks/blockwise_lr.md). ``--lr`` changes AdamW's peak learning
-rate. ``--device cuda`` trains and measures on a GPU; ``--corpus`` and ``--max-bytes`` change the text it
-trains on. Each checkpoint also records every weight's RMS (``weight_rms``). The JSON and PNG are
-written after every checkpoint, so a run stopped early keeps what it measured (``"complete": false``
-until the run ends, with no validation curve).
+rate and ``--seed`` the initial weights and batch order. ``--device cuda`` trains and measures
+on a GPU; ``--corpus`` and ``--max-bytes`` change the text it trains on. Each checkpoint also
+records every weight's RMS (``weight_rms``). The JSON and PNG are written after every checkpoint,
+so a run stopped early keeps what it measured (``"complete": false`` until the run ends, with no
+validation curve).
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def main(argv=None) -> dict:
                         help=f"cap on the corpus size in bytes, as in `blockopt compare` (default: {DEFAULT_MAX_BYTES:,})")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
                         help=f"AdamW's peak learning rate (default: the demo's {DEFAULT_LR:g})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and batch order (default: the demo's 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where to train and measure, e.g. cuda (default: cpu)")
     parser.add_argument("--out", type=Path, default=HERE / "sharpness")
@@ -252,7 +255,8 @@ def main(argv=None) -> dict:
             "paper_order": PAPER_ORDER,
             "model": {"name": "demo", "n_params": n_params, **config_dict(config)},
             "training": {"optimizer": "AdamW", **adamw, "betas": list(adamw["betas"]), "steps": args.steps,
-                         "batch_size": 32, "seq_len": 128, "corpus": args.corpus, "max_bytes": args.max_bytes,
+                         "seed": args.seed, "batch_size": 32, "seq_len": 128, "corpus": args.corpus,
+                         "max_bytes": args.max_bytes,
                          "train_tokens": len(data.train), "val_curve": val_curve},
             "measurement": {"batch": args.batch, "seq_len": 128, "iters": args.iters, "probes": args.probes,
                             "gn_samples": args.gn_samples, "seed": 0},
@@ -302,7 +306,8 @@ def main(argv=None) -> dict:
         return optimizer
 
     run = train_run(
-        config, make, data, **demo_loop(args.steps), device=args.device, progress=sys.stderr.isatty(), desc="AdamW",
+        config, make, data, **demo_loop(args.steps, seed=args.seed), device=args.device,
+        progress=sys.stderr.isatty(), desc="AdamW",
     )
     measure(args.steps)  # after the last step
 

@@ -190,3 +190,16 @@ def test_a_run_stopped_after_a_checkpoint_leaves_a_report_of_what_it_measured(sc
     # the first checkpoint is the same measurement either way
     assert written["checkpoints"]["0"]["types"] == stopped["checkpoints"]["0"]["types"]
     assert "Stopped early" not in script.summarize(written)
+
+
+def test_the_seed_picks_the_initial_weights_and_is_recorded(script, corpus_file, tmp_path):
+    def initial_rms(seed: str) -> tuple[dict, dict]:
+        report = script.main([*TINY_RUN, "--corpus", str(corpus_file), "--seed", seed, "--out", str(tmp_path / seed)])
+        return report, report["checkpoints"]["0"]["weight_rms"]
+
+    first, rms0 = initial_rms("0")
+    again, rms0_again = initial_rms("0")
+    other, rms1 = initial_rms("1")
+    assert first["training"]["seed"] == 0 and other["training"]["seed"] == 1
+    assert rms0 == rms0_again  # same seed, same weights
+    assert any(rms0[n] != rms1[n] for n in rms0)
