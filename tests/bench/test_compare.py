@@ -1,6 +1,7 @@
 """`blockopt.bench.compare` and `blockopt compare`: results, files, reproducibility, resume, errors."""
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -188,6 +189,27 @@ def test_an_interrupted_comparison_resumes_to_the_same_numbers(saved, tmp_path):
 
     with pytest.raises(ValueError, match="different settings"):
         compare(["adamw", "adam-mini"], seeds=(0, 1), out_dir=out, resume=True, progress=False, lr=1e-3, **TINY)
+
+
+def test_a_diverged_run_is_saved_and_loaded_back_as_nan(tmp_path):
+    # JSON has no NaN: a diverged run's losses are written as null and must come back as NaN, both
+    # when --resume loads the run and when the finished comparison is loaded from compare.json.
+    out = tmp_path / "out"
+    labels = ["adamw", "adamw:lr=1e9"]
+    first = compare(labels, seeds=(0,), out_dir=out, progress=False, **TINY)
+    diverged = first.runs[1].result
+    assert math.isnan(diverged.final_val_loss) and any(math.isnan(loss) for _, loss in diverged.val_curve)
+    assert math.isfinite(first.runs[0].result.final_val_loss)
+    assert json.loads((out / "runs" / "adamw_lr_1e9-seed0" / "result.json").read_text())["result"]["final_val_loss"] is None
+
+    again = compare(labels, seeds=(0,), out_dir=out, resume=True, progress=False,
+                    callback=lambda *a: pytest.fail("trained again"), **TINY)
+    assert [r.status for r in again.runs] == ["loaded", "loaded"]
+    for result in (again, CompareResult.load(out)):
+        loaded = result.runs[1].result
+        assert math.isnan(loaded.final_val_loss) and math.isnan(loaded.final_train_loss)
+        assert [math.isnan(loss) for _, loss in loaded.val_curve] == [math.isnan(loss) for _, loss in diverged.val_curve]
+        assert result.runs[0].result == first.runs[0].result
 
 
 def test_bad_names_and_settings_fail_before_training(tmp_path):

@@ -64,10 +64,16 @@ class RunResult:
         """The inverse of `to_dict` (JSON turns the curves' tuples into lists; this turns them back)."""
         data = dict(data)
         for key in ("train_curve", "val_curve"):
-            data[key] = [(int(step), float(loss)) for step, loss in data[key]]
-        for key in ("step_ms", "tokens_per_s"):  # JSON has no NaN: None stands for it
-            data[key] = float("nan") if data.get(key) is None else float(data[key])
+            data[key] = [(int(step), _float(loss)) for step, loss in data[key]]
+        for key in ("final_train_loss", "final_val_loss", "step_ms", "tokens_per_s", "wall_s"):
+            data[key] = _float(data.get(key))
         return cls(**data)
+
+
+def _float(value: float | str | None) -> float:
+    """A float read back from JSON, which has no NaN: None stands for a non-finite value (a
+    diverged run's losses, a step time that was not measured) and comes back as NaN."""
+    return float("nan") if value is None else float(value)
 
 
 def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
