@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import pickle
 import threading
 
@@ -39,13 +40,15 @@ def quiet(fn, *args):
 
 
 def ref_gsnr(g: torch.Tensor, spec, eps: float) -> torch.Tensor:
-    """Per-block ||g_b|| / (std(g_b) + eps) by masks and torch.std, in float64; 1 for one element."""
+    """Per-block ||g_b|| / (std(g_b) + eps) by masks and torch.std, in float64; sqrt(size) for
+    a block with nothing to measure (one element, or an all-zero gradient)."""
     idx = spec.block_index()
     g = g.double()
     out = []
     for b in range(spec.n_blocks):
         x = g[idx == b]
-        out.append(1.0 if x.numel() == 1 else (x.norm() / (x.std() + eps)).item())
+        measurable = x.numel() > 1 and bool((x != 0).any())
+        out.append((x.norm() / (x.std() + eps)).item() if measurable else math.sqrt(x.numel()))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -251,6 +254,54 @@ def test_one_element_blocks_get_gsnr_one():
     pkg = sgd_sai_package.SGD_sai(pkg_model.parameters(), lr=0.05, weight_decay=0.1)
     quiet(_fit, pkg_model, pkg, data[:1])
     assert abs(pkg_model.shift.item()) > 1e4
+
+
+class LoRALike(nn.Module):
+    """An embedding and a low-rank adapter whose B starts at zero: at the first step the rows of
+    absent tokens and the whole of A have exactly zero gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(40, 8).double()
+        self.lora_A = nn.Parameter(torch.randn(4, 8, dtype=torch.float64) / 8)
+        self.lora_B = nn.Parameter(torch.zeros(8, 4, dtype=torch.float64))
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return (h + h @ self.lora_A.T @ self.lora_B.T).square().mean()
+
+
+def test_blocks_with_an_all_zero_first_gradient_get_sqrt_block_size_and_keep_training():
+    first = torch.tensor([[1, 2, 3, 1]])  # rows 0 and 4-39 see no token at the first step
+    later = torch.tensor([[0, 5, 6, 7]])
+    for blocks in ("tensor", "plan"):
+        model = LoRALike()
+        before = copy.deepcopy(model)
+        opt = blockopt.SGDSaI(model, lr=0.1, blocks=blocks, weight_decay=0.0)
+        for tokens in (first, later, later):
+            opt.zero_grad()
+            model(tokens).backward()
+            opt.step()
+        spec = opt.block_spec("embed.weight")
+        a_spec = opt.block_spec("lora_A")
+        assert opt.state[model.lora_A][GSNR].tolist() == [math.sqrt(32 / a_spec.n_blocks)] * a_spec.n_blocks, blocks
+        assert not torch.equal(model.lora_A, before.lora_A), blocks  # the package freezes A for good
+        if blocks == "plan":
+            gsnr = opt.state[model.embed.weight][GSNR]
+            assert spec.n_blocks == 40 and gsnr[0].item() == math.sqrt(8) and gsnr[4].item() == math.sqrt(8)
+            assert 1.0 < gsnr[2].item() < math.sqrt(8) + 1e-6 and gsnr[2].item() != math.sqrt(8)
+            for row in (0, 5):  # absent at step 1, present later: they train
+                assert not torch.equal(model.embed.weight[row], before.embed.weight[row]), row
+
+    pkg_model = LoRALike()
+    a0 = pkg_model.lora_A.detach().clone()
+    pkg = sgd_sai_package.SGD_sai(pkg_model.parameters(), lr=0.1, weight_decay=0.0)
+    for tokens in (first, later, later):
+        pkg.zero_grad()
+        pkg_model(tokens).backward()
+        quiet(pkg.step)
+    assert torch.equal(pkg_model.lora_A, a0)  # gsnr 0: A never moves
 
 
 def test_momentum_zero_is_plain_scaled_sgd_and_keeps_no_buffer():

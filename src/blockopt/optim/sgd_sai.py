@@ -5,7 +5,7 @@ ratio, computed once, from the parameter's first gradient :math:`g^{(0)}`, and t
 
 .. math::
     \mathrm{gsnr}_b &= \frac{\lVert g^{(0)}_b \rVert_2}{\operatorname{std}(g^{(0)}_b) + \epsilon}
-        \qquad (\text{unbiased std; a 1-element block gets } \mathrm{gsnr}_b = 1) \\
+        \qquad (\text{unbiased std; } \sqrt{|b|} \text{ for a 1-element or all-zero } g^{(0)}_b) \\
     m &\leftarrow g \ \ (\text{first step}), \qquad m \leftarrow \mu\, m + (1-\mu)\, g \ \ (\text{later}) \\
     p_i &\leftarrow p_i\,(1 - \eta\lambda) - \eta\, s_b\, m_i \quad (i \in b),
         \qquad s_b = \mathrm{gsnr}_b \ \text{ or, with normalize, } \ \mathrm{gsnr}_b / \max_{b'} \mathrm{gsnr}_{b'}
@@ -74,10 +74,16 @@ class SGDSaI(BlockwiseOptimizer):
     Note [degenerate blocks]: the unbiased std of a 1-element block is undefined; the package
     turns it into 0, so the block steps with ``|g|/eps`` (about 1e8 times too far). Here such a
     block gets ``gsnr = 1``: it is the limit of ``||g|| / rms(g)`` and what the usual
-    ``gsnr ~ sqrt(block size)`` scaling gives for one element, i.e. plain SGD with momentum. A
-    block whose first gradient is exactly zero gets ``gsnr = 0`` (as in the package: it never
-    moves except by weight decay), and one whose first gradient is constant and non-zero gets
-    ``||g||/eps``; neither happens with real gradients, and both are kept for compatibility.
+    ``gsnr ~ sqrt(block size)`` scaling gives for one element, i.e. plain SGD with momentum.
+    A block whose first gradient is exactly zero has no ratio to measure either. The package
+    gives it ``gsnr = 0``, so it never moves again except by weight decay; here it gets
+    ``sqrt(block size)``, the gsnr of a zero-mean gradient, which is what nearly every real block
+    measures at initialisation. This is common, not an edge case: with ``blocks="plan"`` every
+    embedding row whose token is missing from the first batch (on the demo Llama, more than half
+    of the 2048 rows) would stay frozen for good, and with one block per tensor so would a LoRA
+    ``A`` factor, whose first gradient is zero while ``B`` starts at zero. A block whose first
+    gradient is constant and non-zero still gets ``||g||/eps``, as in the package (it does not
+    happen with real gradients).
 
     Note [first gradient]: the gsnr of a parameter is computed at the first step where it has a
     gradient, not at the optimizer's first step, so parameters unfrozen later, or added with
@@ -355,15 +361,17 @@ def gsnr_block_stats(grads: Sequence[Tensor], dtypes: Sequence[torch.dtype], spe
 def gsnr_from_stats(stats: Tensor, spec, *, eps: float) -> Tensor:
     """``(n_blocks,)`` gsnr from the (summed) `gsnr_block_stats` of one parameter.
 
-    ``||g|| / (std(g) + eps)`` with the unbiased std; 1 for a 1-element block (Note [degenerate
-    blocks] in `SGDSaI`). ``spec.block_numel`` gives the global block sizes."""
+    ``||g|| / (std(g) + eps)`` with the unbiased std; ``sqrt(block size)`` for a block with
+    nothing to measure, one element or an all-zero gradient (Note [degenerate blocks] in
+    `SGDSaI`). ``spec.block_numel`` gives the global block sizes."""
     total, m2_local, between_local = stats.unbind(-1)
     n = torch.as_tensor(spec.block_numel(stats), dtype=stats.dtype, device=stats.device)
     centred = total * (total / n)  # n * mean^2, computed like the local column
     m2 = m2_local + (between_local - centred).clamp_min(0)
     norm = (m2 + centred).sqrt()
     std = (m2 / (n - 1).clamp_min(1)).sqrt()
-    return torch.where(n > 1, norm / (std + eps), torch.ones_like(norm))
+    measured = (n > 1) & (norm > 0)
+    return torch.where(measured, norm / (std + eps), n.sqrt().expand_as(norm))
 
 
 def group_gsnr_max(per_group: Sequence[Sequence[Tensor]], reduce_max: MaxReducer | None = None) -> list[float]:
