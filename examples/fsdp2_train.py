@@ -77,6 +77,9 @@ def main() -> None:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(args.checkpoint), overwrite=True))
         if rank == 0:
             print(f"saved {args.checkpoint} at step {args.steps}")
+    # Leave together: a rank that tears down gloo while a peer is still finishing the save's
+    # last collective can abort that peer (seen once, at 3 ranks on a loaded 2-core machine).
+    dist.barrier()
     dist.destroy_process_group()
 
 
