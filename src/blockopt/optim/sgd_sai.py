@@ -63,7 +63,11 @@ class SGDSaI(BlockwiseOptimizer):
             with gradients, over all ranks under FSDP (the true maximum over the global blocks, so
             sharding does not change the step); it is then kept in ``group["gsnr_max"]`` so that
             parameters whose first gradient comes later are scaled the same way (their ratio to
-            the others stays the raw gsnr ratio, and may exceed 1). (Default: False)
+            the others stays the raw gsnr ratio, and may exceed 1). The weight decay is applied
+            as ``lr * weight_decay``, so when the lr grows by the largest gsnr (hundreds for a
+            large embedding), divide ``weight_decay`` by as much to keep the same decay per step:
+            on the demo Llama the shared 0.1 at lr 5 halves the weights at every step
+            (``benchmarks/sgd_sai.md``). (Default: False)
         decay_1d (bool): also decay 1-D parameters (norm scales, biases). On by default, as in the
             package; `blockopt.AdamMini` defaults to off. (Default: True)
         maximize (bool): maximise the objective instead (the gsnr does not depend on the sign).
