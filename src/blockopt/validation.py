@@ -1,0 +1,136 @@
+"""One validator for user input: rules as data, one error style.
+
+A rule says what a value may be (`real`, `integer`, `boolean`, `choice`, `pair`); `check` raises
+``TypeError`` for a value of the wrong kind and ``ValueError`` for one out of range, always as
+``"{name} must be {description}, got {value!r}"``. An optimizer lists its hyperparameters once, as
+a table ``{name: rule}``, and `validate` checks a constructor's arguments or a new param group
+against it, so every entry point refuses the same values with the same words::
+
+    HYPERPARAMETERS = {"lr": real(0), "betas": pair(real(0, 1, high_open=True)), "eps": real(0)}
+    validate(HYPERPARAMETERS, {"lr": lr, "betas": betas})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value may be. Build rules with `real`, `integer`, `boolean`, `choice` and `pair`."""
+
+    kind: str  # "real", "int", "bool", "choice" or "pair"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False  # None is allowed
+    options: tuple = ()  # for "choice"
+    item: Rule | None = None  # for "pair"
+
+    @property
+    def description(self) -> str:
+        if self.kind == "bool":
+            text = "True or False"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(repr(o) for o in self.options)
+        elif self.kind == "pair":
+            text = f"a pair of {self.item.description.removeprefix('a ').removeprefix('an ')}"
+        else:
+            text = ("an int" if self.kind == "int" else "a number") + self._bounds()
+        return text + (" or None" if self.optional else "")
+
+    def _bounds(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f" in {left}{_fmt(self.low)}, {_fmt(self.high)}{right}"
+        if self.low is not None:
+            return f" {'>' if self.low_open else '>='} {_fmt(self.low)}"
+        if self.high is not None:
+            return f" {'<' if self.high_open else '<='} {_fmt(self.high)}"
+        return ""
+
+
+def real(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+         optional: bool = False) -> Rule:
+    """A finite real number (a 1-element tensor counts) within the bounds."""
+    return Rule("real", low, high, low_open, high_open, optional)
+
+
+def integer(low: int | None = None, high: int | None = None, *, optional: bool = False) -> Rule:
+    """An int (not a bool) within the closed bounds."""
+    return Rule("int", low, high, optional=optional)
+
+
+def boolean() -> Rule:
+    return Rule("bool")
+
+
+def choice(*options) -> Rule:
+    return Rule("choice", options=tuple(options))
+
+
+def pair(item: Rule) -> Rule:
+    """A tuple or list of two values, each checked against ``item`` (named ``name[0]``, ``name[1]``)."""
+    return Rule("pair", item=item)
+
+
+def check(name: str, value: Any, rule: Rule) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` satisfies ``rule``."""
+    if value is None and rule.optional:
+        return
+    kind = rule.kind
+    if kind == "pair":
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"{name} must be {rule.description}, got {value!r}")
+        for i, item in enumerate(value):
+            check(f"{name}[{i}]", item, rule.item)
+        return
+    if kind == "choice":
+        if not any(value == option and type(value) is type(option) for option in rule.options):
+            raise ValueError(f"{name} must be {rule.description}, got {value!r}")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be {rule.description}, got {value!r}")
+        return
+    number = _as_number(name, value, rule)
+    if not math.isfinite(number) or not _within(number, rule):
+        raise ValueError(f"{name} must be {rule.description}, got {value!r}")
+
+
+def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> None:
+    """Check every entry of ``values`` that ``table`` has a rule for."""
+    for name, value in values.items():
+        rule = table.get(name)
+        if rule is not None:
+            check(name, value, rule)
+
+
+def _as_number(name: str, value: Any, rule: Rule) -> float:
+    if isinstance(value, torch.Tensor) and rule.kind == "real":
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be {rule.description} (a 1-element tensor at most), got shape {tuple(value.shape)}")
+        value = value.item()
+    wanted = Integral if rule.kind == "int" else Real
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise TypeError(f"{name} must be {rule.description}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _within(x: float, rule: Rule) -> bool:
+    if rule.low is not None and (x <= rule.low if rule.low_open else x < rule.low):
+        return False
+    if rule.high is not None and (x >= rule.high if rule.high_open else x > rule.high):
+        return False
+    return True
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
