@@ -4,7 +4,8 @@ from . import hf
 from .optim.adam_mini import AdamMini
 from .optim.adapm import AdaPM
 from .optim.sgd_sai import SGDSaI
-from .optim.blockwise_lr import blockwise_lr, sharpness_ratios
+from .param_groups import blockwise_lr
+from .hessian import sharpness_ratios
 from .optim.state import state_bytes
 from .partition import BlockSpec, PartitionWarning, Plan, partition, register_adapter
 

@@ -449,16 +449,22 @@ def test_n_kv_heads_not_dividing_n_heads_raises(llama):
         blockopt.partition(llama, n_kv_heads=3)
 
 
-@pytest.mark.parametrize("kw", [dict(n_heads=0), dict(n_kv_heads=-2), dict(head_dim=2.5), dict(n_heads=True)])
-def test_bad_geometry_values_raise(kw):
-    with pytest.raises(ValueError, match=next(iter(kw))):
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(n_heads=0), ValueError, r"n_heads must be an int >= 1 or None, got 0"),
+    (dict(n_kv_heads=-2), ValueError, r"n_kv_heads must be an int >= 1 or None, got -2"),
+    (dict(dim=0), ValueError, r"dim must be an int >= 1 or None, got 0"),
+    (dict(head_dim=2.5), TypeError, r"head_dim must be an int >= 1 or None, got 2.5"),
+    (dict(n_heads=True), TypeError, r"n_heads must be an int >= 1 or None, got True"),
+])
+def test_bad_geometry_values_raise(kw, exc, match):
+    with pytest.raises(exc, match=match):
         blockopt.partition(nn.Linear(4, 4), **kw)
 
 
 def test_bad_options_raise():
-    with pytest.raises(ValueError, match="value"):
+    with pytest.raises(ValueError, match=r"value must be one of 'rows', 'whole', got 'cols'"):
         blockopt.partition(nn.Linear(4, 4), value="cols")
-    with pytest.raises(ValueError, match="conv"):
+    with pytest.raises(ValueError, match=r"conv must be one of 'whole', 'channel', got 'rows'"):
         blockopt.partition(nn.Linear(4, 4), conv="rows")
 
 

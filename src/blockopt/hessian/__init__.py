@@ -1,5 +1,7 @@
-"""Hessian tools: sharpness by block type (Hessian-vector products, power iteration, Hutchinson)."""
+"""Hessian tools: sharpness by block type (Hessian-vector products, power iteration, Hutchinson),
+and the learning-rate ratios it suggests."""
 
+from .ratios import sharpness_ratios
 from .sharpness import (
     MEASURES,
     PowerResult,
@@ -20,4 +22,5 @@ __all__ = [
     "hutchinson_trace",
     "hvp_operator",
     "power_iteration",
+    "sharpness_ratios",
 ]

@@ -31,7 +31,9 @@ position t is the covariance of the score :math:`s_t = \nabla_z \ell_t(\hat y_t)
 independent with mean zero, so the cross terms vanish.
 
 Both use the one batch the caller's ``loss_fn`` evaluates (sharpness is a property of that
-loss), a fixed seed, and a few iterations/probes: a meter, not an eigen-solver.
+loss), a fixed seed, and a few iterations/probes: a meter, not an eigen-solver. The operators
+(HVP, power iteration, Hutchinson) and the meter share this module (over 400 lines) because the
+notes here explain both and the operators exist to serve the meter.
 
 Note [power iteration and negative curvature]: power iteration finds the eigenvalue of largest
 *magnitude*. Away from a minimum :math:`H_{bb}` can have a negative eigenvalue larger in
@@ -51,11 +53,13 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..optim.blockwise_lr import BLOCK_TYPES, block_types
-from ..partition import Plan, partition
+from ..partition import BLOCK_TYPES, Plan, partition
+from ..validation import check, choice, integer, real, validate
 
 MEASURES = ("lambda_max", "trace", "gauss_newton")
 DEFAULT_MEASURES = ("lambda_max", "trace")  # the ones that need only the loss
+# iteration and sampling settings (gn_samples: the standard error needs two samples)
+SETTINGS = {"iters": integer(1), "tol": real(0), "probes": integer(1), "gn_samples": integer(2)}
 
 MatVec = Callable[[list[Tensor]], list[Tensor]]
 
@@ -121,10 +125,7 @@ def power_iteration(
             the shifted operator (Note [power iteration and negative curvature]). With
             ``top=False`` the eigenvalue of largest magnitude is returned as found.
     """
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    validate(SETTINGS, {"iters": iters, "tol": tol})
     first = _power(matvec, like, iters=iters, tol=tol, seed=seed)
     if not top or first.eigenvalue >= 0:
         return first
@@ -174,8 +175,7 @@ def _hutchinson_samples(matvec: MatVec, like: Sequence[Tensor], *, probes: int, 
     Summed over ``t`` a row is :math:`v^\top A v`. Each column alone is an unbiased estimate of
     the trace of tensor ``t``'s diagonal block: the cross terms :math:`v_t^\top A_{ts} v_s`
     (``s != t``) have mean zero, as the probes of different tensors are independent."""
-    if not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    check("probes", probes, SETTINGS["probes"])
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(probes):
@@ -215,7 +215,7 @@ class TypeSharpness:
 
 
 class SharpnessReport(Mapping[str, TypeSharpness]):
-    """Block type -> `TypeSharpness`, in the order of `blockopt.optim.blockwise_lr.BLOCK_TYPES`."""
+    """Block type -> `TypeSharpness`, in the order of `blockopt.partition.BLOCK_TYPES`."""
 
     def __init__(self, entries: Sequence[TypeSharpness], settings: dict):
         self._entries = {e.block_type: e for e in entries}
@@ -267,10 +267,8 @@ class SharpnessReport(Mapping[str, TypeSharpness]):
 
 
 def _measure_attr(measure: str) -> str:
-    attrs = {"lambda_max": "lambda_max", "trace": "trace_per_param", "gauss_newton": "gauss_newton_per_param"}
-    if measure not in attrs:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
-    return attrs[measure]
+    check("measure", measure, choice(*MEASURES))
+    return {"lambda_max": "lambda_max", "trace": "trace_per_param", "gauss_newton": "gauss_newton_per_param"}[measure]
 
 
 def block_sharpness(
@@ -288,7 +286,7 @@ def block_sharpness(
     logits_fn: Callable[[], Tensor] | None = None,
     gn_samples: int = 16,
 ) -> SharpnessReport:
-    r"""Sharpness of the loss per block type of ``model`` (the types of `blockopt.blockwise_lr`).
+    r"""Sharpness of the loss per block type of ``model`` (`blockopt.partition.block_types`).
 
     Args:
         model: the model; its trainable parameters are grouped into block types by the Plan's
@@ -304,7 +302,7 @@ def block_sharpness(
         probes: Rademacher probes per type for the trace.
         seed: start vectors and probes; each type's come from ``seed`` alone, so adding or
             removing a type does not change another's result.
-        bias: how biases are typed (see `blockopt.optim.blockwise_lr.block_types`).
+        bias: how biases are typed (``"owner"`` or ``"separate"``: `Plan.block_type`).
         logits_fn: ``() -> logits`` (``(..., vocab)``) of the same batch, for ``"gauss_newton"``
             (the loss it stands for is the mean cross-entropy over all positions).
         gn_samples: sampled label sets for ``"gauss_newton"`` (one backward pass each).
@@ -321,13 +319,12 @@ def block_sharpness(
         raise ValueError("measure 'gauss_newton' needs logits_fn: () -> the batch's logits, shape (..., vocab)")
     plan = partition(model) if plan is None else plan
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    kinds = block_types(plan, bias=bias)
     missing = [n for n, p in named if n not in plan or tuple(plan[n].shape) != tuple(p.shape)]
     if missing:
         raise ValueError(f"parameters {missing[:3]} are not in the plan (or have other shapes): build the plan from this model")
     by_type: dict[str, list[tuple[str, Tensor]]] = {}
     for name, p in named:
-        by_type.setdefault(kinds[plan[name].name], []).append((name, p))
+        by_type.setdefault(plan.block_type(name, bias=bias), []).append((name, p))
     present = [t for t in BLOCK_TYPES if t in by_type]
     if types is not None:
         bad = [t for t in types if t not in present]
@@ -409,8 +406,7 @@ def gauss_newton_fields(samples: Tensor, columns: list[int], members: list[tuple
 def _gauss_newton_samples(logits_fn: Callable[[], Tensor], params: Sequence[Tensor], *, samples: int, seed: int) -> Tensor:
     r"""``(samples, len(params))``: per sample, :math:`N\lVert\hat g_i\rVert^2` for each tensor
     (Note [Gauss-Newton trace by sampled labels])."""
-    if samples < 2:
-        raise ValueError(f"gn_samples must be >= 2 (the standard error needs two), got {samples}")
+    check("gn_samples", samples, SETTINGS["gn_samples"])
     logits = logits_fn()
     if not isinstance(logits, Tensor) or logits.ndim < 2 or not logits.requires_grad:
         raise ValueError("logits_fn must return the logits, shape (..., vocab), as a tensor that depends on the parameters")

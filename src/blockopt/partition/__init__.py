@@ -1,12 +1,13 @@
-"""The partition engine: structure detection, block rules, adapters, and the `Plan`."""
+"""The partition engine: structure detection, block rules, adapters, the `Plan`, and block types."""
 
 from .adapters import ADAPTERS, register_adapter
+from .block_types import BLOCK_TYPES, ROLE_TO_TYPE, block_types
 from .context import Context
 from .engine import PartitionWarning, partition
 from .plan import Plan, PlanSummary
 from .spec import ROLES, RULES, BlockSpec, make_spec
 
 __all__ = [
-    "ADAPTERS", "BlockSpec", "Context", "PartitionWarning", "Plan", "PlanSummary", "ROLES", "RULES",
-    "make_spec", "partition", "register_adapter",
+    "ADAPTERS", "BLOCK_TYPES", "BlockSpec", "Context", "PartitionWarning", "Plan", "PlanSummary", "ROLES",
+    "ROLE_TO_TYPE", "RULES", "block_types", "make_spec", "partition", "register_adapter",
 ]

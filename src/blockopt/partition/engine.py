@@ -17,13 +17,18 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from ..validation import choice, integer, validate
 from .adapters import ADAPTERS
 from .context import Context
 from .plan import Plan
 from .spec import RULES, BlockSpec, make_spec
 
-VALUE_OPTIONS = ("rows", "whole")
-CONV_OPTIONS = ("whole", "channel")
+# partition()'s arguments other than the model and the rules
+ARGUMENTS = {
+    **{name: integer(1, optional=True) for name in ("n_heads", "n_kv_heads", "head_dim", "dim")},
+    "value": choice("rows", "whole"),
+    "conv": choice("whole", "channel"),
+}
 
 
 class PartitionWarning(UserWarning):
@@ -56,18 +61,11 @@ def partition(
         conv: ``"whole"`` (one block per conv weight, default) or ``"channel"`` (per output channel).
         dim: accepted for compatibility with adam-mini's signature; head sizes come from widths.
     """
-    _check_int("n_heads", n_heads)
-    _check_int("n_kv_heads", n_kv_heads)
-    _check_int("head_dim", head_dim)
-    _check_int("dim", dim)
+    validate(ARGUMENTS, dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv))
     if n_heads and n_kv_heads and n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (each KV head serves a group of query heads)")
     if dim and n_heads and dim % n_heads and head_dim is None:
         raise ValueError(f"n_heads={n_heads} does not divide dim={dim}; pass head_dim= if heads are not dim/n_heads wide")
-    if value not in VALUE_OPTIONS:
-        raise ValueError(f"value must be one of {VALUE_OPTIONS}, got {value!r}")
-    if conv not in CONV_OPTIONS:
-        raise ValueError(f"conv must be one of {CONV_OPTIONS}, got {conv!r}")
     ctx = Context(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, value=value, conv=conv)
 
     unsure: list[str] = []  # parameters no adapter recognised (each got a safe fallback)
@@ -85,11 +83,6 @@ def partition(
             "blockopt.partition fell back to safe layouts: " + "; ".join(ctx.warnings), PartitionWarning, stacklevel=2
         )
     return Plan(specs, tuple(ctx.warnings))
-
-
-def _check_int(name: str, v) -> None:
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-        raise ValueError(f"{name} must be a positive int or None, got {v!r}")
 
 
 # ---- modules -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from .block_types import BIAS_OPTIONS, block_types
 from .spec import RULES, BlockSpec
 
 
@@ -59,6 +60,8 @@ class Plan(Mapping[str, BlockSpec]):
             for alias in spec.aliases:
                 self._alias[alias] = spec.name
         self.warnings = tuple(warnings)
+        # bias option -> block_types(self), built on first use (a plan never changes after __init__)
+        self._block_types: dict[str, dict[str, str]] = {}
 
     # Mapping protocol (canonical names only; aliases resolve in __getitem__/__contains__)
     def __getitem__(self, name: str) -> BlockSpec:
@@ -89,6 +92,17 @@ class Plan(Mapping[str, BlockSpec]):
     def merged(self, other: "Plan") -> "Plan":
         """A plan with ``other``'s specs added (names must not clash)."""
         return Plan(list(self._specs.values()) + list(other._specs.values()), self.warnings + other.warnings)
+
+    def block_type(self, name: str, *, bias: str = "owner") -> str:
+        """The block type of parameter ``name`` (or an alias): ``"qk"``, ``"vo"``, ``"ffn"``, ...
+
+        Read from its spec's role (`blockopt.partition.block_types`); with ``bias="owner"`` a bias
+        takes its layer's type, with ``"separate"`` the type ``"bias"``.
+        """
+        spec = self[name]
+        if bias not in BIAS_OPTIONS or bias not in self._block_types:
+            self._block_types[bias] = block_types(self, bias=bias)  # raises for an unknown option
+        return self._block_types[bias][spec.name]
 
     def summary(self) -> PlanSummary:
         tensors, blocks, params = Counter(), Counter(), Counter()

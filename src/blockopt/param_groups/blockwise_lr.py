@@ -15,49 +15,44 @@ per block type, each with its own ``lr``. Any optimizer that takes param groups 
 so the ratios hold over the whole schedule (warm-up and decay alike).
 
 The paper's table rests on its ordering. A model whose own ordering differs can take ratios
-from its own measurement instead: `sharpness_ratios` turns a `blockopt.hessian.block_sharpness`
-report into ``{block type: ratio}`` (``(S_sharpest / S_type) ** 0.5``; on the demo Llama this
-reached AdamW's final loss in 0.68x its steps at 200 steps, where the paper's table never did:
-benchmarks/blockwise_lr.md). Ratios can also be chosen by probing: one short run per block type
-with that type at 3x shows which types gain from a faster LR. On the demo Llama, Adam-mini's
-probes led to ``{"embedding": 10, "head": 4, "qk": 2, "ffn": 1.5, "vo": 1, "norm": 1}`` (the
-paper's QK : FFN : VO, with a faster embedding and the norms at VO's LR). At `blockopt compare`'s
-100 steps it reached AdamW's final loss in 0.30-0.35x its steps with AdamW and 0.35-0.40x with
-`AdamMini` on three seeds (benchmarks/blockwise_lr_probes.py).
+from its own measurement instead: `blockopt.hessian.sharpness_ratios` turns a
+`blockopt.hessian.block_sharpness` report into ``{block type: ratio}`` (``(S_sharpest / S_type) **
+0.5``; on the demo Llama this reached AdamW's final loss in 0.68x its steps at 200 steps, where the
+paper's table never did: benchmarks/blockwise_lr.md). Ratios can also be chosen by probing: one
+short run per block type with that type at 3x shows which types gain from a faster LR. On the demo
+Llama, Adam-mini's probes led to ``{"embedding": 10, "head": 4, "qk": 2, "ffn": 1.5, "vo": 1,
+"norm": 1}`` (the paper's QK : FFN : VO, with a faster embedding and the norms at VO's LR). At
+`blockopt compare`'s 100 steps it reached AdamW's final loss in 0.30-0.35x its steps with AdamW and
+0.35-0.40x with `AdamMini` on three seeds (benchmarks/blockwise_lr_probes.py).
 
-Block types come from the Plan's ``spec.role`` (what the partition engine detected from the
-model's structure), never from parameter names:
+Block types come from the Plan (`Plan.block_type`: the spec's ``role``, what the partition engine
+detected from the model's structure, never parameter names; the roles of each type and how a bias
+is typed, Note [biases], are in `blockopt.partition.block_types`). The default ratio of each type:
 
-=================  ===========================  ============================================
-block type         roles                        default ratio
-=================  ===========================  ============================================
-``embedding``      embedding                    10 (a tied embedding/output head counts here)
-``qk``             query, key                   8
-``ffn``            ffn                          6
-``vo``             value, attn_out              4
-``norm``           norm                         1 (the base)
-``head``           head (untied output head)    1 (the authors' scripts; 4 trained better on
-                                                the demo Llama: benchmarks/blockwise_lr.md)
-``pos_embedding``  pos_embedding                1 (the authors' scripts)
-``qkv``            qkv (fused projections)      ``min(qk, vo)``: see Note [fused qkv]
-``router``         router (MoE gate)            1
-``bias``           bias without an owner        1: see Note [biases]
-``conv``           conv                         1
-``linear``         linear                       1
-``other``          other                        1
-=================  ===========================  ============================================
+=================  ============================================
+block type         default ratio
+=================  ============================================
+``embedding``      10 (a tied embedding/output head counts here)
+``qk``             8
+``ffn``            6
+``vo``             4
+``norm``           1 (the base)
+``head``           1 (the authors' scripts; 4 trained better on the demo Llama:
+                   benchmarks/blockwise_lr.md)
+``pos_embedding``  1 (the authors' scripts)
+``qkv``            ``min(qk, vo)``: see Note [fused qkv]
+``router``         1
+``bias``           1 (a bias without an owner, or every bias with ``bias="separate"``)
+``conv``           1
+``linear``         1
+``other``          1
+=================  ============================================
 
 Note [fused qkv]: one tensor holds query, key and value rows, and a param group has one LR. QK
 wants 8x, V only 4x; a V too fast is what destabilises training (it is the sharper part), a QK
 too slow only trains it more slowly. So the fused tensor follows the smaller of the two ratios
 (4x by default, and it follows ``ratios["qk"]``/``ratios["vo"]`` when you change those). Pass
 ``ratios={"qkv": ...}`` to choose another value.
-
-Note [biases]: the authors' scripts group a bias with its layer (an MLP bias trains at the FFN's
-LR, a LayerNorm bias at the norm's). With ``bias="owner"`` (the default) a bias takes the block
-type of the one other parameter registered on the same module (``fc.bias`` -> ``fc.weight``'s
-role); a bias with no such owner (none, or several candidates) is of type ``bias``. With
-``bias="separate"`` every bias is of type ``bias``.
 
 Note [LR floor]: an LR scheduler multiplies each group's peak, so its floor (e.g. cosine to 0.1x)
 is scaled by the group's ratio too. The authors use one absolute floor for every group
@@ -71,42 +66,14 @@ decay each group from its peak to ``floor / r`` of it (what ``blockopt.bench.tra
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from ..partition import BlockSpec, Plan, partition
-
-if TYPE_CHECKING:
-    from ..hessian import SharpnessReport
-
-# Block types in the order their groups are emitted.
-BLOCK_TYPES = (
-    "embedding", "pos_embedding", "head", "qk", "vo", "qkv", "ffn", "router", "norm", "bias", "conv", "linear", "other",
-)
-
-# Plan role -> block type. Every role of `ROLES` is listed (a test checks it).
-ROLE_TO_TYPE = MappingProxyType({
-    "embedding": "embedding",
-    "pos_embedding": "pos_embedding",
-    "head": "head",
-    "query": "qk",
-    "key": "qk",
-    "value": "vo",
-    "attn_out": "vo",
-    "qkv": "qkv",
-    "ffn": "ffn",
-    "router": "router",
-    "norm": "norm",
-    "bias": "bias",
-    "conv": "conv",
-    "linear": "linear",
-    "other": "other",
-})
+from ..partition import BLOCK_TYPES, ROLE_TO_TYPE, Plan, partition
+from ..validation import check, real
 
 # The paper's tuned multipliers (Norm is the base). ``qkv`` is absent on purpose: it follows
 # min(qk, vo) unless given (Note [fused qkv]).
@@ -125,7 +92,7 @@ DEFAULT_RATIOS = MappingProxyType({
     "other": 1.0,
 })
 
-BIAS_OPTIONS = ("owner", "separate")
+_POSITIVE = real(0, low_open=True)
 
 
 def resolve_ratios(ratios: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -142,86 +109,10 @@ def resolve_ratios(ratios: Mapping[str, float] | None = None) -> dict[str, float
             + (f" ({'; '.join(hints)})" if hints else "")
         )
     for key, value in ratios.items():
-        _check_positive(f"ratios[{key!r}]", value)
+        check(f"ratios[{key!r}]", value, _POSITIVE)
     table = {**DEFAULT_RATIOS, **{k: float(v) for k, v in ratios.items()}}
     table.setdefault("qkv", min(table["qk"], table["vo"]))
     return table
-
-
-def sharpness_ratios(
-    sharpness: Mapping[str, float] | SharpnessReport,
-    *,
-    measure: str = "gauss_newton",
-    power: float = 0.5,
-    max_ratio: float = 10.0,
-) -> dict[str, float]:
-    """LR ratios from measured sharpness: ``(S_sharpest / S_type) ** power``, between 1 and
-    ``max_ratio``, so that the sharpest type trains at the base LR and flatter ones faster.
-
-    The paper's ratios rest on its ordering (Emb << QK < FFN < VO << Norm). Where a model's own
-    ordering differs (on the demo Llama the embedding is among the sharpest and the norms in the
-    middle: benchmarks/blockwise_lr.md), ratios from its own measurement follow the principle
-    where the paper's table does not.
-
-    Args:
-        sharpness: a `blockopt.hessian.SharpnessReport` (from `block_sharpness`), or a mapping
-            ``{block type: average sharpness}``.
-        measure (str): with a report, which of its measures to use (default ``"gauss_newton"``,
-            Tr(G_bb)/m_b, which is positive; a Hessian trace can be negative early on).
-        power (float): 0.5 (default) scales the LR with the inverse square root of sharpness,
-            1 with its inverse. 0.5 trained best on the demo Llama (benchmarks/blockwise_lr.md).
-        max_ratio (float): the largest multiplier handed out (default 10, the paper's largest).
-
-    Returns:
-        ``{block type: ratio}`` for every block type of `BLOCK_TYPES` except ``qkv`` (which then
-        follows ``min(qk, vo)``, Note [fused qkv], unless it was measured itself): measured types
-        get their ratio, the others the base (1). Pass it as ``blockwise_lr(..., ratios=...)``.
-    """
-    if hasattr(sharpness, "values_of"):
-        sharpness = sharpness.values_of(measure)
-    if not isinstance(sharpness, Mapping) or not sharpness:
-        raise ValueError("sharpness must be a non-empty mapping {block type: sharpness} or a SharpnessReport")
-    _check_positive("power", power)
-    _check_positive("max_ratio", max_ratio)
-    if max_ratio < 1:
-        raise ValueError(f"max_ratio must be >= 1 (the sharpest type trains at the base LR), got {max_ratio}")
-    values = {k: _number(f"sharpness[{k!r}]", v) for k, v in sharpness.items()}
-    unknown = [k for k in values if k not in BLOCK_TYPES]
-    if unknown:
-        raise ValueError(f"unknown block type(s) {unknown} in sharpness; block types are {list(BLOCK_TYPES)}")
-    bad = {k: v for k, v in values.items() if not v > 0}
-    if bad:
-        raise ValueError(f"sharpness must be positive to set LR ratios, got {bad}; measure 'gauss_newton' is "
-                         "(a Hessian trace can be negative early in training)")
-    sharpest = max(values.values())
-    ratios = {t: 1.0 for t in BLOCK_TYPES if t != "qkv"}
-    ratios.update({k: min(max_ratio, (sharpest / v) ** power) for k, v in values.items()})
-    return ratios
-
-
-def block_types(plan: Plan, *, bias: str = "owner") -> dict[str, str]:
-    """Parameter name (canonical, as in the plan) -> block type, from each spec's ``role``.
-
-    ``bias="owner"`` gives a bias the type of the other parameter on its module (Note [biases]).
-    """
-    if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a blockopt.Plan, got {type(plan).__name__}")
-    if bias not in BIAS_OPTIONS:
-        raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {bias!r}")
-    owners: dict[str, list[BlockSpec]] = {}
-    if bias == "owner":
-        for spec in plan.values():
-            if spec.role != "bias":
-                owners.setdefault(_module_path(spec.name), []).append(spec)
-    out = {}
-    for name, spec in plan.items():
-        role = spec.role
-        if role == "bias" and bias == "owner":
-            candidates = owners.get(_module_path(name), [])
-            if len(candidates) == 1:
-                role = candidates[0].role
-        out[name] = ROLE_TO_TYPE.get(role, "other")
-    return out
 
 
 def blockwise_lr(
@@ -251,7 +142,7 @@ def blockwise_lr(
             groups carry no ``weight_decay`` and the optimizer's own applies (note that
             `AdamMini` skips 1-D tensors by itself, ``torch.optim.AdamW`` does not).
         bias (str): ``"owner"`` (default): a bias trains at its layer's LR; ``"separate"``: all
-            biases form the ``bias`` type (Note [biases]).
+            biases form the ``bias`` type (Note [biases] in `blockopt.partition.block_types`).
 
     Returns:
         A list of dicts, one per non-empty block type (two with ``weight_decay``), in the order
@@ -264,17 +155,15 @@ def blockwise_lr(
         groups = blockopt.blockwise_lr(model, lr=6e-4, weight_decay=0.1)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))   # or blockopt.AdamMini(groups, ...)
     """
-    _check_positive("lr", lr)
-    if weight_decay is not None:
-        _check_nonnegative("weight_decay", weight_decay)
+    check("lr", lr, _POSITIVE)
+    check("weight_decay", weight_decay, real(0, optional=True))
     table = resolve_ratios(ratios)
     plan, named = _plan_and_tensors(model_or_plan, params)
-    types = block_types(plan, bias=bias)
 
     buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in named:
         decays = weight_decay is None or tensor.ndim >= 2
-        buckets.setdefault((types[plan[name].name], decays), []).append((name, tensor))
+        buckets.setdefault((plan.block_type(name, bias=bias), decays), []).append((name, tensor))
 
     groups = []
     for block_type in BLOCK_TYPES:
@@ -296,10 +185,6 @@ def blockwise_lr(
 
 
 # ---- plumbing -------------------------------------------------------------------------------
-def _module_path(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 def _plan_and_tensors(model_or_plan, params) -> tuple[Plan, list[tuple[str, torch.Tensor]]]:
     """The plan and the named tensors to group, checked against each other."""
     if isinstance(model_or_plan, nn.Module):
@@ -361,22 +246,4 @@ def _named_trainable(named, plan: Plan) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_positive(name: str, value) -> None:
-    if _number(name, value) <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if _number(name, value) < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-__all__ = ["BLOCK_TYPES", "DEFAULT_RATIOS", "ROLE_TO_TYPE", "block_types", "blockwise_lr", "resolve_ratios"]
+__all__ = ["DEFAULT_RATIOS", "blockwise_lr", "resolve_ratios"]

@@ -11,14 +11,12 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import blockopt
 from blockopt.bench.models import CONFIGS, build_model
-from blockopt.optim.blockwise_lr import BLOCK_TYPES, DEFAULT_RATIOS, ROLE_TO_TYPE, block_types, resolve_ratios
-from blockopt.partition.spec import ROLES
-
-from .conftest import VOCAB, make_tiny
+from blockopt.param_groups import DEFAULT_RATIOS, resolve_ratios
+from blockopt.partition import BLOCK_TYPES
+from tests.optim.conftest import VOCAB, make_tiny
 
 BASE = 1e-3
 PAPER = {"embedding": 10, "qk": 8, "ffn": 6, "vo": 4, "norm": 1}
@@ -116,6 +114,8 @@ def test_gpt2_separate_biases():
     assert got == pytest.approx({n: BASE * r for n, r in expected.items()})
     bias_group = next(g for g in groups if g["block_type"] == "bias")
     assert set(bias_group["param_names"]) == {n for n, p in model.named_parameters() if n.endswith(".bias")}
+    groups = blockopt.blockwise_lr(model, lr=BASE, ratios={"bias": 3}, bias="separate")
+    assert next(g for g in groups if g["block_type"] == "bias")["lr"] == pytest.approx(3 * BASE)
 
 
 def test_packed_attention_qkv_defaults_to_the_smaller_of_qk_and_vo():
@@ -165,24 +165,6 @@ def test_ratios_override_only_the_types_given():
     assert got == pytest.approx({n: BASE * r for n, r in expected.items()})
 
 
-def test_bias_without_a_unique_owner_is_its_own_type():
-    class TwoMatrices(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Parameter(torch.randn(3, 4))
-            self.b = nn.Parameter(torch.randn(3, 4))
-            self.bias = nn.Parameter(torch.zeros(3))
-
-    model = nn.ModuleDict({"mix": TwoMatrices(), "fc": nn.Linear(4, 3)})
-    with pytest.warns(blockopt.PartitionWarning):
-        groups = blockopt.blockwise_lr(model, lr=BASE, ratios={"bias": 3, "linear": 2})
-    by_type = {g["block_type"]: set(g["param_names"]) for g in groups}
-    assert by_type["bias"] == {"mix.bias"}  # two candidate owners: no guess
-    assert by_type["linear"] == {"fc.weight", "fc.bias"}  # fc.bias follows fc.weight
-    assert by_type["other"] == {"mix.a", "mix.b"}
-    assert lr_by_name(groups)["mix.bias"] == pytest.approx(3 * BASE)
-
-
 def test_frozen_parameters_are_left_out():
     model = build_model("llama-tiny")
     model.embed_tokens.weight.requires_grad_(False)
@@ -191,10 +173,9 @@ def test_frozen_parameters_are_left_out():
     assert "embedding" not in [g["block_type"] for g in groups]
 
 
-def test_every_role_has_a_block_type():
-    assert set(ROLE_TO_TYPE) == set(ROLES)
-    assert set(ROLE_TO_TYPE.values()) <= set(BLOCK_TYPES)
+def test_every_block_type_has_a_ratio():
     assert set(DEFAULT_RATIOS) | {"qkv"} == set(BLOCK_TYPES)
+    assert resolve_ratios().keys() == set(BLOCK_TYPES)
 
 
 # ---- a Plan plus tensors ------------------------------------------------------------------------
@@ -214,7 +195,6 @@ def test_plan_with_rules_keeps_roles():
     plan = blockopt.partition(model, rules={"*": "coordinate"})  # AdamW layout, same roles
     got = lr_by_name(blockopt.blockwise_lr(plan, lr=BASE, params=model))
     assert got == pytest.approx({n: BASE * r for n, r in llama_expected(model).items()})
-    assert block_types(plan)["layers.0.attn.q_proj.weight"] == "qk"
 
 
 # ---- weight decay -------------------------------------------------------------------------------
@@ -336,15 +316,15 @@ def test_lambda_lr_keeps_the_ratios():
 ERRORS = [
     (dict(ratios={"emb": 3}), ValueError, r"unknown block type\(s\) \['emb'\]"),
     (dict(ratios={"query": 3, "value": 2}), ValueError, r"\['query', 'value'\].*'query' is a role: use 'qk'.*'value' is a role: use 'vo'"),
-    (dict(ratios={"qk": 0}), ValueError, r"ratios\['qk'\] must be > 0, got 0"),
-    (dict(ratios={"qk": -1.0}), ValueError, r"ratios\['qk'\] must be > 0"),
-    (dict(ratios={"qk": float("inf")}), ValueError, r"ratios\['qk'\] must be finite"),
-    (dict(ratios={"qk": "8"}), TypeError, r"ratios\['qk'\] must be a number, got str"),
+    (dict(ratios={"qk": 0}), ValueError, r"ratios\['qk'\] must be a number > 0, got 0"),
+    (dict(ratios={"qk": -1.0}), ValueError, r"ratios\['qk'\] must be a number > 0, got -1.0"),
+    (dict(ratios={"qk": float("inf")}), ValueError, r"ratios\['qk'\] must be a number > 0, got inf"),
+    (dict(ratios={"qk": "8"}), TypeError, r"ratios\['qk'\] must be a number > 0, got '8' \(str\)"),
     (dict(ratios=[("qk", 8)]), TypeError, r"ratios must be a mapping"),
-    (dict(lr=0.0), ValueError, r"lr must be > 0, got 0.0"),
-    (dict(lr=True), TypeError, r"lr must be a number"),
-    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be >= 0"),
-    (dict(bias="shared"), ValueError, r"bias must be one of \('owner', 'separate'\)"),
+    (dict(lr=0.0), ValueError, r"lr must be a number > 0, got 0.0"),
+    (dict(lr=True), TypeError, r"lr must be a number > 0, got True"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be a number >= 0 or None, got -0.1"),
+    (dict(bias="shared"), ValueError, r"bias must be one of 'owner', 'separate', got 'shared'"),
 ]
 
 
@@ -384,53 +364,3 @@ def test_plan_for_another_model():
 def test_vocab_constant_is_the_optim_tiny_model():
     # guards the fused-qkv test above: the tiny model's embedding is the token embedding
     assert make_tiny().embed.num_embeddings == VOCAB
-
-
-# ---- ratios from measured sharpness ------------------------------------------------------------
-def test_sharpness_ratios_scale_with_inverse_sqrt_of_sharpness():
-    ratios = blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0, "ffn": 0.25, "qk": 1e-4})
-    assert ratios["vo"] == 1.0  # the sharpest type is the base
-    assert ratios["norm"] == pytest.approx(2.0)  # sqrt(4 / 1)
-    assert ratios["ffn"] == pytest.approx(4.0)  # sqrt(4 / 0.25)
-    assert ratios["qk"] == 10.0  # sqrt(4e4) = 200, capped at max_ratio
-    assert ratios["embedding"] == ratios["head"] == ratios["bias"] == 1.0  # not measured: the base
-    assert "qkv" not in ratios and resolve_ratios(ratios)["qkv"] == 1.0  # min(qk, vo)
-
-
-def test_sharpness_ratios_power_and_cap():
-    ratios = blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0, "qk": 0.01}, power=1.0, max_ratio=50.0)
-    assert ratios["norm"] == pytest.approx(4.0) and ratios["qk"] == pytest.approx(50.0)
-    assert blockopt.sharpness_ratios({"vo": 4.0, "norm": 1.0}, max_ratio=1.0)["norm"] == 1.0
-
-
-def test_sharpness_ratios_from_a_report_feed_blockwise_lr():
-    from blockopt.hessian import SharpnessReport, TypeSharpness
-
-    report = SharpnessReport([
-        TypeSharpness("embedding", 10, ("e",), gauss_newton_per_param=9e-4, trace_per_param=-1.0),
-        TypeSharpness("vo", 10, ("v",), gauss_newton_per_param=3.6e-3, trace_per_param=2.0),
-    ], settings={})
-    ratios = blockopt.sharpness_ratios(report)
-    assert ratios["embedding"] == pytest.approx(2.0) and ratios["vo"] == 1.0
-    model = make_tiny()
-    groups = blockopt.blockwise_lr(model, lr=1e-3, ratios=ratios)
-    lrs = {g["block_type"]: g["lr"] for g in groups}
-    assert lrs["embedding"] == pytest.approx(2e-3) and lrs["norm"] == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match="positive.*gauss_newton"):
-        blockopt.sharpness_ratios(report, measure="trace")  # the embedding's trace is negative
-
-
-@pytest.mark.parametrize("bad, match", [
-    ({}, "non-empty"),
-    ({"vo": 1.0, "emb": 0.5}, "unknown block type.*'emb'"),
-    ({"vo": 1.0, "qk": 0.0}, "positive"),
-    ({"vo": float("nan")}, "finite"),
-])
-def test_sharpness_ratios_refuse_bad_input(bad, match):
-    with pytest.raises(ValueError, match=match):
-        blockopt.sharpness_ratios(bad)
-
-
-def test_sharpness_ratios_refuse_a_cap_below_one():
-    with pytest.raises(ValueError, match="max_ratio must be >= 1"):
-        blockopt.sharpness_ratios({"vo": 1.0}, max_ratio=0.5)
