@@ -33,6 +33,7 @@ class Rule:
     optional: bool = False  # None is allowed
     options: tuple = ()  # for "choice"
     item: Rule | None = None  # for "pair"
+    hint: str = ""  # what to do instead, appended to the message
 
     @property
     def description(self) -> str:
@@ -41,7 +42,7 @@ class Rule:
         elif self.kind == "choice":
             text = "one of " + ", ".join(repr(o) for o in self.options)
         elif self.kind == "pair":
-            text = f"a pair of {self.item.description.removeprefix('a ').removeprefix('an ')}"
+            text = f"a pair, each {self.item.description}"
         else:
             text = ("an int" if self.kind == "int" else "a number") + self._bounds()
         return text + (" or None" if self.optional else "")
@@ -58,22 +59,22 @@ class Rule:
 
 
 def real(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
-         optional: bool = False) -> Rule:
+         optional: bool = False, hint: str = "") -> Rule:
     """A finite real number (a 1-element tensor counts) within the bounds."""
-    return Rule("real", low, high, low_open, high_open, optional)
+    return Rule("real", low, high, low_open, high_open, optional, hint=hint)
 
 
-def integer(low: int | None = None, high: int | None = None, *, optional: bool = False) -> Rule:
+def integer(low: int | None = None, high: int | None = None, *, optional: bool = False, hint: str = "") -> Rule:
     """An int (not a bool) within the closed bounds."""
-    return Rule("int", low, high, optional=optional)
+    return Rule("int", low, high, optional=optional, hint=hint)
 
 
 def boolean() -> Rule:
     return Rule("bool")
 
 
-def choice(*options) -> Rule:
-    return Rule("choice", options=tuple(options))
+def choice(*options, hint: str = "") -> Rule:
+    return Rule("choice", options=tuple(options), hint=hint)
 
 
 def pair(item: Rule) -> Rule:
@@ -87,22 +88,24 @@ def check(name: str, value: Any, rule: Rule) -> None:
         return
     kind = rule.kind
     if kind == "pair":
-        if not isinstance(value, (tuple, list)) or len(value) != 2:
-            raise TypeError(f"{name} must be {rule.description}, got {value!r}")
+        if not isinstance(value, (tuple, list)):
+            raise _error(TypeError, name, value, rule)
+        if len(value) != 2:
+            raise _error(ValueError, name, value, rule)
         for i, item in enumerate(value):
             check(f"{name}[{i}]", item, rule.item)
         return
     if kind == "choice":
         if not any(value == option and type(value) is type(option) for option in rule.options):
-            raise ValueError(f"{name} must be {rule.description}, got {value!r}")
+            raise _error(ValueError, name, value, rule)
         return
     if kind == "bool":
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be {rule.description}, got {value!r}")
+            raise _error(TypeError, name, value, rule)
         return
     number = _as_number(name, value, rule)
     if not math.isfinite(number) or not _within(number, rule):
-        raise ValueError(f"{name} must be {rule.description}, got {value!r}")
+        raise _error(ValueError, name, value, rule)
 
 
 def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> None:
@@ -113,14 +116,19 @@ def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> None:
             check(name, value, rule)
 
 
+def _error(kind: type[Exception], name: str, value: Any, rule: Rule, got: str | None = None) -> Exception:
+    got = repr(value) if got is None else got
+    return kind(f"{name} must be {rule.description}, got {got}" + (f": {rule.hint}" if rule.hint else ""))
+
+
 def _as_number(name: str, value: Any, rule: Rule) -> float:
     if isinstance(value, torch.Tensor) and rule.kind == "real":
         if value.numel() != 1:
-            raise ValueError(f"{name} must be {rule.description} (a 1-element tensor at most), got shape {tuple(value.shape)}")
+            raise _error(ValueError, name, value, rule, got=f"a tensor of shape {tuple(value.shape)}")
         value = value.item()
     wanted = Integral if rule.kind == "int" else Real
     if isinstance(value, bool) or not isinstance(value, wanted):
-        raise TypeError(f"{name} must be {rule.description}, got {value!r} ({type(value).__name__})")
+        raise _error(TypeError, name, value, rule, got=f"{value!r} ({type(value).__name__})")
     return float(value)
 
 

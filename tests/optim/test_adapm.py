@@ -343,8 +343,8 @@ def test_policy_overrides_and_one_dimensional_lowrank():
 @pytest.mark.parametrize(
     "momentum, exc, match",
     [({"mlp": "full"}, ValueError, r"unknown role 'mlp'"),
-     ({"ffn": "partial"}, ValueError, r"momentum\['ffn'\]: unknown momentum policy 'partial'"),
-     ("low-rank", ValueError, r"unknown momentum policy 'low-rank'; choose one of none, full, lowrank"),
+     ({"ffn": "partial"}, ValueError, r"momentum\['ffn'\] must be one of 'none', 'full', 'lowrank', got 'partial'"),
+     ("low-rank", ValueError, r"momentum must be one of 'none', 'full', 'lowrank', got 'low-rank'"),
      (["full"], TypeError, r"momentum must be a policy name or a mapping")],
 )
 def test_bad_momentum_policies_name_the_culprit(momentum, exc, match):
@@ -379,18 +379,18 @@ def test_state_bytes_counts_factors_and_shows_the_saving():
 # ---- errors ----------------------------------------------------------------------------------
 CASES = [
     (dict(lr=-1e-3), ValueError, r"lr must be"),
-    (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be in \[0.0, 1.0\), got 1.0"),
+    (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be a number in \[0, 1\), got 1.0"),
     (dict(eps=-1.0), ValueError, r"eps must be"),
     (dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
-    (dict(rank=0), ValueError, r"rank must be >= 1, got 0"),
-    (dict(rank=2.5), TypeError, r"rank must be an int, got float"),
-    (dict(fit_iters=0), ValueError, r"fit_iters must be >= 1, got 0"),
-    (dict(fit_lr=0.0), ValueError, r"fit_lr must be in \(0, 1\]"),
-    (dict(fit_lr=1.5), ValueError, r"fit_lr must be in \[0.0, 1.0\], got 1.5"),
-    (dict(residual_clip=-1.0), ValueError, r"residual_clip must be in >= 0.0, got -1.0"),
-    (dict(second_moment="adafactor"), ValueError, r"second_moment must be one of \('adam-mini', 'adam'\), got 'adafactor'"),
+    (dict(rank=0), ValueError, r"rank must be an int >= 1, got 0"),
+    (dict(rank=2.5), TypeError, r"rank must be an int >= 1, got 2.5 \(float\)"),
+    (dict(fit_iters=0), ValueError, r"fit_iters must be an int >= 1, got 0"),
+    (dict(fit_lr=0.0), ValueError, r"fit_lr must be a number in \(0, 1\], got 0.0: 1 is alternating least squares"),
+    (dict(fit_lr=1.5), ValueError, r"fit_lr must be a number in \(0, 1\], got 1.5"),
+    (dict(residual_clip=-1.0), ValueError, r"residual_clip must be a number >= 0 or None, got -1.0"),
+    (dict(second_moment="adafactor"), ValueError, r"second_moment must be one of 'adam-mini', 'adam', got 'adafactor'"),
     (dict(implementation="magic"), ValueError, r"implementation must be one of"),
-    (dict(seed=-1), ValueError, r"seed must be >= 0"),
+    (dict(seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
 ]
 
 
@@ -403,7 +403,7 @@ def test_bad_hyperparameters(kwargs, exc, match):
 def test_bad_param_group_is_rejected_before_it_is_added():
     model = make_tiny()
     opt = blockopt.AdaPM([model.embed.weight])
-    with pytest.raises(ValueError, match=r"rank must be >= 1, got -3"):
+    with pytest.raises(ValueError, match=r"rank must be an int >= 1, got -3"):
         opt.add_param_group({"params": [model.head.weight], "rank": -3})
     assert len(opt.param_groups) == 1
 
@@ -593,19 +593,25 @@ def _functional_state(model, plan, rank):
     return params, momenta, vs, steps, specs
 
 
-def test_reduce_block_sums_is_called_once_with_every_tensors_block_sums():
-    """A reducer that multiplies every block sum by 4 (as 4 ranks with the same gradient would)
-    doubles sqrt(v): the same as halving lr and eps, whatever the momentum policy."""
+def test_block_sums_are_reduced_once_with_every_tensors_block_sums():
+    """Collectives that multiply every block sum by 4 (as 4 ranks with the same gradient would)
+    double sqrt(v): the same as halving lr and eps, whatever the momentum policy."""
+    from blockopt.distributed import Collectives
+
     a, b = _llama(), _llama()
     plan = blockopt.partition(a)
     state_a = _functional_state(a, plan, rank=3)
     state_b = _functional_state(b, plan, rank=3)
     calls = []
 
-    def reducer(sums):
-        calls.append([s.clone() for s in sums])
-        for s in sums:
-            s.mul_(4)
+    class FourRanks(Collectives):
+        def cuts_blocks(self, layouts):
+            return True
+
+        def sum_blocks(self, sums, layouts):
+            calls.append([s.clone() for s in sums])
+            for s in sums:
+                s.mul_(4)
 
     for seed in range(4):
         grads = [g.detach() for g in _grads(a, seed)]
@@ -613,7 +619,7 @@ def test_reduce_block_sums_is_called_once_with_every_tensors_block_sums():
         pb, mb, vb, sb, spb = state_b
         with torch.no_grad():
             adapm([p.data for p in pa], grads, ma, va, sa, spa, lr=LR, beta1=0.9, beta2=0.95, eps=EPS,
-                  weight_decays=[0.0] * len(pa), reduce_block_sums=reducer)
+                  weight_decays=[0.0] * len(pa), collectives=FourRanks())
             adapm([p.data for p in pb], grads, mb, vb, sb, spb, lr=LR / 2, beta1=0.9, beta2=0.95, eps=EPS / 2,
                   weight_decays=[0.0] * len(pb))
         assert len(calls) == seed + 1

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import blockopt
+from blockopt.distributed import Collectives
 from blockopt.optim.sgd_sai import gsnr_block_stats, gsnr_from_stats, sgd_sai
 from blockopt.optim.state import GSNR, MOMENTUM_BUFFER
 from blockopt.partition.spec import make_spec
@@ -382,7 +383,7 @@ def test_add_param_group_gets_gsnr_at_its_first_gradient():
     _fit(ref_model, ref, data[2:])
     assert max_param_diff(model, ref_model) <= TOL
     assert opt.param_groups[1]["eps"] == 1e-8 and opt.param_groups[1]["weight_decay"] == 1e-2  # defaults filled
-    with pytest.raises(ValueError, match=r"momentum must be in \[0.0, 1.0\), got 1.5; use e.g. momentum=0.9"):
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1.5: use e.g. momentum=0.9"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "momentum": 1.5})
     assert len(opt.param_groups) == 2
 
@@ -483,14 +484,14 @@ def test_low_precision_params_keep_float32_statistics(dtype):
 
 
 BAD = [
-    (dict(lr=-1e-3), ValueError, r"lr must be in >= 0.0, got -0.001; pass a non-negative learning rate"),
-    (dict(lr="fast"), TypeError, r"lr must be a number, got str; pass a non-negative"),
-    (dict(momentum=1.0), ValueError, r"momentum must be in \[0.0, 1.0\), got 1.0; use e.g. momentum=0.9, or 0 for no"),
-    (dict(momentum=-0.1), ValueError, r"momentum must be in \[0.0, 1.0\), got -0.1"),
-    (dict(eps=0.0), ValueError, r"eps must be > 0, got 0.0; .*default 1e-8"),
-    (dict(eps=-1e-8), ValueError, r"eps must be in >= 0.0, got -1e-08; use a small positive"),
-    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be in >= 0.0, got -0.1; pass weight_decay >= 0"),
-    (dict(blocks="rows"), ValueError, r"blocks must be one of \('tensor', 'plan'\), got 'rows'"),
+    (dict(lr=-1e-3), ValueError, r"lr must be a number >= 0, got -0.001: pass a non-negative learning rate"),
+    (dict(lr="fast"), TypeError, r"lr must be a number >= 0, got 'fast' \(str\): pass a non-negative"),
+    (dict(momentum=1.0), ValueError, r"momentum must be a number in \[0, 1\), got 1.0: use e.g. momentum=0.9, or 0 for no"),
+    (dict(momentum=-0.1), ValueError, r"momentum must be a number in \[0, 1\), got -0.1"),
+    (dict(eps=0.0), ValueError, r"eps must be a number > 0, got 0.0: .*default 1e-8"),
+    (dict(eps=-1e-8), ValueError, r"eps must be a number > 0, got -1e-08: .*use a small positive"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be a number >= 0, got -0.1: pass weight_decay >= 0"),
+    (dict(blocks="rows"), ValueError, r"blocks must be one of 'tensor', 'plan', got 'rows': 'tensor' is one block per parameter tensor"),
     (dict(normalize="yes"), TypeError, r"normalize must be True or False, got 'yes'"),
 ]
 
@@ -521,6 +522,19 @@ def test_gsnr_keeps_its_digits_when_the_mean_dominates(dtype):
         assert not torch.allclose(naive, exact, rtol=1e-2, atol=0)
 
 
+class Recording(Collectives):
+    """Says every block is cut, and records the shapes of what it is asked to sum."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def cuts_blocks(self, layouts):
+        return True
+
+    def sum_blocks(self, sums, layouts):
+        self.calls.append([tuple(s.shape) for s in sums])
+
+
 def test_functional_calls_the_reducer_once_and_only_at_gsnr_steps():
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, dtype=torch.float64, generator=g), torch.randn(5, dtype=torch.float64, generator=g)]
@@ -532,33 +546,34 @@ def test_functional_calls_the_reducer_once_and_only_at_gsnr_steps():
         grads = [torch.randn(p.shape, dtype=torch.float64, generator=g) for p in params]
         new = [step == 0, step == 1]  # the second parameter meets its first gradient at step 1
         sgd_sai(params, grads, bufs, gsnrs, specs, lr=0.1, momentum=0.9, eps=1e-8, weight_decays=[0.0, 0.0],
-                new_gsnr=new, new_momentum=new, reduce_block_sums=lambda sums: calls.append([tuple(s.shape) for s in sums]))
+                new_gsnr=new, new_momentum=new, collectives=Recording(calls))
         if step == 1:
             assert torch.allclose(gsnrs[1], ref_gsnr(grads[1], specs[1], 1e-8), rtol=1e-13, atol=0)
     assert calls == [[(4, 3)], [(1, 3)]]
 
 
-class FakeWorld:
+class FakeWorld(Collectives):
     """Threads as ranks: an in-place SUM over the shared pieces of ShardViews, and a MAX."""
 
     def __init__(self, world):
         self.barrier, self.lock, self.world = threading.Barrier(world), threading.Lock(), world
         self.box, self.calls = {}, []
 
-    def reducer(self, views):
-        def reduce(sums):
-            self.calls.append("sum")
-            entries = [(j, k, int(gid)) for j, v in enumerate(views) for k, gid in zip(v.shared.tolist(), v.shared_ids)]
-            with self.lock:
-                for j, k, gid in entries:
-                    self.box[j, gid] = self.box.get((j, gid), 0) + sums[j][k].clone()
-            self.barrier.wait()
-            for j, k, gid in entries:
-                sums[j][k] = self.box[j, gid]
-            self.barrier.wait()
-        return reduce
+    def cuts_blocks(self, layouts):
+        return True
 
-    def maximum(self, values):
+    def sum_blocks(self, sums, views):
+        self.calls.append("sum")
+        entries = [(j, k, int(gid)) for j, v in enumerate(views) for k, gid in zip(v.shared.tolist(), v.shared_ids)]
+        with self.lock:
+            for j, k, gid in entries:
+                self.box[j, gid] = self.box.get((j, gid), 0) + sums[j][k].clone()
+        self.barrier.wait()
+        for j, k, gid in entries:
+            sums[j][k] = self.box[j, gid]
+        self.barrier.wait()
+
+    def max_(self, values, layouts):
         with self.lock:
             self.box["max"] = torch.maximum(self.box.get("max", values), values)
         self.barrier.wait()
@@ -607,7 +622,7 @@ def test_sharded_steps_equal_one_process(blocks, world):
         for step, gs in enumerate(grads):
             lg = [g.chunk(world)[r] for g in gs]
             top = sgd_sai(local, lg, bufs, gsnrs, views, new_gsnr=[step == 0] * 3, new_momentum=[step == 0] * 3,
-                          gsnr_max=top, reduce_block_sums=fake.reducer(views), reduce_max=fake.maximum, **hyper)
+                          gsnr_max=top, collectives=fake, **hyper)
         results[r] = (local, gsnrs, views, top)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]

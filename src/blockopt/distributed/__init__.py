@@ -1,12 +1,20 @@
-"""Blockwise optimizers on sharded parameters (FSDP2 / DTensor) and their checkpoints.
+"""The one door to distribution: everything an optimizer needs from other ranks or DTensors.
 
-The math of a step only ever sees local tensors and a layout that answers ``block_sum``,
-``block_numel`` and ``expand``: for a sharded parameter that layout is a `ShardView` of its
-`BlockSpec`, and the blocks the sharding cuts are summed across ranks by a `BlockSumReducer`
-with one all-reduce per step. DDP needs nothing from here: its parameters are whole on every rank.
+The math of a step only ever sees local tensors, a layout that answers ``block_sum``,
+``block_numel`` and ``expand`` (for a sharded parameter, a `ShardView` of its `BlockSpec`), and
+a `Collectives` for what needs other ranks (block sums cut by the sharding: one all-reduce per
+step; maxima; row-sharded factor products). State is placed like its parameter by `shard_like`,
+`rows_like` and `replicated_like`, and checkpoints gather block statistics with
+`gather_block_stats`. No optimizer module imports ``torch.distributed`` itself. DDP needs
+nothing from here: its parameters are whole on every rank.
 """
 
-from .reduce import BlockSumReducer, gather_block_stats
+from .collectives import SINGLE_PROCESS, Collectives, ShardedCollectives, collectives_for
+from .placement import replicated_like, rows_like, shard_like
+from .reduce import BlockSumReducer, RowShards, gather_block_stats
 from .shard import ShardView, is_dtensor, local_tensor, shard_box, shard_view
 
-__all__ = ["BlockSumReducer", "ShardView", "gather_block_stats", "is_dtensor", "local_tensor", "shard_box", "shard_view"]
+__all__ = [
+    "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
+    "gather_block_stats", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like", "shard_view",
+]

@@ -46,6 +46,9 @@ One fit iteration, from :math:`(L, R) = (L_{t-1}, R_{t-1})` and with step size :
 forms :math:`T_t`. Only :math:`\Delta_t` (for the correction) is one transient :math:`m\times n`
 buffer, reused for the update, so a step holds at most one parameter-sized temporary at a time.
 
+The fit of the factors, and how they are kept under FSDP2, are in `blockopt.optim.lowrank`
+(Note [the fit: ...], Note [sharded low-rank momentum]).
+
 Note [what comes from the paper]
     No official code is public. From the paper: the policy per block type (none for the token
     embedding and attention output, full for value, low-rank ``L R`` for query, key and MLP), the
@@ -54,26 +57,6 @@ Note [what comes from the paper]
     by the clipped approximation residual, and the pairing with Adam-mini's second moment. Ours:
     the form of the descent (below), the initialisation, the correction's scale and clip, and the
     policies of the roles the paper does not name.
-
-Note [the fit: preconditioned gradient descent, alternating least squares at step size 1]
-    The gradient of :math:`f = \frac12\lVert LR - T\rVert^2` in ``L`` is :math:`(LR-T)R^\top`.
-    Preconditioned by :math:`(RR^\top)^{-1}` (scaled gradient descent, Tong, Ma & Chi 2021), a step
-    of size :math:`\gamma` is :math:`L - \gamma(LR-T)R^\top(RR^\top)^{-1} = (1-\gamma)L + \gamma\,
-    TR^\top(RR^\top)^{-1}`, which is the first line above once ``R`` is re-expressed with
-    orthonormal rows (``L R`` unchanged); likewise for ``R``. So ``fit_lr=1`` (the default) is
-    alternating least squares, i.e. warm-started subspace iteration (as in PowerSGD), and
-    ``fit_lr < 1`` a damped gradient descent that keeps part of the previous fit. Why not plain
-    gradient descent: its stable step is :math:`1/\lVert R\rVert_2^2`, and the momentum's scale
-    follows the gradient's, which differs by orders of magnitude across tensors and over training,
-    so any fixed step is too small somewhere and divergent elsewhere; the preconditioned step is
-    scale-free, its rate does not depend on the factors' conditioning, and every
-    :math:`\gamma\in(0,1]` decreases :math:`f` monotonically (each half-step is a convex quadratic
-    moved :math:`\gamma` of the way to its minimiser). Why the QRs: no linear solves, factors stay
-    well-conditioned, and a QR always returns ``r`` orthonormal columns, so rank the target lacks
-    for one step (a zero gradient, a rank-deficient first gradient) is not lost for good. ``L`` is
-    stored orthonormal. The first step starts from ``L = 0`` (so :math:`M_0 = 0`, as Adam's
-    :math:`m_0`) and a Gaussian ``R`` drawn from a generator seeded by ``seed`` and the parameter's
-    name (never the global RNG), which makes the first fit a randomized range finder.
 
 Note [bias correction: the residual estimates the momentum the factors lost]
     The fit drops :math:`\Delta_t` from the momentum at every step, and what was dropped at step
@@ -108,15 +91,6 @@ Note [default policies]
     policy on a tensor with fewer than 2 dims gives it ``full`` momentum (a vector costs little);
     tensors with more than 2 dims use the matrix view ``(shape[0], numel // shape[0])``.
 
-Note [sharded low-rank momentum]
-    Under FSDP2 a parameter's rows are split over ranks (``Shard(0)``), and so are the matrix
-    view's. ``L`` is kept split the same way and ``R`` replicated, both as DTensors (DCP saves
-    and reshards them). Every product in the fit is then row-local except two: the QR of ``L``,
-    computed on the gathered ``m x r`` factor (bit-identical to the unsharded one, so every rank
-    gets the one-process ``Q``), and :math:`Q_L^\top T`, a sum over rows. Those are two all-reduces
-    per fit iteration, plus one scalar each for the clip's two Frobenius norms. Shardings along
-    other dims raise `NotImplementedError`.
-
 Note [cost]
     Per low-rank tensor and step: ``fit_iters`` times two products of the ``m x n`` gradient with
     an ``r``-column matrix and two thin QRs (``m x r``, ``n x r``), then two rank-r products into
@@ -129,21 +103,21 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..distributed.shard import ShardView, is_dtensor, local_tensor
+from ..distributed import SINGLE_PROCESS, Collectives, ShardView, is_dtensor, local_tensor, replicated_like, rows_like
+from ..kernels.adam_mini import adam_mini, block_sq_sums
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
-from .adam_mini import IMPLEMENTATIONS, _check_hyperparameters, adam_mini, block_sq_sums, step_work
-from .base import BlockwiseOptimizer, _check_range
+from ..validation import check, choice, integer, real, validate
+from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
+from .base import BlockwiseOptimizer
+from .lowrank import fit_lowrank, frobenius_norm, matrix_shape
 from .state import EXP_AVG, EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
-
-if TYPE_CHECKING:
-    from ..distributed.reduce import RowShards
 
 POLICIES = ("none", "full", "lowrank")
 SECOND_MOMENTS = ("adam-mini", "adam")
@@ -168,8 +142,6 @@ DEFAULT_MOMENTUM: dict[str, str] = {
 }
 assert set(DEFAULT_MOMENTUM) == set(ROLES)
 
-# Hook for distributed training: sums the per-block partial sums of g^2 across ranks in place.
-BlockSumReducer = Callable[[list[Tensor]], None]
 # One tensor's momentum: None (policy "none"), m (policy "full") or the factors (L, R) ("lowrank").
 Momentum = Tensor | tuple[Tensor, Tensor] | None
 
@@ -194,53 +166,12 @@ def resolve_momentum(momentum: str | Mapping[str, str] | None) -> dict[str, str]
 
 
 def _check_policy(policy, where: str) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"{where}: unknown momentum policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    check(where, policy, choice(*POLICIES))
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_adapm_hyperparameters(*, rank=None, fit_iters=None, fit_lr=None, residual_clip=..., **adam) -> None:
-    _check_hyperparameters(**adam)
-    if rank is not None:
-        _check_int("rank", rank, 1)
-    if fit_iters is not None:
-        _check_int("fit_iters", fit_iters, 1)
-    if fit_lr is not None:
-        _check_range("fit_lr", fit_lr, 0.0, 1.0, high_open=False)
-        if fit_lr == 0:
-            raise ValueError("fit_lr must be in (0, 1] (1 = alternating least squares), got 0: the factors would never move")
-    if residual_clip is not ... and residual_clip is not None:
-        _check_range("residual_clip", residual_clip, 0.0)
-
-
-def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """The matrix view a low-rank momentum factorises: ``(shape[0], numel // shape[0])``."""
-    rows = shape[0]
-    return rows, math.prod(shape) // rows
-
-
-def _factors_placed_like(p: Tensor, left: Tensor | None, right: Tensor | None, view: ShardView) -> tuple:
-    """Note [sharded low-rank momentum]: the factors of a sharded parameter, as DTensors on its
-    mesh: ``L`` (``m x r``) split over rows like the parameter, ``R`` (``r x n``) replicated.
-    DCP saves and reshards them like any DTensor state."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    from ..distributed.reduce import RowShards
-
-    rows = RowShards(view)  # refuses shardings other than along dim 0
-    mesh = p.device_mesh
-    L = R = None
-    if left is not None:
-        L = DTensor.from_local(rows.local_rows(left).clone(), mesh, p.placements, shape=left.shape, stride=left.stride())
-    if right is not None:
-        R = DTensor.from_local(right, mesh, [Replicate()] * mesh.ndim, shape=right.shape, stride=right.stride())
-    return L, R
+@dataclass
+class AdaPMBatch(SecondMomentBatch):
+    momenta: list[Momentum] = field(default_factory=list)  # per tensor, by its policy (see `adapm`)
 
 
 class AdaPM(BlockwiseOptimizer):
@@ -288,7 +219,19 @@ class AdaPM(BlockwiseOptimizer):
     ``opt.policies`` maps every parameter name to the policy it gets.
     """
 
+    HYPERPARAMETERS = {
+        **ADAM_HYPERPARAMETERS,
+        "rank": integer(1),
+        "fit_iters": integer(1),
+        "fit_lr": real(0, 1, low_open=True, hint="1 is alternating least squares; 0 would never move the factors"),
+        "residual_clip": real(0, optional=True),
+        "second_moment": choice(*SECOND_MOMENTS),
+        "seed": integer(0),
+    }
+    _Batch = AdaPMBatch
     _STAT_KEYS = (EXP_AVG_SQ, EXP_AVG_L, EXP_AVG_R)
+    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "rank": 8, "fit_iters": 2,
+                       "fit_lr": 1.0, "residual_clip": 1.0}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "momentum": dict(DEFAULT_MOMENTUM), "second_moment": "adam-mini", "seed": 0}
 
     def __init__(
@@ -318,30 +261,17 @@ class AdaPM(BlockwiseOptimizer):
         conv: str | None = None,
         implementation: str = "auto",
     ):
-        _check_adapm_hyperparameters(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters, fit_lr=fit_lr,
-            residual_clip=residual_clip,
-        )
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        if second_moment not in SECOND_MOMENTS:
-            raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-        _check_int("seed", seed, 0)
+        validate(self.HYPERPARAMETERS, {"second_moment": second_moment, "seed": seed})
         self.momentum = resolve_momentum(momentum)
         self.second_moment = second_moment
         self.seed = seed
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters,
             fit_lr=fit_lr, residual_clip=residual_clip, decay_1d=decay_1d, maximize=maximize,
             implementation=implementation,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
-
-    def add_param_group(self, param_group: dict) -> None:
-        keys = ("lr", "betas", "eps", "weight_decay", "rank", "fit_iters", "fit_lr", "residual_clip")
-        _check_adapm_hyperparameters(**{k: param_group[k] for k in keys if k in param_group})
-        super().add_param_group(param_group)
 
     # ---- policies and layouts ----------------------------------------------------------
     def policy(self, name: str) -> str:
@@ -376,10 +306,9 @@ class AdaPM(BlockwiseOptimizer):
 
     def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
         if key in (EXP_AVG_L, EXP_AVG_R) and isinstance(layout, ShardView) and not is_dtensor(value):
-            # full factors (a one-process checkpoint) for a sharded parameter: L's rows, R whole
-            left, right = (value, None) if key == EXP_AVG_L else (None, value)
-            placed = _factors_placed_like(p, left, right, layout)
-            return placed[0] if key == EXP_AVG_L else placed[1]
+            # Note [sharded low-rank momentum]: full factors (a one-process checkpoint) for a
+            # sharded parameter: L split over rows like it, R replicated
+            return rows_like(p, value, layout) if key == EXP_AVG_L else replicated_like(p, value)
         return super()._place_loaded_stat(p, key, value, layout)
 
     def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
@@ -422,70 +351,42 @@ class AdaPM(BlockwiseOptimizer):
         return draw.to(device=like.device, dtype=stat_dtype(like))
 
     # ---- the step ----------------------------------------------------------------------
-    def _init_group(self, group, params, grads, momenta, exp_avg_sqs, steps, layouts, weight_decays) -> None:
-        """Gather the group's tensors with a gradient (their local shards, for DTensors)."""
-        for name, p in zip(group["param_names"], group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaPM does not support sparse gradients")
-            policy = self.policy(name)
-            layout = self._layout(name, p)
-            state = self.state[p]
-            if not state:
-                state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-                if policy == "full":
-                    state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif policy == "lowrank":
-                    m, n = matrix_shape(p.shape)
-                    r = self._rank(group, p.shape)
-                    left = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
-                    right = self._initial_right_factor(name, r, n, p)
-                    state[EXP_AVG_L], state[EXP_AVG_R] = (
-                        _factors_placed_like(p, left, right, layout) if is_dtensor(p) else (left, right))
-                state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
-            params.append(local_tensor(p))
-            grads.append(local_tensor(p.grad))
+    def _gather_state(self, batch: AdaPMBatch, name, p, layout, state, plain) -> None:
+        policy = self.policy(name)
+        if not state:
+            state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             if policy == "full":
-                momenta.append(local_tensor(state[EXP_AVG]))
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif policy == "lowrank":
-                momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
-            else:
-                momenta.append(None)
-            exp_avg_sqs.append(state[EXP_AVG_SQ])
-            steps.append(state[STEP])
-            layouts.append(layout)
-            decays = p.ndim >= 2 or group["decay_1d"]
-            weight_decays.append(group["weight_decay"] if decays else 0.0)
+                m, n = matrix_shape(p.shape)
+                r = self._rank(batch.group, p.shape)
+                left = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
+                right = self._initial_right_factor(name, r, n, p)
+                if is_dtensor(p):  # Note [sharded low-rank momentum]
+                    left, right = rows_like(p, left, layout), replicated_like(p, right)
+                state[EXP_AVG_L], state[EXP_AVG_R] = left, right
+            state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
+        if policy == "full":
+            batch.momenta.append(local_tensor(state[EXP_AVG]))
+        elif policy == "lowrank":
+            batch.momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
+        else:
+            batch.momenta.append(None)
+        batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
+        batch.steps.append(state[STEP])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
+    def _reduce(self, batches: list[AdaPMBatch], collectives: Collectives) -> None:
+        reduce_block_sq_sums(batches, collectives)
 
-        With sharded (DTensor) parameters the partial block sums of every group are summed across
-        ranks with one all-reduce for the whole step, as in `AdamMini`."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, tensors, sq_sums in step_work(self):
-            params, grads, momenta, exp_avg_sqs, steps, layouts, weight_decays = tensors
-            beta1, beta2 = group["betas"]
-            adapm(
-                params, grads, momenta, exp_avg_sqs, steps, layouts,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=weight_decays,
-                fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
-                maximize=group["maximize"], sq_sums=sq_sums, implementation=group["implementation"],
-            )
-        return loss
-
-    # ---- pickling / deepcopy / old checkpoints -------------------------------------------
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, default in (("decay_1d", False), ("maximize", False), ("implementation", "auto"), ("rank", 8),
-                                 ("fit_iters", 2), ("fit_lr", 1.0), ("residual_clip", 1.0)):
-                group.setdefault(key, default)
+    def _update(self, batch: AdaPMBatch, collectives: Collectives) -> None:
+        group = batch.group
+        beta1, beta2 = group["betas"]
+        adapm(
+            batch.params, batch.grads, batch.momenta, batch.exp_avg_sqs, batch.steps, batch.layouts,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
+            fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
+            maximize=group["maximize"], sq_sums=batch.sq_sums, collectives=collectives, implementation=group["implementation"],
+        )
 
 
 # ---- the math: functions over tensor lists -------------------------------------------------
@@ -506,8 +407,8 @@ def adapm(
     fit_lr: float = 1.0,
     residual_clip: float | None = 1.0,
     maximize: bool = False,
-    reduce_block_sums: BlockSumReducer | None = None,
     sq_sums: Sequence[Tensor] | None = None,
+    collectives: Collectives = SINGLE_PROCESS,
     implementation: str = "reference",
 ) -> None:
     """Functional AdaPM over lists of tensors (all updated in place).
@@ -515,14 +416,15 @@ def adapm(
     ``momenta[i]`` says the policy of tensor ``i``: ``None`` (no momentum), its first moment
     (``full``), or its factors ``(L, R)`` (``lowrank``; ``L`` ``(m, r)``, ``R`` ``(r, n)`` over the
     matrix view ``(shape[0], numel // shape[0])``). ``exp_avg_sqs[i]`` has one value per block of
-    ``specs[i]``. ``reduce_block_sums``, called once with every tensor's per-block ``sum(g^2)``
-    (a list aligned with ``params``, each ``(n_blocks,)``), lets a distributed caller sum blocks
-    split across ranks; ``sq_sums`` hands in those sums already reduced. ``full`` tensors take
+    ``specs[i]``. ``sq_sums`` hands in every tensor's per-block ``sum(g^2)`` already summed across
+    ranks; otherwise, where ``collectives`` says a sharding cuts blocks, they are computed and
+    summed here with one collective. ``collectives`` also makes the row sums of sharded low-rank
+    fits. ``full`` tensors take
     `adam_mini` with ``implementation``; the others a per-tensor loop.
     """
-    if sq_sums is None and reduce_block_sums is not None:
+    if sq_sums is None and collectives.cuts_blocks(specs):
         sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
-        reduce_block_sums(sq_sums)
+        collectives.sum_blocks(sq_sums, specs)
 
     full = [i for i, momentum in enumerate(momenta) if isinstance(momentum, Tensor)]
     if full:
@@ -545,6 +447,7 @@ def adapm(
             _lowrank_step(
                 p, g, momentum[0], momentum[1], v, step_t, spec, sq_sum, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 wd=wd, maximize=maximize, fit_iters=fit_iters, fit_lr=fit_lr, residual_clip=residual_clip,
+                collectives=collectives,
             )
 
 
@@ -591,55 +494,12 @@ def _no_momentum_step(p, g, v, step_t, spec, sq_sum, *, lr, beta2, eps, wd, maxi
     _apply(p, u, denom, lr=lr, wd=wd, scratch=True)
 
 
-def fit_lowrank(L: Tensor, R: Tensor, G: Tensor, *, beta1: float, iters: int, fit_lr: float,
-                rows: RowShards | None = None) -> tuple[Tensor, Tensor]:
-    """Factors ``(L, R)`` fitting ``T = beta1 L R + (1 - beta1) G`` (module docstring), warm-started at
-    the given ``L``, ``R``; ``T`` is never formed. Returns new tensors; ``L`` has orthonormal columns.
-
-    With ``rows`` (Note [sharded low-rank momentum]) ``L`` and ``G`` are this rank's rows and ``R``
-    is replicated: the QR of ``L`` runs on the gathered ``m x r`` factor and ``Q_L^T T`` is summed
-    over the ranks, two collectives per iteration."""
-    L0, R0 = L, R
-
-    def t_times(Q: Tensor) -> Tensor:  # T @ Q, Q (n, r): row-local
-        return torch.addmm((G @ Q).mul_(1 - beta1), L0, R0 @ Q, alpha=beta1)
-
-    def t_transposed_times(P: Tensor) -> Tensor:  # P^T @ T, P (m, r): a sum over rows
-        partial = torch.addmm((P.T @ G).mul_(1 - beta1), P.T @ L0, R0, alpha=beta1)
-        return partial if rows is None else rows.sum_(partial)
-
-    def thin_qr(A: Tensor) -> tuple[Tensor, Tensor]:  # of the row-sharded L: the whole factor's QR
-        if rows is None:
-            return torch.linalg.qr(A)
-        Q, S = torch.linalg.qr(rows.gather_rows(A))
-        return rows.local_rows(Q), S
-
-    for _ in range(iters):
-        Q_R, S = torch.linalg.qr(R.T)  # L R = (L S^T) Q_R^T
-        L_ls = t_times(Q_R)
-        L = L_ls if fit_lr == 1 else torch.add((L @ S.T).mul_(1 - fit_lr), L_ls, alpha=fit_lr)
-        Q_L, S_L = thin_qr(L)  # L Q_R^T = Q_L (S_L Q_R^T)
-        R_ls = t_transposed_times(Q_L)
-        R = R_ls if fit_lr == 1 else torch.add((S_L @ Q_R.T).mul_(1 - fit_lr), R_ls, alpha=fit_lr)
-        L = Q_L
-    return L, R
-
-
-def _frobenius_norm(x: Tensor, rows: RowShards | None) -> Tensor:
-    if rows is None:
-        return torch.linalg.vector_norm(x)
-    return rows.sum_(x.square().sum()).sqrt()
-
-
 def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps, wd, maximize, fit_iters, fit_lr,
-                  residual_clip) -> None:
+                  residual_clip, collectives: Collectives) -> None:
     """Policy ``lowrank``: refit ``L R``, feed back the clipped residual, take the step. For a
-    sharded parameter (``spec`` a `ShardView`) ``p``, ``g`` and ``L`` are this rank's rows."""
-    rows = None
-    if isinstance(spec, ShardView):
-        from ..distributed.reduce import RowShards
-
-        rows = RowShards(spec)
+    sharded parameter (``spec`` a `ShardView`) ``p``, ``g`` and ``L`` are this rank's rows, and
+    ``collectives.rows(spec)`` makes the fit's row sums (Note [sharded low-rank momentum])."""
+    rows = collectives.rows(spec)
     step_t += 1
     step = step_t.item()
     work = v.dtype
@@ -655,11 +515,11 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
     # Note [bias correction: the residual estimates the momentum the factors lost]
     scale = 1.0 / (1 - beta1)
     if residual_clip is None or residual_clip > 0:
-        limit = None if residual_clip is None else residual_clip * _frobenius_norm(D, rows)
+        limit = None if residual_clip is None else residual_clip * frobenius_norm(D, rows)
         D.mul_(1 - beta1).addmm_(L, R, alpha=beta1).addmm_(L_new, R_new, alpha=-1.0)  # the residual T - L_new R_new
         correction = D.mul_(scale)
         if limit is not None:
-            norm = _frobenius_norm(correction, rows)
+            norm = frobenius_norm(correction, rows)
             correction.mul_(torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(work).tiny), 1.0))
         u = correction.addmm_(L_new, R_new, alpha=1 / (1 - beta1**step))
     else:

@@ -1,185 +1,171 @@
-"""`BlockwiseOptimizer`: the plumbing shared by every optimizer that takes its blocks from a Plan.
+"""`BlockwiseOptimizer`: the one skeleton every blockopt optimizer follows.
 
-It turns whatever the user passes (a module, ``named_parameters()``, plain parameters, or param
-groups) into named param groups plus a `Plan`, keeps every parameter's `BlockSpec` reachable by
-name, rejects bad input before anything is applied, and makes ``load_state_dict`` atomic and
-exact. Subclasses only gather state and call their functional step.
+The base class owns the plumbing; an optimizer owns its math and its state shapes. A step is a
+template (as torch.optim's ``step`` -> ``_init_group`` -> functional)::
+
+    step(closure)
+      loss = closure()                                  # under enable_grad, as torch.optim
+      batches = [_gather(group) ...]                    # a ParamBatch per group with gradients:
+                                                        #   local shards, layouts, the optimizer's state
+      collectives = collectives_for(layouts)            # SINGLE_PROCESS, or the sharded one
+      _reduce(batches, collectives)                     # ONE reduction across all groups
+      _update(batch, collectives) for each batch        # the optimizer's functional
+
+Subclasses define ``_Batch`` (a `ParamBatch` dataclass with their state lists), ``_gather_state``
+(create a parameter's state on first use and append it to the batch), ``_reduce``, ``_update``,
+``_state_shapes`` (what a state dict must hold, for atomic loading) and ``HYPERPARAMETERS`` (a
+`blockopt.validation` table checked at construction and by ``add_param_group``).
+
+The rest is here too: user input to named groups and a `Plan` (`named_params`), each parameter's
+layout (its `BlockSpec`, or a `ShardView` of this rank's shard), and exact, atomic checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
-
 import itertools
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-from ..distributed.shard import ShardView, is_dtensor, shard_view
+from ..distributed import (
+    Collectives, ShardedCollectives, ShardView, collectives_for, gather_block_stats, is_dtensor, local_tensor, shard_like,
+    shard_view,
+)
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
+from ..validation import Rule, validate
+from .named_params import all_trainable, check_spec, check_unique, name_group, named_groups
 from .state import stat_dtype
 
 
-def _check_range(name: str, value: float, low: float, high: float | None = None, *, high_open: bool = True) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= low and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        bound = f"[{low}, {high})" if high is not None and high_open else f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
+@dataclass
+class ParamBatch:
+    """One param group's parameters that have a gradient, gathered for a step: parallel lists
+    (local shards for DTensors). Optimizers extend it with their state lists."""
+
+    group: dict
+    names: list[str] = field(default_factory=list)
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    layouts: list[BlockSpec | ShardView] = field(default_factory=list)
+    weight_decays: list[float] = field(default_factory=list)
 
 
 class BlockwiseOptimizer(Optimizer):
-    """Base class: named param groups + a `Plan` (``self.plan``) mapping names to `BlockSpec`.
+    """Base class: named param groups, a `Plan` (``self.plan``) mapping names to `BlockSpec`, and
+    the step template (module docstring).
 
-    Subclasses define ``_state_shapes(spec, param) -> {key: shape}`` (used to validate state
-    dicts) and may list ``_STAT_KEYS``: state entries kept in `stat_dtype` (at least float32),
-    which ``load_state_dict`` restores exactly instead of casting them to the parameter's dtype.
-    Optimizer-wide settings kept as attributes (not per group) are listed in ``_OPTIONS`` with the
-    value a pickle from before the setting existed gets; pickles carry them, and
-    ``load_state_dict`` keeps the live ones.
+    Class attributes a subclass sets: ``HYPERPARAMETERS`` (``{name: Rule}``); ``_STAT_KEYS``,
+    state entries kept in `stat_dtype` (at least float32), which ``load_state_dict`` restores
+    exactly instead of casting them to the parameter's dtype; ``_GROUP_DEFAULTS``, the value a
+    param group from a checkpoint older than a setting gets; ``_OPTIONS``, optimizer-wide
+    settings kept as attributes (not per group), with the value a pickle from before the setting
+    existed gets (pickles carry them, and ``load_state_dict`` keeps the live ones).
     """
 
-    _STAT_KEYS: tuple[str, ...] = ()
-    _OPTIONS: dict[str, Any] = {"_partition_options": {}}
+    HYPERPARAMETERS: ClassVar[dict[str, Rule]] = {}
+    _Batch: ClassVar[type[ParamBatch]] = ParamBatch
+    _STAT_KEYS: ClassVar[tuple[str, ...]] = ()
+    _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    _OPTIONS: ClassVar[dict[str, Any]] = {"_partition_options": {}}
 
     def __init__(self, params, defaults: dict[str, Any], *, plan: Plan | None = None, partition_options: dict | None = None):
+        validate(self.HYPERPARAMETERS, defaults)
+        defaults = {k: tuple(v) if k in self.HYPERPARAMETERS and self.HYPERPARAMETERS[k].kind == "pair" else v
+                    for k, v in defaults.items()}
         self._partition_options = {k: v for k, v in (partition_options or {}).items() if v is not None}
         if plan is not None and not isinstance(plan, Plan):
             raise TypeError(f"plan must be a blockopt.Plan (from blockopt.partition), got {type(plan).__name__}")
-        groups, self.plan = self._named_groups(params, plan)
+        groups, self.plan = named_groups(params, plan, self._partition_options, owner=type(self).__name__)
         super().__init__(groups, defaults)
-
-    # ---- turning user input into named groups + a plan ----------------------------------
-    def _named_groups(self, params, plan: Plan | None) -> tuple[list[dict], Plan]:
-        if isinstance(params, torch.Tensor):
-            raise TypeError("params must be an iterable of tensors, named tensors or dicts, or an nn.Module; got a single Tensor")
-        if isinstance(params, nn.Module):
-            plan = plan if plan is not None else partition(params, **self._partition_options)
-            tensors = dict(params.named_parameters())
-            missing = [n for n in plan if n not in tensors]
-            if missing:
-                raise ValueError(f"plan has parameters the model lacks ({missing[:3]}...): build the plan from this model")
-            names = [n for n in plan]
-            return [{"params": [tensors[n] for n in names], "param_names": names}], plan
-
-        items = list(params)
-        if not items:
-            raise ValueError("optimizer got an empty parameter list: pass model.parameters(), model.named_parameters() or the model")
-        raw_groups = items if isinstance(items[0], Mapping) else [{"params": items}]
-        if any(not isinstance(g, Mapping) for g in raw_groups):
-            raise TypeError("param groups must all be dicts, or none of them")
-        groups, counter = [], itertools.count()
-        for i, g in enumerate(raw_groups):
-            if "params" not in g:
-                raise ValueError(f"param group {i} has no 'params' key")
-            groups.append(self._name_group(dict(g), counter, where=f"param group {i}"))
-        self._check_unique(groups)
-
-        pairs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
-        if plan is None:
-            unnamed = any(g.pop("_unnamed", False) for g in groups)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PartitionWarning)
-                plan = partition(_all_trainable(pairs), **self._partition_options)
-            if unnamed:
-                warnings.warn(
-                    f"{type(self).__name__} got parameters without names, so blocks come from shapes only "
-                    "(matrices per row, vectors per coordinate). Pass the model, or model.named_parameters(), "
-                    "so blocks follow its structure (heads, embeddings, norms).",
-                    PartitionWarning, stacklevel=4,
-                )
-            else:
-                for w in caught:
-                    warnings.warn(w.message, w.category, stacklevel=4)
-        else:
-            for g in groups:
-                g.pop("_unnamed", None)
-        for n, p in pairs:
-            self._check_spec(plan, n, p)
-        return groups, plan
-
-    @staticmethod
-    def _name_group(group: dict, counter, where: str) -> dict:
-        """Normalise one group to ``params`` (tensors) + ``param_names`` (str), naming unnamed ones."""
-        ps = group["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        if not ps:
-            raise ValueError(f"{where} has an empty 'params' list")
-        tensors, names = [], []
-        given = group.get("param_names")
-        if given is not None and len(given) != len(ps):
-            raise ValueError(f"{where}: param_names has {len(given)} names for {len(ps)} parameters")
-        for j, item in enumerate(ps):
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                name, t = item
-            elif isinstance(item, torch.Tensor):
-                name, t = (given[j] if given is not None else None), item
-            else:
-                raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{where}: parameter {name or j} is a {type(t).__name__}, not a Tensor")
-            if not t.is_leaf:
-                raise ValueError(f"{where}: can't optimize a non-leaf Tensor ({name or j})")
-            if name is None:
-                name = f"param.{next(counter)}"
-                group["_unnamed"] = True
-            tensors.append(t)
-            names.append(name)
-        group["params"], group["param_names"] = tensors, names
-        return group
-
-    def _check_unique(self, groups: list[dict], existing: Iterable[dict] = ()) -> None:
-        where: dict[int, str] = {}
-        names: set[str] = set()
-        for g in existing:
-            for n, p in zip(g["param_names"], g["params"]):
-                where[id(p)] = n
-                names.add(n)
-        for g in groups:
-            for n, p in zip(g["param_names"], g["params"]):
-                if id(p) in where:
-                    raise ValueError(f"parameter {n!r} is given twice (also as {where[id(p)]!r}); pass each parameter once")
-                if n in names:
-                    raise ValueError(f"two different parameters are both named {n!r}; parameter names must be unique")
-                where[id(p)] = n
-                names.add(n)
-
-    @staticmethod
-    def _check_spec(plan: Plan, name: str, p: torch.Tensor) -> None:
-        if name not in plan:
-            raise ValueError(f"parameter {name!r} is not in the plan: build the plan from the same model (blockopt.partition(model))")
-        spec = plan[name]
-        if tuple(spec.shape) != tuple(p.shape):
-            raise ValueError(f"plan says {name!r} has shape {spec.shape} but the parameter has {tuple(p.shape)}: the plan is for another model")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
         unless the plan already covers them."""
+        validate(self.HYPERPARAMETERS, param_group)
         offset = sum(len(g["params"]) for g in self.param_groups)
-        group = self._name_group(dict(param_group), itertools.count(offset), where="new param group")
+        group = name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)
-        self._check_unique([group], self.param_groups)
+        check_unique([group], self.param_groups)
         new = [(n, p) for n, p in zip(group["param_names"], group["params"]) if n not in self.plan]
         plan = self.plan
         if new:
             if unnamed:
                 warnings.warn("parameters added without names: blocks come from shapes only", PartitionWarning, stacklevel=2)
-            plan = plan.merged(partition(_all_trainable(new), **self._partition_options))
+            plan = plan.merged(partition(all_trainable(new), **self._partition_options))
         for n, p in zip(group["param_names"], group["params"]):
-            self._check_spec(plan, n, p)
+            check_spec(plan, n, p)
         super().add_param_group(group)
         self.plan = plan
 
+    # ---- the step template ------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
+
+        With sharded (DTensor) parameters, whatever the step needs from other ranks is gathered
+        for every group at once (Note [one all-reduce per step])."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = [batch for batch in map(self._gather, self.param_groups) if batch.params]
+        if batches:
+            collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
+            self._reduce(batches, collectives)
+            for batch in batches:
+                self._update(batch, collectives)
+        return loss
+
+    def _collectives(self, layouts: list) -> Collectives:
+        # the sharded implementation caches its reducers, so each optimizer keeps its own
+        # (created on first use: pickles and deep copies do not carry it)
+        sharded = self.__dict__.get("_sharded")
+        if sharded is None:
+            sharded = self._sharded = ShardedCollectives()
+        return collectives_for(layouts, sharded)
+
+    def _gather(self, group: dict) -> ParamBatch:
+        """The group's parameters with a gradient, their layouts and weight decays, and (through
+        ``_gather_state``) their state, created on first use."""
+        # Note: this loop runs every step for every tensor, so it reads each attribute once
+        # (models with thousands of small tensors spend a good part of a step here).
+        batch = self._Batch(group)
+        weight_decay, decay_1d, all_state = group["weight_decay"], group["decay_1d"], self.state
+        names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
+        for name, p, layout in zip(group["param_names"], group["params"], self.layouts(group)):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+            plain = type(p) is torch.nn.Parameter or type(p) is torch.Tensor  # else a DTensor: its local shard
+            names.append(name)
+            params.append(p if plain else local_tensor(p))
+            grads.append(grad if plain else local_tensor(grad))
+            layouts.append(layout)
+            decays.append(weight_decay if decay_1d or p.ndim >= 2 else 0.0)
+            self._gather_state(batch, name, p, layout, all_state[p], plain)
+        return batch
+
+    def _gather_state(self, batch: ParamBatch, name: str, param: Tensor, layout, state: dict, plain: bool) -> None:
+        """Create ``param``'s state if ``state`` is empty; append its (local) state to ``batch``."""
+        raise NotImplementedError
+
+    def _reduce(self, batches: list[ParamBatch], collectives: Collectives) -> None:
+        """Gather what the update needs from other ranks, for every batch at once (default: nothing)."""
+
+    def _update(self, batch: ParamBatch, collectives: Collectives) -> None:
+        """Run the optimizer's functional step on one batch."""
+        raise NotImplementedError
+
+    # ---- layouts ----------------------------------------------------------------------
     def specs(self, group: dict) -> list[BlockSpec]:
         return [self.plan[n] for n in group["param_names"]]
 
@@ -193,7 +179,7 @@ class BlockwiseOptimizer(Optimizer):
         subclass chooses otherwise, like SGD-SaI's one block per tensor)."""
         return self.plan[name]
 
-    def _layout(self, name: str, p: torch.Tensor) -> BlockSpec | ShardView:
+    def _layout(self, name: str, p: Tensor) -> BlockSpec | ShardView:
         spec = self.block_spec(name)
         if not is_dtensor(p):
             return spec
@@ -204,20 +190,8 @@ class BlockwiseOptimizer(Optimizer):
             cached = views[name] = (key, shard_view(spec, p))
         return cached[1]
 
-    def _block_sum_reducer(self, layouts: list) -> "BlockSumReducer | None":
-        """The hook summing cut blocks' partial sums across ranks for a step over ``layouts``,
-        or ``None`` when no block is cut (nothing sharded, or shards along block boundaries)."""
-        if not any(isinstance(layout, ShardView) for layout in layouts):
-            return None
-        from ..distributed.reduce import BlockSumReducer
-
-        key = tuple(id(layout) for layout in layouts)
-        cache = self.__dict__.setdefault("_reducers", {})
-        if key not in cache:
-            cache.clear()  # the parameters with gradients changed: keep one layout at a time
-            cache[key] = (layouts, BlockSumReducer(layouts))  # layouts kept so their ids stay unique
-        reducer = cache[key][1]
-        return reducer if reducer.active else None
+    def _name_of(self, param: Tensor) -> str:
+        return next(n for g in self.param_groups for n, q in zip(g["param_names"], g["params"]) if q is param)
 
     # ---- checkpoints ------------------------------------------------------------------
     def _state_shapes(self, spec: BlockSpec, param: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -243,8 +217,6 @@ class BlockwiseOptimizer(Optimizer):
         ]
         if not sharded:
             return packed
-        from ..distributed.reduce import gather_block_stats
-
         local = [packed["state"][index][key] for index, key, _ in sharded]
         full = gather_block_stats([view for _, _, view in sharded], local)
         state = dict(packed["state"])
@@ -277,7 +249,7 @@ class BlockwiseOptimizer(Optimizer):
                 for key, value in list(state.items()):
                     if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
-                        state[key] = _shard_like(value, p)
+                        state[key] = shard_like(value, p)
 
     def _place_loaded_stat(self, p: torch.Tensor, key: str, value: torch.Tensor, layout) -> torch.Tensor:
         """A loaded statistic in the form the step keeps: global block statistics are cut to the
@@ -313,7 +285,7 @@ class BlockwiseOptimizer(Optimizer):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
-            name = next(g["param_names"][i] for g in self.param_groups for i, q in enumerate(g["params"]) if q is p)
+            name = self._name_of(p)
             for key, shape in self._state_shapes(self.plan[name], p).items():
                 value = saved.get(key)
                 if value is None:
@@ -339,20 +311,6 @@ class BlockwiseOptimizer(Optimizer):
             if name not in state and name not in self.__dict__:
                 state[name] = copy.deepcopy(default)
         super().__setstate__(state)
-
-
-def _shard_like(full: torch.Tensor, param) -> torch.Tensor:
-    """A full-size tensor cut to ``param``'s shard, as a DTensor placed like it (no communication)."""
-    from torch.distributed.tensor import DTensor
-
-    from ..distributed.shard import shard_box
-
-    box = shard_box(tuple(param.shape), param.placements, tuple(param.device_mesh.get_coordinate()), tuple(param.device_mesh.shape))
-    local = full.to(param.device)[tuple(slice(start, start + size) for start, size in box)]
-    return DTensor.from_local(local.clone(), param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-
-
-def _all_trainable(pairs):
-    """Named tensors for `partition`, frozen ones included: the user passed them explicitly (they
-    may be unfrozen later), so each needs a spec. A shape-only meta tensor stands in for them."""
-    return [(n, p if p.requires_grad else torch.empty(p.shape, device="meta", requires_grad=True)) for n, p in pairs]
+        for group in self.param_groups:  # checkpoints from before a setting existed
+            for key, default in self._GROUP_DEFAULTS.items():
+                group.setdefault(key, default)

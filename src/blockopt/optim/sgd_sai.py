@@ -19,26 +19,29 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..distributed.shard import ShardView, local_tensor
+from ..distributed import SINGLE_PROCESS, Collectives, local_tensor
 from ..partition import BlockSpec, PartitionWarning, Plan
-from .base import BlockwiseOptimizer, _check_range
+from ..validation import boolean, choice, real, validate
+from .base import BlockwiseOptimizer, ParamBatch
 from .state import GSNR, MOMENTUM_BUFFER, stat_dtype
 
 BLOCKS = ("tensor", "plan")
 
-# Hooks for distributed training. The first sums per-block partial statistics across ranks in
-# place (entries have n_blocks as their first dim); the second takes the maximum of a 1-D tensor
-# across ranks in place (used only by ``normalize=True``).
-BlockSumReducer = Callable[[list[Tensor]], None]
-MaxReducer = Callable[[Tensor], None]
-
 _TENSOR_REASON = "SGD-SaI blocks='tensor': one block per tensor, as in sgd-sai 1.0.3"
+
+
+@dataclass
+class SGDSaIBatch(ParamBatch):
+    momentum_buffers: list[Tensor | None] = field(default_factory=list)  # None while momentum == 0
+    gsnrs: list[Tensor] = field(default_factory=list)
+    new_gsnr: list[bool] = field(default_factory=list)  # this step is the parameter's first with a gradient
+    new_momentum: list[bool] = field(default_factory=list)  # its buffer starts at m = g
 
 
 class SGDSaI(BlockwiseOptimizer):
@@ -99,7 +102,22 @@ class SGDSaI(BlockwiseOptimizer):
     loads (its scalar gsnr becomes ``(1,)``).
     """
 
+    HYPERPARAMETERS = {
+        "lr": real(0, hint="pass a non-negative learning rate, e.g. lr=1e-2"),
+        "momentum": real(0, 1, high_open=True,
+                         hint="use e.g. momentum=0.9, or 0 for no momentum (momentum=1 never lets a gradient in)"),
+        "eps": real(0, low_open=True, hint="it keeps gsnr = ||g|| / (std(g) + eps) finite for blocks whose gradient "
+                                           "has no spread: use a small positive value such as the default 1e-8"),
+        "weight_decay": real(0, hint="pass weight_decay >= 0 (0 disables it)"),
+        "normalize": boolean(),
+        "decay_1d": boolean(),
+        "maximize": boolean(),
+        "blocks": choice(*BLOCKS, hint="'tensor' is one block per parameter tensor (the sgd-sai package), "
+                                       "'plan' uses the blocks of blockopt.partition"),
+    }
+    _Batch = SGDSaIBatch
     _STAT_KEYS = (GSNR,)
+    _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor"}
 
     def __init__(
@@ -123,12 +141,7 @@ class SGDSaI(BlockwiseOptimizer):
         value: str | None = None,
         conv: str | None = None,
     ):
-        _check_hyperparameters(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize)
-        if blocks not in BLOCKS:
-            raise ValueError(
-                f"blocks must be one of {BLOCKS}, got {blocks!r}: 'tensor' is one block per parameter tensor "
-                "(the sgd-sai package), 'plan' uses the blocks of blockopt.partition"
-            )
+        validate(self.HYPERPARAMETERS, {"blocks": blocks})
         self._blocks = blocks
         defaults = dict(
             lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize,
@@ -166,25 +179,8 @@ class SGDSaI(BlockwiseOptimizer):
             whole = cache[spec] = spec.with_rule("whole", reason=_TENSOR_REASON)
         return whole
 
-    @staticmethod
-    def _max_reducer(layouts: Sequence) -> MaxReducer | None:
-        """An in-place MAX all-reduce over the ranks the step's sharded parameters live on."""
-        meshes = list(dict.fromkeys((v.mesh, v.reduce_mesh_dims) for v in layouts if isinstance(v, ShardView)))
-        if not meshes:
-            return None
-
-        def reduce_max(values: Tensor) -> None:
-            for mesh, dims in meshes:  # max is idempotent: several meshes or dims are harmless
-                for d in dims:
-                    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
-
-        return reduce_max
-
     # ---- param groups and checkpoints ----------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        _check_hyperparameters(
-            **{k: param_group[k] for k in ("lr", "momentum", "eps", "weight_decay", "normalize") if k in param_group}
-        )
         with self._quiet_partition():
             super().add_param_group(param_group)
 
@@ -219,89 +215,47 @@ class SGDSaI(BlockwiseOptimizer):
         state["_blocks"] = self._blocks
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from before an option existed
-            group.setdefault("normalize", False)
-            group.setdefault("decay_1d", True)
-            group.setdefault("maximize", False)
-            group.setdefault("gsnr_max", None)
-
     # ---- the step --------------------------------------------------------------------------
-    def _init_group(self, group, params, grads, momentum_buffers, gsnrs, specs, weight_decays, new_gsnr, new_momentum) -> None:
-        """Gather the group's tensors with a gradient (local shards for DTensors), creating state."""
-        for p, layout in zip(group["params"], self.layouts(group)):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SGDSaI does not support sparse gradients")
-            state = self.state[p]
-            first = GSNR not in state
-            if first:  # one value per block meeting this rank's shard (all blocks when not sharded)
-                state[GSNR] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=local_tensor(p).device)
-            fresh_m = False
-            if group["momentum"] != 0:
-                if MOMENTUM_BUFFER not in state:
-                    state[MOMENTUM_BUFFER] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    fresh_m = True
-                momentum_buffers.append(local_tensor(state[MOMENTUM_BUFFER]))
-            else:
-                momentum_buffers.append(None)
-            params.append(local_tensor(p))
-            grads.append(local_tensor(p.grad))
-            gsnrs.append(state[GSNR])
-            specs.append(layout)
-            weight_decays.append(group["weight_decay"] if p.ndim >= 2 or group["decay_1d"] else 0.0)
-            new_gsnr.append(first)
-            new_momentum.append(fresh_m)
+    def _gather_state(self, batch: SGDSaIBatch, name, p, layout, state, plain) -> None:
+        first = GSNR not in state
+        if first:  # one value per block meeting this rank's shard (all blocks when not sharded)
+            state[GSNR] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
+        fresh_m = False
+        if batch.group["momentum"] != 0:
+            if MOMENTUM_BUFFER not in state:
+                state[MOMENTUM_BUFFER] = torch.empty_like(p, memory_format=torch.preserve_format)
+                fresh_m = True
+            batch.momentum_buffers.append(local_tensor(state[MOMENTUM_BUFFER]))
+        else:
+            batch.momentum_buffers.append(None)
+        batch.gsnrs.append(state[GSNR])
+        batch.new_gsnr.append(first)
+        batch.new_momentum.append(fresh_m)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
-
-        At a step where some parameters meet their first gradient, their block statistics, over
-        every group, are summed across ranks with one all-reduce (Note [one all-reduce per step]);
-        with ``normalize``, the groups' maxima take one more (a MAX for all groups), once. Later
-        steps communicate nothing."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work = []
-        for group in self.param_groups:
-            tensors = ([], [], [], [], [], [], [], [])
-            self._init_group(group, *tensors)
-            if tensors[0]:
-                work.append((group, tensors))
-
-        # Phase 1: the gsnr of every parameter at its first gradient, all groups together.
-        new = [(t[1][i], t[3][i], t[4][i], g["eps"]) for g, t in work for i, flag in enumerate(t[6]) if flag]
+    def _reduce(self, batches: list[SGDSaIBatch], collectives: Collectives) -> None:
+        """Phase 1: the gsnr of every parameter at its first gradient, all groups together (one
+        all-reduce where a sharding cuts blocks). Phase 2: each normalising group's largest gsnr,
+        once (one MAX over ranks for all groups). Later steps communicate nothing."""
+        new = [(b, i) for b in batches for i, flag in enumerate(b.new_gsnr) if flag]
         if new:
-            grads, gsnrs, layouts, epss = zip(*new)
-            stats = gsnr_block_stats(grads, [s.dtype for s in gsnrs], layouts)
-            reducer = self._block_sum_reducer(list(layouts))
-            if reducer is not None:
-                reducer(stats)
-            for gsnr, layout, stat, eps in zip(gsnrs, layouts, stats, epss):
-                gsnr.copy_(gsnr_from_stats(stat, layout, eps=eps))
-
-        # Phase 2: each normalising group's largest gsnr, once (one MAX over ranks for all groups).
-        pending = [g for g, _ in work if g["normalize"] and g["gsnr_max"] is None]
+            init_gsnrs([b.grads[i] for b, i in new], [b.gsnrs[i] for b, i in new], [b.layouts[i] for b, i in new],
+                       eps=[b.group["eps"] for b, _ in new], collectives=collectives)
+        pending = [b.group for b in batches if b.group["normalize"] and b.group["gsnr_max"] is None]
         if pending:
             per_group = [[self.state[p][GSNR] for p in g["params"] if GSNR in self.state.get(p, {})] for g in pending]
-            reduce_max = self._max_reducer([layout for _, t in work for layout in t[4]])
-            for group, value in zip(pending, group_gsnr_max(per_group, reduce_max)):
+            layouts = [layout for b in batches for layout in b.layouts]
+            for group, value in zip(pending, group_gsnr_max(per_group, collectives, layouts)):
                 group["gsnr_max"] = value if value > 0 else None  # all-zero first gradients: try again later
 
-        # Phase 3: the update.
-        for group, (params, grads, momentum_buffers, gsnrs, specs, weight_decays, _, new_momentum) in work:
-            sgd_sai(
-                params, grads, momentum_buffers, gsnrs, specs,
-                lr=group["lr"], momentum=group["momentum"], eps=group["eps"], weight_decays=weight_decays,
-                maximize=group["maximize"], new_momentum=new_momentum,
-                normalize=group["normalize"], gsnr_max=group["gsnr_max"] if group["normalize"] else None,
-            )
-        return loss
+    def _update(self, batch: SGDSaIBatch, collectives: Collectives) -> None:
+        """Phase 3: the update, with the gsnrs and maxima of phases 1 and 2."""
+        group = batch.group
+        sgd_sai_update(
+            batch.params, batch.grads, batch.momentum_buffers, batch.gsnrs, batch.layouts,
+            scale=step_scale(group["lr"], group["normalize"], group["gsnr_max"]), lr=group["lr"],
+            momentum=group["momentum"], weight_decays=batch.weight_decays, maximize=group["maximize"],
+            new_momentum=batch.new_momentum,
+        )
 
 
 def _scalar_gsnr_as_block(saved):
@@ -309,32 +263,6 @@ def _scalar_gsnr_as_block(saved):
     if isinstance(saved, dict) and isinstance(saved.get(GSNR), Tensor) and saved[GSNR].ndim == 0:
         return {**saved, GSNR: saved[GSNR].reshape(1)}
     return saved
-
-
-def _check(name: str, value, low: float, high: float | None, fix: str) -> None:
-    try:
-        _check_range(name, value, low, high)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{e}; {fix}") from None
-
-
-def _check_hyperparameters(*, lr=None, momentum=None, eps=None, weight_decay=None, normalize=None) -> None:
-    if lr is not None:
-        _check("lr", lr, 0.0, None, "pass a non-negative learning rate, e.g. lr=1e-2")
-    if momentum is not None:
-        _check("momentum", momentum, 0.0, 1.0,
-               "use e.g. momentum=0.9, or 0 for no momentum (momentum=1 never lets a gradient in)")
-    if eps is not None:
-        _check("eps", eps, 0.0, None, "use a small positive value such as the default 1e-8")
-        if float(eps) <= 0:
-            raise ValueError(
-                f"eps must be > 0, got {eps}; it keeps gsnr = ||g|| / (std(g) + eps) finite for blocks whose gradient "
-                "has no spread: use a small positive value such as the default 1e-8"
-            )
-    if weight_decay is not None:
-        _check("weight_decay", weight_decay, 0.0, None, "pass weight_decay >= 0 (0 disables it)")
-    if normalize is not None and not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be True or False, got {normalize!r}")
 
 
 # ---- the math: functions over tensor lists -------------------------------------------------
@@ -378,8 +306,10 @@ def gsnr_from_stats(stats: Tensor, spec, *, eps: float) -> Tensor:
     return torch.where(measured, norm / (std + eps), n.sqrt().expand_as(norm))
 
 
-def group_gsnr_max(per_group: Sequence[Sequence[Tensor]], reduce_max: MaxReducer | None = None) -> list[float]:
-    """The largest gsnr of each group (over ranks via ``reduce_max``, called once), as floats."""
+def group_gsnr_max(per_group: Sequence[Sequence[Tensor]], collectives: Collectives = SINGLE_PROCESS,
+                   layouts: Sequence = ()) -> list[float]:
+    """The largest gsnr of each group, as floats; over the ranks ``layouts`` live on (one MAX for
+    every group) when they are sharded."""
     tensors = [t for group in per_group for t in group]
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -388,13 +318,30 @@ def group_gsnr_max(per_group: Sequence[Sequence[Tensor]], reduce_max: MaxReducer
         torch.stack([t.max().to(dtype) if t.numel() else zero for t in group]).max() if group else zero
         for group in per_group
     ])
-    if reduce_max is not None:
-        reduce_max(local)
+    collectives.max_(local, layouts)
     return local.tolist()
 
 
-# Note: like Adam-mini's reference step, the layout arithmetic runs eagerly under torch.compile.
-@torch.compiler.disable
+def init_gsnrs(grads: Sequence[Tensor], gsnrs: Sequence[Tensor], specs: Sequence, *, eps: float | Sequence[float],
+               collectives: Collectives = SINGLE_PROCESS) -> None:
+    """Fill each ``gsnrs[i]`` from ``grads[i]`` (its parameter's first gradient); the block
+    statistics are summed across ranks with one collective where a sharding cuts blocks.
+    ``eps`` may differ per tensor (tensors of several param groups)."""
+    eps = [eps] * len(grads) if isinstance(eps, (int, float)) else list(eps)
+    stats = gsnr_block_stats(grads, [s.dtype for s in gsnrs], specs)
+    collectives.sum_blocks(stats, specs)
+    for gsnr, spec, stat, e in zip(gsnrs, specs, stats, eps):
+        gsnr.copy_(gsnr_from_stats(stat, spec, eps=e))
+
+
+def step_scale(lr: float, normalize: bool, gsnr_max: float | None) -> float:
+    """What multiplies ``gsnr_b * m``: ``lr``, or with ``normalize`` ``lr / gsnr_max`` (0 while
+    every gsnr is 0: there is nothing to normalise by yet)."""
+    if not normalize:
+        return lr
+    return lr / gsnr_max if gsnr_max is not None and gsnr_max > 0 else 0.0
+
+
 def sgd_sai(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -411,11 +358,13 @@ def sgd_sai(
     new_momentum: Sequence[bool] | None = None,
     normalize: bool = False,
     gsnr_max: float | None = None,
-    reduce_block_sums: BlockSumReducer | None = None,
-    reduce_max: MaxReducer | None = None,
-    block_stats: Sequence[Tensor] | None = None,
+    collectives: Collectives = SINGLE_PROCESS,
 ) -> float | None:
     """Functional SGD-SaI over lists of tensors (all updated in place); one param group.
+
+    The three phases of `SGDSaI.step` in order: `init_gsnrs` for the tensors flagged in
+    ``new_gsnr``, the group's largest gsnr (`group_gsnr_max`) when ``normalize`` and no
+    ``gsnr_max`` is given, then `sgd_sai_update`.
 
     Args:
         params, grads: the tensors (local shards under FSDP).
@@ -426,33 +375,34 @@ def sgd_sai(
             ``block_numel``, ``expand`` are used).
         new_momentum: flags of buffers to start at ``m = g``.
         normalize, gsnr_max: scale by ``1/gsnr_max``; if ``gsnr_max`` is None it is the largest
-            of ``gsnrs`` (across ranks through ``reduce_max``, called once).
-        reduce_block_sums: sums the per-block statistics of the parameters in ``new_gsnr`` across
-            ranks, in place; called once, with their list (entries ``(n_blocks, 3)``), and only
-            when some parameter computes its gsnr.
-        block_stats: those statistics already computed and reduced (then no hook is called).
+            of ``gsnrs`` (across ranks).
+        collectives: a `blockopt.distributed.Collectives` for sharded tensors: one block-sum
+            reduction at a step that computes gsnrs, one MAX when the maximum is computed.
 
     Returns:
         The ``gsnr_max`` used when ``normalize`` (None if every gsnr was 0), else None.
     """
     n = len(params)
-    new_gsnr = [False] * n if new_gsnr is None else list(new_gsnr)
-    new_momentum = [False] * n if new_momentum is None else list(new_momentum)
-    todo = [i for i in range(n) if new_gsnr[i]]
+    todo = [i for i in range(n) if new_gsnr is not None and new_gsnr[i]]
     if todo:
-        if block_stats is None:
-            block_stats = gsnr_block_stats([grads[i] for i in todo], [gsnrs[i].dtype for i in todo], [specs[i] for i in todo])
-            if reduce_block_sums is not None:
-                reduce_block_sums(block_stats)
-        for i, stats in zip(todo, block_stats):
-            gsnrs[i].copy_(gsnr_from_stats(stats, specs[i], eps=eps))
-    scale = lr
+        init_gsnrs([grads[i] for i in todo], [gsnrs[i] for i in todo], [specs[i] for i in todo], eps=eps,
+                   collectives=collectives)
     if normalize:
         if gsnr_max is None:
-            gsnr_max = group_gsnr_max([gsnrs], reduce_max)[0]
+            gsnr_max = group_gsnr_max([gsnrs], collectives, specs)[0]
         gsnr_max = gsnr_max if gsnr_max > 0 else None
-        scale = lr / gsnr_max if gsnr_max is not None else 0.0
+    sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, scale=step_scale(lr, normalize, gsnr_max), lr=lr,
+                   momentum=momentum, weight_decays=weight_decays, maximize=maximize,
+                   new_momentum=[False] * n if new_momentum is None else new_momentum)
+    return gsnr_max if normalize else None
 
+
+# Note: like Adam-mini's reference step, the layout arithmetic runs eagerly under torch.compile.
+@torch.compiler.disable
+def sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, *, scale: float, lr: float, momentum: float,
+                   weight_decays, maximize: bool, new_momentum) -> None:
+    """``m <- g`` (fresh) or ``mu m + (1 - mu) g``; ``p <- p (1 - lr wd) - scale gsnr_b m``, in the
+    statistics dtype, rounded once into each tensor."""
     for p, g, m, gsnr, spec, wd, fresh in zip(params, grads, momentum_buffers, gsnrs, specs, weight_decays, new_momentum):
         work = gsnr.dtype  # float32 for bf16/fp16 parameters, their own dtype otherwise
         g = g.to(work)
@@ -474,4 +424,3 @@ def sgd_sai(
         p_w.addcmul_(spec.expand(gsnr * scale), direction, value=-1)
         if p_w is not p:
             p.copy_(p_w)
-    return gsnr_max if normalize else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import stat_dtype  # noqa: F401  (re-exported: every optimizer keeps its statistics in it)
+
 # Per-parameter state keys (kept equal to torch.optim.AdamW's so stock tools recognise them).
 STEP = "step"  # float32 scalar tensor, as in torch.optim
 EXP_AVG = "exp_avg"  # first moment m: shaped like the parameter, in the parameter's dtype
@@ -12,11 +14,6 @@ MOMENTUM_BUFFER = "momentum_buffer"  # SGD-SaI: momentum m, like the parameter (
 GSNR = "gsnr"  # SGD-SaI: per-block gradient signal-to-noise ratio, shape (n_blocks,), stat_dtype (sgd-sai's key)
 EXP_AVG_L = "exp_avg_l"  # AdaPM: left factor L of the low-rank first moment L @ R, (m, rank), stat_dtype
 EXP_AVG_R = "exp_avg_r"  # AdaPM: right factor R of the low-rank first moment L @ R, (rank, n), stat_dtype
-
-
-def stat_dtype(param: torch.Tensor) -> torch.dtype:
-    """dtype of per-block statistics: at least float32, so bf16/fp16 params keep exact block means."""
-    return torch.promote_types(param.dtype, torch.float32)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..partition import BlockSpec
+from ...partition import BlockSpec
 
 
 class KernelLayout:

@@ -1,7 +1,7 @@
 """The fused CUDA step of Adam-mini: Triton kernels over whole param groups.
 
 A step of one param group runs at most three kernel launches per parameter dtype, whatever the
-number of tensors (``_triton_kernels``: one for contiguous blocks, one for column blocks, one for
+number of tensors (``triton_kernels``: one for contiguous blocks, one for column blocks, one for
 per-coordinate tensors). Each reads a block's g twice (sum of squares, then the update) in one
 program, so the second read comes from cache: the step moves about 5 tensors' worth of bytes per
 coordinate where AdamW moves 7 (DESIGN §5).
@@ -28,8 +28,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from ._kernel_layout import KernelLayout
-from .state import stat_dtype
+from .layout import KernelLayout
+from .. import stat_dtype
 
 TILE_COLUMNS = 64  # column blocks are packed into tiles of about this many columns
 MAX_TILE_COLUMNS = 128  # a column tile is held in registers: wider blocks go batched
@@ -41,9 +41,9 @@ _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 @functools.cache
 def kernels():
-    """The `_triton_kernels` module, or ``None`` (after one warning) where Triton is missing."""
+    """The `triton_kernels` module, or ``None`` (after one warning) where Triton is missing."""
     try:
-        return importlib.import_module(f"{__package__}._triton_kernels")
+        return importlib.import_module(f"{__package__}.triton_kernels")
     except Exception as error:  # not installed, or an install that does not load
         warnings.warn(
             f"blockopt: the fused CUDA Adam-mini step needs Triton ({type(error).__name__}: {error}); "
@@ -117,7 +117,7 @@ def _widest_block(layout: KernelLayout) -> int:
 
 
 def _coefficients(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:
-    """A row of ``coeffs`` (see `_triton_kernels.N_COEFFS`), as the reference computes them."""
+    """A row of ``coeffs`` (see `triton_kernels.N_COEFFS`), as the reference computes them."""
     return [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps, -lr / (1 - beta1**step), 0.0]
 
 

@@ -10,8 +10,8 @@ Note [which tensors the kernel takes]: dense contiguous CPU tensors of float32, 
 or float16 whose blocks are contiguous ranges of units along a run of consecutive dims
 (`KernelLayout`): rows, heads, whole, fused row or column segments, experts
 (``block_dims=(0, 1)``), columns of an ``(in, out)`` weight, and the per-coordinate rule (as
-plain Adam). Everything else, and every step that must reduce block sums across ranks first
-(``reduce_block_sums``), runs batched (`_fused.fused_adam_mini` sees to that).
+plain Adam). Everything else, and every step whose block sums were summed across ranks first
+(``sq_sums``), runs batched (`fused.fused_adam_mini` sees to that).
 """
 
 from __future__ import annotations

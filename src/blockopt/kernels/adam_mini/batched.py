@@ -2,10 +2,9 @@
 
 Tensors are grouped by (device, dtype, blocked or per-coordinate); every elementwise operation of
 a group is one ``torch._foreach_*`` call. Block sums of g^2 are taken tensor by tensor with the
-spec's ``block_sum`` (extra memory: one squared gradient at a time) and handed to
-``reduce_block_sums`` as one list, so a distributed caller makes one collective per step. Runs on
-any device, takes DTensor shards, and computes exactly what `_reference_adam_mini` computes: the
-same ops in the same order.
+spec's ``block_sum`` (extra memory: one squared gradient at a time), unless the caller hands them
+in already summed across ranks. Runs on any device, takes DTensor shards, and computes exactly
+what `reference_adam_mini` computes: the same ops in the same order.
 """
 
 from __future__ import annotations
@@ -13,22 +12,18 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor
 
-from .state import stat_dtype
+from .. import stat_dtype
+from .reference import block_sq_sums
 
 
 @torch.compiler.disable
 def batched_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
-                      weight_decays, maximize, reduce_block_sums, sq_sums=None) -> None:
-    """Same signature and results as `_reference_adam_mini`, grouped into ``torch._foreach_*`` calls."""
+                      weight_decays, maximize, sq_sums=None) -> None:
+    """Same signature and results as `reference_adam_mini`, grouped into ``torch._foreach_*`` calls."""
     if sq_sums is None:
-        # Phase 1: local per-block sums of g^2 in the statistics dtype (float32 for bf16 grads).
-        sq_sums = [spec.block_sum(_square(g, v.dtype)) for g, v, spec in zip(grads, exp_avg_sqs, specs)]
-        # Phase 2: blocks split across ranks need their partial sums added up, all in one call.
-        if reduce_block_sums is not None:
-            reduce_block_sums(sq_sums)
-    # Phase 3: second moments and the update, one group of like tensors at a time.
+        sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
+    # Second moments and the update, one group of like tensors at a time.
     torch._foreach_add_(steps, 1)
     groups = defaultdict(list)
     for i, (p, spec) in enumerate(zip(params, specs)):
@@ -39,11 +34,6 @@ def batched_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr,
 
         _update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(specs), pick(sq_sums),
                 pick(weight_decays), lr=lr, beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
-
-
-def _square(g: Tensor, dtype: torch.dtype) -> Tensor:
-    g = g.to(dtype)
-    return g * g
 
 
 def _update(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_decays, *, lr, beta1, beta2, eps, maximize):

@@ -1,4 +1,4 @@
-"""Every step implementation computes what `_reference_adam_mini` computes, on every layout kind.
+"""Every step implementation computes what `reference_adam_mini` computes, on every layout kind.
 
 The fused CPU kernel is built once per session (the first build takes some seconds); tests that
 need it skip when it can't be built here.
@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.optim import _fused, _fused_cpu
-from blockopt.optim.adam_mini import IMPLEMENTATIONS, adam_mini
+from blockopt.distributed import Collectives
+from blockopt.kernels.adam_mini import IMPLEMENTATIONS, adam_mini, cpu as _fused_cpu, fused as _fused
 from blockopt.partition import BlockSpec, Plan
 from blockopt.partition.spec import make_spec
 
-from .layouts import make_problem as _make_problem
+from tests.optim.layouts import make_problem as _make_problem
 
 
 @pytest.fixture(scope="session")
@@ -182,24 +182,30 @@ def test_fused_runs_the_kernel_on_everything_it_supports(fused_kernel, monkeypat
     assert handed_over == [tensors[0].shape, specs[-1].shape]
 
 
-def test_reduce_block_sums_sees_every_sum_once_before_the_update(fused_kernel):
+def test_cut_blocks_are_summed_once_before_the_update(fused_kernel):
+    """With collectives that report cut blocks, the functional sums every tensor's block sums
+    with one call, before any update, whatever the implementation asked for."""
     specs, params, grads = _make_problem(1)
     calls = []
 
-    def reduce(sums):
-        calls.append([s.clone() for s in sums])
-        for s in sums:
-            s.mul_(2)  # as if a second rank held the same gradient
+    class TwoRanks(Collectives):
+        def cuts_blocks(self, layouts):
+            return True
 
-    def step(reduce_block_sums, implementation):
+        def sum_blocks(self, sums, layouts):
+            calls.append([s.clone() for s in sums])
+            for s in sums:
+                s.mul_(2)  # as if a second rank held the same gradient
+
+    def step(collectives, implementation):
         v = [torch.zeros(s.n_blocks, dtype=torch.float64) for s in specs]
         adam_mini([p.clone() for p in params], grads[0], [torch.zeros_like(p) for p in params], v,
                   [torch.tensor(0.0) for _ in params], specs, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
-                  weight_decays=[0.0] * len(params), maximize=False, reduce_block_sums=reduce_block_sums,
+                  weight_decays=[0.0] * len(params), maximize=False, collectives=collectives,
                   implementation=implementation)
         return v
 
-    v = step(reduce, "fused")
+    v = step(TwoRanks(), "fused")
     v_ref = step(None, "reference")
     assert len(calls) == 1
     for sums, spec, g in zip(calls[0], specs, grads[0]):

@@ -2,28 +2,27 @@
 (C++ on the CPU, Triton on CUDA), everything no kernel takes to the batched implementation.
 
 The kernels sum each block's g^2 and update it in one pass, so they can't wait for other ranks'
-block sums: steps with ``reduce_block_sums`` or precomputed ``sq_sums`` (sharded parameters) run
-batched throughout.
+block sums: steps handed precomputed ``sq_sums`` (blocks cut by a sharding) run batched throughout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _fused_cpu, _fused_cuda
-from ._batched import batched_adam_mini
-from ._kernel_layout import kernel_layout
+from . import cpu, cuda
+from .batched import batched_adam_mini
+from .layout import kernel_layout
 
-BACKENDS = (_fused_cpu, _fused_cuda)  # modules with handles(p) and step(...) -> positions left over
+BACKENDS = (cpu, cuda)  # modules with handles(p) and step(...) -> positions left over
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (DTensor, ...) dispatch elsewhere
 
 
 @torch.compiler.disable
 def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
-                    weight_decays, maximize, reduce_block_sums, sq_sums=None) -> None:
-    """Same signature and results as `_reference_adam_mini`."""
+                    weight_decays, maximize, sq_sums=None) -> None:
+    """Same signature and results as `reference_adam_mini`."""
     left = list(range(len(params)))
-    if reduce_block_sums is None and sq_sums is None:
+    if sq_sums is None:
         layouts = [kernel_layout(spec) for spec in specs]
         for backend in BACKENDS:
             take = [i for i in left if layouts[i] is not None and type(params[i]) in _PLAIN and backend.handles(params[i])]
@@ -45,6 +44,6 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
 
         batched_adam_mini(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(specs), lr=lr, beta1=beta1,
-            beta2=beta2, eps=eps, weight_decays=pick(weight_decays), maximize=maximize, reduce_block_sums=reduce_block_sums,
+            beta2=beta2, eps=eps, weight_decays=pick(weight_decays), maximize=maximize,
             sq_sums=None if sq_sums is None else pick(sq_sums),
         )

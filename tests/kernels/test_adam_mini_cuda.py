@@ -1,4 +1,4 @@
-"""The fused CUDA (Triton) step computes what `_reference_adam_mini` computes.
+"""The fused CUDA (Triton) step computes what `reference_adam_mini` computes.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors:
 the same kernel code, executed program by program with NumPy. Tests marked ``gpu`` run the
@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.optim import _fused, _fused_cpu, _fused_cuda
-from blockopt.optim._kernel_layout import kernel_layout
-from blockopt.optim.adam_mini import _reference_adam_mini
+from blockopt.kernels.adam_mini import cpu as _fused_cpu, cuda as _fused_cuda, fused as _fused
+from blockopt.kernels.adam_mini.layout import kernel_layout
+from blockopt.kernels.adam_mini import reference_adam_mini as _reference_adam_mini
 from blockopt.partition import BlockSpec, Plan
 
-from .layouts import make_problem
+from tests.optim.layouts import make_problem
 
-KERNELS = f"{_fused_cuda.__package__}._triton_kernels"
+KERNELS = f"{_fused_cuda.__package__}.triton_kernels"
 HYPER = dict(lr=0.02, beta1=0.9, beta2=0.95, eps=1e-8)
 
 
@@ -66,7 +66,7 @@ def _steps(specs, params, grads_per_step, *, kernels, maximize=False, hyper=HYPE
                 return [xs[i] for i in left]
 
             kw["weight_decays"] = pick(weight_decays)
-            _reference_adam_mini(pick(ps), pick(grads), pick(ms), pick(vs), pick(steps), pick(specs), reduce_block_sums=None, **kw)
+            _reference_adam_mini(pick(ps), pick(grads), pick(ms), pick(vs), pick(steps), pick(specs), **kw)
     assert all(s.item() == len(grads_per_step) for s in steps)
     return ps, ms, vs, left_per_step
 
@@ -232,7 +232,7 @@ def test_the_cpu_never_reaches_the_cuda_kernels(monkeypatch):
     specs, params, grads = make_problem(0)
     state = _state(specs, params, torch.float64)
     _fused.fused_adam_mini(state[0], grads[0], *state[1:], specs, weight_decays=[0.0] * len(specs), maximize=False,
-                           reduce_block_sums=None, **HYPER)
+                           **HYPER)
 
 
 # ---- compiled ------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from blockopt.optim import _fused_cuda, _triton_kernels as k
+from blockopt.kernels.adam_mini import cuda as _fused_cuda, triton_kernels as k
 
 arch, dtype = int(sys.argv[1]), getattr(tl, sys.argv[2])
 math_dtype = tl.float64 if dtype == tl.float64 else tl.float32

@@ -1,0 +1,130 @@
+"""Turning what a user passes to an optimizer into named param groups and a `Plan`.
+
+Accepted: an ``nn.Module`` (its Plan is detected from its structure), ``named_parameters()``,
+plain parameters (named ``param.<i>``; blocks then come from shapes only, with a warning), or
+param groups (dicts whose ``params`` are tensors or ``(name, tensor)`` pairs, or that carry
+``param_names``). Every group leaves with ``params`` and ``param_names`` of equal length, every
+name unique, every parameter once, and every parameter covered by a spec of the right shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..partition import Plan, partition
+from ..partition.engine import PartitionWarning
+
+
+def named_groups(params, plan: Plan | None, partition_options: dict, owner: str) -> tuple[list[dict], Plan]:
+    """``(groups, plan)`` for an optimizer called ``owner`` (used in warnings)."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors, named tensors or dicts, or an nn.Module; got a single Tensor")
+    if isinstance(params, nn.Module):
+        plan = plan if plan is not None else partition(params, **partition_options)
+        tensors = dict(params.named_parameters())
+        missing = [n for n in plan if n not in tensors]
+        if missing:
+            raise ValueError(f"plan has parameters the model lacks ({missing[:3]}...): build the plan from this model")
+        names = list(plan)
+        return [{"params": [tensors[n] for n in names], "param_names": names}], plan
+
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list: pass model.parameters(), model.named_parameters() or the model")
+    raw_groups = items if isinstance(items[0], Mapping) else [{"params": items}]
+    if any(not isinstance(g, Mapping) for g in raw_groups):
+        raise TypeError("param groups must all be dicts, or none of them")
+    groups, counter = [], itertools.count()
+    for i, g in enumerate(raw_groups):
+        if "params" not in g:
+            raise ValueError(f"param group {i} has no 'params' key")
+        groups.append(name_group(dict(g), counter, where=f"param group {i}"))
+    check_unique(groups)
+
+    pairs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
+    unnamed = any([g.pop("_unnamed", False) for g in groups])
+    if plan is None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PartitionWarning)
+            plan = partition(all_trainable(pairs), **partition_options)
+        if unnamed:
+            warnings.warn(
+                f"{owner} got parameters without names, so blocks come from shapes only "
+                "(matrices per row, vectors per coordinate). Pass the model, or model.named_parameters(), "
+                "so blocks follow its structure (heads, embeddings, norms).",
+                PartitionWarning, stacklevel=4,
+            )
+        else:
+            for w in caught:
+                warnings.warn(w.message, w.category, stacklevel=4)
+    for n, p in pairs:
+        check_spec(plan, n, p)
+    return groups, plan
+
+
+def name_group(group: dict, counter, where: str) -> dict:
+    """Normalise one group to ``params`` (tensors) + ``param_names`` (str), naming unnamed ones
+    (and marking the group ``_unnamed``)."""
+    ps = group["params"]
+    ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+    if not ps:
+        raise ValueError(f"{where} has an empty 'params' list")
+    tensors, names = [], []
+    given = group.get("param_names")
+    if given is not None and len(given) != len(ps):
+        raise ValueError(f"{where}: param_names has {len(given)} names for {len(ps)} parameters")
+    for j, item in enumerate(ps):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, t = item
+        elif isinstance(item, torch.Tensor):
+            name, t = (given[j] if given is not None else None), item
+        else:
+            raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: parameter {name or j} is a {type(t).__name__}, not a Tensor")
+        if not t.is_leaf:
+            raise ValueError(f"{where}: can't optimize a non-leaf Tensor ({name or j})")
+        if name is None:
+            name = f"param.{next(counter)}"
+            group["_unnamed"] = True
+        tensors.append(t)
+        names.append(name)
+    group["params"], group["param_names"] = tensors, names
+    return group
+
+
+def check_unique(groups: list[dict], existing: Iterable[dict] = ()) -> None:
+    """Every parameter once and every name once, across ``groups`` and the ``existing`` ones."""
+    where: dict[int, str] = {}
+    names: set[str] = set()
+    for g in existing:
+        for n, p in zip(g["param_names"], g["params"]):
+            where[id(p)] = n
+            names.add(n)
+    for g in groups:
+        for n, p in zip(g["param_names"], g["params"]):
+            if id(p) in where:
+                raise ValueError(f"parameter {n!r} is given twice (also as {where[id(p)]!r}); pass each parameter once")
+            if n in names:
+                raise ValueError(f"two different parameters are both named {n!r}; parameter names must be unique")
+            where[id(p)] = n
+            names.add(n)
+
+
+def check_spec(plan: Plan, name: str, p: torch.Tensor) -> None:
+    if name not in plan:
+        raise ValueError(f"parameter {name!r} is not in the plan: build the plan from the same model (blockopt.partition(model))")
+    spec = plan[name]
+    if tuple(spec.shape) != tuple(p.shape):
+        raise ValueError(f"plan says {name!r} has shape {spec.shape} but the parameter has {tuple(p.shape)}: the plan is for another model")
+
+
+def all_trainable(pairs):
+    """Named tensors for `partition`, frozen ones included: the user passed them explicitly (they
+    may be unfrozen later), so each needs a spec. A shape-only meta tensor stands in for them."""
+    return [(n, p if p.requires_grad else torch.empty(p.shape, device="meta", requires_grad=True)) for n, p in pairs]
