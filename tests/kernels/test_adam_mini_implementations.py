@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import blockopt
-from blockopt.distributed import Collectives
 from blockopt.kernels.adam_mini import IMPLEMENTATIONS, adam_mini, cpu as _fused_cpu, fused as _fused
 from blockopt.partition import BlockSpec, Plan
 from blockopt.partition.spec import make_spec
 
+from tests.optim.conftest import ScalingCollectives
 from tests.optim.layouts import make_problem as _make_problem
 
 
@@ -186,16 +186,8 @@ def test_cut_blocks_are_summed_once_before_the_update(fused_kernel):
     """With collectives that report cut blocks, the functional sums every tensor's block sums
     with one call, before any update, whatever the implementation asked for."""
     specs, params, grads = _make_problem(1)
-    calls = []
-
-    class TwoRanks(Collectives):
-        def cuts_blocks(self, layouts):
-            return True
-
-        def sum_blocks(self, sums, layouts):
-            calls.append([s.clone() for s in sums])
-            for s in sums:
-                s.mul_(2)  # as if a second rank held the same gradient
+    two_ranks = ScalingCollectives(2)  # as if a second rank held the same gradient
+    calls = two_ranks.calls
 
     def step(collectives, implementation):
         v = [torch.zeros(s.n_blocks, dtype=torch.float64) for s in specs]
@@ -205,7 +197,7 @@ def test_cut_blocks_are_summed_once_before_the_update(fused_kernel):
                   implementation=implementation)
         return v
 
-    v = step(TwoRanks(), "fused")
+    v = step(two_ranks, "fused")
     v_ref = step(None, "reference")
     assert len(calls) == 1
     for sums, spec, g in zip(calls[0], specs, grads[0]):

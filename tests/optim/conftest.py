@@ -55,6 +55,28 @@ def max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+class ScalingCollectives:
+    """Collectives for a world of ``ranks`` identical ranks, in one process: every block counts as
+    cut, and summing a block sum over the ranks multiplies it by ``ranks``. Records what it sums."""
+
+    def __init__(self, ranks: int):
+        self.ranks, self.calls = ranks, []
+
+    def cuts_blocks(self, layouts) -> bool:
+        return True
+
+    def sum_blocks(self, sums, layouts) -> None:
+        self.calls.append([s.clone() for s in sums])
+        for s in sums:
+            s.mul_(self.ranks)
+
+    def max_(self, values, layouts) -> None:
+        pass
+
+    def rows(self, layout):
+        return None
+
+
 @pytest.fixture
 def tiny():
     return make_tiny()

@@ -18,7 +18,7 @@ from blockopt.bench.models import CONFIGS, build_model
 from blockopt.optim.adapm import DEFAULT_MOMENTUM, adapm, fit_lowrank, matrix_shape
 from blockopt.optim.state import EXP_AVG, EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP
 
-from .conftest import batches, lm_loss, make_tiny, max_param_diff, train
+from .conftest import ScalingCollectives, batches, lm_loss, make_tiny, max_param_diff, train
 
 LR, BETAS, EPS = 1e-2, (0.9, 0.95), 1e-8
 
@@ -596,22 +596,13 @@ def _functional_state(model, plan, rank):
 def test_block_sums_are_reduced_once_with_every_tensors_block_sums():
     """Collectives that multiply every block sum by 4 (as 4 ranks with the same gradient would)
     double sqrt(v): the same as halving lr and eps, whatever the momentum policy."""
-    from blockopt.distributed import Collectives
 
     a, b = _llama(), _llama()
     plan = blockopt.partition(a)
     state_a = _functional_state(a, plan, rank=3)
     state_b = _functional_state(b, plan, rank=3)
-    calls = []
-
-    class FourRanks(Collectives):
-        def cuts_blocks(self, layouts):
-            return True
-
-        def sum_blocks(self, sums, layouts):
-            calls.append([s.clone() for s in sums])
-            for s in sums:
-                s.mul_(4)
+    four_ranks = ScalingCollectives(4)
+    calls = four_ranks.calls
 
     for seed in range(4):
         grads = [g.detach() for g in _grads(a, seed)]
@@ -619,7 +610,7 @@ def test_block_sums_are_reduced_once_with_every_tensors_block_sums():
         pb, mb, vb, sb, spb = state_b
         with torch.no_grad():
             adapm([p.data for p in pa], grads, ma, va, sa, spa, lr=LR, beta1=0.9, beta2=0.95, eps=EPS,
-                  weight_decays=[0.0] * len(pa), collectives=FourRanks())
+                  weight_decays=[0.0] * len(pa), collectives=four_ranks)
             adapm([p.data for p in pb], grads, mb, vb, sb, spb, lr=LR / 2, beta1=0.9, beta2=0.95, eps=EPS / 2,
                   weight_decays=[0.0] * len(pb))
         assert len(calls) == seed + 1
