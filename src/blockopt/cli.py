@@ -7,6 +7,11 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
+# Light modules (no bench extras): the parsers show their defaults without importing those.
+from .bench.argtypes import betas, nonnegative_int, positive_int
+from .bench.loop import DEFAULT_SEQ_LEN, DEFAULT_STEPS
+from .bench.schedules import SCHEDULES
+
 BENCH_EXTRAS = ("tokenizers", "matplotlib", "tqdm")
 
 
@@ -23,13 +28,6 @@ def _require_bench_extras(command: str) -> None:
         )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -42,8 +40,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="text file or folder to train on (default: the Python standard library's source)",
     )
-    # No default here: building the parser must not import the bench extras (run_demo owns it).
-    parser.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default: 100)")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--out", metavar="DIR", default="demo-out", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -52,29 +49,13 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> None:
     _require_bench_extras("demo")
+    from .bench.corpus import CorpusError
     from .bench.demo import run_demo
 
-    from .bench.corpus import CorpusError
-
-    options = {"steps": args.steps} if args.steps is not None else {}
     try:
-        run_demo(args.corpus, out_dir=args.out, seed=args.seed, progress=args.progress, **options)
+        run_demo(args.corpus, steps=args.steps, out_dir=args.out, seed=args.seed, progress=args.progress)
     except (FileNotFoundError, CorpusError) as error:
         raise CommandError(str(error)) from error
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def _betas(text: str) -> tuple[float, float]:
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}")
-    return float(parts[0]), float(parts[1])
 
 
 def _add_compare(subparsers: argparse._SubParsersAction) -> None:
@@ -82,6 +63,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     from .bench.compare_config import CompareConfig
 
     d = CompareConfig()
+    d_loop = d.loop
     parser = subparsers.add_parser(
         "compare",
         help="train one model with several optimizers and seeds; table, JSON and plots",
@@ -107,30 +89,30 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--model-override", action="append", metavar="KEY=VALUE[,...]",
                       help="change model config fields, e.g. n_layer=2,n_embd=128 (repeatable)")
     what.add_argument("--corpus", metavar="PATH", help="text file or folder (default: the Python standard library's source)")
-    what.add_argument("--max-bytes", type=_positive_int, help=f"cap on the corpus size (default: {d.max_bytes:,})")
-    what.add_argument("--seeds", type=_positive_int, help=f"number of seeds (default: {len(d.seeds)})")
+    what.add_argument("--max-bytes", type=positive_int, help=f"cap on the corpus size (default: {d.max_bytes:,})")
+    what.add_argument("--seeds", type=positive_int, help=f"number of seeds (default: {len(d.seeds)})")
     what.add_argument("--first-seed", type=int, help="seeds are first-seed, first-seed+1, ... (default: 0)")
 
     loop = parser.add_argument_group("training (shared by every optimizer)")
-    loop.add_argument("--steps", type=_positive_int, help=f"optimizer steps per run (default: {d.steps})")
-    loop.add_argument("--batch-size", type=_positive_int, help=f"sequences per step (default: {d.batch_size})")
-    loop.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default: 128, at most the model's)")
+    loop.add_argument("--steps", type=positive_int, help=f"optimizer steps per run (default: {d_loop.steps})")
+    loop.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default: {d_loop.batch_size})")
+    loop.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default: {DEFAULT_SEQ_LEN}, at most the model's)")
     loop.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr:g})")
-    loop.add_argument("--betas", type=_betas, metavar="B1,B2", help=f"(default: {d.betas[0]:g},{d.betas[1]:g})")
+    loop.add_argument("--betas", type=betas, metavar="B1,B2", help=f"(default: {d.betas[0]:g},{d.betas[1]:g})")
     loop.add_argument("--eps", type=float, help=f"(default: {d.eps:g})")
     loop.add_argument("--weight-decay", type=float, help=f"decoupled, on tensors with >= 2 dims (default: {d.weight_decay:g})")
-    loop.add_argument("--schedule", choices=("cosine", "wsd", "constant"), help=f"LR schedule after warm-up (default: {d.schedule})")
-    loop.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warm-up (default: 20%% of the steps)")
-    loop.add_argument("--min-lr-ratio", type=float, help=f"LR floor as a fraction of the peak (default: {d.min_lr_ratio:g})")
-    loop.add_argument("--decay-fraction", type=float, help=f"WSD: share of the run spent decaying (default: {d.decay_fraction:g})")
-    loop.add_argument("--grad-clip", type=float, help=f"max global grad norm, 0 = off (default: {d.grad_clip:g})")
-    loop.add_argument("--eval-every", type=_positive_int, help="validate every N steps (default: a tenth of the run)")
-    loop.add_argument("--eval-batches", type=_positive_int, help=f"validation batches (default: {d.eval_batches})")
+    loop.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule after warm-up (default: {d_loop.schedule})")
+    loop.add_argument("--warmup-steps", type=nonnegative_int, help="linear warm-up (default: 20%% of the steps)")
+    loop.add_argument("--min-lr-ratio", type=float, help=f"LR floor as a fraction of the peak (default: {d_loop.min_lr_ratio:g})")
+    loop.add_argument("--decay-fraction", type=float, help=f"WSD: share of the run spent decaying (default: {d_loop.decay_fraction:g})")
+    loop.add_argument("--grad-clip", type=float, help=f"max global grad norm, 0 = off (default: {d_loop.grad_clip:g})")
+    loop.add_argument("--eval-every", type=positive_int, help="validate every N steps (default: a tenth of the run)")
+    loop.add_argument("--eval-batches", type=positive_int, help=f"validation batches (default: {d_loop.eval_batches})")
     loop.add_argument("--device", help=f"torch device (default: {d.device})")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", default="compare-out", help="output folder (default: %(default)s)")
-    output.add_argument("--checkpoint-every", type=_positive_int, help="checkpoint each run every N steps (default: --eval-every)")
+    output.add_argument("--checkpoint-every", type=positive_int, help="checkpoint each run every N steps (default: --eval-every)")
     output.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue interrupted ones")
     output.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.set_defaults(run=_run_compare)
@@ -180,8 +162,8 @@ def _run_compare(args: argparse.Namespace) -> None:
         _list_optimizers()
         return
     _require_bench_extras("compare")
-    from .bench.comparison import compare
     from .bench.compare_config import seeds_from
+    from .bench.runner import compare
     from .bench.corpus import CorpusError
     from .bench.modelspec import ModelSpecError, parse_overrides
     from .bench.peers import PeerError
@@ -222,7 +204,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("config", help="path to an HF config.json (or its folder), or a named shape: "
                         "gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b, mixtral-8x7b")
     parser.add_argument("--value", choices=("rows", "whole"), default="rows", help="attention value blocks (default: %(default)s)")
-    parser.add_argument("--max-rows", type=_positive_int, default=None, help="show at most this many tensors in the table")
+    parser.add_argument("--max-rows", type=positive_int, default=None, help="show at most this many tensors in the table")
     parser.set_defaults(run=_run_plan)
 
 

@@ -31,26 +31,55 @@ NAMED_CONFIGS: dict[str, dict] = {
 }
 
 
-def load_config(name_or_path: str):
-    """A transformers config from a named shape (`NAMED_CONFIGS`) or a ``config.json`` path."""
+def _transformers():
     try:
-        from transformers import AutoConfig
+        import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("planning Hugging Face models needs transformers: pip install 'blockopt[hf]'") from e
+        raise ImportError("Hugging Face models need transformers: pip install 'blockopt[hf]'") from e
+    return transformers
+
+
+def config_fields(name_or_path: str, *, model_types: bool = False) -> dict:
+    """The fields of a config, ``model_type`` included: a named shape (`NAMED_CONFIGS`), a
+    ``config.json`` (or the folder holding one), or, with ``model_types``, a transformers
+    model_type alone (``"llama"``: its defaults).
+
+    Raises:
+        FileNotFoundError: none of these.
+        ValueError: a JSON file without ``model_type``.
+    """
     if name_or_path in NAMED_CONFIGS:
-        fields = dict(NAMED_CONFIGS[name_or_path])
-    else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{name_or_path!r} is neither a named config ({', '.join(NAMED_CONFIGS)}) nor a config.json file"
-            )
+        return dict(NAMED_CONFIGS[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
         fields = json.loads(path.read_text())
         if "model_type" not in fields:
             raise ValueError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return fields
+    if model_types and path.suffix != ".json":
+        _transformers()
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if name_or_path in CONFIG_MAPPING:
+            return {"model_type": name_or_path}
+    known = f"a named config ({', '.join(NAMED_CONFIGS)})"
+    if model_types:
+        known += ", a transformers model_type (llama, mistral, qwen2, ...)"
+    raise FileNotFoundError(f"{name_or_path!r} is neither {known} nor a config.json file")
+
+
+def config_from_fields(fields: dict):
+    """The transformers config of ``fields`` (``model_type`` plus any of that config's fields)."""
+    fields = dict(fields)
+    return _transformers().AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def load_config(name_or_path: str):
+    """A transformers config from a named shape (`NAMED_CONFIGS`) or a ``config.json`` path."""
+    _transformers()
+    return config_from_fields(config_fields(name_or_path))
 
 
 def meta_model(name_or_path_or_config):

@@ -44,22 +44,36 @@ def test_demo_smoke(corpus_file, tmp_path, capsys):
     assert 0.4 < saved["comparison"]["state_memory_ratio"] < 0.6
     assert saved["model"]["n_params"] == adamw["n_params"] and saved["model"]["dim"] == CONFIGS["demo"].dim
     assert saved["hyperparameters"]["steps"] == STEPS and saved["hyperparameters"]["lr"] > 0
+    assert saved["hyperparameters"]["eval_every"] == 2 and saved["hyperparameters"]["warmup_steps"] == 1
     assert saved["corpus"]["source"] == str(corpus_file) and not saved["corpus"]["tokenizer_from_cache"]
     assert saved["versions"]["blockopt"] == blockopt.__version__ and saved["versions"]["torch"]
     assert saved["machine"]["platform"]
     assert set(saved["timings_s"]) >= {"tokenizer", "run_AdamW", "run_Adam-mini", "total"}
 
 
-def test_demo_loop_is_the_demos_own_schedule():
-    """The benchmarks train with `demo_loop`; it must stay what `run_demo` uses by default."""
-    import inspect
+class Stop(Exception):
+    pass
 
-    from blockopt.bench.demo import DEFAULT_STEPS, demo_loop, run_demo
 
-    loop = demo_loop()
-    defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
-    for key in ("steps", "batch_size", "seq_len", "min_lr_ratio", "grad_clip", "eval_batches", "seed"):
-        assert loop[key] == defaults[key], key
-    assert loop["warmup_steps"] == DEFAULT_STEPS // 5 and loop["eval_every"] == DEFAULT_STEPS // 10
-    short = demo_loop(7, eval_every=1, seed=3)
-    assert (short["steps"], short["warmup_steps"], short["eval_every"], short["seed"]) == (7, 1, 1, 3)
+def test_the_demo_is_a_compare_of_two_optimizers_at_the_default_loop(monkeypatch, tmp_path):
+    """The demo's settings are `compare`'s defaults (the demo loop: a 20% warm-up, eval every
+    tenth of the run, batches of 32 x 128, LR 2e-3) with AdamW and Adam-mini on one seed."""
+    from blockopt.bench import demo
+    from blockopt.bench.loop import TrainConfig
+
+    seen = {}
+
+    def fake_compare(*, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(demo, "compare", fake_compare)
+    with pytest.raises(Stop):
+        run_demo(out_dir=tmp_path, steps=50, seed=3)
+    config = seen["config"]
+    assert config.labels == ("AdamW", "Adam-mini") and [s.name for s in config.specs] == ["adamw", "adam-mini"]
+    assert config.seeds == (3,) and config.model == demo.DEMO_CONFIG == "demo" and config.lr == demo.DEFAULT_LR == 2e-3
+    assert config.loop == TrainConfig(steps=50)
+    loop = config.loop.resolved(CONFIGS["demo"].max_seq_len)
+    assert (loop.warmup_steps, loop.eval_every, loop.batch_size, loop.seq_len) == (10, 5, 32, 128)
+    assert (loop.min_lr_ratio, loop.grad_clip, loop.eval_batches, loop.schedule) == (0.1, 1.0, 4, "cosine")

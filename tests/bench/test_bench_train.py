@@ -8,9 +8,15 @@ import torch
 import blockopt
 from blockopt.bench.corpus import load_corpus, split_ids
 from blockopt.bench.tokenizer import tokenize_corpus
-from blockopt.bench.train import lr_factor, train_run
+from blockopt.bench.train import TrainConfig, lr_factor, train_run
 
-LOOP = dict(batch_size=8, seq_len=32, eval_every=10, eval_batches=2, progress=False)
+def loop(steps, **changes):
+    """Small batches; a 10% warm-up (what these tests were written with)."""
+    settings = dict(batch_size=8, seq_len=32, warmup_steps=max(1, steps // 10), eval_every=10, eval_batches=2)
+    return TrainConfig(steps=steps, **{**settings, **changes})
+
+
+QUIET = {"progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +40,23 @@ def test_lr_factor_warms_up_linearly_then_decays_to_the_floor():
 
 
 def test_same_seed_gives_bit_identical_runs(data):
-    first = train_run("llama-tiny", adamw(), data, steps=12, seed=3, **LOOP)
-    second = train_run("llama-tiny", adamw(), data, steps=12, seed=3, **LOOP)
+    first = train_run("llama-tiny", adamw(), data, loop(12), seed=3, **QUIET)
+    second = train_run("llama-tiny", adamw(), data, loop(12), seed=3, **QUIET)
     assert first.train_curve == second.train_curve and first.val_curve == second.val_curve
-    other = train_run("llama-tiny", adamw(), data, steps=12, seed=4, **LOOP)
+    other = train_run("llama-tiny", adamw(), data, loop(12), seed=4, **QUIET)
     assert other.train_curve != first.train_curve
 
 
 def test_init_and_batches_do_not_depend_on_the_optimizer(data):
     """With lr=0 nothing trains, so equal losses mean equal initial weights and equal batches."""
-    frozen_sgd = train_run("gpt2-tiny", lambda m: torch.optim.SGD(m.parameters(), lr=0.0), data, steps=6, **LOOP)
-    frozen_adam = train_run("gpt2-tiny", adamw(lr=0.0), data, steps=6, **LOOP)
+    frozen_sgd = train_run("gpt2-tiny", lambda m: torch.optim.SGD(m.parameters(), lr=0.0), data, loop(6), **QUIET)
+    frozen_adam = train_run("gpt2-tiny", adamw(lr=0.0), data, loop(6), **QUIET)
     assert frozen_sgd.train_curve == frozen_adam.train_curve
     assert len({loss for _, loss in frozen_sgd.train_curve}) > 1  # and the batches do change
 
 
 def test_loss_decreases_and_result_fields(data):
-    result = train_run("llama-tiny", adamw(), data, steps=40, seed=0, **LOOP)
+    result = train_run("llama-tiny", adamw(), data, loop(40), seed=0, **QUIET)
     assert [s for s, _ in result.train_curve] == list(range(1, 41))
     assert [s for s, _ in result.val_curve] == [10, 20, 30, 40]
     initial = result.train_curve[0][1]
@@ -65,17 +71,21 @@ def test_loss_decreases_and_result_fields(data):
 
 
 def test_adam_mini_trains_in_the_loop(data):
-    result = train_run("llama-tiny", lambda m: blockopt.AdamMini(m, lr=3e-3), data, steps=20, **LOOP)
+    result = train_run("llama-tiny", lambda m: blockopt.AdamMini(m, lr=3e-3), data, loop(20), **QUIET)
     assert result.optimizer == "AdamMini"
     assert result.final_train_loss < result.train_curve[0][1] - 0.5
     assert result.state_bytes < 0.6 * result.n_params * 8  # about half of AdamW's
 
 
 def test_bad_arguments(data):
-    with pytest.raises(ValueError, match="must be positive"):
-        train_run("llama-tiny", adamw(), data, steps=0, **LOOP)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        loop(0)
+    with pytest.raises(TypeError, match="loop must be a TrainConfig"):
+        train_run("llama-tiny", adamw(), data, {"steps": 1}, **QUIET)
     with pytest.raises(ValueError, match="more than seq_len"):
-        train_run("llama-tiny", adamw(), data._replace(val=data.val[:10]), steps=1, **LOOP)
+        train_run("llama-tiny", adamw(), data._replace(val=data.val[:10]), loop(1), **QUIET)
+    with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 64"):
+        train_run("llama-tiny", adamw(), data, loop(1, seq_len=65), **QUIET)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
@@ -93,8 +103,8 @@ def test_shared_floor_ends_every_blockwise_group_at_the_base_floor(data, schedul
     def record(step, loss):  # after each step: the LR the next step will use
         lrs.append({g["block_type"]: g["lr"] for g in holder["opt"].param_groups})
 
-    train_run("llama-tiny", make, data, steps=steps, warmup_steps=3, min_lr_ratio=floor_ratio, schedule=schedule,
-              shared_floor=shared_floor, callback=record, **LOOP)
+    settings = loop(steps, warmup_steps=3, min_lr_ratio=floor_ratio, schedule=schedule, shared_floor=shared_floor)
+    train_run("llama-tiny", make, data, settings, callback=record, **QUIET)
     ratios = {g["block_type"]: g["lr_ratio"] for g in holder["opt"].param_groups}
     assert len(set(ratios.values())) > 1  # the test means something only with unequal ratios
     peak_step = lrs[1]  # after step 2 of a 3-step warm-up: the peak
@@ -117,7 +127,7 @@ def test_shared_floor_rejects_a_group_without_a_usable_lr_ratio(data):
         return torch.optim.AdamW([{"params": list(model.parameters()), "lr_ratio": 0.0}], lr=1e-3)
 
     with pytest.raises(ValueError, match="param group 0 has lr_ratio=0.0"):
-        train_run("llama-tiny", make, data, steps=2, shared_floor=True, **LOOP)
+        train_run("llama-tiny", make, data, loop(2, shared_floor=True), **QUIET)
 
 
 def test_shared_floor_keeps_a_group_below_the_floor_at_its_peak(data):
@@ -132,7 +142,7 @@ def test_shared_floor_keeps_a_group_below_the_floor_at_its_peak(data):
         ])
         return holder["opt"]
 
-    train_run("llama-tiny", make, data, steps=6, warmup_steps=1, min_lr_ratio=0.1, shared_floor=True,
-              callback=lambda step, loss: lrs.append([g["lr"] for g in holder["opt"].param_groups]), **LOOP)
+    train_run("llama-tiny", make, data, loop(6, warmup_steps=1, min_lr_ratio=0.1, shared_floor=True),
+              callback=lambda step, loss: lrs.append([g["lr"] for g in holder["opt"].param_groups]), **QUIET)
     assert all(low == pytest.approx(1e-4) for low, _ in lrs)
     assert lrs[-1][1] == pytest.approx(2e-4)

@@ -13,6 +13,7 @@ import torch
 from blockopt import cli
 from blockopt.bench import CompareResult, compare
 from blockopt.bench.compare_config import CompareConfig
+from blockopt.bench.loop import TrainConfig
 from blockopt.bench.corpus import load_corpus
 from blockopt.bench.modelspec import ModelSpec, ModelSpecError
 from blockopt.bench.peers import PeerError
@@ -47,8 +48,20 @@ def curves(result):
 def test_default_settings_are_the_measured_default_run():
     config = CompareConfig()
     assert config.labels == ("adamw", "adam-mini") and config.model == "demo" and config.seeds == (0, 1, 2)
-    assert config.steps == 100 and config.baseline_label == "adamw"
-    assert config.resolved_warmup_steps == 20 and config.resolved_eval_every == 10
+    assert config.loop == TrainConfig() and config.loop.steps == 100 and config.baseline_label == "adamw"
+    loop = config.loop.resolved(max_seq_len=128)
+    assert (loop.warmup_steps, loop.eval_every, loop.seq_len) == (20, 10, 128)
+    assert config.loop.resolved(max_seq_len=64).seq_len == 64  # the derived length fits the model
+
+
+def test_settings_take_the_loops_fields_flat():
+    config = CompareConfig().replace(steps=10, lr=1e-3, schedule="wsd")
+    assert config.loop == TrainConfig(steps=10, schedule="wsd") and config.lr == 1e-3
+    assert config.to_dict()["steps"] == 10 and CompareConfig().replace(**config.to_dict()) == config
+    with pytest.raises(ValueError, match="lr must be a number > 0, got 0"):
+        config.replace(lr=0)
+    with pytest.raises(TypeError, match="loop must be a TrainConfig"):
+        CompareConfig(loop={"steps": 10})
 
 
 def test_result_summary_and_comparison(saved):
@@ -107,7 +120,7 @@ def test_steps_to_the_baseline_loss_reads_each_seed_against_its_own_baseline():
     fast = {0: [(5, 2.0), (10, 1.5)], 1: [(5, 2.6), (10, 2.4)], 2: [(5, 2.4), (10, 2.3)]}
     runs = [_record("adamw", s, c) for s, c in base.items()] + [_record("adam-mini", s, c) for s, c in fast.items()]
     result = CompareResult(
-        config=CompareConfig(optimizers=("adamw", "adam-mini"), seeds=(0, 1, 2), steps=10), model={}, corpus={},
+        config=CompareConfig(optimizers=("adamw", "adam-mini"), seeds=(0, 1, 2), loop=TrainConfig(steps=10)), model={}, corpus={},
         optimizers={"adamw": {}, "adam-mini": {}}, runs=runs,
     )
     cmp = result.comparison()
@@ -275,7 +288,7 @@ def test_hf_config_json_path_and_bad_fields(tmp_path):
     assert model.num_params() == spec.n_params()
     with pytest.raises(ModelSpecError, match="has no field 'n_layerz'"):
         ModelSpec.parse("hf:gpt2", {"n_layerz": 2})
-    with pytest.raises(ModelSpecError, match="unknown Hugging Face model 'gpt7'"):
+    with pytest.raises(ModelSpecError, match="'gpt7' is neither a named config"):
         ModelSpec.parse("hf:gpt7")
 
 

@@ -128,11 +128,11 @@ def test_weight_decay_skips_1d_tensors_for_torch_style_peers():
 
 def test_register_validates_names_and_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
-        register_optimizer("adamw", peers._adamw)
+        register_optimizer("adamw", peers.catalogue._adamw)
     with pytest.raises(ValueError, match="lowercase"):
-        register_optimizer("My Opt", peers._adamw)
+        register_optimizer("My Opt", peers.catalogue._adamw)
     with pytest.raises(ValueError, match="shared keys must be among"):
-        register_optimizer("my-opt", peers._adamw, shared=("momentum",))
+        register_optimizer("my-opt", peers.catalogue._adamw, shared=("momentum",))
     assert "my-opt" not in registered_optimizers()
 
 

@@ -5,10 +5,11 @@ import torch
 
 from blockopt.bench.modelspec import ModelSpec
 from blockopt.bench.peers import build_optimizer, get_peer, registered_optimizers
-from blockopt.bench.train import CHECKPOINT_FILE, lr_factor, train_run
+from blockopt.bench.train import CHECKPOINT_FILE, TrainConfig, lr_factor, train_run
 
 SHARED = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-LOOP = dict(steps=9, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, warmup_steps=2, progress=False)
+LOOP = TrainConfig(steps=9, batch_size=4, seq_len=32, eval_every=3, eval_batches=1, warmup_steps=2)
+QUIET = {"progress": False}
 
 
 class Interrupt(Exception):
@@ -50,20 +51,20 @@ def test_the_schedule_reaches_the_optimizer(tiny_split):
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
         return optimizer
 
-    loop = {**LOOP, "steps": 10, "warmup_steps": 2}
-    train_run("llama-tiny", spy, tiny_split, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0, **loop)
+    loop = LOOP.replace(steps=10, warmup_steps=2, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0)
+    train_run("llama-tiny", spy, tiny_split, loop, **QUIET)
     assert seen == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2])
-    with pytest.raises(ValueError, match="unknown schedule"):
-        train_run("llama-tiny", spy, tiny_split, schedule="step", **loop)
+    with pytest.raises(ValueError, match="schedule must be one of 'cosine', 'wsd', 'constant', got 'step'"):
+        LOOP.replace(schedule="step")
 
 
 def test_same_seed_same_curves_and_the_callers_rng_is_untouched(tiny_split):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first = train_run("gpt2-tiny", make("adam-mini"), tiny_split, seed=5, schedule="wsd", **LOOP)
+    first = train_run("gpt2-tiny", make("adam-mini"), tiny_split, LOOP.replace(schedule="wsd"), seed=5, **QUIET)
     assert torch.equal(torch.rand(3), expected_next)  # the run forked the global RNG
-    second = train_run("gpt2-tiny", make("adam-mini"), tiny_split, seed=5, schedule="wsd", **LOOP)
+    second = train_run("gpt2-tiny", make("adam-mini"), tiny_split, LOOP.replace(schedule="wsd"), seed=5, **QUIET)
     assert first.train_curve == second.train_curve and first.val_curve == second.val_curve
     assert first.final_val_loss == second.final_val_loss
 
@@ -81,17 +82,17 @@ def test_an_interrupted_run_resumes_to_the_identical_result(name, tiny_split, tm
         pytest.skip(f"{name} is not registered (its blockopt class does not exist yet)")
     if not get_peer(name).available:
         pytest.skip(f"{name} needs {get_peer(name).requires}")
-    straight = train_run("llama-tiny", make(name), tiny_split, seed=1, **LOOP)
+    straight = train_run("llama-tiny", make(name), tiny_split, LOOP, seed=1, **QUIET)
 
     folder = tmp_path / "run"
     # checkpoints at steps 3 and 6; "killed" at step 8, so steps 7-8 are lost and redone
     with pytest.raises(Interrupt):
-        train_run("llama-tiny", make(name), tiny_split, seed=1, checkpoint_dir=folder, callback=interrupt_at(8), **LOOP)
+        train_run("llama-tiny", make(name), tiny_split, LOOP, seed=1, checkpoint_dir=folder, callback=interrupt_at(8), **QUIET)
     assert torch.load(folder / CHECKPOINT_FILE, weights_only=True)["step"] == 6
     steps_run = []
     resumed = train_run(
-        "llama-tiny", make(name), tiny_split, seed=1, checkpoint_dir=folder, resume=True,
-        callback=lambda step, loss: steps_run.append(step), **LOOP,
+        "llama-tiny", make(name), tiny_split, LOOP, seed=1, checkpoint_dir=folder, resume=True,
+        callback=lambda step, loss: steps_run.append(step), **QUIET,
     )
     assert steps_run == [7, 8, 9]
     assert resumed.resumed_from == [6]
@@ -107,46 +108,46 @@ def test_resume_restores_the_dropout_rng_of_an_hf_model(tiny_split, tmp_path):
     pytest.importorskip("transformers")
     spec = ModelSpec.parse("hf:gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 512, "n_positions": 32})
     assert spec.config.resid_pdrop > 0
-    loop = {**LOOP, "steps": 6, "eval_every": 2}
-    straight = train_run(spec, make("adamw"), tiny_split, seed=2, **loop)
+    loop = LOOP.replace(steps=6, eval_every=2)
+    straight = train_run(spec, make("adamw"), tiny_split, loop, seed=2, **QUIET)
     with pytest.raises(Interrupt):
-        train_run(spec, make("adamw"), tiny_split, seed=2, checkpoint_dir=tmp_path, callback=interrupt_at(3), **loop)
-    resumed = train_run(spec, make("adamw"), tiny_split, seed=2, checkpoint_dir=tmp_path, resume=True, **loop)
+        train_run(spec, make("adamw"), tiny_split, loop, seed=2, checkpoint_dir=tmp_path, callback=interrupt_at(3), **QUIET)
+    resumed = train_run(spec, make("adamw"), tiny_split, loop, seed=2, checkpoint_dir=tmp_path, resume=True, **QUIET)
     assert resumed.resumed_from == [2] and resumed.train_curve == straight.train_curve
 
 
 def test_resume_of_a_finished_run_trains_nothing(tiny_split, tmp_path):
-    first = train_run("llama-tiny", make("adamw"), tiny_split, checkpoint_dir=tmp_path, **LOOP)
+    first = train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, **QUIET)
     calls = []
     again = train_run(
-        "llama-tiny", make("adamw"), tiny_split, checkpoint_dir=tmp_path, resume=True,
-        callback=lambda *a: calls.append(a), **LOOP,
+        "llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, resume=True,
+        callback=lambda *a: calls.append(a), **QUIET,
     )
     assert calls == [] and again.train_curve == first.train_curve and again.val_curve == first.val_curve
-    assert again.state_bytes == first.state_bytes and again.resumed_from == [LOOP["steps"]]
+    assert again.state_bytes == first.state_bytes and again.resumed_from == [LOOP.steps]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_split, tmp_path):
     with pytest.raises(Interrupt):
-        train_run("llama-tiny", make("adamw"), tiny_split, checkpoint_dir=tmp_path, fingerprint={"lr": 1e-3, "opt": "adamw"},
-                  callback=interrupt_at(4), **LOOP)
+        train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, fingerprint={"lr": 1e-3, "opt": "adamw"},
+                  callback=interrupt_at(4), **QUIET)
     with pytest.raises(ValueError, match=r"different settings \(differ: lr\)"):
-        train_run("llama-tiny", make("adamw"), tiny_split, checkpoint_dir=tmp_path, resume=True,
-                  fingerprint={"lr": 2e-3, "opt": "adamw"}, **LOOP)
+        train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, resume=True,
+                  fingerprint={"lr": 2e-3, "opt": "adamw"}, **QUIET)
 
 
 def test_without_resume_an_old_checkpoint_is_ignored_and_replaced(tiny_split, tmp_path):
     with pytest.raises(Interrupt):
-        train_run("llama-tiny", make("adamw"), tiny_split, seed=3, checkpoint_dir=tmp_path, callback=interrupt_at(4), **LOOP)
+        train_run("llama-tiny", make("adamw"), tiny_split, LOOP, seed=3, checkpoint_dir=tmp_path, callback=interrupt_at(4), **QUIET)
     steps_run = []
-    fresh = train_run("llama-tiny", make("adamw"), tiny_split, seed=0, checkpoint_dir=tmp_path,
-                      callback=lambda step, loss: steps_run.append(step), **LOOP)
+    fresh = train_run("llama-tiny", make("adamw"), tiny_split, LOOP, seed=0, checkpoint_dir=tmp_path,
+                      callback=lambda step, loss: steps_run.append(step), **QUIET)
     assert steps_run == list(range(1, 10)) and fresh.resumed_from == []
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["step"] == 9
 
 
 def test_checkpoint_arguments_are_checked(tiny_split):
     with pytest.raises(ValueError, match="needs a checkpoint_dir"):
-        train_run("llama-tiny", make("adamw"), tiny_split, resume=True, **LOOP)
-    with pytest.raises(ValueError, match="checkpoint_every must be positive"):
-        train_run("llama-tiny", make("adamw"), tiny_split, checkpoint_every=-1, **LOOP)
+        train_run("llama-tiny", make("adamw"), tiny_split, LOOP, resume=True, **QUIET)
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1 or None, got -1"):
+        train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_every=-1, **QUIET)

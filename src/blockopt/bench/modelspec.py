@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +65,7 @@ class CausalLM(nn.Module):
 
 def parse_overrides(items: str | Iterable[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """``"n_layer=2,n_embd=64"`` (or several such strings, or a dict) as a dict of Python values."""
-    from .peers import _parse_value  # one value syntax for the whole command line
+    from .peers.spec import parse_assignments  # one value syntax for the whole command line
 
     if items is None:
         return {}
@@ -76,12 +75,7 @@ def parse_overrides(items: str | Iterable[str] | Mapping[str, Any] | None) -> di
         items = [items]
     overrides: dict[str, Any] = {}
     for text in items:
-        for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key) or not value.strip():
-                raise ModelSpecError(f"bad model override {item!r}: write key=value")
-            overrides[key] = _parse_value(value)
+        overrides.update(parse_assignments(text, lambda item: ModelSpecError(f"bad model override {item!r}: write key=value")))
     return overrides
 
 
@@ -183,37 +177,18 @@ def _replace_config(base: ModelConfig, overrides: Mapping[str, Any]) -> ModelCon
 
 
 def _hf_config(name_or_path: str, overrides: Mapping[str, Any]):
-    """A transformers config: a named public shape (`blockopt.hf.NAMED_CONFIGS`), a model_type's
-    defaults (``llama``, ``mistral``, ...) or a config.json; then the overrides."""
+    """A transformers config (`blockopt.hf.config_fields`: a named shape, a model_type's defaults
+    or a config.json), then the overrides."""
     try:
-        from transformers import AutoConfig
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    except ImportError as error:
-        raise ModelSpecError("Hugging Face models need transformers: pip install 'blockopt[hf]'") from error
-    from ..hf import NAMED_CONFIGS
+        from ..hf import config_fields, config_from_fields
 
-    path = Path(name_or_path).expanduser()
-    if name_or_path in NAMED_CONFIGS:
-        fields = dict(NAMED_CONFIGS[name_or_path])
-    elif path.suffix == ".json" or path.is_dir():
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ModelSpecError(f"config file {str(file)!r} does not exist")
-        fields = json.loads(file.read_text())
-        if "model_type" not in fields:
-            raise ModelSpecError(f"{file} has no 'model_type': is it a Hugging Face config.json?")
-    elif name_or_path in CONFIG_MAPPING:
-        fields = {"model_type": name_or_path}
-    else:
-        raise ModelSpecError(
-            f"unknown Hugging Face model {name_or_path!r}: not a named shape ({', '.join(NAMED_CONFIGS)}), "
-            "a transformers model_type (llama, mistral, qwen2, ...) or a config.json path"
-        )
-    model_type = fields.pop("model_type")
-    defaults = AutoConfig.for_model(model_type, **fields)
+        fields = config_fields(name_or_path, model_types=True)
+        defaults = config_from_fields(fields)
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        raise ModelSpecError(str(error)) from error
     unknown = sorted(key for key in overrides if not hasattr(defaults, key))
     if unknown:
-        raise ModelSpecError(f"the {model_type} config has no field {', '.join(map(repr, unknown))}")
+        raise ModelSpecError(f"the {defaults.model_type} config has no field {', '.join(map(repr, unknown))}")
     fields.update(overrides)
     # A shrunk vocabulary would leave the config's special token ids (e.g. GPT-2's 50256) outside
     # it; they only matter for generation, so drop them rather than carry invalid ids.
@@ -222,7 +197,7 @@ def _hf_config(name_or_path: str, overrides: Mapping[str, Any]):
         value = fields.get(key, getattr(defaults, key, None))
         if isinstance(value, int) and value >= vocab_size:
             fields[key] = None
-    return AutoConfig.for_model(model_type, **fields)
+    return config_from_fields(fields)
 
 
 def as_model_spec(model: str | ModelSpec | ModelConfig, overrides: Mapping[str, Any] | None = None) -> ModelSpec:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ._io import atomic_write
+from .corpus import DEFAULT_MAX_BYTES, load_corpus, split_ids
 
 DEFAULT_VOCAB_SIZE = 2048
 # Bump when the tokenizer recipe or the cached file layout changes, so stale caches are ignored.
@@ -81,17 +83,6 @@ def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([i for encoding in encodings for i in encoding.ids], dtype=torch.int64)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a concurrent reader never sees half a file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def tokenize_corpus(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> TokenizedCorpus:
     """Train (or load from the cache) a BPE tokenizer for ``text`` and encode ``text`` with it."""
     if not text:
@@ -108,7 +99,14 @@ def tokenize_corpus(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenize
     tokenizer = train_bpe(text, vocab_size)
     ids = encode(tokenizer, text)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tokenizer_file, lambda p: tokenizer.save(str(p)))
+    atomic_write(tokenizer_file, lambda p: tokenizer.save(str(p)))
     # int32 halves the file; every vocabulary we train fits.
-    _atomic_write(ids_file, lambda p: torch.save(ids.to(torch.int32), p))
+    atomic_write(ids_file, lambda p: torch.save(ids.to(torch.int32), p))
     return TokenizedCorpus(tokenizer, ids, cache_dir, False, time.perf_counter() - start)
+
+
+def demo_data(vocab_size: int, corpus: str | os.PathLike | None = None, *, max_bytes: int | None = DEFAULT_MAX_BYTES):
+    """``(tokenized, splits)`` of a corpus (default: the built-in one) with a BPE vocabulary of
+    ``vocab_size`` (trained once, then cached): what every demo-style run trains on."""
+    tokenized = tokenize_corpus(load_corpus(corpus, max_bytes=max_bytes), vocab_size)
+    return tokenized, split_ids(tokenized.ids)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,15 +25,18 @@ from tqdm.auto import tqdm
 
 import blockopt
 
+from ..validation import check, integer
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .corpus import TokenSplit
-from .models import ModelConfig, build_model, is_positive_finite
-from .schedules import DEFAULT_DECAY_FRACTION, SCHEDULES, lr_factor
+from .loop import TrainConfig
+from .models import CONFIGS, ModelConfig, build_model, is_positive_finite
+from .schedules import lr_factor
+
+__all__ = ["CHECKPOINT_FILE", "RunResult", "TrainConfig", "count_params", "evaluate", "load_checkpoint", "lr_factor",
+           "steps_to_reach", "train_run", "windows"]
 
 # Losses of the last this-many steps are averaged into the final train loss (one step is noisy).
 FINAL_TRAIN_WINDOW = 10
-CHECKPOINT_FILE = "checkpoint.pt"
-# Bump when the checkpoint layout changes; older files are then refused with a clear message.
-CHECKPOINT_FORMAT = 1
 
 # What builds the model: a config, the name of a built-in config, or a function of the seed.
 ModelSource = ModelConfig | str | Callable[[int], nn.Module]
@@ -83,7 +85,7 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | N
     return next((step for step, loss in curve if loss <= target), None)
 
 
-def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Every ``seq_len + 1`` window of ``ids`` as a ``(n, seq_len + 1)`` view (inputs + shifted targets)."""
     if len(ids) <= seq_len:
         raise ValueError(f"need more than seq_len={seq_len} tokens, got {len(ids)}")
@@ -117,65 +119,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename: a run killed mid-write leaves the
-    previous checkpoint intact, never half a file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        torch.save(obj, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _fingerprint_mismatch(saved: Mapping, current: Mapping) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [key for key in keys if saved.get(key) != current.get(key)]
-
-
-def load_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: Mapping | None = None) -> dict | None:
-    """The checkpoint in ``checkpoint_dir`` (``None`` if there is none).
-
-    Raises:
-        ValueError: the file is from another checkpoint format, or was written by a run whose
-            ``fingerprint`` (settings) differs from the one given.
-    """
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} has checkpoint format {checkpoint.get('format')!r}, this version reads {CHECKPOINT_FORMAT}; "
-            "start a fresh run (delete the file or choose another folder)"
-        )
-    if fingerprint is not None:
-        differing = _fingerprint_mismatch(checkpoint["fingerprint"], dict(fingerprint))
-        if differing:
-            raise ValueError(
-                f"{path} was written by a run with different settings (differ: {', '.join(differing)}); "
-                "resume with the same settings, or start a fresh run in another folder"
-            )
-    return checkpoint
-
-
 def train_run(
     model_config: ModelSource,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     data: TokenSplit,
+    loop: TrainConfig,
     *,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    warmup_steps: int | None = None,
-    min_lr_ratio: float = 0.1,
-    schedule: str = "cosine",
-    decay_fraction: float = DEFAULT_DECAY_FRACTION,
-    shared_floor: bool = False,
-    grad_clip: float | None = 1.0,
-    eval_every: int = 50,
-    eval_batches: int = 4,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -186,49 +135,34 @@ def train_run(
     fingerprint: Mapping | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> RunResult:
-    """Train a fresh model and measure the optimizer.
+    """Train a fresh model as ``loop`` says and measure the optimizer.
 
     Args:
-        model_config: a model config, the name of a built-in one, or a function ``seed -> model``
-            whose model maps ``(idx, targets)`` to ``(logits, loss)``.
+        model_config: a model config, the name of a built-in one, a `ModelSpec`, or a function
+            ``seed -> model`` whose model maps ``(idx, targets)`` to ``(logits, loss)``.
         make_optimizer: builds the optimizer for the model; its LR is the peak of the schedule.
         data: train and validation token ids (`blockopt.bench.corpus.split_ids`).
-        steps, batch_size, seq_len: length of the run and shape of each batch.
-        warmup_steps: linear LR warm-up length (default: 10% of ``steps``); then ``schedule``
-            (``"cosine"``, ``"wsd"`` or ``"constant"``, see `lr_factor`) down to ``min_lr_ratio``
-            times the peak; WSD decays over the last ``decay_fraction`` of the run.
-        shared_floor: with `blockopt.blockwise_lr` groups, end every group at the same absolute
-            LR, ``min_lr_ratio`` times the base (each group's peak over its ``lr_ratio``), as the
-            Blockwise LR authors do, instead of ``min_lr_ratio`` times the group's own peak. A
-            group without ``lr_ratio`` counts as ratio 1.
-        grad_clip: max global gradient norm; ``None`` or 0 disables clipping.
-        eval_every: validate every this many steps (and always after the last one) on
-            ``eval_batches`` fixed batches spread evenly over the validation ids.
+        loop: the steps, batch shape, LR schedule, clipping and evaluation (`TrainConfig`; its
+            derived values are resolved against the model's maximum sequence length).
         seed: fixes the initial weights, the batch order and the global RNG (dropout, if the
             model has any); the optimizer changes none of them. The caller's global RNG state is
             left as it was.
         device: where the model and batches live; timings synchronize CUDA.
         progress: show a tqdm bar on a terminal (``desc`` labels it).
         checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
-            (default: ``eval_every``) and after the last step.
+            (default: ``loop.eval_every``) and after the last step.
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one (else start
             fresh); without it an existing checkpoint is overwritten.
         fingerprint: JSON-like settings stored in the checkpoint; resuming with different ones is
             a ValueError (the optimizer and data cannot be checked from the file alone).
         callback: called as ``callback(step, train_loss)`` after every step and its checkpoint.
     """
-    if min(steps, batch_size, seq_len, eval_every, eval_batches) <= 0:
-        raise ValueError("steps, batch_size, seq_len, eval_every and eval_batches must be positive")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0.0 <= decay_fraction <= 1.0:
-        raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
-    if checkpoint_every is not None and checkpoint_every <= 0:
-        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    if not isinstance(loop, TrainConfig):
+        raise TypeError(f"loop must be a TrainConfig, got {type(loop).__name__}")
+    check("checkpoint_every", checkpoint_every, integer(1, optional=True))
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
-    warmup_steps = max(1, steps // 10) if warmup_steps is None else warmup_steps
-    checkpoint_every = checkpoint_every or eval_every
+    loop = loop.resolved(_max_seq_len(model_config))
     # JSON-normalized (tuples become lists), so a fingerprint compares equal to its saved copy.
     fingerprint = json.loads(json.dumps(dict(fingerprint or {})))
     device = torch.device(device)
@@ -237,13 +171,18 @@ def train_run(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         return _train(
-            model_config, make_optimizer, data, steps=steps, batch_size=batch_size, seq_len=seq_len,
-            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, schedule=schedule, decay_fraction=decay_fraction,
-            shared_floor=shared_floor, grad_clip=grad_clip, eval_every=eval_every, eval_batches=eval_batches,
-            seed=seed, device=device, progress=progress, desc=desc,
+            model_config, make_optimizer, data, loop, seed=seed, device=device, progress=progress, desc=desc,
             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-            checkpoint_every=checkpoint_every, resume=resume, fingerprint=fingerprint, callback=callback,
+            checkpoint_every=checkpoint_every or loop.eval_every, resume=resume, fingerprint=fingerprint,
+            callback=callback,
         )
+
+
+def _max_seq_len(model_config: ModelSource) -> int | None:
+    """The model's maximum sequence length where the source tells it (not for a function)."""
+    if isinstance(model_config, str):
+        model_config = CONFIGS.get(model_config)
+    return getattr(model_config, "max_seq_len", None)
 
 
 def _group_floors(optimizer: torch.optim.Optimizer, min_lr_ratio: float) -> list[float]:
@@ -262,29 +201,32 @@ def _group_floors(optimizer: torch.optim.Optimizer, min_lr_ratio: float) -> list
 
 
 def _train(
-    model_config, make_optimizer, data, *, steps, batch_size, seq_len, warmup_steps, min_lr_ratio, schedule,
-    decay_fraction, shared_floor, grad_clip, eval_every, eval_batches, seed, device, progress, desc, checkpoint_dir,
+    model_config, make_optimizer, data, loop: TrainConfig, *, seed, device, progress, desc, checkpoint_dir,
     checkpoint_every, resume, fingerprint, callback,
 ) -> RunResult:
     start = time.perf_counter()
+    steps, batch_size, seq_len, eval_every = loop.steps, loop.batch_size, loop.seq_len, loop.eval_every
     model = _build(model_config, seed).to(device)
     optimizer = make_optimizer(model)
-    floors = _group_floors(optimizer, min_lr_ratio) if shared_floor else [min_lr_ratio] * len(optimizer.param_groups)
+    floors = (
+        _group_floors(optimizer, loop.min_lr_ratio) if loop.shared_floor
+        else [loop.min_lr_ratio] * len(optimizer.param_groups)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         [
             lambda step, floor=floor: lr_factor(
-                step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=floor,
-                schedule=schedule, decay_fraction=decay_fraction,
+                step, steps=steps, warmup_steps=loop.warmup_steps, min_lr_ratio=floor,
+                schedule=loop.schedule, decay_fraction=loop.decay_fraction,
             )
             for floor in floors
         ],
     )
 
-    train_windows = _windows(data.train, seq_len)
-    val_windows = _windows(data.val, seq_len)
+    train_windows = windows(data.train, seq_len)
+    val_windows = windows(data.val, seq_len)
     # Evenly spaced validation windows: the same for every evaluation and every run.
-    val_starts = torch.linspace(0, len(val_windows) - 1, eval_batches * batch_size).long()
+    val_starts = torch.linspace(0, len(val_windows) - 1, loop.eval_batches * batch_size).long()
     val_batches = [w.to(device) for w in val_windows[val_starts].split(batch_size)]
     # Batches come from their own generator, so the optimizer or model code cannot shift them.
     batch_generator = torch.Generator().manual_seed(seed)
@@ -326,9 +268,9 @@ def _train(
         first_step = int(checkpoint["step"]) + 1
 
     def save(step: int) -> None:
-        _atomic_save(
+        save_checkpoint(
+            checkpoint_dir,
             {
-                "format": CHECKPOINT_FORMAT,
                 "fingerprint": fingerprint,
                 "step": step,
                 "model": model.state_dict(),
@@ -344,7 +286,6 @@ def _train(
                 "wall_s": previous_wall + time.perf_counter() - start,
                 "resumed_from": resumed_from,
             },
-            checkpoint_dir / CHECKPOINT_FILE,
         )
 
     timing_warmup = min(5, steps // 5)  # first steps (of each session) allocate state and warm caches
@@ -359,8 +300,8 @@ def _train(
         window = train_windows[starts].to(device)
         _, loss = model(window[:, :-1], window[:, 1:])
         loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if loop.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
         _sync(device)
         step_start = time.perf_counter()
         optimizer.step()

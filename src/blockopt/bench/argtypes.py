@@ -1,0 +1,33 @@
+"""argparse ``type=`` converters shared by `blockopt` subcommands and the benchmark scripts.
+
+Each turns the text of one option into a value or raises ``argparse.ArgumentTypeError``, which
+argparse prints as a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def betas(text: str) -> tuple[float, float]:
+    """Two numbers separated by a comma, e.g. ``0.9,0.95``."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}")
+    return float(parts[0]), float(parts[1])

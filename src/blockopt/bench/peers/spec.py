@@ -1,0 +1,122 @@
+"""The spec grammar of one optimizer run: ``"NAME"`` or ``"NAME:key=value,key=value"``.
+
+Values are Python literals (``1e-3``, ``(0.9, 0.99)``, ``True``, ``None``, else the text); a value
+with commas, ``betas=0.9,0.99``, is a tuple. The same ``key=value`` syntax serves model overrides
+(`blockopt.bench.modelspec.parse_overrides`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import Peer, PeerError, get_peer
+
+# Split at commas that start a new "key=" (a comma inside a value, as in betas=0.9,0.99, stays).
+_ITEM_SPLIT = re.compile(r",(?=\s*[A-Za-z_]\w*\s*=)")
+_KEY = re.compile(r"[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer of a comparison: a peer name, overrides, and the label it is reported by."""
+
+    name: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        if not self.label:
+            object.__setattr__(self, "label", format_spec(self.name, self.overrides))
+
+    @property
+    def peer(self) -> Peer:
+        return get_peer(self.name)
+
+    def resolve(self, shared: Mapping[str, Any] | None = None) -> dict:
+        return self.peer.resolve(shared, self.overrides)
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (``1e-3``, ``0.9,0.99``, ``(0.9, 0.99)``, ``True``, ``None``), else the text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_assignments(text: str, bad_item: Callable[[str], Exception]) -> list[tuple[str, Any]]:
+    """``"key=value,key=value"`` as ``(key, value)`` pairs in order; an item that is not
+    ``key=value`` raises ``bad_item(item)``."""
+    pairs = []
+    for item in _ITEM_SPLIT.split(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.fullmatch(key) or not value.strip():
+            raise bad_item(item)
+        pairs.append((key, parse_value(value)))
+    return pairs
+
+
+def format_spec(name: str, overrides: Mapping[str, Any]) -> str:
+    """The spec text of a name and overrides (what `parse_optimizer_spec` reads back)."""
+    if not overrides:
+        return name
+    return name + ":" + ",".join(f"{key}={_format_value(value)}" for key, value in overrides.items())
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if len(value) > 1 else f"({value[0]},)"
+    return str(value)
+
+
+def parse_optimizer_spec(text: str) -> OptimizerSpec:
+    """Parse ``"NAME"`` or ``"NAME:key=value,key=value"``. The name must be known; keys are
+    checked when the spec is resolved against the peer.
+
+    Examples: ``"adamw"``, ``"sgd-sai:lr=1e-2,momentum=0.8"``, ``"lion:betas=0.9,0.99"``,
+    ``"po:adan:lr=1e-3"``.
+    """
+    text = text.strip()
+    name, overrides_text = text, ""
+    if "=" in text:
+        head = text[: text.index("=")]
+        if ":" not in head:
+            raise PeerError(f"bad optimizer spec {text!r}: write NAME:key=value[,key=value...]")
+        cut = head.rindex(":")
+        name, overrides_text = text[:cut], text[cut + 1 :]
+    if not name:
+        raise PeerError(f"bad optimizer spec {text!r}: the optimizer name is missing")
+    overrides: dict[str, Any] = {}
+    if overrides_text:
+        bad = lambda item: PeerError(f"bad override {item!r} in {text!r}: write key=value")  # noqa: E731
+        for key, value in parse_assignments(overrides_text, bad):
+            if key in overrides:
+                raise PeerError(f"{key!r} is given twice in {text!r}")
+            overrides[key] = value
+    get_peer(name)  # an unknown name fails here, before any training
+    return OptimizerSpec(name=name, overrides=overrides, label=text if overrides else name)
+
+
+def as_spec(item: str | OptimizerSpec) -> OptimizerSpec:
+    return item if isinstance(item, OptimizerSpec) else parse_optimizer_spec(item)
+
+
+def build_optimizer(
+    item: str | OptimizerSpec, model: nn.Module, shared: Mapping[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """Build the optimizer a spec names (``"adamw"``, ``"lion:lr=1e-4"``) for ``model``."""
+    spec = as_spec(item)
+    return spec.peer.build(model, spec.resolve(shared))
