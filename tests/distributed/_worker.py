@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import blockopt
 from blockopt.bench.models import Llama, LlamaConfig
+from blockopt.distributed import AllReduceCounter
 
 GLOBAL_BATCH = 6
 SEQ = 7
@@ -105,27 +106,6 @@ def fsdp(model: nn.Module, world: int) -> nn.Module:
     return model
 
 
-class CountAllReduce:
-    """Counts ``dist.all_reduce`` calls (and bytes) while active."""
-
-    def __init__(self):
-        self.calls, self.bytes, self._original = 0, 0, None
-
-    def __enter__(self):
-        self._original = dist.all_reduce
-
-        def counting(tensor, *args, **kwargs):
-            self.calls += 1
-            self.bytes += tensor.numel() * tensor.element_size()
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._original
-
-
 # ---- scenarios --------------------------------------------------------------------------
 def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str = "auto", optimizer: str = "adam-mini") -> None:
     model = fsdp(MODELS[model_name](), world)
@@ -135,7 +115,7 @@ def scenario_fsdp(rank, world, out: Path, model_name: str, implementation: str =
     # the last step, with the optimizer's collectives counted
     opt.zero_grad(set_to_none=True)
     loss_of(model, local_rows(data[-1], rank, world)).backward()
-    with CountAllReduce() as counter, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with AllReduceCounter() as counter, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
     # every collective the backend ran, whichever API issued it (DTensor ops use functional ones)
     collectives = [e.name for e in prof.events() if e.name.startswith("gloo:")]

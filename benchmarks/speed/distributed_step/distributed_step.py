@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from blockopt.bench import write_result
+from blockopt.distributed import AllReduceCounter
 
 HERE = Path(__file__).resolve().parent
 BACKEND = "gloo (CPU), one thread per rank"
@@ -74,22 +75,6 @@ def loss_of(model, window):
     return model(window[:, :-1], window[:, 1:])[1]
 
 
-class AllReduceBytes:
-    def __enter__(self):
-        self.calls, self.bytes, self._original = 0, 0, dist.all_reduce
-
-        def counting(tensor, *args, **kwargs):
-            self.calls += 1
-            self.bytes += tensor.numel() * tensor.element_size()
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._original
-
-
 def rank_main(rank: int, world: int, store: str, out: str, models: list[str], reps: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -126,7 +111,7 @@ def rank_main(rank: int, world: int, store: str, out: str, models: list[str], re
                 dist.barrier()
                 times[name].append(time.perf_counter() - start)
         for name, optimizer in peers.items():
-            with AllReduceBytes() as counter, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with AllReduceCounter() as counter, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 optimizer.step()
             collectives: dict[str, int] = {}
             for event in prof.events():

@@ -3,7 +3,7 @@
 The defaults are the default ``blockopt compare`` run: the ``"demo"`` Llama trained with AdamW and
 with Adam-mini, three seeds, and the training loop and hyperparameters of ``blockopt demo``
 (`TrainConfig`'s defaults, LR 2e-3): six runs of about 50 s each on an idle 2-core CPU
-(benchmarks/compare.md).
+(benchmarks/studies/compare).
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ nothing from here: its parameters are whole on every rank.
 """
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardedCollectives, collectives_for
+from .diagnostics import AllReduceCounter
 from .placement import replicated_like, rows_like, shard_like
 from .reduce import BlockSumReducer, RowShards, gather_block_stats
 from .shard import ShardView, is_dtensor, local_tensor, shard_box, shard_view
 
 __all__ = [
-    "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
+    "AllReduceCounter", "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
     "gather_block_stats", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like", "shard_view",
 ]

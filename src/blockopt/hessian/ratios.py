@@ -2,7 +2,7 @@
 
 The paper's ratios (`blockopt.param_groups.DEFAULT_RATIOS`) rest on its ordering (Emb << QK < FFN
 < VO << Norm). Where a model's own ordering differs (on the demo Llama the embedding is among the
-sharpest and the norms in the middle: benchmarks/blockwise_lr.md), ratios from its own measurement
+sharpest and the norms in the middle: benchmarks/studies/blockwise_lr), ratios from its own measurement
 follow the principle where the paper's table does not.
 """
 
@@ -31,7 +31,7 @@ def sharpness_ratios(
         measure (str): with a report, which of its measures to use (default ``"gauss_newton"``,
             Tr(G_bb)/m_b, which is positive; a Hessian trace can be negative early on).
         power (float): 0.5 (default) scales the LR with the inverse square root of sharpness,
-            1 with its inverse. 0.5 trained best on the demo Llama (benchmarks/blockwise_lr.md).
+            1 with its inverse. 0.5 trained best on the demo Llama (benchmarks/studies/blockwise_lr).
         max_ratio (float): the largest multiplier handed out (default 10, the paper's largest);
             at least 1, as the sharpest type trains at the base LR.
 

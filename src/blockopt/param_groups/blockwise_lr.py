@@ -18,12 +18,12 @@ The paper's table rests on its ordering. A model whose own ordering differs can 
 from its own measurement instead: `blockopt.hessian.sharpness_ratios` turns a
 `blockopt.hessian.block_sharpness` report into ``{block type: ratio}`` (``(S_sharpest / S_type) **
 0.5``; on the demo Llama this reached AdamW's final loss in 0.68x its steps at 200 steps, where the
-paper's table never did: benchmarks/blockwise_lr.md). Ratios can also be chosen by probing: one
+paper's table never did: benchmarks/studies/blockwise_lr). Ratios can also be chosen by probing: one
 short run per block type with that type at 3x shows which types gain from a faster LR. On the demo
 Llama, Adam-mini's probes led to ``{"embedding": 10, "head": 4, "qk": 2, "ffn": 1.5, "vo": 1,
 "norm": 1}`` (the paper's QK : FFN : VO, with a faster embedding and the norms at VO's LR). At
 `blockopt compare`'s 100 steps it reached AdamW's final loss in 0.30-0.35x its steps with AdamW and
-0.35-0.40x with `AdamMini` on three seeds (benchmarks/blockwise_lr_probes.py).
+0.35-0.40x with `AdamMini` on three seeds (benchmarks/studies/blockwise_lr/blockwise_lr_probes.py).
 
 Block types come from the Plan (`Plan.block_type`: the spec's ``role``, what the partition engine
 detected from the model's structure, never parameter names; the roles of each type and how a bias
@@ -38,7 +38,7 @@ block type         default ratio
 ``vo``             4
 ``norm``           1 (the base)
 ``head``           1 (the authors' scripts; 4 trained better on the demo Llama:
-                   benchmarks/blockwise_lr.md)
+                   benchmarks/studies/blockwise_lr)
 ``pos_embedding``  1 (the authors' scripts)
 ``qkv``            ``min(qk, vo)``: see Note [fused qkv]
 ``router``         1
@@ -61,7 +61,7 @@ group, using the ``lr_ratio`` stored in each group, e.g.
 ``LambdaLR(opt, [lambda s, r=g["lr_ratio"]: max(f(s), floor / r) for g in groups])``, or
 decay each group from its peak to ``floor / r`` of it (what ``blockopt.bench.train.train_run``'s
 ``shared_floor=True`` does). On the demo Llama at 200 steps the floor made no difference
-(benchmarks/blockwise_lr.md).
+(benchmarks/studies/blockwise_lr).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def pytorch_optimizer_peer(name: str) -> Peer:
 # demo Llama (40 steps of 8x128 tokens, seed 0, cosine, other settings as `blockopt compare`):
 # adafactor 5e-2 of {1e-2, 5e-2}; sgd-sai 1e-2 of {1e-3, 1e-2, 3e-2}; lion 1e-3 of {1e-4, 4e-4,
 # 1e-3, 2e-3}. sgd-sai-blockopt (blocks="plan"): 3e-1, from the full 100 steps of the default
-# comparison (benchmarks/sgd_sai_sweep: 3e-2 6.38, 1e-1 6.37, 3e-1 6.15, 1 6.11, 3 7.45; one step
+# comparison (benchmarks/studies/sgd_sai/results/options: 3e-2 6.38, 1e-1 6.37, 3e-1 6.15, 1 6.11, 3 7.45; one step
 # below the best, which sits next to the blow-up). Sweep them for your own setting:
 # "--opt lion:lr=3e-4 --opt lion:lr=1e-3".
 register_optimizer(

@@ -1,5 +1,5 @@
 // Fused Adam-mini step for CPU tensors: one call updates a whole list of parameters.
-// Built on first use by blockopt/optim/_fused_cpu.py, which also says which inputs it takes.
+// Built on first use by blockopt/kernels/adam_mini/cpu.py, which also says which inputs it takes.
 //
 // Why fused: a step is memory-bound. AdamW moves 7 tensors' worth of bytes per coordinate (read
 // p, g, m, v; write p, m, v). Adam-mini needs 5 (read p, g, m; write p, m) when g is still in
