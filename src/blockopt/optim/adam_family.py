@@ -18,6 +18,7 @@ from ..distributed import Collectives
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
 from ..validation import boolean, choice, pair, real
 from .base import ParamBatch
+from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
     "lr": real(0),
@@ -27,6 +28,7 @@ ADAM_HYPERPARAMETERS = {
     "decay_1d": boolean(),
     "maximize": boolean(),
     "implementation": choice(*IMPLEMENTATIONS),
+    "nonfinite": choice(*NONFINITE),
 }
 
 

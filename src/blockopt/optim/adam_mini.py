@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..distributed import Collectives, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, adam_mini  # noqa: F401  (IMPLEMENTATIONS: kept importable here)
-from ..partition import BlockSpec, Plan
+from ..partition import Plan
 from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
 from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
@@ -56,6 +56,11 @@ class AdamMini(BlockwiseOptimizer):
             use, and up to three Triton launches per dtype for the CUDA tensors; whatever no
             kernel takes runs batched), ``"auto"`` (the fastest available: today ``"fused"``).
             All compute the same update, to rounding. (Default: "auto")
+        nonfinite (str): what a step does about inf/nan gradients: ``"warn"`` (once, when a block
+            statistic turns inf or nan: the whole block then stops training), ``"skip_tensor"``
+            (a tensor with a non-finite gradient is not updated; counted in
+            ``state[p]["nonfinite_skips"]``), ``"skip_step"`` (no update at all when any gradient
+            is non-finite), ``"ignore"``. See `blockopt.optim.nonfinite`. (Default: "warn")
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its
     dtype), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
@@ -63,8 +68,9 @@ class AdamMini(BlockwiseOptimizer):
 
     HYPERPARAMETERS = ADAM_HYPERPARAMETERS
     _Batch = AdamMiniBatch
+    _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ,)
-    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto"}
+    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn"}
 
     def __init__(
         self,
@@ -85,19 +91,20 @@ class AdamMini(BlockwiseOptimizer):
         value: str | None = None,
         conv: str | None = None,
         implementation: str = "auto",
+        nonfinite: str = "warn",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,
-            maximize=maximize, implementation=implementation,
+            maximize=maximize, implementation=implementation, nonfinite=nonfinite,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
 
-    def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
-        return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (spec.n_blocks,)}
+    def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
+        return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
 
     def _gather_state(self, batch: AdamMiniBatch, name, p, layout, state, plain) -> None:
-        if not state:
+        if EXP_AVG_SQ not in state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # one value per block meeting this rank's shard (all blocks when not sharded)
@@ -114,6 +121,6 @@ class AdamMini(BlockwiseOptimizer):
         beta1, beta2 = group["betas"]
         adam_mini(
             batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, batch.layouts,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
+            lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
             maximize=group["maximize"], sq_sums=batch.sq_sums, implementation=group["implementation"],
         )

@@ -83,7 +83,7 @@ Note [default policies]
     embeddings (embeddings, like the token table) and the untied output head (a table over the
     vocabulary, tied to the token embedding in the paper's GPT-2; on the demo Llama ``lowrank``
     for it ends at +3.6% validation loss against AdamW where ``none`` ends at +1.9%, and ``full``
-    would cost twice the whole momentum budget; see ``benchmarks/adapm.md``); ``lowrank``
+    would cost twice the whole momentum budget; see ``benchmarks/studies/adapm``); ``lowrank``
     for ``linear`` (dense matrices outside attention, e.g. MLPs that detection calls plain Linear);
     ``full`` for fused ``qkv`` projections (they hold the value, which needs full momentum, and a
     role covers the whole tensor), and for ``norm``, ``bias``, ``router`` (small, and routing is
@@ -208,6 +208,8 @@ class AdaPM(BlockwiseOptimizer):
         implementation (str): the Adam-mini step run on ``full``-momentum tensors (see
             `AdamMini`); ``none`` and ``lowrank`` tensors always take the per-tensor loop.
             (Default: "auto")
+        nonfinite (str): ``"warn"``, ``"skip_tensor"``, ``"skip_step"`` or ``"ignore"``, as for
+            `AdamMini`. (Default: "warn")
 
     ``rank``, ``fit_iters``, ``fit_lr`` and ``residual_clip`` may differ per param group;
     ``momentum`` and ``second_moment`` shape the state, so they are fixed per optimizer.
@@ -229,9 +231,10 @@ class AdaPM(BlockwiseOptimizer):
         "seed": integer(0),
     }
     _Batch = AdaPMBatch
+    _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ, EXP_AVG_L, EXP_AVG_R)
     _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "rank": 8, "fit_iters": 2,
-                       "fit_lr": 1.0, "residual_clip": 1.0}
+                       "fit_lr": 1.0, "residual_clip": 1.0, "nonfinite": "warn"}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "momentum": dict(DEFAULT_MOMENTUM), "second_moment": "adam-mini", "seed": 0}
 
     def __init__(
@@ -260,6 +263,7 @@ class AdaPM(BlockwiseOptimizer):
         value: str | None = None,
         conv: str | None = None,
         implementation: str = "auto",
+        nonfinite: str = "warn",
     ):
         validate(self.HYPERPARAMETERS, {"second_moment": second_moment, "seed": seed})
         self.momentum = resolve_momentum(momentum)
@@ -268,7 +272,7 @@ class AdaPM(BlockwiseOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters,
             fit_lr=fit_lr, residual_clip=residual_clip, decay_1d=decay_1d, maximize=maximize,
-            implementation=implementation,
+            implementation=implementation, nonfinite=nonfinite,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
@@ -311,9 +315,8 @@ class AdaPM(BlockwiseOptimizer):
             return rows_like(p, value, layout) if key == EXP_AVG_L else replicated_like(p, value)
         return super()._place_loaded_stat(p, key, value, layout)
 
-    def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
+    def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         group = self._group_of(param)
-        name = next(n for n, q in zip(group["param_names"], group["params"]) if q is param)
         shapes = {STEP: (), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
         policy = self.policy(name)
         if policy == "full":
@@ -324,24 +327,24 @@ class AdaPM(BlockwiseOptimizer):
             shapes[EXP_AVG_L], shapes[EXP_AVG_R] = (m, r), (r, n)
         return shapes
 
-    def _validate_state_dict(self, state_dict):
-        """The base checks (every expected key, with its shape), and no momentum this optimizer's
-        policy does not keep (a ``full`` checkpoint loaded where the role has ``none``)."""
-        pairs = super()._validate_state_dict(state_dict)
-        for saved_id, p in pairs:
+    def _validate_state_dict(self, state_dict, pairs) -> None:
+        """First that each saved momentum is the one this optimizer's policy keeps (a ``full``
+        checkpoint loaded where the role has ``lowrank`` names both), then the base checks
+        (every expected key, with its shape)."""
+        for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
-            group = self._group_of(p)
-            name = next(n for n, q in zip(group["param_names"], group["params"]) if q is p)
-            expected = self._state_shapes(self.plan[name], p)
-            extra = [key for key in (EXP_AVG, EXP_AVG_L, EXP_AVG_R) if key in saved and key not in expected]
-            if extra:
+            kept = [key for key in (EXP_AVG, EXP_AVG_L, EXP_AVG_R) if key in saved]
+            expected = [key for key in (EXP_AVG, EXP_AVG_L, EXP_AVG_R) if key in self._state_shapes(name, p)]
+            if kept != expected:
+                saved_policy = "lowrank" if EXP_AVG_L in kept else "full" if kept else "none"
                 raise ValueError(
-                    f"state for {name!r} has {extra[0]!r}, but its momentum policy here is {self.policy(name)!r}: "
-                    "it was saved with another momentum= setting"
+                    f"the state of {name!r} holds {saved_policy!r} momentum, but its policy here is {self.policy(name)!r} "
+                    f"(role {self.plan[name].role!r}): it was saved with another momentum= setting, or from an optimizer "
+                    "built another way (a module gives roles that bare parameters lack); build both the same way"
                 )
-        return pairs
+        super()._validate_state_dict(state_dict, pairs)
 
     def _initial_right_factor(self, name: str, r: int, n: int, like: Tensor) -> Tensor:
         """A Gaussian ``(r, n)`` factor scaled to unit-norm rows in expectation, drawn from a
@@ -353,7 +356,7 @@ class AdaPM(BlockwiseOptimizer):
     # ---- the step ----------------------------------------------------------------------
     def _gather_state(self, batch: AdaPMBatch, name, p, layout, state, plain) -> None:
         policy = self.policy(name)
-        if not state:
+        if STEP not in state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
             if policy == "full":
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -383,7 +386,7 @@ class AdaPM(BlockwiseOptimizer):
         beta1, beta2 = group["betas"]
         adapm(
             batch.params, batch.grads, batch.momenta, batch.exp_avg_sqs, batch.steps, batch.layouts,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
+            lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
             fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
             maximize=group["maximize"], sq_sums=batch.sq_sums, collectives=collectives, implementation=group["implementation"],
         )

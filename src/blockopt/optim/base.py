@@ -26,7 +26,6 @@ import copy
 import itertools
 import warnings
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +39,9 @@ from ..distributed import (
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
 from ..validation import Rule, validate
-from .named_params import all_trainable, check_spec, check_unique, name_group, named_groups
+from . import nonfinite
+from .checkpoint import align_state_dict, check_fits
+from .named_params import all_trainable, check_real, check_spec, check_unique, name_group, named_groups
 from .state import stat_dtype
 
 
@@ -71,6 +72,9 @@ class BlockwiseOptimizer(Optimizer):
 
     HYPERPARAMETERS: ClassVar[dict[str, Rule]] = {}
     _Batch: ClassVar[type[ParamBatch]] = ParamBatch
+    # the batch field and state key of the block statistics that nonfinite="warn" watches
+    _STATISTICS: ClassVar[str] = ""
+    _STATISTICS_KEY: ClassVar[str] = ""
     _STAT_KEYS: ClassVar[tuple[str, ...]] = ()
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {}
     _OPTIONS: ClassVar[dict[str, Any]] = {"_partition_options": {}}
@@ -93,6 +97,7 @@ class BlockwiseOptimizer(Optimizer):
         group = name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)
         check_unique([group], self.param_groups)
+        check_real(zip(group["param_names"], group["params"]), type(self).__name__)
         new = [(n, p) for n, p in zip(group["param_names"], group["params"]) if n not in self.plan]
         plan = self.plan
         if new:
@@ -115,13 +120,24 @@ class BlockwiseOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = [batch for batch in map(self._gather, self.param_groups) if batch.params]
+        skip = nonfinite.to_skip(self) if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups) else ()
+        batches = [batch for batch in (self._gather(group, skip) for group in self.param_groups) if batch.params]
         if batches:
             collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
             self._reduce(batches, collectives)
             for batch in batches:
                 self._update(batch, collectives)
+            self._watch_statistics(batches)
         return loss
+
+    def _watch_statistics(self, batches: list[ParamBatch]) -> None:
+        """nonfinite="warn": a bounded look at the block statistics (`nonfinite.StatisticsWatch`)."""
+        watch = self.__dict__.get("_watch")
+        if watch is None:
+            watch = self._watch = nonfinite.StatisticsWatch()
+        if not watch.warned:
+            named = [(n, s) for b in batches if b.group["nonfinite"] == "warn" for n, s in zip(b.names, getattr(b, self._STATISTICS))]
+            watch.check(type(self).__name__, self._STATISTICS_KEY, named)
 
     def _collectives(self, layouts: list) -> Collectives:
         # the sharded implementation caches its reducers, so each optimizer keeps its own
@@ -131,9 +147,9 @@ class BlockwiseOptimizer(Optimizer):
             sharded = self._sharded = ShardedCollectives()
         return collectives_for(layouts, sharded)
 
-    def _gather(self, group: dict) -> ParamBatch:
-        """The group's parameters with a gradient, their layouts and weight decays, and (through
-        ``_gather_state``) their state, created on first use."""
+    def _gather(self, group: dict, skip=()) -> ParamBatch:
+        """The group's parameters with a gradient (less those in ``skip``, ids), their layouts and
+        weight decays, and (through ``_gather_state``) their state, created on first use."""
         # Note: this loop runs every step for every tensor, so it reads each attribute once
         # (models with thousands of small tensors spend a good part of a step here).
         batch = self._Batch(group)
@@ -141,7 +157,7 @@ class BlockwiseOptimizer(Optimizer):
         names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
         for name, p, layout in zip(group["param_names"], group["params"], self.layouts(group)):
             grad = p.grad
-            if grad is None:
+            if grad is None or (skip and id(p) in skip):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
@@ -164,6 +180,13 @@ class BlockwiseOptimizer(Optimizer):
     def _update(self, batch: ParamBatch, collectives: Collectives) -> None:
         """Run the optimizer's functional step on one batch."""
         raise NotImplementedError
+
+    @staticmethod
+    def _lr(group: dict) -> float:
+        """The group's learning rate as a number: a 1-element tensor lr (as torch.optim accepts,
+        e.g. for LR schedulers under torch.compile) is read at each step."""
+        lr = group["lr"]
+        return lr.item() if isinstance(lr, Tensor) else lr
 
     # ---- layouts ----------------------------------------------------------------------
     def specs(self, group: dict) -> list[BlockSpec]:
@@ -194,7 +217,8 @@ class BlockwiseOptimizer(Optimizer):
         return next(n for g in self.param_groups for n, q in zip(g["param_names"], g["params"]) if q is param)
 
     # ---- checkpoints ------------------------------------------------------------------
-    def _state_shapes(self, spec: BlockSpec, param: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
+        """``{state key: shape}`` of what this optimizer keeps for parameter ``name``."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -225,22 +249,24 @@ class BlockwiseOptimizer(Optimizer):
         return {**packed, "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; a state dict from another model or plan raises and changes nothing.
+        """Load state; a state dict that does not fit raises and changes nothing.
 
-        For sharded (DTensor) parameters, plain full-size tensors (from a single-process or
-        full-state-dict checkpoint) are cut to this rank's shard, and block statistics in global
-        form to the blocks meeting it: a checkpoint loads at any world size.
+        Entries are matched to parameters by name, or by position where the names differ
+        (Note [which saved entry is which parameter]); each must hold what this optimizer keeps,
+        in the shapes its plan gives. For sharded (DTensor) parameters, plain full-size tensors
+        (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
+        block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
         """
-        pairs = self._validate_state_dict(state_dict)
+        state_dict, pairs = align_state_dict(self.param_groups, state_dict)
+        self._validate_state_dict(state_dict, pairs)
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to the parameter's dtype; block statistics
         # must stay float32 for bf16/fp16 params, so restore them from the saved values.
-        names = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
-        for saved_id, p in pairs:
+        for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
-            state, layout = self.state[p], self._layout(names[id(p)], p)
+            state, layout = self.state[p], self._layout(name, p)
             for key in self._STAT_KEYS:
                 if isinstance(saved.get(key), torch.Tensor):
                     value = saved[key].to(device=p.device, dtype=stat_dtype(p), copy=True)
@@ -251,51 +277,20 @@ class BlockwiseOptimizer(Optimizer):
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
                         state[key] = shard_like(value, p)
 
-    def _place_loaded_stat(self, p: torch.Tensor, key: str, value: torch.Tensor, layout) -> torch.Tensor:
+    def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
         """A loaded statistic in the form the step keeps: global block statistics are cut to the
         blocks meeting this rank's shard; DTensors are already placed."""
         if isinstance(layout, ShardView) and not is_dtensor(value):
             return layout.to_local(value)
         return value
 
-    def _validate_state_dict(self, state_dict) -> list[tuple[Any, torch.Tensor]]:
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state dict: expected a mapping with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}: "
-                "it was saved from a different setup"
-            )
-        pairs = []
-        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(sg["params"]) != len(g["params"]):
-                raise ValueError(
-                    f"param group {gi}: state dict has {len(sg['params'])} parameters, this optimizer has {len(g['params'])}: "
-                    "it comes from another model"
-                )
-            saved_names = sg.get("param_names")
-            if saved_names is not None and list(saved_names) != list(g["param_names"]):
-                i, a, b = next((i, a, b) for i, (a, b) in enumerate(zip(saved_names, g["param_names"])) if a != b)
-                raise ValueError(
-                    f"param group {gi}: state dict entry {i} is {a!r} but this optimizer has {b!r}: it comes from another model"
-                )
-            pairs.extend(zip(sg["params"], g["params"]))
-        for saved_id, p in pairs:
+    def _validate_state_dict(self, state_dict: dict, pairs: list[tuple[Any, Tensor, str]]) -> None:
+        """Refuse (before anything is applied) a saved entry that lacks what this optimizer keeps
+        or holds it in another shape. Subclasses add their own checks."""
+        for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
-            name = self._name_of(p)
-            for key, shape in self._state_shapes(self.plan[name], p).items():
-                value = saved.get(key)
-                if value is None:
-                    raise ValueError(f"state for {name!r} lacks {key!r}: it was saved by a different optimizer")
-                if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
-                    raise ValueError(
-                        f"state {key!r} of {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)} under this plan "
-                        f"({self.plan[name].rule}, {self.plan[name].n_blocks} blocks): it comes from another model or plan"
-                    )
-        return pairs
+            if saved:
+                check_fits(saved, name, p, self._state_shapes(name, p), self.block_spec(name))
 
     # ---- pickling / deepcopy ----------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

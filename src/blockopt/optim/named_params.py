@@ -31,6 +31,7 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
         if missing:
             raise ValueError(f"plan has parameters the model lacks ({missing[:3]}...): build the plan from this model")
         names = list(plan)
+        check_real([(n, tensors[n]) for n in names], owner)
         return [{"params": [tensors[n] for n in names], "param_names": names}], plan
 
     items = list(params)
@@ -47,6 +48,7 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
     check_unique(groups)
 
     pairs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
+    check_real(pairs, owner)
     unnamed = any([g.pop("_unnamed", False) for g in groups])
     if plan is None:
         with warnings.catch_warnings(record=True) as caught:
@@ -74,14 +76,16 @@ def name_group(group: dict, counter, where: str) -> dict:
     ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
     if not ps:
         raise ValueError(f"{where} has an empty 'params' list")
-    tensors, names = [], []
+    tensors, names, kinds = [], [], set()
     given = group.get("param_names")
     if given is not None and len(given) != len(ps):
         raise ValueError(f"{where}: param_names has {len(given)} names for {len(ps)} parameters")
     for j, item in enumerate(ps):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             name, t = item
+            kinds.add("named")
         elif isinstance(item, torch.Tensor):
+            kinds.add("plain")
             name, t = (given[j] if given is not None else None), item
         else:
             raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
@@ -94,6 +98,11 @@ def name_group(group: dict, counter, where: str) -> dict:
             group["_unnamed"] = True
         tensors.append(t)
         names.append(name)
+    if len(kinds) > 1 and given is None:
+        raise ValueError(
+            f"{where} mixes (name, tensor) pairs and bare tensors: pass all of them named (model.named_parameters()) "
+            "or none of them, as torch.optim requires"
+        )
     group["params"], group["param_names"] = tensors, names
     return group
 
@@ -114,6 +123,17 @@ def check_unique(groups: list[dict], existing: Iterable[dict] = ()) -> None:
                 raise ValueError(f"two different parameters are both named {n!r}; parameter names must be unique")
             where[id(p)] = n
             names.add(n)
+
+
+def check_real(pairs, owner: str) -> None:
+    """Complex parameters are refused: a block's second moment is the mean of ``|g|^2`` over real
+    coordinates, and silently squaring complex gradients would diverge (docs/contract.md)."""
+    for name, p in pairs:
+        if p.is_complex():
+            raise TypeError(
+                f"{owner} does not support complex parameters ({name!r} is {p.dtype}): keep its real and imaginary "
+                "parts as two real parameters (torch.view_as_real), or optimize it with torch.optim.AdamW"
+            )
 
 
 def check_spec(plan: Plan, name: str, p: torch.Tensor) -> None:

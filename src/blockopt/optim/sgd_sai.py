@@ -29,6 +29,7 @@ from ..distributed import SINGLE_PROCESS, Collectives, local_tensor
 from ..partition import BlockSpec, PartitionWarning, Plan
 from ..validation import boolean, choice, real, validate
 from .base import BlockwiseOptimizer, ParamBatch
+from .nonfinite import NONFINITE
 from .state import GSNR, MOMENTUM_BUFFER, stat_dtype
 
 BLOCKS = ("tensor", "plan")
@@ -70,13 +71,15 @@ class SGDSaI(BlockwiseOptimizer):
             as ``lr * weight_decay``, so when the lr grows by the largest gsnr (hundreds for a
             large embedding), divide ``weight_decay`` by as much to keep the same decay per step:
             on the demo Llama the shared 0.1 at lr 5 halves the weights at every step
-            (``benchmarks/sgd_sai.md``). (Default: False)
+            (``benchmarks/studies/sgd_sai``). (Default: False)
         decay_1d (bool): also decay 1-D parameters (norm scales, biases). On by default, as in the
             package; `blockopt.AdamMini` defaults to off. (Default: True)
         maximize (bool): maximise the objective instead (the gsnr does not depend on the sign).
             (Default: False)
         plan, n_heads, n_kv_heads, head_dim, dim, rules, value, conv: passed to
             `blockopt.partition` (they matter for ``blocks="plan"``).
+        nonfinite (str): ``"warn"``, ``"skip_tensor"``, ``"skip_step"`` or ``"ignore"``, as for
+            `blockopt.AdamMini`; the watched statistic is the gsnr. (Default: "warn")
 
     Note [degenerate blocks]: the unbiased std of a 1-element block is undefined; the package
     turns it into 0, so the block steps with ``|g|/eps`` (about 1e8 times too far). Here such a
@@ -112,12 +115,14 @@ class SGDSaI(BlockwiseOptimizer):
         "normalize": boolean(),
         "decay_1d": boolean(),
         "maximize": boolean(),
+        "nonfinite": choice(*NONFINITE),
         "blocks": choice(*BLOCKS, hint="'tensor' is one block per parameter tensor (the sgd-sai package), "
                                        "'plan' uses the blocks of blockopt.partition"),
     }
     _Batch = SGDSaIBatch
+    _STATISTICS, _STATISTICS_KEY = "gsnrs", GSNR
     _STAT_KEYS = (GSNR,)
-    _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None}
+    _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None, "nonfinite": "warn"}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor"}
 
     def __init__(
@@ -140,12 +145,13 @@ class SGDSaI(BlockwiseOptimizer):
         rules: dict[str, str] | None = None,
         value: str | None = None,
         conv: str | None = None,
+        nonfinite: str = "warn",
     ):
         validate(self.HYPERPARAMETERS, {"blocks": blocks})
         self._blocks = blocks
         defaults = dict(
             lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize,
-            decay_1d=decay_1d, maximize=maximize, gsnr_max=None,
+            decay_1d=decay_1d, maximize=maximize, gsnr_max=None, nonfinite=nonfinite,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         with self._quiet_partition():
@@ -184,21 +190,19 @@ class SGDSaI(BlockwiseOptimizer):
         with self._quiet_partition():
             super().add_param_group(param_group)
 
-    def _state_shapes(self, spec: BlockSpec, param: Tensor) -> dict[str, tuple[int, ...]]:
+    def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         # The momentum buffer is absent while momentum == 0, so only its shape is checked (below).
-        return {GSNR: (self._mode_spec(spec).n_blocks,)}
+        return {GSNR: (self.block_spec(name).n_blocks,)}
 
-    def _validate_state_dict(self, state_dict):
-        pairs = super()._validate_state_dict(state_dict)
-        names = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
-        for saved_id, p in pairs:
+    def _validate_state_dict(self, state_dict, pairs) -> None:
+        super()._validate_state_dict(state_dict, pairs)
+        for saved_id, p, name in pairs:
             buf = (state_dict["state"].get(saved_id) or {}).get(MOMENTUM_BUFFER)
             if isinstance(buf, Tensor) and tuple(buf.shape) != tuple(p.shape):
                 raise ValueError(
-                    f"state {MOMENTUM_BUFFER!r} of {names[id(p)]!r} has shape {tuple(buf.shape)}, expected "
+                    f"state {MOMENTUM_BUFFER!r} of {name!r} has shape {tuple(buf.shape)}, expected "
                     f"{tuple(p.shape)}: it comes from another model"
                 )
-        return pairs
 
     def load_state_dict(self, state_dict) -> None:
         """Load state (atomic: a state dict from another model or block layout changes nothing).
@@ -252,7 +256,7 @@ class SGDSaI(BlockwiseOptimizer):
         group = batch.group
         sgd_sai_update(
             batch.params, batch.grads, batch.momentum_buffers, batch.gsnrs, batch.layouts,
-            scale=step_scale(group["lr"], group["normalize"], group["gsnr_max"]), lr=group["lr"],
+            scale=step_scale(self._lr(group), group["normalize"], group["gsnr_max"]), lr=self._lr(group),
             momentum=group["momentum"], weight_decays=batch.weight_decays, maximize=group["maximize"],
             new_momentum=batch.new_momentum,
         )
@@ -302,7 +306,7 @@ def gsnr_from_stats(stats: Tensor, spec, *, eps: float) -> Tensor:
     m2 = m2_local + (between_local - centred).clamp_min(0)
     norm = (m2 + centred).sqrt()
     std = (m2 / (n - 1).clamp_min(1)).sqrt()
-    measured = (n > 1) & (norm > 0)
+    measured = (n > 1) & (norm != 0)  # a nan norm (a non-finite gradient) stays nan: nonfinite="warn" reports it
     return torch.where(measured, norm / (std + eps), n.sqrt().expand_as(norm))
 
 

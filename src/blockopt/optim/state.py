@@ -13,6 +13,7 @@ EXP_AVG_SQ = "exp_avg_sq"  # Adam-mini: one value per block, shape (n_blocks,), 
 MOMENTUM_BUFFER = "momentum_buffer"  # SGD-SaI: momentum m, like the parameter (torch.optim.SGD's and sgd-sai's key)
 GSNR = "gsnr"  # SGD-SaI: per-block gradient signal-to-noise ratio, shape (n_blocks,), stat_dtype (sgd-sai's key)
 EXP_AVG_L = "exp_avg_l"  # AdaPM: left factor L of the low-rank first moment L @ R, (m, rank), stat_dtype
+NONFINITE_SKIPS = "nonfinite_skips"  # nonfinite='skip_tensor'/'skip_step': steps this parameter skipped (an int)
 EXP_AVG_R = "exp_avg_r"  # AdaPM: right factor R of the low-rank first moment L @ R, (rank, n), stat_dtype
 
 

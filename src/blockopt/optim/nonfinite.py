@@ -1,0 +1,89 @@
+"""What a step does about inf and nan: the ``nonfinite=`` option of every blockwise optimizer.
+
+Note [why a block optimizer must care]: AdamW that meets one inf in a gradient loses that
+coordinate. A block optimizer loses the whole block: ``v_b`` takes the mean of ``g^2`` over the
+block, becomes inf (or nan) and stays so, so every coordinate of the block divides by it and
+stops moving, silently. The options:
+
+* ``"warn"`` (default): step as usual; warn once, naming the tensors, when a block statistic is
+  found non-finite. Checking every statistic each step would cost a pass over thousands of small
+  tensors, so a bounded number (`WATCH_PER_STEP`) is checked per step, in rotation; a
+  non-finite statistic stays non-finite, so it is found within ``ceil(tensors / WATCH_PER_STEP)``
+  steps of going bad.
+* ``"skip_tensor"``: a tensor whose gradient holds inf or nan is not updated at this step (its
+  state is left as it was); ``state[p]["nonfinite_skips"]`` counts the skips.
+* ``"skip_step"``: if any gradient of the groups with this setting holds inf or nan, none of
+  their parameters is updated at this step (each counts the skip).
+* ``"ignore"``: no check at all.
+
+The skip modes read every gradient once more per step (about one seventh of an Adam step's
+memory traffic): they are opt-in.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .state import NONFINITE_SKIPS
+
+NONFINITE = ("warn", "skip_tensor", "skip_step", "ignore")
+SKIPPING = ("skip_tensor", "skip_step")
+WATCH_PER_STEP = 64
+
+
+def to_skip(optimizer) -> set[int]:
+    """ids of the parameters the skip modes leave out of this step; counts each skip in state."""
+    flagged: list[tuple[dict, list[torch.Tensor]]] = []
+    for group in optimizer.param_groups:
+        if group["nonfinite"] in SKIPPING:
+            flagged.append((group, [p for p in group["params"] if p.grad is not None]))
+    checked = [p for _, ps in flagged for p in ps]
+    if not checked:
+        return set()
+    finite = torch.stack([torch.isfinite(_local(p.grad)).all().cpu() for p in checked]).tolist()
+    bad = {id(p) for p, ok in zip(checked, finite) if not ok}
+    skipped: set[int] = set()
+    for group, ps in flagged:
+        if group["nonfinite"] == "skip_step":
+            if bad:  # any non-finite gradient of the step stops every skip_step group
+                skipped.update(id(p) for p in ps)
+        else:
+            skipped.update(id(p) for p in ps if id(p) in bad)
+    for p in checked:
+        if id(p) in skipped:
+            state = optimizer.state[p]
+            state[NONFINITE_SKIPS] = state.get(NONFINITE_SKIPS, 0) + 1
+    return skipped
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class StatisticsWatch:
+    """The ``"warn"`` check: a rotating window over the block statistics of the steps' batches."""
+
+    def __init__(self) -> None:
+        self.cursor = 0
+        self.warned = False
+
+    def check(self, owner: str, key: str, named: list[tuple[str, torch.Tensor]]) -> None:
+        if self.warned or not named:
+            return
+        start = self.cursor % len(named)
+        window = (named + named)[start:start + min(WATCH_PER_STEP, len(named))]
+        self.cursor = start + len(window)
+        finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in window]).tolist()
+        bad = [name for (name, _), ok in zip(window, finite) if not ok]
+        if bad:
+            self.warned = True
+            shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            warnings.warn(
+                f"{owner}: the block statistic {key!r} of {shown} is inf or nan, so every coordinate of those "
+                "blocks has stopped training (a gradient held inf or nan). Pass nonfinite='skip_tensor' or "
+                "'skip_step' to skip such gradients, or find where they overflow (e.g. fp16 without a GradScaler). "
+                "This warning is shown once.",
+                RuntimeWarning, stacklevel=4,
+            )
