@@ -47,7 +47,9 @@ forms :math:`T_t`. Only :math:`\Delta_t` (for the correction) is one transient :
 buffer, reused for the update, so a step holds at most one parameter-sized temporary at a time.
 
 The fit of the factors, and how they are kept under FSDP2, are in `blockopt.optim.lowrank`
-(Note [the fit: ...], Note [sharded low-rank momentum]).
+(Note [the fit: ...], Note [sharded low-rank momentum]). This module runs past 400 lines because
+no official code exists: the notes below record every choice the paper leaves open, next to the
+code they explain.
 
 Note [what comes from the paper]
     No official code is public. From the paper: the policy per block type (none for the token
