@@ -1,22 +1,49 @@
-"""The ``blockopt`` command line. Each subcommand is a ``_add_<name>`` parser plus a ``_run_<name>``."""
+"""The ``blockopt`` command line: ``demo``, ``compare`` and ``plan``, each a ``_add_<name>``
+parser plus a ``_run_<name>``.
+
+Every failure is one line on stderr, ``blockopt: error: ...``, never a traceback: exit status 2
+when argparse refuses the command line (`_Parser`), 1 when running it fails (`main`, the one
+place that turns errors into that line; ``--traceback`` or ``BLOCKOPT_TRACEBACK=1`` shows the
+traceback instead). An error of a kind not in `_KNOWN_ERRORS` is a bug, reported as unexpected.
+Over 400 lines because ``plan``'s model lookup (named shape, config.json, folder, Hub id) lives
+here with its error messages.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib.util
+import json
+import os
+import re
+import socket
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
 
+from . import __version__
 # Light modules (no bench extras): the parsers show their defaults without importing those.
 from .bench.argtypes import betas, nonnegative_int, positive_int
 from .bench.loop import DEFAULT_SEQ_LEN, DEFAULT_STEPS
 from .bench.schedules import SCHEDULES
 
 BENCH_EXTRAS = ("tokenizers", "matplotlib", "tqdm")
+MAX_MESSAGE = 300  # characters of an error line before its listings are clipped
 
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 1 (no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line (not usage + message), still exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"blockopt: error: {message} (see: {self.prog} --help)\n")
 
 
 def _require_bench_extras(command: str) -> None:
@@ -49,13 +76,25 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> None:
     _require_bench_extras("demo")
-    from .bench.corpus import CorpusError
     from .bench.demo import run_demo
 
+    run_demo(args.corpus, steps=args.steps, out_dir=args.out, seed=args.seed, progress=args.progress)
+
+
+def _torch_device(text: str) -> str:
+    """A device this torch can use (checked before any training starts)."""
+    import torch
+
     try:
-        run_demo(args.corpus, steps=args.steps, out_dir=args.out, seed=args.seed, progress=args.progress)
-    except (FileNotFoundError, CorpusError) as error:
-        raise CommandError(str(error)) from error
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch {torch.__version__} has no usable {device.type} device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return text
 
 
 def _add_compare(subparsers: argparse._SubParsersAction) -> None:
@@ -108,7 +147,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--grad-clip", type=float, help=f"max global grad norm, 0 = off (default: {d_loop.grad_clip:g})")
     loop.add_argument("--eval-every", type=positive_int, help="validate every N steps (default: a tenth of the run)")
     loop.add_argument("--eval-batches", type=positive_int, help=f"validation batches (default: {d_loop.eval_batches})")
-    loop.add_argument("--device", help=f"torch device (default: {d.device})")
+    loop.add_argument("--device", type=_torch_device, help=f"torch device (default: {d.device})")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", default="compare-out", help="output folder (default: %(default)s)")
@@ -163,26 +202,22 @@ def _run_compare(args: argparse.Namespace) -> None:
         return
     _require_bench_extras("compare")
     from .bench.compare_config import seeds_from
+    from .bench.modelspec import parse_overrides
     from .bench.runner import compare
-    from .bench.corpus import CorpusError
-    from .bench.modelspec import ModelSpecError, parse_overrides
-    from .bench.peers import PeerError
 
     settings = {dest: getattr(args, dest) for dest in _COMPARE_SETTINGS if getattr(args, dest) is not None}
     if args.seeds is not None or args.first_seed is not None:
         settings["seeds"] = seeds_from(args.seeds or 3, args.first_seed or 0)
     if settings.get("grad_clip") == 0:
         settings["grad_clip"] = None
+    if args.opt:
+        settings["optimizers"] = tuple(args.opt)
+    settings["model_overrides"] = parse_overrides(args.model_override)
     try:
-        if args.opt:
-            settings["optimizers"] = tuple(args.opt)
-        settings["model_overrides"] = parse_overrides(args.model_override)
         result = compare(
             out_dir=args.out, resume=args.resume, progress=args.progress, log=print,
             command=_compare_command(args), **settings,
         )
-    except (PeerError, ModelSpecError, CorpusError, FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from error
     except KeyboardInterrupt:
         raise CommandError(
             f"interrupted; finished runs and checkpoints are in {args.out}: run the same command with --resume to continue"
@@ -194,33 +229,56 @@ def _run_compare(args: argparse.Namespace) -> None:
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    from .hf import NAMED_CONFIGS
+
     parser = subparsers.add_parser(
         "plan",
         help="print the Adam-mini partition of a Hugging Face model and its optimizer-state memory",
-        description="Build a model on the meta device (no memory) from a config.json or a named shape, "
-        "print its partition (every tensor: rule, blocks, why), the summary, and the state memory of "
-        "AdamW vs Adam-mini in float32 and bfloat16.",
+        description="Build a model on the meta device (no memory, no weights) and print its partition (rule, "
+        "blocks per tensor, why; identical layers share one row with a count), the summary, and the state "
+        "memory of AdamW vs Adam-mini in float32 and bfloat16.",
     )
-    parser.add_argument("config", help="path to an HF config.json (or its folder), or a named shape: "
-                        "gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b, mixtral-8x7b")
+    parser.add_argument("model", metavar="MODEL", help=f"a named shape ({', '.join(NAMED_CONFIGS)}), an HF "
+                        "config.json or a model folder holding one, or a Hugging Face model id such as "
+                        "Qwen/Qwen2.5-7B (reads its config.json from the Hub or the local cache)")
     parser.add_argument("--value", choices=("rows", "whole"), default="rows", help="attention value blocks (default: %(default)s)")
-    parser.add_argument("--max-rows", type=positive_int, default=None, help="show at most this many tensors in the table")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="table for people; json (rows, summary, state bytes, warnings) or csv (rows) for tools "
+                        "(default: %(default)s)")
+    parser.add_argument("--expand", action="store_true", help="one row per tensor: do not collapse identical layers")
+    parser.add_argument("--max-rows", type=positive_int, default=None, help="show at most this many rows in the table")
     parser.set_defaults(run=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise CommandError("`blockopt plan` needs transformers; install it with: pip install 'blockopt[hf]'")
-    import blockopt
-    from blockopt.partition.memory import memory_table
+    from .partition import PartitionWarning, partition
+    from .partition.memory import memory_table
+    from .partition.report import plan_dict, plan_rows, rows_csv, rows_table
 
-    try:
-        model = blockopt.hf.meta_model(args.config)
-    except (FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from error
-    plan = blockopt.partition(model, value=args.value)
-    print(f"{args.config}: {type(model).__name__} on the meta device\n")
-    print(plan.table(max_rows=args.max_rows))
+    with _quiet_transformers():
+        model = _meta_model(_plan_config(args.model), args.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartitionWarning)  # plan.warnings: printed below, or in the JSON
+        try:
+            plan = partition(model, value=args.value)
+        except ValueError as error:
+            raise CommandError(f"{args.model}: blockopt cannot partition {type(model).__name__}: {_message(error)}") from error
+    rows = plan_rows(plan, collapse=not args.expand)
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "model_class": type(model).__name__, **plan_dict(plan, rows)}, indent=2))
+        return
+    if args.format == "csv":
+        sys.stdout.write(rows_csv(rows))
+        for warning in plan.warnings:
+            print(f"blockopt: warning: {warning}", file=sys.stderr)
+        return
+    print(f"{args.model}: {type(model).__name__} on the meta device\n")
+    print(rows_table(rows, max_rows=args.max_rows))
+    if len(rows) < len(plan):
+        print(f"({len(plan)} tensors in {len(rows)} rows: identical layers share a row, blocks are per tensor; "
+              "--expand lists every tensor)")
     print()
     print(plan.summary())
     print("\noptimizer state (step counters left out):")
@@ -229,21 +287,205 @@ def _run_plan(args: argparse.Namespace) -> None:
         print(f"warning: {warning}")
 
 
+# `blockopt plan MODEL`: where MODEL's config comes from, each failure said in one line naming it.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "meta-llama/Llama-3.1-8B"
+_SIZE_FIELD = re.compile(r"(n|num)_\w+|\w+_(size|dim|heads|layers|experts)")  # counts and widths
+
+
+def _plan_config(text: str):
+    """The transformers config ``text`` names: a named shape, a config.json or a folder holding
+    one, or else a Hugging Face model id (its config.json from the Hub or the local cache)."""
+    from . import hf
+
+    path = Path(text).expanduser()
+    if text in hf.NAMED_CONFIGS or path.is_file():
+        return _config_from(_read_fields(text), text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CommandError(f"{text}: the folder has no config.json")
+        return _config_from(_read_fields(str(path / "config.json")), str(path / "config.json"))
+    if path.exists():
+        raise CommandError(f"{text}: not a file or folder; expected a Hugging Face config.json")
+    if not _HUB_ID.fullmatch(text) or text.endswith(".json"):
+        raise CommandError(f"{text}: no such file or folder")
+    return _hub_config(text)
+
+
+def _read_fields(source: str) -> dict:
+    from . import hf
+
+    try:
+        return hf.config_fields(source)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{source} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{source} is not a text file; expected a Hugging Face config.json") from None
+    except TypeError:  # valid JSON, but a number, null or the like
+        raise CommandError(f"{source} holds no JSON object; expected a Hugging Face config.json") from None
+
+
+def _config_from(fields: dict, source: str):
+    from transformers import CONFIG_MAPPING
+    from transformers import __version__ as transformers_version
+
+    from . import hf
+
+    model_type = fields["model_type"]
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        known = list(CONFIG_MAPPING.keys())
+        close = difflib.get_close_matches(str(model_type), known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise CommandError(f"{source}: unknown model_type {model_type!r} ({hint}transformers {transformers_version} "
+                           f"knows {len(known)}, listed in transformers.CONFIG_MAPPING)")
+    try:
+        return hf.config_from_fields(fields)
+    except Exception as error:  # noqa: BLE001 - ValueError, TypeError or the Hub's strict-dataclass errors
+        raise CommandError(f"{source}: not a valid {model_type} config: {_message(error)}") from error
+
+
+def _hub_config(model_id: str):
+    """``model_id``'s config from the Hub, or the local cache alone when the Hub cannot be reached
+    (its retries would take half a minute to say the same)."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    from . import hf
+
+    host = urlparse(constants.ENDPOINT).hostname
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if offline is None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as error:
+            offline = f"{host} is unreachable ({error.strerror or error})"
+    try:
+        return AutoConfig.from_pretrained(model_id, local_files_only=offline is not None)
+    except OSError as error:  # transformers' lookup failures are OSErrors
+        close = difflib.get_close_matches(model_id, list(hf.NAMED_CONFIGS), n=1)
+        named = f" (did you mean {close[0]}?)" if close else ""
+        raise CommandError(f"{model_id!r} is no file, folder or named shape{named}, and as a Hugging Face model id: "
+                           f"{_hub_failure(error, offline)}") from error
+    except Exception as error:  # noqa: BLE001 - the config itself: unknown model_type, bad sizes, custom code
+        raise CommandError(f"{model_id} (Hugging Face Hub): {_message(error)}") from error
+
+
+def _hub_failure(error: Exception, offline: str | None) -> str:
+    """Why the Hub gave no config, in words (transformers' own message is a paragraph)."""
+    from huggingface_hub import errors
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    found = lambda kind: any(isinstance(e, kind) for e in chain)  # noqa: E731
+    if offline is not None and found(errors.LocalEntryNotFoundError):
+        return f"not in the local cache, and {offline}"
+    if found(errors.GatedRepoError):
+        return "the model is gated: accept its terms on huggingface.co, then log in (hf auth login)"
+    if found(errors.RepositoryNotFoundError):
+        return "no such model on the Hub (a private one needs: hf auth login)"
+    if found(errors.LocalEntryNotFoundError):
+        return f"not in the local cache, and the Hub did not answer ({_message(chain[-1])})"
+    return _message(error)
+
+
+def _meta_model(config, source: str):
+    """The model of ``config`` on the meta device; a size transformers would take or choke on is refused."""
+    from . import hf
+    from .validation import check, integer
+
+    sizes = dict(_sizes(config.to_dict()))
+    try:
+        for name, value in sizes.items():
+            check(name, value, integer(0))  # negative: some build silently (range(-1) is empty)
+    except ValueError as error:
+        raise CommandError(f"{source}: {error}") from None
+    try:
+        return hf.meta_model(config)
+    except Exception as error:  # noqa: BLE001 - transformers checks few fields; a failure here is the config's
+        zeros = ", ".join(f"{name}=0" for name, value in sizes.items() if value == 0)
+        raise CommandError(f"{source}: transformers cannot build a {config.model_type} model from it"
+                           f"{f' ({zeros}?)' if zeros else ''}: {_message(error)}") from error
+
+
+def _sizes(fields: dict, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """Integer counts and widths of a config (``hidden_size``, ``num_heads``, ...), sub-configs included."""
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            yield from _sizes(value, f"{prefix}{name}.")
+        elif isinstance(name, str) and _SIZE_FIELD.fullmatch(name) and isinstance(value, int) and not isinstance(value, bool):
+            yield prefix + name, value
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' and the Hub's logging (config remarks, download retries) while the
+    model is found and built: the plan, or one error line, says what matters."""
+    import huggingface_hub.utils.logging as hub_logging
+    import transformers
+
+    levels = transformers.logging.get_verbosity(), hub_logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockopt", description="Memory-efficient blockwise optimizers for PyTorch.")
+    parser = _Parser(prog="blockopt", description="Memory-efficient blockwise optimizers for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"blockopt {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the traceback (also: BLOCKOPT_TRACEBACK=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(subparsers)
     _add_compare(subparsers)
     _add_plan(subparsers)
+    for subparser in subparsers.choices.values():  # accepted after the command too; SUPPRESS keeps the top one's
+        subparser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback")
     return parser
 
 
+# What a failure may be, as opposed to a bug: a CommandError, or an error of these kinds from the
+# code a command runs (the bench's CorpusError, PeerError and ModelSpecError, and json's errors,
+# are ValueErrors; a missing file or package is an OSError or ImportError).
+_KNOWN_ERRORS = (CommandError, ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status (argparse exits 2 itself on a bad command line)."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except CommandError as error:
-        print(f"blockopt {args.command}: error: {error}", file=sys.stderr)
+    except BrokenPipeError:  # the reader stopped (`blockopt plan ... | head`): nothing to report
+        with contextlib.suppress(OSError, ValueError):  # no real stdout under a test's capture
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return 1
+    except (Exception, KeyboardInterrupt) as error:
+        if args.traceback or os.environ.get("BLOCKOPT_TRACEBACK", "0") not in ("", "0"):
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            message = "interrupted"
+        elif isinstance(error, _KNOWN_ERRORS):
+            message = _message(error)
+        else:
+            message = f"unexpected {type(error).__name__}: {_message(error)} (a bug? rerun with --traceback and report it)"
+        print(f"blockopt: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+_LISTING = re.compile(r"(?:[^\s,]+, ){9,}[^\s,]+")  # ten or more comma-separated words
+
+
+def _message(error: BaseException) -> str:
+    """``error``'s message on one line, long listings clipped. A wrapper that quotes its cause on
+    a line of its own below a header (huggingface_hub's validation errors) gives way to the cause."""
+    while (cause := error.__cause__) is not None and str(cause) and str(cause) in str(error).partition("\n")[2]:
+        error = cause
+    text = " ".join(str(error).split()) or type(error).__name__
+    if len(text) > MAX_MESSAGE:
+        text = _LISTING.sub(lambda m: ", ".join(m[0].split(", ")[:5]) + f", ... ({m[0].count(', ') - 4} more)", text)
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE} more characters)"
+    return text

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blockopt import cli
 from blockopt.bench.corpus import load_corpus
 from blockopt.bench.demo import DEFAULT_STEPS
+from tests.test_cli_plan import cli_failure
 
 
 def blockopt_cmd(*args, env=None, timeout=300):
@@ -46,12 +48,57 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "loss_curves.png").is_file()
 
 
-def test_friendly_errors(tmp_path, capsys):
-    assert cli.main(["demo", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--steps", "0"])
-    assert "positive integer" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, status, words",
+    [
+        (["demo", "--corpus", "{tmp}/missing"], 1, ["corpus path", "missing", "does not exist"]),
+        (["demo", "--corpus", "{tmp}/binary.bin"], 1, ["no text found in", "binary.bin"]),
+        (["demo", "--corpus", "{tmp}/short.txt", "--no-progress"], 1, ["need more than seq_len=128 tokens"]),
+        (["demo", "--out", "{tmp}/a-file", "--corpus", "{tmp}/short.txt"], 1, ["File exists", "a-file"]),
+        (["demo", "--steps", "0"], 2, ["argument --steps", "positive integer", "blockopt demo --help"]),
+        (["demo", "--steps", "ten"], 2, ["argument --steps", "'ten'"]),
+        (["demo", "--seed", "1.5"], 2, ["argument --seed", "invalid int value"]),
+        (["compare", "--corpus", "{tmp}/short.txt", "--seeds", "1", "--no-progress"], 1, ["need more than seq_len"]),
+        (["compare", "--corpus", "{tmp}/missing"], 1, ["does not exist"]),
+        (["compare", "--opt", "adamz"], 1, ["unknown optimizer 'adamz'", "registered: adamw"]),
+        (["compare", "--opt", "adamw:foo=1"], 1, ["takes no hyperparameter 'foo'"]),
+        (["compare", "--opt", "adamw:betas=(0.9,)"], 1, ["betas must be a pair"]),
+        (["compare", "--opt", "adam-mini:lr=-1"], 1, ["lr must be a number >= 0, got -1"]),
+        (["compare", "--opt", "adamw", "--opt", "adamw"], 1, ["adamw is listed twice"]),
+        (["compare", "--baseline", "lion"], 1, ["baseline 'lion' is not one of the optimizers"]),
+        (["compare", "--lr", "-1"], 1, ["lr must be a number > 0, got -1.0"]),
+        (["compare", "--lr", "nan"], 1, ["lr must be a number > 0, got nan"]),
+        (["compare", "--lr", "fast"], 2, ["argument --lr", "invalid float value: 'fast'"]),
+        (["compare", "--betas", "0.9"], 2, ["argument --betas", "two numbers"]),
+        (["compare", "--betas", "1.5,0.9"], 1, ["betas[0] must be a number in [0, 1), got 1.5"]),
+        (["compare", "--decay-fraction", "2"], 1, ["decay_fraction must be a number in [0, 1], got 2.0"]),
+        (["compare", "--seq-len", "100000"], 1, ["seq_len=100000 exceeds the model's maximum"]),
+        (["compare", "--seeds", "0"], 2, ["argument --seeds", "positive integer"]),
+        (["compare", "--schedule", "zigzag"], 2, ["argument --schedule", "invalid choice: 'zigzag'"]),
+        (["compare", "--device", "banana"], 2, ["argument --device", "'banana' is not a torch device"]),
+        (["compare", "--model", "nope"], 1, ["unknown model 'nope'"]),
+        (["compare", "--model-override", "n_layers"], 1, ["bad model override 'n_layers'"]),
+        (["compare", "--model-override", "n_head=2"], 1, ["has no field 'n_head'"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypatch, argv, status, words):
+    monkeypatch.setenv("BLOCKOPT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "short.txt").write_text("far shorter than one sequence")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "out"
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    got, err = cli_failure(argv if "--out" in argv else [*argv, "--out", str(out)], capsys)
+    assert got == status
+    for word in words:
+        assert word in err
+    assert not any(out.rglob("*.pt"))  # refused before training
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_usage_error(capsys):
+    status, err = cli_failure(["compare", "--device", "cuda:1"], capsys)
+    assert status == 2 and "has no usable cuda device" in err
 
 
 def test_missing_bench_extras_point_to_the_install_command(monkeypatch, capsys):
@@ -59,5 +106,17 @@ def test_missing_bench_extras_point_to_the_install_command(monkeypatch, capsys):
     monkeypatch.setattr(
         cli.importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else real_find_spec(name, *a)
     )
-    assert cli.main(["demo"]) == 1
-    assert "pip install blockopt[bench]" in capsys.readouterr().err
+    status, err = cli_failure(["demo"], capsys)
+    assert status == 1 and "pip install blockopt[bench]" in err
+
+
+def test_ctrl_c_is_one_line(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("blockopt.bench.demo.run_demo", interrupted)
+    status, err = cli_failure(["demo"], capsys)
+    assert status == 1 and err == "blockopt: error: interrupted\n"
+    monkeypatch.setattr("blockopt.bench.runner.compare", interrupted)
+    status, err = cli_failure(["compare", "--out", "somewhere"], capsys)
+    assert status == 1 and "run the same command with --resume" in err
