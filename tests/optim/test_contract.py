@@ -314,6 +314,23 @@ def test_a_non_finite_block_statistic_warns_once_by_default(name):
         opt.step()  # once only
 
 
+def test_the_warning_finds_a_bad_statistic_anywhere_within_its_rotation():
+    """The watch looks at 64 statistics per step, in rotation: the last of 150 tensors is found
+    within ceil(150 / 64) = 3 steps, and named."""
+    layers = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(150))).double()
+    opt = blockopt.AdamMini(layers, lr=1e-3)
+    for p in layers.parameters():
+        p.grad = torch.ones_like(p)
+    layers[149].weight.grad[0, 0] = float("nan")
+    caught = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always", RuntimeWarning)
+            opt.step()
+        caught += [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
+    assert len(caught) == 1 and "'149.weight' is inf or nan" in caught[0]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_skip_tensor_leaves_only_that_tensor_and_counts(name):
     model = MLP()

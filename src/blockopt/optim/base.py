@@ -136,8 +136,8 @@ class BlockwiseOptimizer(Optimizer):
         if watch is None:
             watch = self._watch = nonfinite.StatisticsWatch()
         if not watch.warned:
-            named = [(n, s) for b in batches if b.group["nonfinite"] == "warn" for n, s in zip(b.names, getattr(b, self._STATISTICS))]
-            watch.check(type(self).__name__, self._STATISTICS_KEY, named)
+            columns = [(b.names, getattr(b, self._STATISTICS)) for b in batches if b.group["nonfinite"] == "warn"]
+            watch.check(type(self).__name__, self._STATISTICS_KEY, columns)
 
     def _collectives(self, layouts: list) -> Collectives:
         # the sharded implementation caches its reducers, so each optimizer keeps its own

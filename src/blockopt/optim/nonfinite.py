@@ -69,12 +69,22 @@ class StatisticsWatch:
         self.cursor = 0
         self.warned = False
 
-    def check(self, owner: str, key: str, named: list[tuple[str, torch.Tensor]]) -> None:
-        if self.warned or not named:
+    def check(self, owner: str, key: str, columns: list[tuple[list[str], list[torch.Tensor]]]) -> None:
+        """Look at the next `WATCH_PER_STEP` of the statistics in ``columns`` (``(names, tensors)``
+        per batch), continuing where the last step stopped."""
+        total = sum(len(names) for names, _ in columns)
+        if self.warned or not total:
             return
-        start = self.cursor % len(named)
-        window = (named + named)[start:start + min(WATCH_PER_STEP, len(named))]
-        self.cursor = start + len(window)
+        start, size = self.cursor % total, min(WATCH_PER_STEP, total)
+        window = []
+        for lo, hi in ((start, min(start + size, total)), (0, start + size - total)):  # wrapping around once
+            index = 0
+            for names, tensors in columns:
+                a, b = max(lo, index) - index, min(hi, index + len(names)) - index
+                if a < b:
+                    window.extend(zip(names[a:b], tensors[a:b]))
+                index += len(names)
+        self.cursor = start + size
         finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in window]).tolist()
         bad = [name for (name, _), ok in zip(window, finite) if not ok]
         if bad:
