@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -619,3 +620,161 @@ def test_user_n_heads_on_fused_qkv_is_not_mixed_with_the_models_head_size():
     index = spec.block_index()[:, 0].tolist()
     expected = [r // 16 for r in range(32)] + [2 + r // 16 for r in range(32)] + [4 + r for r in range(32)]
     assert index == expected
+
+
+# ---- 8. structure over names (issue 27) ----------------------------------------------------
+class TransposedExperts(nn.Module):
+    """Experts stored (E, in, out) with no ``is_transposed`` attribute, used as ``x @ W[e]``; in and
+    out differ so the expected blocks are unambiguous."""
+
+    def __init__(self, E=3, d=4, f=6):
+        super().__init__()
+        self.num_experts = E
+        self.up = nn.Parameter(torch.randn(E, d, f))
+        self.down = nn.Parameter(torch.randn(E, f, d))
+
+    def forward(self, hidden_states):
+        return sum(torch.relu(hidden_states @ self.up[e]) @ self.down[e] for e in range(self.num_experts))
+
+
+def test_stacked_experts_orientation_read_from_the_forward():
+    plan = blockopt.partition(TransposedExperts())
+    # (E, in, out): one block per expert per *column* (output neuron)
+    assert_layout(plan["up"], "rows", 3 * 6, lambda e, i, o: e * 6 + o)
+    assert_layout(plan["down"], "rows", 3 * 4, lambda e, i, o: e * 4 + o)
+    assert "forward" in plan["up"].reason and "(E, in, out)" in plan["up"].reason
+
+
+def test_stacked_experts_whose_forward_cannot_be_followed_warn():
+    class Opaque(TransposedExperts):
+        def forward(self, hidden_states, dispatcher):
+            return dispatcher(hidden_states, self.up, self.down)
+
+    with pytest.warns(PartitionWarning, match=r"up: stacked expert weights.*rules="):
+        blockopt.partition(Opaque())
+
+
+@pytest.mark.hf
+def test_named_parameters_experts_per_expert_neuron_like_the_module_path():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    model = transformers.MixtralForCausalLM(cfg)
+    module_plan = blockopt.partition(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        named = blockopt.partition(model.named_parameters(), dim=32, n_heads=4, n_kv_heads=2)
+    for p in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.0.mlp.experts.{p}"
+        assert named[name].n_blocks == module_plan[name].n_blocks == 4 * module_plan[name].shape[1]
+        assert torch.equal(named[name].block_index(), module_plan[name].block_index())
+    # without dim= the side cannot be confirmed: the (E, out, in) convention, said in a warning
+    with pytest.warns(PartitionWarning, match="dim="):
+        named = blockopt.partition(model.named_parameters(), n_heads=4, n_kv_heads=2)
+    assert named["model.layers.0.mlp.experts.down_proj"].n_blocks == 4 * 32
+
+
+class MyAttention(nn.Module):
+    """Attention the adapters cannot know: a fused projection under a private name."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.num_heads = 4
+        self.wqkv_fused = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+
+def test_unknown_attention_always_warns_naming_tensors_and_options():
+    model = nn.Sequential(MyAttention(), MyAttention())
+    with pytest.warns(PartitionWarning) as caught:
+        plan = blockopt.partition(model)
+    text = " ".join(str(w.message) for w in caught)
+    assert "MyAttention" in text and "*.wqkv_fused.weight" in text and "n_heads=" in text and "rules=" in text
+    assert plan["0.wqkv_fused.weight"].rule == "rows"  # finer than heads: safe
+    # the user's rules for those tensors answer the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        blockopt.partition(model, rules={"*.wqkv_fused.weight": "rows", "*.proj.weight": "rows"})
+
+
+def test_fused_name_with_unknown_heads_warns():
+    attn = nn.Module()
+    attn.to_qkv = nn.Linear(16, 48)
+    attn.to_out = nn.Linear(16, 16)
+    with pytest.warns(PartitionWarning, match=r"to_qkv\.weight.*n_heads="):
+        plan = blockopt.partition(attn)
+    assert plan["to_qkv.weight"].rule == "rows" and plan["to_qkv.weight"].role == "qkv"
+
+
+class SSMMixer(nn.Module):
+    """A state-space layer: ``in_proj`` makes x, z, B, C and dt, not query/key/value, though its
+    width (96) happens to fit 4 heads + 2 x 2 KV heads of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_key_value_heads = 4, 8, 2
+        self.in_proj = nn.Linear(32, 64)
+        self.out_proj = nn.Linear(32, 32)
+
+
+def test_in_proj_of_a_state_space_layer_is_a_linear():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(SSMMixer())
+    assert_layout(plan["in_proj.weight"], "rows", 64, rows)
+    assert plan["in_proj.weight"].role == "linear"
+
+
+def test_vision_module_takes_the_matching_sub_config():
+    """A composite config (text + vision) and a tower with no config of its own: the heads come
+    from the sub-config whose geometry matches the projections, never from the text model's."""
+    text = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8)
+    vision = SimpleNamespace(num_attention_heads=3, hidden_size=24)
+    model = nn.Module()
+    model.config = SimpleNamespace(text_config=text, vision_config=vision)
+    model.tower = nn.Module()
+    for p, out in (("q_proj", 24), ("k_proj", 24), ("v_proj", 24), ("o_proj", 24)):
+        setattr(model.tower, p, nn.Linear(24, out))
+    plan = blockopt.partition(model)
+    assert_layout(plan["tower.q_proj.weight"], "heads", 3, lambda i, j: i // 8)
+    assert_layout(plan["tower.k_proj.weight"], "heads", 3, lambda i, j: i // 8)
+
+
+def test_config_fields_that_raise_are_skipped():
+    class PerLayerConfig:
+        num_attention_heads, hidden_size = 4, 16
+
+        @property
+        def head_dim(self):
+            raise RuntimeError("head_dim varies per layer; ask the layer's config")
+
+    model = NestedAttention()
+    model.config = PerLayerConfig()
+    plan = blockopt.partition(model)
+    assert_layout(plan["attn.q_proj.weight"], "heads", 4, lambda i, j: i // 4)
+
+
+class NestedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.attn, p, nn.Linear(16, 16))
+
+
+def test_ffn_role_of_transformer_encoder_layer():
+    plan = blockopt.partition(nn.TransformerEncoderLayer(16, 4, 24))
+    assert plan["linear1.weight"].role == plan["linear2.weight"].role == "ffn"
+    assert plan.block_type("linear1.bias") == "ffn"
+    assert plan["self_attn.out_proj.weight"].role == "attn_out"
+
+
+def test_rnn_gates_and_weight_norm_parametrizations():
+    model = nn.Sequential(nn.LSTM(4, 6), nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(model)
+    assert_layout(plan["0.weight_ih_l0"], "rows", 24, rows)  # 4 gates x 6 units, one block per gate unit
+    assert_layout(plan["0.weight_hh_l0"], "rows", 24, rows)
+    assert_layout(plan["1.parametrizations.weight.original1"], "rows", 5, rows)  # the direction: the weight's layout
+    assert_layout(plan["1.parametrizations.weight.original0"], "coordinate", 5, flat_pos((5, 1)))  # the magnitude

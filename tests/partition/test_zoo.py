@@ -898,3 +898,194 @@ def test_gnn_message_passing():
     }
     check_plan(model, plan, table)
     assert "adj" not in plan and "x" not in plan  # buffers are not parameters
+
+
+# ---- multi-head latent attention (DeepSeek-V3) ----------------------------------------------
+MLA = dict(heads=4, q_rank=16, kv_rank=8, nope=4, rope=2, v=6, moe_inter=12, experts=4)
+
+
+def build_deepseek_v3():
+    T = _tf()
+    m = MLA
+    cfg = T.DeepseekV3Config(vocab_size=V, hidden_size=D, intermediate_size=I, moe_intermediate_size=m["moe_inter"],
+                             num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=m["heads"],
+                             num_key_value_heads=m["heads"], q_lora_rank=m["q_rank"], kv_lora_rank=m["kv_rank"],
+                             qk_nope_head_dim=m["nope"], qk_rope_head_dim=m["rope"], v_head_dim=m["v"],
+                             n_routed_experts=m["experts"], num_experts_per_tok=2, n_group=1, topk_group=1,
+                             n_shared_experts=1, pad_token_id=0)
+    return _seeded(T.DeepseekV3ForCausalLM, cfg)
+
+
+def expect_deepseek_v3():
+    m = MLA
+    n, nope, rope, v, E, FI = m["heads"], m["nope"], m["rope"], m["v"], m["experts"], m["moe_inter"]
+
+    def kv_latent(r):  # [kv_rank latent rows: one block each | rope rows shared by every head: one block]
+        return r if r < m["kv_rank"] else m["kv_rank"]
+
+    def kv_up(r):  # per head [nope key rows: one block | v value rows: one block each]
+        h, off = divmod(r, nope + v)
+        return h * (1 + v) + (0 if off < nope else 1 + off - nope)
+
+    a = "model.layers.*.self_attn"
+    t = {
+        "model.embed_tokens.weight": ("rows", rows(V, D)),
+        f"{a}.q_a_proj.weight": ("rows", rows(m["q_rank"], D)),
+        f"{a}.q_b_proj.weight": ("heads", heads(n, nope + rope, m["q_rank"])),
+        f"{a}.kv_a_proj_with_mqa.weight": ("heads", by_row(kv_latent, m["kv_rank"] + rope, D)),
+        f"{a}.kv_b_proj.weight": ("heads", by_row(kv_up, n * (nope + v), m["kv_rank"])),
+        f"{a}.o_proj.weight": ("rows", rows(D, n * v)),
+        f"{a}.q_a_layernorm.weight": ("whole", whole(m["q_rank"])),
+        f"{a}.kv_a_layernorm.weight": ("whole", whole(m["kv_rank"])),
+        "model.layers.*.input_layernorm.weight": ("whole", whole(D)),
+        "model.layers.*.post_attention_layernorm.weight": ("whole", whole(D)),
+        "model.layers.0.mlp.gate_proj.weight": ("rows", rows(I, D)),
+        "model.layers.0.mlp.up_proj.weight": ("rows", rows(I, D)),
+        "model.layers.0.mlp.down_proj.weight": ("rows", rows(D, I)),
+        "model.layers.1.mlp.gate.weight": ("rows", rows(E, D)),
+        "model.layers.1.mlp.experts.gate_up_proj": ("rows", expert_rows(E, 2 * FI, D)),
+        "model.layers.1.mlp.experts.down_proj": ("rows", expert_rows(E, D, FI)),
+        "model.layers.1.mlp.shared_experts.gate_proj.weight": ("rows", rows(FI, D)),
+        "model.layers.1.mlp.shared_experts.up_proj.weight": ("rows", rows(FI, D)),
+        "model.layers.1.mlp.shared_experts.down_proj.weight": ("rows", rows(D, FI)),
+        "model.norm.weight": ("whole", whole(D)),
+        "lm_head.weight": ("rows", rows(V, D)),
+    }
+    return t, {}
+
+
+@pytest.mark.hf
+def test_latent_attention_every_tensor():
+    model = build_deepseek_v3()
+    plan, pw = plan_recording(model)
+    assert pw == []
+    check_plan(model, plan, *expect_deepseek_v3())
+    a = "model.layers.0.self_attn"
+    assert [plan[f"{a}.{p}.weight"].role for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")] == \
+        ["query", "query", "key", "qkv"]
+    # the report says which rows are per head and which are latents shared by every head
+    assert "shared by all heads" in plan[f"{a}.kv_a_proj_with_mqa.weight"].reason
+    assert "per head" in plan[f"{a}.kv_b_proj.weight"].reason
+
+
+# ---- fused c_attn as a Linear (GPT-BigCode): the layout follows the config ------------------
+@pytest.mark.hf
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_gpt_bigcode_fused_c_attn(multi_query):
+    T = _tf()
+    cfg = T.GPTBigCodeConfig(vocab_size=V, n_embd=D, n_layer=1, n_head=H, n_positions=16, multi_query=multi_query,
+                             bos_token_id=0, eos_token_id=0)
+    model = _seeded(T.GPTBigCodeForCausalLM, cfg)
+    plan, pw = plan_recording(model)
+    assert pw == []
+    if multi_query:  # [q heads (D) | one key head (HD) | value rows (HD)]
+        qkv = by_row(lambda r: concat_qkv_block(r, H, 1, HD), D + 2 * HD, D)
+    else:  # [q k v] per head
+        qkv = by_row(lambda r: neox_qkv_block(r, H, HD), 3 * D, D)
+    h = "transformer.h.*"
+    table = {
+        "transformer.wte.weight": ("rows", rows(V, D)),
+        "transformer.wpe.weight": ("rows", rows(16, D)),
+        f"{h}.attn.c_attn.weight": ("heads", qkv),
+        f"{h}.attn.c_attn.bias": ("coordinate", coord(qkv.shape[0])),
+        f"{h}.attn.c_proj.weight": ("rows", rows(D, D)),
+        f"{h}.attn.c_proj.bias": ("coordinate", coord(D)),
+        f"{h}.mlp.c_fc.weight": ("rows", rows(4 * D, D)),
+        f"{h}.mlp.c_fc.bias": ("coordinate", coord(4 * D)),
+        f"{h}.mlp.c_proj.weight": ("rows", rows(D, 4 * D)),
+        f"{h}.mlp.c_proj.bias": ("coordinate", coord(D)),
+        **norm_entries(f"{h}.ln_1", f"{h}.ln_2", "transformer.ln_f"),
+    }
+    check_plan(model, plan, table, {"transformer.wte.weight": ("lm_head.weight",)})
+    assert plan["transformer.h.0.attn.c_attn.weight"].role == "qkv"
+
+
+# ---- a query that carries a gate per head (Qwen3-Next) ---------------------------------------
+@pytest.mark.hf
+def test_gated_query_heads_and_gate_rows():
+    T = _tf()
+    hd = 16  # stated by the config; the query is 2 x heads x hd wide
+    cfg = T.Qwen3NextConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=1, num_attention_heads=H,
+                            num_key_value_heads=KV, head_dim=hd, layer_types=["full_attention"], num_experts=4,
+                            moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts_per_tok=2,
+                            pad_token_id=0)
+    model = _seeded(T.Qwen3NextForCausalLM, cfg)
+    plan, pw = plan_recording(model)
+    assert pw == []
+    a = "model.layers.0.self_attn"
+
+    def gated(r):  # per head: hd query rows (one block), then hd gate rows (one block each)
+        h, off = divmod(r, 2 * hd)
+        return h * (1 + hd) + (0 if off < hd else 1 + off - hd)
+
+    q = plan[f"{a}.q_proj.weight"]
+    assert torch.equal(q.block_index(), by_row(gated, 2 * H * hd, D)) and q.role == "query"
+    assert torch.equal(plan[f"{a}.k_proj.weight"].block_index(), heads(KV, hd, D))
+
+
+# ---- a multimodal model: every tower takes its own sub-config's heads ------------------------
+@pytest.mark.hf
+def test_vision_tower_uses_its_own_heads():
+    """LLaVA with a SigLIP tower of 3 heads of 8 (width 24) beside a Llama of 4 query / 2 KV heads:
+    the tower's attention and its pooling head (an nn.MultiheadAttention) take 3 heads, never the
+    text model's counts (before: 2 KV heads do not divide 3 query heads, and partition raised)."""
+    T = _tf()
+    vision = T.SiglipVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=3,
+                                  image_size=8, patch_size=4)
+    cfg = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**{**LLAMA_CFG, "num_hidden_layers": 1}),
+                        image_token_id=1)
+    model = _seeded(T.LlavaForConditionalGeneration, cfg)
+    plan, pw = plan_recording(model)
+    assert pw == []
+    v = "model.vision_tower"
+    for p in ("q_proj", "k_proj"):
+        assert torch.equal(plan[f"{v}.encoder.layers.0.self_attn.{p}.weight"].block_index(), heads(3, 8, 24))
+    pool = by_row(lambda r: concat_qkv_block(r, 3, 3, 8), 72, 24)
+    assert torch.equal(plan[f"{v}.head.attention.in_proj_weight"].block_index(), pool)
+    assert torch.equal(plan["model.language_model.layers.0.self_attn.q_proj.weight"].block_index(), heads(H, HD, D))
+    assert torch.equal(plan["model.language_model.layers.0.self_attn.k_proj.weight"].block_index(), heads(KV, HD, D))
+
+
+@pytest.mark.hf
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_lora_factors_take_the_role_of_the_adapted_layer():
+    """A LoRA factor is trained like the layer it adapts: blockwise LR and AdaPM read its role."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "o_proj"]))
+    plan, pw = plan_recording(model)
+    assert pw == []
+    layer = "base_model.model.model.layers.0"
+    for target, role, block_type in (("self_attn.q_proj", "query", "qk"), ("self_attn.v_proj", "value", "vo"),
+                                     ("self_attn.o_proj", "attn_out", "vo"), ("mlp.up_proj", "ffn", "ffn")):
+        for factor in ("lora_A", "lora_B"):
+            name = f"{layer}.{target}.{factor}.default.weight"
+            assert plan[name].role == role, name
+            assert plan.block_type(name) == block_type, name
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("arch, ffn", [
+    ("bert", ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense")),
+    ("opt", ("model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2")),
+    ("vit", ("layers.0.mlp.fc1", "layers.0.mlp.fc2")),
+])
+def test_ffn_linears_have_role_ffn(arch, ffn, zoo):
+    plan = zoo(arch).plan
+    for layer in ffn:
+        assert plan[f"{layer}.weight"].role == "ffn", layer
+        assert plan.block_type(f"{layer}.bias") == "ffn", layer
+
+
+@pytest.mark.hf
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_lora_factors_of_bert_follow_the_block():
+    """BERT names its attention output and both FFN Linears ``dense``: the factors' roles come
+    from where each adapted layer sits, not from its name."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build_bert(), peft.LoraConfig(r=4, target_modules=["query", "dense"]))
+    plan, _ = plan_recording(model)
+    layer = "base_model.model.bert.encoder.layer.0"
+    for target, role in (("attention.self.query", "query"), ("attention.output.dense", "attn_out"),
+                         ("intermediate.dense", "ffn"), ("output.dense", "ffn")):
+        for factor in ("lora_A", "lora_B"):
+            assert plan[f"{layer}.{target}.{factor}.default.weight"].role == role, target

@@ -7,17 +7,22 @@ every module, outermost module first, and the first claim on a parameter wins. S
 adapter claims ``q_proj``/``k_proj`` as heads before the generic Linear adapter would call them
 rows. Adding an architecture = writing one adapter and registering it; no optimizer changes.
 
-The built-in adapters share one module (over 400 lines) because their order of registration in
+The built-in adapters share one module (over 600 lines) because their order of registration in
 this file is the order in which they claim parameters: split up, that precedence would be hidden.
+What they share and is no adapter lives beside it (`context`: head counts; `experts`: the
+orientation of stacked expert tensors; `usage`: reading a forward).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 import torch.nn as nn
 
-from .context import Context, _int_attr
+from .context import Context, Heads, _int_attr
+from .experts import expert_output_dims, expert_rows_spec
 from .spec import BlockSpec, make_spec
 
 Adapter = Callable[[str, nn.Module, Context], Iterable[BlockSpec]]
@@ -49,10 +54,14 @@ def _bias_spec(path: str, module: nn.Module, attr: str = "bias") -> Iterator[Blo
 
 # Child names that mark the projections of an attention module. Recognition needs the module to
 # look like attention (a query, a key and a value child side by side), not just one name.
-Q_NAMES = ("q_proj", "query", "q", "wq", "q_lin", "to_q", "query_proj")
-K_NAMES = ("k_proj", "key", "k", "wk", "k_lin", "to_k", "key_proj")
-V_NAMES = ("v_proj", "value", "v", "wv", "v_lin", "to_v", "value_proj")
-O_NAMES = ("o_proj", "out_proj", "o", "wo", "out_lin", "c_proj", "proj", "dense")
+Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "linear_q", "project_q")
+K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "to_k", "key_proj", "linear_k", "project_k")
+V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "to_v", "value_proj", "linear_v", "project_v")
+O_NAMES = ("o_proj", "out_proj", "o", "wo", "out_lin", "c_proj", "proj", "dense", "linear_out", "attention_out",
+           "output_proj", "post")
+# A class name that says attention: used to decide when an unrecognised module deserves a
+# warning, and to confirm a weak fused name (`in_proj`), never to pick a layout.
+ATTENTION_CLASS = re.compile("attention|attn", re.IGNORECASE)
 
 
 def _conv1d_like(m: nn.Module) -> bool:
@@ -60,20 +69,47 @@ def _conv1d_like(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), nn.Parameter)
 
 
+def _is_linear(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Linear) or (m is not None and _conv1d_like(m))
+
+
+def _wrapped(m: nn.Module) -> str | None:
+    """The child name of the Linear a wrapper holds: PEFT LoRA's ``base_layer``, or the only child
+    of a module with no parameters of its own (Moshi's and Gemma's ``...Linear`` around a Linear)."""
+    if _is_linear(m._modules.get("base_layer")):
+        return "base_layer"
+    children = [(n, c) for n, c in m._modules.items() if c is not None]
+    if len(children) == 1 and _is_linear(children[0][1]) and not m._parameters:
+        return children[0][0]
+    return None
+
+
+def _linear_like(m: nn.Module | None) -> nn.Module | None:
+    """The Linear (or Conv1D) holding ``m``'s weight: ``m`` itself or the layer it wraps."""
+    if m is None or _is_linear(m):
+        return m
+    inner = _wrapped(m)
+    return m._modules[inner] if inner else None
+
+
 def _projection(m: nn.Module | None) -> tuple[int, int] | None:
     """(neuron dim, out width) of a Linear-like module, or None."""
+    m = _linear_like(m)
     if isinstance(m, nn.Linear):
         return 0, m.out_features
-    if m is not None and _conv1d_like(m):
+    if m is not None:
         return 1, m.weight.shape[1]
     return None
 
 
 def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """(dotted name, layer) of the first child called one of ``names`` that is Linear-like; for a
+    wrapped layer the name leads to the wrapped Linear (``q_proj.base_layer``)."""
     for n in names:
         c = module._modules.get(n)
-        if c is not None and _projection(c) is not None:
-            return n, c
+        lin = _linear_like(c)
+        if lin is not None:
+            return (n if lin is c else f"{n}.{_wrapped(c)}"), lin
     return None
 
 
@@ -89,32 +125,121 @@ def _neuron_spec(path, child_name, child, role, why, rule=None) -> BlockSpec:
     return make_spec(_join(path, child_name + ".weight"), child.weight.shape, rule, why, role=role)
 
 
+def _own_int(module: nn.Module, name: str) -> int | None:
+    """A non-negative int attribute of the module, else of its own config (0 counts: no rotary part)."""
+    for owner in (module, getattr(module, "config", None)):
+        v = getattr(owner, name, None) if owner is not None else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+    return None
+
+
+@register_adapter
+def latent_attention(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, ...): queries and keys/values pass
+    through low-rank latents shared by every head. Per head: the rows of ``q_b_proj`` (each head's
+    ``nope + rope`` query dims: one block) and of ``kv_b_proj`` (each head's ``nope`` key dims: one
+    block; its value dims: one block per row). Shared: the latent rows of ``q_a_proj`` and
+    ``kv_a_proj_with_mqa`` (one block per row) and the rotary key ``k_pe`` every head shares (the
+    last ``rope`` rows of ``kv_a_proj_with_mqa``: one block)."""
+    kv_a, kv_b = _child(module, ("kv_a_proj_with_mqa",)), _child(module, ("kv_b_proj",))
+    q = _child(module, ("q_b_proj",)) or _child(module, ("q_proj",))
+    if not (kv_a and kv_b and q):
+        return
+    n = ctx.n_heads or _own_int(module, "num_heads") or _own_int(module, "num_attention_heads")
+    nope, rope, v_hd, rank = (_own_int(module, a) for a in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                                             "kv_lora_rank"))
+    kind = type(module).__name__
+    fits = (n and nope and rope is not None and v_hd and rank and _projection(q[1])[1] == n * (nope + rope)
+            and _projection(kv_b[1])[1] == n * (nope + v_hd) and _projection(kv_a[1])[1] == rank + rope)
+    if not fits:
+        ctx.warnings.append(
+            f"{path}: latent attention ({kind}) whose widths do not fit its head geometry "
+            f"(heads={n}, nope={nope}, rope={rope}, v={v_hd}, kv_lora_rank={rank}): its projections get one block "
+            "per row; pass rules= to set them"
+        )
+        return
+    (qn, qm), (an, am), (bn, bm) = q, kv_a, kv_b
+    yield BlockSpec(name=_join(path, qn + ".weight"), shape=tuple(qm.weight.shape), rule="heads", role="query",
+                    reason=f"{kind} latent attention query: {n} heads of {nope}+{rope} rows (nope + rope), one block each",
+                    block_dims=(0,), segments=((n * (nope + rope), nope + rope),), n_heads=n)
+    rotary = f" | {rope} rotary key rows shared by all heads (one block)" if rope else ""
+    yield BlockSpec(name=_join(path, an + ".weight"), shape=tuple(am.weight.shape), rule="heads", role="key",
+                    reason=f"{kind} kv latent: {rank} latent rows shared by all heads (one block per row){rotary}",
+                    block_dims=(0,), segments=((rank, 1),) + (((rope, rope),) if rope else ()), n_heads=1)
+    yield BlockSpec(name=_join(path, bn + ".weight"), shape=tuple(bm.weight.shape), rule="heads", role="qkv",
+                    reason=f"{kind} kv up-projection: per head, {nope} key rows (one block) | {v_hd} value rows "
+                    f"(one block each); {n} heads",
+                    block_dims=(0,), segments=((nope, nope), (v_hd, 1)) * n, n_heads=n)
+    q_a = _child(module, ("q_a_proj",))
+    if q_a and qn != "q_proj":
+        yield _neuron_spec(path, q_a[0], q_a[1], "query", f"{kind} query latent: {q_a[1].weight.shape[0]} latent rows "
+                           "shared by all heads, one block per row")
+    o = _child(module, O_NAMES)
+    if o:
+        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
+    for child in (q, q_a, kv_a, kv_b, o):
+        if child:
+            yield from _bias_spec(_join(path, child[0]), child[1])
+
+
+def _gated_query_spec(path: str, child_name: str, child: nn.Module, heads: Heads, why: str) -> BlockSpec:
+    """A query projection that carries a gate after every head (``[q_h | gate_h]`` per head, as
+    its forward views it: ``(..., n_heads, 2 * head_dim)`` then chunks): each query head one
+    block, each gate row its own block (a gate scales one output neuron, like a value row)."""
+    dim, _ = _projection(child)
+    hd = heads.head_dim
+    return BlockSpec(
+        name=_join(path, child_name + ".weight"), shape=tuple(child.weight.shape), rule="heads", role="query",
+        reason=f"{why}: each of {heads.n_heads} heads = {hd} query rows (one block) + {hd} gate rows (one block each)",
+        block_dims=(dim,), segments=((hd, hd), (hd, 1)) * heads.n_heads, n_heads=heads.n_heads,
+    )
+
+
 @register_adapter
 def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """Attention with separate query/key/value projections (Llama, Mistral, Qwen2, Gemma, BERT,
     ViT, OPT, T5, in-house models): query and key by heads (key by KV heads under GQA), value by
-    output neuron (or whole), output projection by output neuron."""
+    output neuron (or whole), output projection by output neuron. A query twice as wide as its
+    heads (Qwen3-Next) carries a gate per head: split as `_gated_query_spec` says. A query and
+    key without a value (a pointer head) and, in a module whose class says attention, a query
+    alone (keys shared from another layer) are split by heads too."""
     q, k, v = _child(module, Q_NAMES), _child(module, K_NAMES), _child(module, V_NAMES)
-    if not (q and k and v):
-        return
-    (qn, qm), (kn, km), (vn, vm) = q, k, v
-    try:
-        heads = ctx.attention_heads(module, _projection(qm)[1], _projection(km)[1], _join(path, qn + ".weight"))
-    except LookupError as e:
-        ctx.warnings.append(f"{path}: attention heads unknown ({e}); query/key fall back to one block per neuron")
-        heads = None
     kind = type(module).__name__
+    # a query with a key is attention (a pointer head has no value); a query or a key alone, only
+    # in a module that says so (keys shared from another layer; a pooling head's learned query)
+    if not (q and k) and not ((q or k) and ATTENTION_CLASS.search(kind)):
+        return
+    first = q or k
+    k_width = _projection(k[1])[1] if (k and q) else None
+    qk_names = " and ".join(f"{_join(path, c[0])}.weight" for c in (q, k) if c)
+    try:
+        heads = ctx.attention_heads(module, _projection(first[1])[1], k_width, _join(path, first[0] + ".weight"))
+    except LookupError as e:
+        ctx.warnings.append(
+            f"{path}: attention heads unknown ({e}): {qk_names} fall back to one block per neuron; pass n_heads= "
+            "(and n_kv_heads=) to partition()/AdamMini"
+        )
+        heads = None
     if heads:
         gqa = f", GQA {heads.n_heads}/{heads.n_kv_heads}" if heads.n_kv_heads != heads.n_heads else ""
-        yield _heads_spec(path, qn, qm, heads.n_heads, "query", f"{kind} query: {heads.n_heads} heads ({heads.source}{gqa})")
-        yield _heads_spec(path, kn, km, heads.n_kv_heads, "key", f"{kind} key: {heads.n_kv_heads} heads ({heads.source}{gqa})")
+        q_why = f"{kind} query: {heads.n_heads} heads ({heads.source}{gqa})"
+        if q and heads.gated:
+            yield _gated_query_spec(path, q[0], q[1], heads, f"{kind} gated query ({heads.source}{gqa})")
+        elif q:
+            yield _heads_spec(path, q[0], q[1], heads.n_heads, "query", q_why)
+        if k:
+            yield _heads_spec(path, k[0], k[1], heads.n_kv_heads, "key",
+                              f"{kind} key: {heads.n_kv_heads} heads ({heads.source}{gqa})")
     else:
-        yield _neuron_spec(path, qn, qm, "query", f"{kind} query: per neuron (head count unknown: safe fallback)")
-        yield _neuron_spec(path, kn, km, "key", f"{kind} key: per neuron (head count unknown: safe fallback)")
-    if ctx.value == "whole":
-        yield _neuron_spec(path, vn, vm, "value", f"{kind} value: whole (value='whole')", rule="whole")
-    else:
-        yield _neuron_spec(path, vn, vm, "value", f"{kind} value: per output neuron")
+        if q:
+            yield _neuron_spec(path, q[0], q[1], "query", f"{kind} query: per neuron (head count unknown: safe fallback)")
+        if k:
+            yield _neuron_spec(path, k[0], k[1], "key", f"{kind} key: per neuron (head count unknown: safe fallback)")
+    if v and ctx.value == "whole":
+        yield _neuron_spec(path, v[0], v[1], "value", f"{kind} value: whole (value='whole')", rule="whole")
+    elif v:
+        yield _neuron_spec(path, v[0], v[1], "value", f"{kind} value: per output neuron")
     o = _child(module, O_NAMES)
     if o:
         yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
@@ -222,6 +347,35 @@ def model_embeddings(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
         yield make_spec(_join(name, "weight"), w.shape, "rows", f"{what} ({type(module).__name__}.{getter})", role=role)
 
 
+def _adapted_role(base_path: str, base: nn.Module, ctx: Context) -> str:
+    """The role the adapters give the weight of ``base`` (claimed already by an enclosing
+    attention adapter, or asked of the adapters now: ``base`` is visited after its wrapper)."""
+    name = _join(base_path, "weight")
+    spec = ctx.claimed.get(name)
+    if spec is None:
+        spec = next((s for adapter in ADAPTERS for s in adapter(base_path, base, ctx) if s.name == name), None)
+    return spec.role if spec is not None else "linear"
+
+
+@register_adapter
+def lora_factors(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """PEFT LoRA: the factors ``A`` (r, in) and ``B`` (out, r) of an adapted layer, one block per
+    row (for ``B``: per output neuron of the adapted layer), with the *role* of the layer they
+    adapt (query, value, ffn, ...), so blockwise LR and AdaPM treat them like that layer."""
+    base, lora_a, lora_b = (module._modules.get(n) for n in ("base_layer", "lora_A", "lora_B"))
+    if base is None or not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
+        return
+    role = _adapted_role(_join(path, "base_layer"), base, ctx)
+    for group, factors in (("lora_A", lora_a), ("lora_B", lora_b)):
+        for key, factor in factors.items():
+            if isinstance(factor, nn.Linear):
+                fpath = _join(path, f"{group}.{key}")
+                yield make_spec(_join(fpath, "weight"), factor.weight.shape, "rows",
+                                f"LoRA {group[-1]} of a {role} layer: one block per row (role of the adapted layer)",
+                                role=role)
+                yield from _bias_spec(fpath, factor)
+
+
 # ---- fused query/key/value stored in one Linear (out = rows) -------------------------------
 # The order of q, k and v inside a fused projection is a convention of each family's forward
 # code; shapes alone can't tell it, so each layout is named here and chosen by structure.
@@ -233,75 +387,72 @@ def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bo
         return ((n_heads * hd, hd), (n_kv * hd, hd), v(n_kv * hd))
     if layout == "per_head":  # [q k v] for each head: GPT-NeoX, Bloom, Falcon-RW
         return ((hd, hd), (hd, hd), v(hd)) * n_heads
-    if layout == "per_group":  # [q x (n/n_kv) | k | v] for each KV group: Falcon (new / multi-query)
+    if layout in ("per_group", "multi_query"):  # [q x (n/n_kv) | k | v] per KV group: Falcon (new / multi-query)
         return ((n_heads // n_kv * hd, hd), (hd, hd), v(hd)) * n_kv
     raise ValueError(layout)
 
 
-_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "c_qkv", "in_proj")
+# Names of fused query/key/value projections. `in_proj` is weak: state-space layers (Mamba) and
+# MLPs (Bark) use it for other things, so it counts only inside a module whose class says
+# attention and whose own head geometry fits its width.
+_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj")
+_WEAK_FUSED_NAMES = ("in_proj",)
 
 
-def _fused_qkv_layout(module: nn.Module) -> str | None:
+def _fused_qkv_layout(module: nn.Module) -> str:
     kind = type(module).__name__
     if hasattr(module, "new_decoder_architecture"):  # Falcon
         if module.new_decoder_architecture:
             return "per_group"
-        return "per_group" if getattr(module, "multi_query", False) else "per_head"
+        return "multi_query" if getattr(module, "multi_query", False) else "per_head"
+    if kind.startswith("GPTBigCode"):  # multi-query: [q | k | v]; else [q k v] per head
+        return "concat" if getattr(module, "multi_query", True) else "per_head"
     if kind.startswith(("GPTNeoX", "Bloom", "GPTNeoXJapanese")):
         return "per_head"
     return "concat"
 
 
-def _fused_geometry(module: nn.Module, ctx: Context, layout: str, out: int) -> tuple[int, int, int] | None:
-    """(n_heads, n_kv_heads, head_dim) of a fused projection with ``out`` rows: what is known
-    (user, module, config) first; the rest derived from the width."""
-    n_heads, n_kv, hd, _ = ctx.geometry(module)
-    if layout == "per_head":
-        n_kv = n_heads if n_heads else n_kv
-    elif layout == "per_group" and not getattr(module, "new_decoder_architecture", True):
-        n_kv = 1  # Falcon multi-query: one shared key and value
-    per_q_head_units = {"per_head": 3}.get(layout)
-    if hd is None and n_heads:
-        kv = n_kv or n_heads
-        rows_per = n_heads * per_q_head_units if per_q_head_units else n_heads + 2 * kv
-        hd = out // rows_per if out % rows_per == 0 else None
-    if n_heads is None and hd:
-        n_heads = out // (3 * hd) if per_q_head_units else None
-    if n_heads is None or hd is None:
-        return None
-    return n_heads, n_kv or n_heads, hd
-
-
 @register_adapter
 def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """Attention whose query/key/value live in one Linear (GPT-NeoX and Bloom interleave them per
-    head; Falcon groups them per KV head; Phi-3, timm ViT and MPT concatenate them)."""
+    head; Falcon groups them per KV head; Phi-3, timm ViT and MPT concatenate them). The head
+    counts must fit the width exactly; otherwise one block per row, with a warning."""
     found = next(((n, module._modules[n]) for n in _FUSED_QKV_NAMES if isinstance(module._modules.get(n), nn.Linear)), None)
-    if found is None or _child(module, Q_NAMES):
+    weak = found is None
+    if weak:
+        found = next(((n, module._modules[n]) for n in _WEAK_FUSED_NAMES if isinstance(module._modules.get(n), nn.Linear)), None)
+    if found is None or _child(module, Q_NAMES) or "q_attn" in module._modules:
         return
     name, lin = found
     out, layout, kind = lin.out_features, _fused_qkv_layout(module), type(module).__name__
-    heads = _fused_geometry(module, ctx, layout, out)
+    try:
+        heads, problem = ctx.fused_heads(module, out, layout, _join(path, name + ".weight")), None
+    except LookupError as e:
+        heads, problem = None, str(e)
+    except ValueError:
+        if weak:  # user head counts are for attention; a non-attention `in_proj` is no reason to fail
+            return
+        raise
+    if weak and (heads is None or not ATTENTION_CLASS.search(kind)):
+        return  # an unconfirmed `in_proj` is an ordinary Linear (leaf_layers: one block per row)
+    wname = _join(path, name + ".weight")
     if heads is None:
-        ctx.warnings.append(f"{path}: head counts of fused {name} unknown; it falls back to one block per row")
-    if heads is not None:
-        n_heads, n_kv, hd = heads
-        if (n_heads + 2 * n_kv) * hd != out or n_heads % n_kv:
-            ctx.warnings.append(
-                f"{path}.{name}: {out} rows do not fit {n_heads} query + 2x{n_kv} key/value heads of {hd}; one block per row"
-            )
-            heads = None
-    if heads is None:
-        yield make_spec(_join(path, name + ".weight"), lin.weight.shape, "rows",
-                        f"{kind} fused {name}: per row (layout unsure: safe fallback)", role="qkv")
+        ctx.warnings.append(
+            f"{wname}: fused query/key/value of {kind} with unknown heads ({problem}): one block per row; "
+            f"pass n_heads= (and n_kv_heads=), or rules={{{wname!r}: 'rows'}} to accept rows"
+        )
+        yield make_spec(wname, lin.weight.shape, "rows", f"{kind} fused {name}: per row (heads unknown: safe fallback)",
+                        role="qkv")
     else:
+        n_heads, n_kv, hd = heads.n_heads, heads.n_kv_heads, heads.head_dim
         value_whole = ctx.value == "whole" and layout == "concat"
         segs = _qkv_segments(layout, n_heads, n_kv, hd, value_whole)
         gqa = f", {n_kv} KV heads" if n_kv != n_heads else ""
         v_txt = "v whole" if value_whole else "v rows" + (" (per head: interleaved)" if ctx.value == "whole" else "")
         yield BlockSpec(
-            name=_join(path, name + ".weight"), shape=tuple(lin.weight.shape), rule="heads", role="qkv",
-            reason=f"{kind} fused {name} ({layout.replace('_', ' ')}): {n_heads} q heads{gqa}, {v_txt}",
+            name=wname, shape=tuple(lin.weight.shape), rule="heads", role="qkv",
+            reason=f"{kind} fused {name} ({layout.replace('_', ' ')}): {n_heads} q heads of {hd}{gqa}, {v_txt} "
+            f"({heads.source})",
             block_dims=(0,), segments=segs, n_heads=n_heads,
         )
     yield from _bias_spec(_join(path, name), lin)
@@ -318,34 +469,87 @@ def sibling_attention_output(path: str, module: nn.Module, ctx: Context) -> Iter
     out = module._modules.get("output")
     if inner is None or out is None or not (_child(inner, Q_NAMES) and _child(inner, K_NAMES) and _child(inner, V_NAMES)):
         return
-    dense = out._modules.get("dense")
-    if isinstance(dense, nn.Linear):
-        yield _neuron_spec(_join(path, "output"), "dense", dense, "attn_out",
+    dense = _child(out, ("dense",))
+    if dense:
+        yield _neuron_spec(_join(path, "output"), dense[0], dense[1], "attn_out",
                            f"{type(out).__name__} (attention output projection): per output neuron")
+
+
+def _attention_width(m: nn.Module) -> int | None:
+    """Model width of the attention ``m`` is (or directly holds): its query's input width."""
+    for a in (m, *m._modules.values()):
+        if isinstance(a, nn.MultiheadAttention):
+            return a.embed_dim
+        if a is None:
+            continue
+        q = _child(a, Q_NAMES) if _child(a, K_NAMES) else None
+        q = q or next(((n, c) for n in _FUSED_QKV_NAMES if isinstance(c := a._modules.get(n), nn.Linear)), None)
+        if q:
+            lin = q[1]
+            return lin.in_features if isinstance(lin, nn.Linear) else lin.weight.shape[0]
+    return None
+
+
+@register_adapter
+def block_ffn(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """The feed-forward Linears of a Transformer block that does not name its MLP (BERT's
+    intermediate/output, OPT's fc1/fc2, ``nn.TransformerEncoderLayer``'s linear1/linear2): in a
+    block holding an attention of width D, the Linears outside it (children and grandchildren)
+    mapping D -> F and F -> D, for one F != D, are the FFN: one block per output neuron."""
+    attention = {n for n, c in module._modules.items() if c is not None and _attention_width(c) is not None}
+    if not attention:
+        return
+    width = next(_attention_width(module._modules[n]) for n in attention)
+    linears = []
+    for n, c in module._modules.items():
+        if n in attention or c is None:
+            continue
+        for sub_name, sub in [(n, c), *((f"{n}.{k}", g) for k, g in c._modules.items())]:
+            lin = _linear_like(sub)
+            if isinstance(lin, nn.Linear):  # a wrapped one (LoRA) too: its factors then read its role
+                linears.append((sub_name if lin is sub else f"{sub_name}.{_wrapped(sub)}", lin))
+    up = {m.out_features for _, m in linears if m.in_features == width}
+    down = {m.in_features for _, m in linears if m.out_features == width}
+    hidden = (up & down) - {width}
+    for sub_name, m in linears:
+        if (m.in_features == width and m.out_features in hidden) or (m.out_features == width and m.in_features in hidden):
+            yield _neuron_spec(path, sub_name, m, "ffn", f"{type(module).__name__} feed-forward "
+                               f"({m.in_features} -> {m.out_features}): one block per output neuron")
+            yield from _bias_spec(_join(path, sub_name), m)
 
 
 @register_adapter
 def stacked_experts(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
-    """Mixture-of-experts weights stored as one 3-D tensor per projection, (E, out, in) (or
-    (E, in, out) when the module says ``is_transposed``): one block per expert per output neuron."""
+    """Mixture-of-experts weights stored as one 3-D tensor per projection, ``(E, out, in)`` or
+    ``(E, in, out)``: one block per expert per output neuron. Which dim holds the outputs is read
+    from how the module's forward uses the tensor; a shape cannot tell the two apart."""
     n_experts = _int_attr(module, ("num_experts", "num_local_experts", "n_experts", "n_routed_experts"))
     if not n_experts:
         return
-    out_dim = 2 if getattr(module, "is_transposed", False) else 1
     kind = type(module).__name__
+    stacked = [n for n, p in module.named_parameters(recurse=False) if p.ndim == 3 and p.shape[0] == n_experts]
+    out_dims = expert_output_dims(path, module, stacked, ctx) if stacked else {}
     for attr, p in module.named_parameters(recurse=False):
-        if p.ndim == 3 and p.shape[0] == n_experts:
-            yield BlockSpec(
-                name=_join(path, attr), shape=tuple(p.shape), rule="rows", role="ffn",
-                reason=f"{kind} {attr}: one block per expert per output neuron ({n_experts} experts)",
-                block_dims=(0, out_dim), segments=((n_experts * p.shape[out_dim], 1),),
+        name = _join(path, attr)
+        if attr in out_dims:
+            d, how = out_dims[attr]
+            side = "(E, out, in)" if d == 1 else "(E, in, out)"
+            yield expert_rows_spec(name, p.shape, d, f"{kind} {attr} {side}: one block per expert per output neuron "
+                                   f"({n_experts} experts; {how})")
+        elif attr in stacked:
+            ctx.warnings.append(
+                f"{name}: stacked expert weights whose output dim could not be established (forward not followed, "
+                f"no is_transposed, name/shape ambiguous): one block per expert per dim-1 row, as if (E, out, in); "
+                f"if it is (E, in, out) pass rules={{{name!r}: 'coordinate'}}"
             )
+            yield expert_rows_spec(name, p.shape, 1, f"{kind} {attr}: one block per expert per dim-1 row (orientation "
+                                   "unknown: assumed (E, out, in))")
         elif p.ndim == 2 and p.shape[0] == n_experts and "bias" in attr:
-            yield make_spec(_join(path, attr), p.shape, "coordinate", f"{kind} {attr}: expert biases per-coordinate", role="bias")
+            yield make_spec(name, p.shape, "coordinate", f"{kind} {attr}: expert biases per-coordinate", role="bias")
         elif p.ndim == 2 and p.shape[0] == n_experts:  # a router: (E, hidden) scores one expert per row
-            yield make_spec(_join(path, attr), p.shape, "rows", f"{kind} router: one block per expert", role="router")
+            yield make_spec(name, p.shape, "rows", f"{kind} router: one block per expert", role="router")
         elif p.ndim == 1 and "bias" in attr:
-            yield make_spec(_join(path, attr), p.shape, "coordinate", "bias: per-coordinate (Adam)", role="bias")
+            yield make_spec(name, p.shape, "coordinate", "bias: per-coordinate (Adam)", role="bias")
 
 
 @register_adapter
@@ -389,8 +593,32 @@ def _in_mlp(path: str, module: nn.Module, ctx: Context) -> bool:
 
 @register_adapter
 def leaf_layers(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
-    """The standard layers: Embedding/Linear/Conv1D/norms/convolutions."""
+    """The standard layers: Embedding/Linear/Conv1D/norms/convolutions/RNNs. A weight under a
+    ``torch.nn.utils.parametrize`` parametrization (weight norm) lives in its originals: the one
+    shaped like the weight takes its layout, a magnitude vector is per coordinate."""
+    originals = getattr(getattr(module, "parametrizations", None), "weight", None)
+    for spec in _leaf_specs(path, module, ctx):
+        if originals is None or spec.name != _join(path, "weight"):
+            yield spec
+            continue
+        for attr, p in originals.named_parameters(recurse=False):
+            name = _join(path, f"parametrizations.weight.{attr}")
+            if tuple(p.shape) == spec.shape:
+                yield replace(spec, name=name, reason=f"{spec.reason} (parametrized weight)")
+            elif p.numel() in p.shape:
+                yield make_spec(name, p.shape, "coordinate", "weight magnitude (parametrization): per coordinate",
+                                role=spec.role)
+
+
+def _leaf_specs(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     kind = type(module).__name__
+    if isinstance(module, nn.RNNBase):  # gates stacked along dim 0: one block per gate unit
+        for attr, p in module.named_parameters(recurse=False):
+            if attr.startswith("weight"):
+                yield make_spec(_join(path, attr), p.shape, "rows", f"{kind} {attr}: one block per gate unit", role="linear")
+            else:
+                yield from _bias_spec(path, module, attr)
+        return
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         role = "embedding" if module.num_embeddings == ctx.token_vocab else "pos_embedding"
         what = "one block per token" if role == "embedding" else "one block per position/type row"

@@ -3,13 +3,16 @@
 The engine is pure: it reads shapes and module structure (so it works on the ``meta`` device)
 and touches no optimizer. Steps: (1) ask the adapters about every module, outermost first, first
 claim wins; (2) give every unclaimed parameter a safe fallback (never a silent ``whole`` on a
-matrix); (3) apply the user's ``rules`` overrides, first matching glob wins.
+matrix); (3) apply the user's ``rules`` overrides, first matching glob wins; (4) warn about
+every module whose class says attention but in which no adapter recognised any part of
+attention, unless the user's rules set its tensors.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -18,8 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..validation import choice, integer, validate
-from .adapters import ADAPTERS
+from .adapters import ADAPTERS, ATTENTION_CLASS
 from .context import Context
+from .experts import expert_output_dim, expert_rows_spec
 from .plan import Plan
 from .spec import RULES, BlockSpec, make_spec
 
@@ -59,66 +63,136 @@ def partition(
             ``rows``/``cols`` are storage dims (dim 0 / dim 1).
         value: ``"rows"`` (one block per output neuron, default) or ``"whole"`` for attention values.
         conv: ``"whole"`` (one block per conv weight, default) or ``"channel"`` (per output channel).
-        dim: accepted for compatibility with adam-mini's signature; head sizes come from widths.
+        dim: the model width (adam-mini's argument). Head sizes come from widths; with named
+            parameters it tells which side of a stacked expert tensor is the hidden size.
     """
     validate(ARGUMENTS, dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv))
     if n_heads and n_kv_heads and n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (each KV head serves a group of query heads)")
     if dim and n_heads and dim % n_heads and head_dim is None:
         raise ValueError(f"n_heads={n_heads} does not divide dim={dim}; pass head_dim= if heads are not dim/n_heads wide")
-    ctx = Context(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, value=value, conv=conv)
+    ctx = Context(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv)
 
     unsure: list[str] = []  # parameters no adapter recognised (each got a safe fallback)
     if isinstance(model, nn.Module):
         specs = _detect_module(model, ctx, unsure)
     else:
         specs = _detect_named(list(model), ctx, unsure)
+    overridden: set[str] = set()
     if rules:
         specs, overridden = _apply_rules(specs, rules, ctx)
         unsure = [n for n in unsure if n not in overridden]
+    if isinstance(model, nn.Module):
+        ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in overridden}))
     if unsure:
-        ctx.warnings.append(f"no adapter recognised {', '.join(unsure)}: one block per row")
-    if ctx.warnings:
-        warnings.warn(
-            "blockopt.partition fell back to safe layouts: " + "; ".join(ctx.warnings), PartitionWarning, stacklevel=2
-        )
-    return Plan(specs, tuple(ctx.warnings))
+        ctx.warnings.append(f"no adapter recognised {', '.join(_collapse(unsure))}: one block per row")
+    found = tuple(_collapse(ctx.warnings))
+    if found:
+        warnings.warn("blockopt.partition fell back to safe layouts: " + "; ".join(found), PartitionWarning, stacklevel=2)
+    return Plan(specs, found)
+
+
+def _glob(path: str) -> str:
+    """``layers.3.attn`` -> ``layers.*.attn``: the path of every layer of a stack."""
+    return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else path
+
+
+_INDEX = re.compile(r"(?<![^.\s(,'\"{])\d+(?=\.)")  # a numeric path component: the 3 of layers.3.mlp
+
+
+def _collapse(texts: list[str]) -> list[str]:
+    """Texts that differ only in numeric path components (the layers of a stack) said once, with
+    the differing numbers as ``*`` (a glob that `rules` accepts) and how many there were."""
+    groups: dict[str, list[str]] = {}
+    for t in texts:
+        groups.setdefault(_INDEX.sub("*", t), []).append(t)
+    out = []
+    for key, members in groups.items():
+        members = list(dict.fromkeys(members))
+        out.append(members[0] if len(members) == 1 else f"{key} (x{len(members)})")
+    return out
 
 
 # ---- modules -----------------------------------------------------------------------------
 def _detect_module(model: nn.Module, ctx: Context, unsure: list[str]) -> list[BlockSpec]:
-    # Every name of every trainable tensor; tied tensors keep their first name as canonical.
+    # Every name of every tensor; tied tensors keep their first name as canonical. Frozen tensors
+    # are claimed too (a LoRA factor takes the role of the frozen layer it adapts), never planned.
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.requires_grad:
-            names.setdefault(id(p), []).append(name)
-            tensors[id(p)] = p
+        names.setdefault(id(p), []).append(name)
+        tensors[id(p)] = p
     canonical = {n: ns[0] for ns in names.values() for n in ns}
-    if not names:
+    trainable = {pid: ns for pid, ns in names.items() if tensors[pid].requires_grad}
+    if not trainable:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
 
     ctx.root = model
     ctx.modules = dict(model.named_modules(remove_duplicate=False))
     ctx.token_vocab = _token_vocab(model)
 
-    claims: dict[str, BlockSpec] = {}  # canonical name -> spec
+    claims = ctx.claimed  # canonical name -> spec
     for path, module in ctx.modules.items():
         for adapter in ADAPTERS:
             for spec in adapter(path, module, ctx):
                 key = canonical.get(spec.name)
-                if key is None or key in claims:
-                    continue  # frozen, or claimed by an outer/earlier adapter
-                claims[key] = spec
+                if key is not None and key not in claims:
+                    claims[key] = spec  # else: claimed by an outer/earlier adapter
 
     specs = []
-    for pid, ns in names.items():
+    for pid, ns in trainable.items():
         p, key = tensors[pid], ns[0]
         spec = claims.get(key) or _fallback(key, tuple(p.shape), unsure)
         if tuple(spec.shape) != tuple(p.shape):
             raise RuntimeError(f"adapter produced shape {spec.shape} for {key} of shape {tuple(p.shape)}")
         specs.append(replace(spec, name=key, aliases=tuple(ns[1:])))
     return specs
+
+
+# Roles that show an adapter understood a module as attention, and the generic roles of what no
+# adapter understood (embedding-like tables in an attention module, such as relative position
+# biases, are understood).
+ATTENTION_ROLES = ("query", "key", "qkv", "value", "attn_out")
+GENERIC_ROLES = ("linear", "other", "conv")
+
+
+def _unrecognised_attention(ctx: Context, specs: dict[str, BlockSpec]) -> list[str]:
+    """A warning for each module that says it is attention (its class name) but holds no tensor an
+    adapter recognised as part of attention, only generic matrices (one block per row or
+    neuron): naming the tensors and what to pass. ``specs``: the trainable tensors still to warn
+    about (the user's rules answer the warning)."""
+    recognised = set()
+    for name, spec in ctx.claimed.items():
+        if spec.role in ATTENTION_ROLES:
+            parts = name.split(".")
+            recognised.update(".".join(parts[:i]) for i in range(len(parts)))
+    hits = []
+    for path, module in ctx.modules.items():
+        if path in recognised or not ATTENTION_CLASS.search(type(module).__name__):
+            continue
+        prefix = f"{path}." if path else ""
+        mats = [prefix + n for n, p in module.named_parameters()
+                if p.ndim >= 2 and prefix + n in specs and specs[prefix + n].role in GENERIC_ROLES]
+        if mats:
+            hits.append((path, mats))
+    # report the innermost modules (an outer one holding an unrecognised inner one says nothing
+    # new), the layers of a stack once, as a glob
+    paths = [path for path, _ in hits]
+    stacks: dict[str, list[tuple[str, list[str]]]] = {}
+    for path, mats in hits:
+        if not any(q != path and (not path or q.startswith(f"{path}.")) for q in paths):
+            stacks.setdefault(_glob(path), []).append((path, mats))
+    out = []
+    for glob, members in stacks.items():
+        path, mats = members[0]
+        tensors = ", ".join(glob + m[len(path):] for m in mats)
+        count = f" ({len(members)} modules)" if len(members) > 1 else ""
+        out.append(
+            f"{glob or 'the model'} ({type(ctx.modules[path]).__name__}{count}) looks like attention but no adapter "
+            f"recognised its query/key: {tensors} get one block per row; pass n_heads=/n_kv_heads= if it has q/k/v "
+            "projections, or rules={...} for these tensors, or register an adapter"
+        )
+    return out
 
 
 def _token_vocab(model: nn.Module) -> int | None:
@@ -140,7 +214,7 @@ def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec
     moves toward Adam); coarser is what causes loss spikes. So: matrices by rows, with a warning;
     vectors and scalars per coordinate (exactly Adam)."""
     leaf = name.rsplit(".", 1)[-1]
-    if len(shape) <= 1:
+    if len(shape) <= 1 or math.prod(shape) in shape:  # a scalar, or one vector in any size-1 dims: (1, 1, D)
         why = "bias: per-coordinate (Adam)" if "bias" in leaf else "unrecognised vector/scalar: per-coordinate (Adam, the safe choice)"
         return make_spec(name, shape, "coordinate", why, role="bias" if "bias" in leaf else "other")
     unsure.append(name)
@@ -208,6 +282,8 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
             specs.append(make_spec(name, shape, "heads", f"{role} by {why}: {heads} heads", role=role, n_heads=heads))
         elif role == "value" and ctx.value == "whole":
             specs.append(make_spec(name, shape, "whole", f"value by {why}: whole (value='whole')", role=role))
+        elif len(shape) == 3 and shape[0] > 1 and role in ("ffn", "other"):
+            specs.append(_named_experts(name, shape, why, ctx))
         else:
             if role in ("query", "key"):
                 ctx.warnings.append(f"{name}: no n_heads given, split per neuron")
@@ -217,6 +293,22 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
     if not specs:
         raise ValueError("no trainable parameters (all have requires_grad=False)")
     return specs
+
+
+def _named_experts(name: str, shape: tuple[int, ...], why: str, ctx: Context) -> BlockSpec:
+    """A 3-D tensor seen by name only: stacked experts ``(E, ., .)``, one block per expert per
+    output neuron, as the module path gives them. The output dim is the one name and ``dim`` (the
+    hidden size) confirm; else dim 1, the (E, out, in) convention, with a warning."""
+    out_dim = expert_output_dim(name, shape, ctx.dim)
+    if out_dim is not None:
+        return expert_rows_spec(name, shape, out_dim, f"experts by {why}: one block per expert per output neuron "
+                                f"(dim {out_dim}: the name and dim={ctx.dim} say so)")
+    ctx.warnings.append(
+        f"{name}: a 3-D tensor seen by name only, taken as stacked experts (E, out, in): one block per expert per "
+        f"dim-1 row; pass the model instead of named_parameters() (its forward says which dim is the output), "
+        f"or dim= (the hidden size), or rules={{{name!r}: 'coordinate'}}"
+    )
+    return expert_rows_spec(name, shape, 1, f"3-D by {why}: one block per expert per dim-1 row (assumed (E, out, in))")
 
 
 def _named_heads(name: str, width: int, role: str, ctx: Context) -> int:

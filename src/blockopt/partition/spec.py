@@ -118,10 +118,10 @@ class BlockSpec:
         if self.rule in ("whole", "coordinate"):
             return self.rule
         unit = {(0,): "rows", (1,): "cols"}.get(self.block_dims, "units")
-        parts = []
-        for units, per_block in self.segments:
-            parts.append(f"{units // per_block} {unit}" if per_block == 1 else f"{units // per_block} x{per_block} {unit}")
-        return " | ".join(parts)
+        segments, repeats = _period(self.segments)
+        parts = [f"{units // per} {unit}" if per == 1 else f"{units // per} x{per} {unit}" for units, per in segments]
+        text = " | ".join(parts)
+        return f"{repeats} x ({text})" if repeats > 1 else text
 
     # ---- the three operations a step needs ----------------------------------------------
     def block_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +173,16 @@ class BlockSpec:
         """The same tensor under another rule (used by user overrides)."""
         layout = layout_for(rule, self.shape, n_heads=n_heads, neuron_dim=neuron_dim, name=self.name)
         return replace(self, rule=rule, reason=reason, n_heads=n_heads if rule == "heads" else None, **layout)
+
+
+def _period(segments: tuple) -> tuple[tuple, int]:
+    """(the shortest run of segments that repeats, how many times): a per-head layout is one
+    head's segments repeated ``n_heads`` times."""
+    n = len(segments)
+    for p in range(1, n // 2 + 1):
+        if n % p == 0 and segments == segments[:p] * (n // p):
+            return segments[:p], n // p
+    return segments, 1
 
 
 def layout_for(
