@@ -366,3 +366,32 @@ def test_skip_step_leaves_every_tensor(name):
 def test_bad_nonfinite_setting_is_refused():
     with pytest.raises(ValueError, match=r"nonfinite must be one of 'warn', 'skip_tensor', 'skip_step', 'ignore', got 'skip'"):
         blockopt.AdamMini(MLP(), nonfinite="skip")
+
+
+# ---- frozen parameters (Note [frozen parameters] in optim/named_params.py) ---------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_freeze_then_unfreeze_trains_the_unfrozen_layer_with_its_structural_blocks(name):
+    """The module form holds every parameter, as torch's model.parameters() does: a layer frozen
+    when the optimizer is built trains once unfrozen, with the blocks its structure gives."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    frozen = model.model.layers[0]
+    frozen.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", blockopt.PartitionWarning)  # frozen tensors are planned quietly
+        opt = OPTIMIZERS[name](model)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert opt.plan[q].rule == "heads" and opt.plan[q].n_blocks == 4
+    x = torch.randint(0, 64, (2, 8))
+    model(x, labels=x).loss.backward()
+    before = frozen.self_attn.q_proj.weight.detach().clone()
+    opt.step()  # frozen: no grad, no step, no state
+    assert torch.equal(frozen.self_attn.q_proj.weight, before) and frozen.self_attn.q_proj.weight not in opt.state
+    frozen.requires_grad_(True)
+    opt.zero_grad()
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert not torch.equal(frozen.self_attn.q_proj.weight, before)

@@ -63,9 +63,22 @@ def test_empty_parameter_list():
         blockopt.AdamMini([])
 
 
-def test_model_without_trainable_parameters():
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        blockopt.AdamMini(nn.Linear(2, 2).requires_grad_(False))
+def test_a_model_frozen_whole_is_held_and_trains_once_unfrozen():
+    """As torch.optim.AdamW(model.parameters()): every parameter is held (Note [frozen parameters])."""
+    layer = nn.Linear(2, 2).requires_grad_(False)
+    opt = blockopt.AdamMini(layer)
+    opt.step()  # nothing has a gradient: nothing happens
+    assert not opt.state
+    layer.requires_grad_(True)
+    layer(torch.ones(1, 2)).sum().backward()
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.weight, before)
+
+
+def test_a_module_without_parameters_is_refused():
+    with pytest.raises(ValueError, match="the model has no parameters"):
+        blockopt.AdamMini(nn.ReLU())
 
 
 def test_parameter_given_twice_in_one_group():

@@ -778,3 +778,20 @@ def test_rnn_gates_and_weight_norm_parametrizations():
     assert_layout(plan["0.weight_hh_l0"], "rows", 24, rows)
     assert_layout(plan["1.parametrizations.weight.original1"], "rows", 5, rows)  # the direction: the weight's layout
     assert_layout(plan["1.parametrizations.weight.original0"], "coordinate", 5, flat_pos((5, 1)))  # the magnitude
+
+
+def test_frozen_parameters_are_planned_only_when_asked():
+    """partition(model) plans the trainable parameters; frozen=True also the frozen ones, from the
+    same structure (what an optimizer built from a module uses)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.model.layers[0].requires_grad_(False)
+    q = "model.layers.0.self_attn.k_proj.weight"
+    assert q not in blockopt.partition(model)
+    full = blockopt.partition(model, frozen=True)
+    assert full[q].rule == "heads" and full[q].n_blocks == 2
+    assert set(full) == {n for n, _ in model.named_parameters()}
+    with pytest.raises(TypeError, match="frozen must be True or False"):
+        blockopt.partition(model, frozen="yes")

@@ -1,6 +1,7 @@
 """Turning what a user passes to an optimizer into named param groups and a `Plan`.
 
-Accepted: an ``nn.Module`` (its Plan is detected from its structure), ``named_parameters()``,
+Accepted: an ``nn.Module`` (its Plan is detected from its structure, every parameter included:
+Note [frozen parameters]), ``named_parameters()``,
 plain parameters (named ``param.<i>``; blocks then come from shapes only, with a warning), or
 param groups (dicts whose ``params`` are tensors or ``(name, tensor)`` pairs, or that carry
 ``param_names``). Every group leaves with ``params`` and ``param_names`` of equal length, every
@@ -25,7 +26,11 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, named tensors or dicts, or an nn.Module; got a single Tensor")
     if isinstance(params, nn.Module):
-        plan = plan if plan is not None else partition(params, **partition_options)
+        # Note [frozen parameters]: as torch.optim's model.parameters(), the module form holds every
+        # parameter, frozen ones too, planned from the structure like the rest: one unfrozen later
+        # (freeze-then-unfreeze fine-tuning) trains with its own blocks. A frozen one has no grad,
+        # so it takes no step and keeps no state.
+        plan = plan if plan is not None else partition(params, frozen=True, **partition_options)
         tensors = dict(params.named_parameters())
         missing = [n for n in plan if n not in tensors]
         if missing:

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from ..validation import choice, integer, validate
+from ..validation import boolean, choice, integer, validate
 from .adapters import ADAPTERS, ATTENTION_CLASS
 from .context import Context
 from .experts import expert_output_dim, expert_rows_spec
@@ -32,6 +32,7 @@ ARGUMENTS = {
     **{name: integer(1, optional=True) for name in ("n_heads", "n_kv_heads", "head_dim", "dim")},
     "value": choice("rows", "whole"),
     "conv": choice("whole", "channel"),
+    "frozen": boolean(),
 }
 
 
@@ -49,6 +50,7 @@ def partition(
     value: str = "rows",
     conv: str = "whole",
     dim: int | None = None,
+    frozen: bool = False,
 ) -> Plan:
     """Partition a model's trainable parameters into Adam-mini blocks (Principle 1).
 
@@ -65,8 +67,13 @@ def partition(
         conv: ``"whole"`` (one block per conv weight, default) or ``"channel"`` (per output channel).
         dim: the model width (adam-mini's argument). Head sizes come from widths; with named
             parameters it tells which side of a stacked expert tensor is the hidden size.
+        frozen: also plan the module's parameters with ``requires_grad=False``, from the same
+            structure (an optimizer built from a module does this, so a layer unfrozen later
+            trains with its own blocks). Detection doubts about frozen tensors are not warned
+            about. (Default: False: trainable parameters only)
     """
-    validate(ARGUMENTS, dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv))
+    validate(ARGUMENTS, dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv,
+                             frozen=frozen))
     if n_heads and n_kv_heads and n_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads} (each KV head serves a group of query heads)")
     if dim and n_heads and dim % n_heads and head_dim is None:
@@ -75,7 +82,7 @@ def partition(
 
     unsure: list[str] = []  # parameters no adapter recognised (each got a safe fallback)
     if isinstance(model, nn.Module):
-        specs = _detect_module(model, ctx, unsure)
+        specs = _detect_module(model, ctx, unsure, frozen=frozen)
     else:
         specs = _detect_named(list(model), ctx, unsure)
     overridden: set[str] = set()
@@ -83,7 +90,8 @@ def partition(
         specs, overridden = _apply_rules(specs, rules, ctx)
         unsure = [n for n in unsure if n not in overridden]
     if isinstance(model, nn.Module):
-        ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in overridden}))
+        quiet = overridden | {n for n, p in model.named_parameters() if not p.requires_grad}
+        ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in quiet}))
     if unsure:
         ctx.warnings.append(f"no adapter recognised {', '.join(_collapse(unsure))}: one block per row")
     found = tuple(_collapse(ctx.warnings))
@@ -114,18 +122,20 @@ def _collapse(texts: list[str]) -> list[str]:
 
 
 # ---- modules -----------------------------------------------------------------------------
-def _detect_module(model: nn.Module, ctx: Context, unsure: list[str]) -> list[BlockSpec]:
+def _detect_module(model: nn.Module, ctx: Context, unsure: list[str], *, frozen: bool = False) -> list[BlockSpec]:
     # Every name of every tensor; tied tensors keep their first name as canonical. Frozen tensors
-    # are claimed too (a LoRA factor takes the role of the frozen layer it adapts), never planned.
+    # are claimed too (a LoRA factor takes the role of the frozen layer it adapts), and planned
+    # only with ``frozen``.
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
         tensors[id(p)] = p
     canonical = {n: ns[0] for ns in names.values() for n in ns}
-    trainable = {pid: ns for pid, ns in names.items() if tensors[pid].requires_grad}
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    planned = names if frozen else {pid: ns for pid, ns in names.items() if tensors[pid].requires_grad}
+    if not planned:
+        raise ValueError("the model has no parameters" if frozen else
+                         "the model has no trainable parameters (all have requires_grad=False)")
 
     ctx.root = model
     ctx.modules = dict(model.named_modules(remove_duplicate=False))
@@ -140,9 +150,9 @@ def _detect_module(model: nn.Module, ctx: Context, unsure: list[str]) -> list[Bl
                     claims[key] = spec  # else: claimed by an outer/earlier adapter
 
     specs = []
-    for pid, ns in trainable.items():
+    for pid, ns in planned.items():
         p, key = tensors[pid], ns[0]
-        spec = claims.get(key) or _fallback(key, tuple(p.shape), unsure)
+        spec = claims.get(key) or _fallback(key, tuple(p.shape), unsure if p.requires_grad else [])
         if tuple(spec.shape) != tuple(p.shape):
             raise RuntimeError(f"adapter produced shape {spec.shape} for {key} of shape {tuple(p.shape)}")
         specs.append(replace(spec, name=key, aliases=tuple(ns[1:])))
