@@ -109,32 +109,64 @@ def test_named_shapes_and_a_model_folder_still_plan(tmp_path, capsys):
     assert main(["plan", str(tmp_path)]) == 0 and "LlamaForCausalLM" in capsys.readouterr().out
 
 
+BAD_CONFIGS = [
+    ('{"model_type": "llama", "hidden_size": 32,', ["config.json is not valid JSON", "line 1, column 43"]),
+    ("", ["not valid JSON", "line 1, column 1"]),
+    ("5", ["holds no JSON object"]),
+    ('{"vocab_size": 64}', ["has no 'model_type'"]),
+    (LLAMA | {"hidden_size": -32}, ["config.json: hidden_size must be an int >= 0, got -32"]),
+    (LLAMA | {"num_hidden_layers": -1}, ["num_hidden_layers must be an int >= 0, got -1"]),
+    (LLAMA | {"hidden_size": 30}, ["not a valid llama config", "hidden size (30) is not a multiple", "heads (4)"]),
+    (LLAMA | {"vocab_size": "many"}, ["not a valid llama config", "vocab_size", "'many'"]),
+    (LLAMA | {"hidden_size": 0}, ["cannot build a llama model", "hidden_size=0"]),
+    ({"model_type": "gpt2", "n_embd": 30, "n_head": 4, "n_layer": 1}, ["cannot build a gpt2 model", "divisible"]),
+    ({"model_type": "lama"}, ["unknown model_type 'lama'", "did you mean llama", "transformers.CONFIG_MAPPING"]),
+    ({"model_type": 5}, ["unknown model_type 5"]),
+]
+
+
+def _bad_config(folder, contents) -> str:
+    path = folder / "config.json"
+    path.write_text(contents if isinstance(contents, str) else json.dumps(contents))
+    return str(path)
+
+
 @pytest.mark.hf
-@pytest.mark.parametrize(
-    "contents, words",
-    [
-        ('{"model_type": "llama", "hidden_size": 32,', ["config.json is not valid JSON", "line 1, column 43"]),
-        ("", ["not valid JSON", "line 1, column 1"]),
-        ("5", ["holds no JSON object"]),
-        ('{"vocab_size": 64}', ["has no 'model_type'"]),
-        (LLAMA | {"hidden_size": -32}, ["hidden_size must be an int >= 0, got -32"]),
-        (LLAMA | {"num_hidden_layers": -1}, ["num_hidden_layers must be an int >= 0, got -1"]),
-        (LLAMA | {"hidden_size": 30}, ["not a valid llama config", "hidden size (30) is not a multiple", "heads (4)"]),
-        (LLAMA | {"vocab_size": "many"}, ["not a valid llama config", "vocab_size", "'many'"]),
-        (LLAMA | {"hidden_size": 0}, ["cannot build a llama model", "hidden_size=0"]),
-        ({"model_type": "gpt2", "n_embd": 30, "n_head": 4, "n_layer": 1}, ["cannot build a gpt2 model", "divisible"]),
-        ({"model_type": "lama"}, ["unknown model_type 'lama'", "did you mean llama", "transformers.CONFIG_MAPPING"]),
-        ({"model_type": 5}, ["unknown model_type 5"]),
-    ],
-)
+@pytest.mark.parametrize("contents, words", BAD_CONFIGS)
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, contents, words):
     pytest.importorskip("transformers")
-    path = tmp_path / "config.json"
-    path.write_text(contents if isinstance(contents, str) else json.dumps(contents))
-    status, err = cli_failure(["plan", str(path)], capsys)
-    assert status == 1 and str(path) in err and len(err) < 400
+    path = _bad_config(tmp_path, contents)
+    status, err = cli_failure(["plan", path], capsys)
+    assert status == 1 and path in err and len(err) < 400
     for word in words:
         assert word in err
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("contents, words", BAD_CONFIGS)
+def test_compare_says_of_a_bad_config_file_what_plan_says(tmp_path, capsys, contents, words):
+    """One reader (`blockopt.hf`): ``compare --model FILE`` refuses a config in plan's words."""
+    pytest.importorskip("transformers")
+    path = _bad_config(tmp_path, contents)
+    plan_line = cli_failure(["plan", path], capsys)[1]
+    status, err = cli_failure(["compare", "--model", path, "--out", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert status == 1 and err == plan_line
+
+
+@pytest.mark.hf
+def test_hf_names_the_config_in_each_error(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(blockopt.hf.ConfigError, match=r"^my config: hidden_size must be an int >= 0, got -32$"):
+        blockopt.hf.config_from_fields(LLAMA | {"hidden_size": -32}, source="my config")
+    with pytest.raises(blockopt.hf.ConfigError, match=r"^the llama config: not a valid llama config: Field 'vocab_size'"):
+        blockopt.hf.config_from_fields(LLAMA | {"vocab_size": "many"})
+    config = blockopt.hf.config_from_fields(LLAMA | {"hidden_size": 0})
+    with pytest.raises(blockopt.hf.ConfigError, match=r"^tiny: transformers cannot build a llama model from it \(hidden_size=0"):
+        blockopt.hf.meta_model(config, source="tiny")
+    with pytest.raises(FileNotFoundError, match=r"the folder has no config.json"):
+        blockopt.hf.load_config(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"nor a config.json file \(did you mean llama-2-7b, "):
+        blockopt.hf.load_config("llama-2-7")
 
 
 @pytest.mark.hf
@@ -198,12 +230,12 @@ def test_version(capsys):
 def test_traceback_on_request(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     missing = str(tmp_path / "nope.json")
-    with pytest.raises(cli.CommandError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         main(["--traceback", "plan", missing])
-    with pytest.raises(cli.CommandError):
+    with pytest.raises(FileNotFoundError):
         main(["plan", missing, "--traceback"])
     monkeypatch.setenv("BLOCKOPT_TRACEBACK", "1")
-    with pytest.raises(cli.CommandError):
+    with pytest.raises(FileNotFoundError):
         main(["plan", missing])
 
 

@@ -5,29 +5,24 @@ Every failure is one line on stderr, ``blockopt: error: ...``, never a traceback
 when argparse refuses the command line (`_Parser`), 1 when running it fails (`main`, the one
 place that turns errors into that line; ``--traceback`` or ``BLOCKOPT_TRACEBACK=1`` shows the
 traceback instead). An error of a kind not in `_KNOWN_ERRORS` is a bug, reported as unexpected.
-Over 400 lines because ``plan``'s model lookup (named shape, config.json, folder, Hub id) lives
-here with its error messages.
+What a ``plan`` MODEL names, and every error of reading it, is `blockopt.hf`'s (`find_config`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib.util
 import json
 import os
 import re
-import socket
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 from . import __version__
 # Light modules (no bench extras): the parsers show their defaults without importing those.
-from .bench.argtypes import betas, nonnegative_int, positive_int
+from .bench.argtypes import betas, folder, nonnegative_int, positive_int
 from .bench.loop import DEFAULT_SEQ_LEN, DEFAULT_STEPS
 from .bench.schedules import SCHEDULES
 
@@ -68,7 +63,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         help="text file or folder to train on (default: the Python standard library's source)",
     )
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="optimizer steps per run (default: %(default)s)")
-    parser.add_argument("--out", metavar="DIR", default="demo-out", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=folder, metavar="DIR", default="demo-out", help="output folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.set_defaults(run=_run_demo)
@@ -150,7 +145,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--device", type=_torch_device, help=f"torch device (default: {d.device})")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--out", metavar="DIR", default="compare-out", help="output folder (default: %(default)s)")
+    output.add_argument("--out", type=folder, metavar="DIR", default="compare-out", help="output folder (default: %(default)s)")
     output.add_argument("--checkpoint-every", type=positive_int, help="checkpoint each run every N steps (default: --eval-every)")
     output.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue interrupted ones")
     output.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -253,12 +248,13 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
 def _run_plan(args: argparse.Namespace) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise CommandError("`blockopt plan` needs transformers; install it with: pip install 'blockopt[hf]'")
+    from .hf import find_config, meta_model
     from .partition import PartitionWarning, partition
     from .partition.memory import memory_table
     from .partition.report import plan_dict, plan_rows, rows_csv, rows_table
 
     with _quiet_transformers():
-        model = _meta_model(_plan_config(args.model), args.model)
+        model = meta_model(find_config(args.model), source=args.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PartitionWarning)  # plan.warnings: printed below, or in the JSON
         try:
@@ -285,135 +281,6 @@ def _run_plan(args: argparse.Namespace) -> None:
     print(memory_table(plan))
     for warning in plan.warnings:
         print(f"warning: {warning}")
-
-
-# `blockopt plan MODEL`: where MODEL's config comes from, each failure said in one line naming it.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "meta-llama/Llama-3.1-8B"
-_SIZE_FIELD = re.compile(r"(n|num)_\w+|\w+_(size|dim|heads|layers|experts)")  # counts and widths
-
-
-def _plan_config(text: str):
-    """The transformers config ``text`` names: a named shape, a config.json or a folder holding
-    one, or else a Hugging Face model id (its config.json from the Hub or the local cache)."""
-    from . import hf
-
-    path = Path(text).expanduser()
-    if text in hf.NAMED_CONFIGS or path.is_file():
-        return _config_from(_read_fields(text), text)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CommandError(f"{text}: the folder has no config.json")
-        return _config_from(_read_fields(str(path / "config.json")), str(path / "config.json"))
-    if path.exists():
-        raise CommandError(f"{text}: not a file or folder; expected a Hugging Face config.json")
-    if not _HUB_ID.fullmatch(text) or text.endswith(".json"):
-        raise CommandError(f"{text}: no such file or folder")
-    return _hub_config(text)
-
-
-def _read_fields(source: str) -> dict:
-    from . import hf
-
-    try:
-        return hf.config_fields(source)
-    except json.JSONDecodeError as error:
-        raise CommandError(f"{source} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{source} is not a text file; expected a Hugging Face config.json") from None
-    except TypeError:  # valid JSON, but a number, null or the like
-        raise CommandError(f"{source} holds no JSON object; expected a Hugging Face config.json") from None
-
-
-def _config_from(fields: dict, source: str):
-    from transformers import CONFIG_MAPPING
-    from transformers import __version__ as transformers_version
-
-    from . import hf
-
-    model_type = fields["model_type"]
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        known = list(CONFIG_MAPPING.keys())
-        close = difflib.get_close_matches(str(model_type), known, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise CommandError(f"{source}: unknown model_type {model_type!r} ({hint}transformers {transformers_version} "
-                           f"knows {len(known)}, listed in transformers.CONFIG_MAPPING)")
-    try:
-        return hf.config_from_fields(fields)
-    except Exception as error:  # noqa: BLE001 - ValueError, TypeError or the Hub's strict-dataclass errors
-        raise CommandError(f"{source}: not a valid {model_type} config: {_message(error)}") from error
-
-
-def _hub_config(model_id: str):
-    """``model_id``'s config from the Hub, or the local cache alone when the Hub cannot be reached
-    (its retries would take half a minute to say the same)."""
-    from huggingface_hub import constants
-    from transformers import AutoConfig
-
-    from . import hf
-
-    host = urlparse(constants.ENDPOINT).hostname
-    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
-    if offline is None:
-        try:
-            socket.getaddrinfo(host, 443)
-        except OSError as error:
-            offline = f"{host} is unreachable ({error.strerror or error})"
-    try:
-        return AutoConfig.from_pretrained(model_id, local_files_only=offline is not None)
-    except OSError as error:  # transformers' lookup failures are OSErrors
-        close = difflib.get_close_matches(model_id, list(hf.NAMED_CONFIGS), n=1)
-        named = f" (did you mean {close[0]}?)" if close else ""
-        raise CommandError(f"{model_id!r} is no file, folder or named shape{named}, and as a Hugging Face model id: "
-                           f"{_hub_failure(error, offline)}") from error
-    except Exception as error:  # noqa: BLE001 - the config itself: unknown model_type, bad sizes, custom code
-        raise CommandError(f"{model_id} (Hugging Face Hub): {_message(error)}") from error
-
-
-def _hub_failure(error: Exception, offline: str | None) -> str:
-    """Why the Hub gave no config, in words (transformers' own message is a paragraph)."""
-    from huggingface_hub import errors
-
-    chain = [error]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    found = lambda kind: any(isinstance(e, kind) for e in chain)  # noqa: E731
-    if offline is not None and found(errors.LocalEntryNotFoundError):
-        return f"not in the local cache, and {offline}"
-    if found(errors.GatedRepoError):
-        return "the model is gated: accept its terms on huggingface.co, then log in (hf auth login)"
-    if found(errors.RepositoryNotFoundError):
-        return "no such model on the Hub (a private one needs: hf auth login)"
-    if found(errors.LocalEntryNotFoundError):
-        return f"not in the local cache, and the Hub did not answer ({_message(chain[-1])})"
-    return _message(error)
-
-
-def _meta_model(config, source: str):
-    """The model of ``config`` on the meta device; a size transformers would take or choke on is refused."""
-    from . import hf
-    from .validation import check, integer
-
-    sizes = dict(_sizes(config.to_dict()))
-    try:
-        for name, value in sizes.items():
-            check(name, value, integer(0))  # negative: some build silently (range(-1) is empty)
-    except ValueError as error:
-        raise CommandError(f"{source}: {error}") from None
-    try:
-        return hf.meta_model(config)
-    except Exception as error:  # noqa: BLE001 - transformers checks few fields; a failure here is the config's
-        zeros = ", ".join(f"{name}=0" for name, value in sizes.items() if value == 0)
-        raise CommandError(f"{source}: transformers cannot build a {config.model_type} model from it"
-                           f"{f' ({zeros}?)' if zeros else ''}: {_message(error)}") from error
-
-
-def _sizes(fields: dict, prefix: str = "") -> Iterator[tuple[str, int]]:
-    """Integer counts and widths of a config (``hidden_size``, ``num_heads``, ...), sub-configs included."""
-    for name, value in fields.items():
-        if isinstance(value, dict):
-            yield from _sizes(value, f"{prefix}{name}.")
-        elif isinstance(name, str) and _SIZE_FIELD.fullmatch(name) and isinstance(value, int) and not isinstance(value, bool):
-            yield prefix + name, value
 
 
 @contextlib.contextmanager
@@ -447,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What a failure may be, as opposed to a bug: a CommandError, or an error of these kinds from the
-# code a command runs (the bench's CorpusError, PeerError and ModelSpecError, and json's errors,
-# are ValueErrors; a missing file or package is an OSError or ImportError).
+# code a command runs (blockopt.hf's ConfigError and the bench's CorpusError, PeerError and
+# ModelSpecError are ValueErrors; a missing file or package is an OSError or ImportError).
 _KNOWN_ERRORS = (CommandError, ValueError, TypeError, OSError, ImportError)
 
 
@@ -479,10 +346,8 @@ _LISTING = re.compile(r"(?:[^\s,]+, ){9,}[^\s,]+")  # ten or more comma-separate
 
 
 def _message(error: BaseException) -> str:
-    """``error``'s message on one line, long listings clipped. A wrapper that quotes its cause on
-    a line of its own below a header (huggingface_hub's validation errors) gives way to the cause."""
-    while (cause := error.__cause__) is not None and str(cause) and str(cause) in str(error).partition("\n")[2]:
-        error = cause
+    """``error``'s message on one line, long listings clipped (huggingface_hub's validation
+    errors, a header above their cause, are said by their cause in `blockopt.hf`)."""
     text = " ".join(str(error).split()) or type(error).__name__
     if len(text) > MAX_MESSAGE:
         text = _LISTING.sub(lambda m: ", ".join(m[0].split(", ")[:5]) + f", ... ({m[0].count(', ') - 4} more)", text)

@@ -1,15 +1,29 @@
-"""Hugging Face models on the meta device, for planning without memory (needs ``transformers``).
+"""Hugging Face configs and models on the meta device, for planning without memory (needs ``transformers``).
 
     model = blockopt.hf.meta_model("llama-2-7b")          # a named shape, or a config.json path
     print(blockopt.partition(model))
+
+The one reader of configs: `config_fields` (a named shape or a config.json), `config_from_fields`
+(the transformers config, its sizes checked), `load_config` (the two), `find_config` (those, or
+a Hub model id) and `model_from_config`. Each failure is one line naming the config and what is
+wrong (`ConfigError`), so that ``blockopt plan FILE`` and ``blockopt compare --model FILE`` say
+the same thing.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from torch import nn
+
+from .validation import check, integer
 
 # Public model shapes (numbers from the models' published configs), for planning and memory figures.
 NAMED_CONFIGS: dict[str, dict] = {
@@ -29,6 +43,13 @@ NAMED_CONFIGS: dict[str, dict] = {
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          num_local_experts=8, num_experts_per_tok=2),
 }
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "meta-llama/Llama-3.1-8B"
+_SIZE_FIELD = re.compile(r"(n|num)_\w+|\w+_(size|dim|heads|layers|experts)")  # counts and widths
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read, is not a transformers config, or cannot be built; the message
+    names where it came from."""
 
 
 def _transformers():
@@ -45,52 +66,192 @@ def config_fields(name_or_path: str, *, model_types: bool = False) -> dict:
     model_type alone (``"llama"``: its defaults).
 
     Raises:
-        FileNotFoundError: none of these.
-        ValueError: a JSON file without ``model_type``.
+        FileNotFoundError: none of these, or a folder without a config.json.
+        ConfigError: a file that is not JSON, not UTF-8, not an object, or has no ``model_type``.
     """
     if name_or_path in NAMED_CONFIGS:
         return dict(NAMED_CONFIGS[name_or_path])
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name_or_path}: the folder has no config.json")
         path = path / "config.json"
     if path.is_file():
-        fields = json.loads(path.read_text())
-        if "model_type" not in fields:
-            raise ValueError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
-        return fields
+        return _read_config_file(path)
+    known = list(NAMED_CONFIGS)
     if model_types and path.suffix != ".json":
         _transformers()
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers import CONFIG_MAPPING
 
         if name_or_path in CONFIG_MAPPING:
             return {"model_type": name_or_path}
-    known = f"a named config ({', '.join(NAMED_CONFIGS)})"
+        known += CONFIG_MAPPING.keys()
+    close = difflib.get_close_matches(name_or_path, known, n=3)
+    what = f"a named config ({', '.join(NAMED_CONFIGS)})"
     if model_types:
-        known += ", a transformers model_type (llama, mistral, qwen2, ...)"
-    raise FileNotFoundError(f"{name_or_path!r} is neither {known} nor a config.json file")
+        what += ", a transformers model_type (llama, mistral, qwen2, ...)"
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise FileNotFoundError(f"{name_or_path!r} is neither {what} nor a config.json file{hint}")
 
 
-def config_from_fields(fields: dict):
-    """The transformers config of ``fields`` (``model_type`` plus any of that config's fields)."""
+def _read_config_file(path: Path) -> dict:
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; expected a Hugging Face config.json") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{path} holds no JSON object; expected a Hugging Face config.json")
+    if "model_type" not in fields:
+        raise ConfigError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
+    return fields
+
+
+def config_from_fields(fields: Mapping, *, source: str | None = None):
+    """The transformers config of ``fields`` (``model_type`` plus any of that config's fields),
+    its counts and widths checked (>= 0: some models build silently from a negative one).
+
+    Raises:
+        ConfigError: an unknown ``model_type`` (close matches named), fields the config refuses,
+            or a negative size; the message starts with ``source`` (default: the model_type).
+    """
+    transformers = _transformers()
     fields = dict(fields)
-    return _transformers().AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model_type = fields.pop("model_type", None)
+    source = source or (f"the {model_type} config" if isinstance(model_type, str) else "the config")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        known = list(transformers.CONFIG_MAPPING.keys())
+        close = difflib.get_close_matches(model_type, known, n=3) if isinstance(model_type, str) else []
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"{source}: unknown model_type {model_type!r} ({hint}transformers {transformers.__version__} "
+                          f"knows {len(known)}, listed in transformers.CONFIG_MAPPING)")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except Exception as error:  # noqa: BLE001 - ValueError, TypeError or the Hub's strict-dataclass errors
+        raise ConfigError(f"{source}: not a valid {model_type} config: {_reason(error)}") from error
+    _check_sizes(config, source)
+    return config
 
 
 def load_config(name_or_path: str):
-    """A transformers config from a named shape (`NAMED_CONFIGS`) or a ``config.json`` path."""
+    """A transformers config from a named shape (`NAMED_CONFIGS`) or a ``config.json`` path (or
+    its folder); errors as `config_fields` and `config_from_fields` raise them."""
     _transformers()
-    return config_from_fields(config_fields(name_or_path))
+    return config_from_fields(config_fields(name_or_path), source=name_or_path)
 
 
-def meta_model(name_or_path_or_config):
-    """Build a causal-LM (or base) model on the meta device: shapes and structure, no memory."""
-    from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+def find_config(text: str):
+    """The config ``text`` names, as ``blockopt plan MODEL`` reads it: a named shape, a
+    config.json or a folder holding one (`load_config`), or else a Hugging Face model id (its
+    config.json from the Hub, or from the local cache alone when the Hub cannot be reached: its
+    retries would take half a minute to say the same).
 
+    Raises:
+        FileNotFoundError: no such file, folder, named shape or model id (the message says why).
+        ConfigError: as `load_config`; a Hub config that transformers refuses.
+    """
+    path = Path(text).expanduser()
+    if text in NAMED_CONFIGS or path.is_file() or path.is_dir():
+        return load_config(text)
+    if path.exists():
+        raise FileNotFoundError(f"{text}: not a file or folder; expected a Hugging Face config.json")
+    if not _HUB_ID.fullmatch(text) or text.endswith(".json"):
+        raise FileNotFoundError(f"{text}: no such file or folder")
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if offline is None:
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as error:
+            offline = f"{host} is unreachable ({error.strerror or error})"
+    try:
+        return _transformers().AutoConfig.from_pretrained(text, local_files_only=offline is not None)
+    except OSError as error:  # transformers' lookup failures are OSErrors
+        close = difflib.get_close_matches(text, list(NAMED_CONFIGS), n=1)
+        named = f" (did you mean {close[0]}?)" if close else ""
+        raise FileNotFoundError(f"{text!r} is no file, folder or named shape{named}, and as a Hugging Face model id: "
+                                f"{_hub_failure(error, offline)}") from error
+    except Exception as error:  # noqa: BLE001 - the config itself: unknown model_type, bad sizes, custom code
+        raise ConfigError(f"{text} (Hugging Face Hub): {_reason(error)}") from error
+
+
+def _hub_failure(error: Exception, offline: str | None) -> str:
+    """Why the Hub gave no config, in words (transformers' own message is a paragraph)."""
+    from huggingface_hub import errors
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    found = lambda kind: any(isinstance(e, kind) for e in chain)  # noqa: E731
+    if offline is not None and found(errors.LocalEntryNotFoundError):
+        return f"not in the local cache, and {offline}"
+    if found(errors.GatedRepoError):
+        return "the model is gated: accept its terms on huggingface.co, then log in (hf auth login)"
+    if found(errors.RepositoryNotFoundError):
+        return "no such model on the Hub (a private one needs: hf auth login)"
+    if found(errors.LocalEntryNotFoundError):
+        return f"not in the local cache, and the Hub did not answer ({_reason(chain[-1])})"
+    return _reason(error)
+
+
+def model_from_config(config, *, source: str | None = None, require_lm_head: bool = False) -> nn.Module:
+    """The model of a transformers ``config`` on the current default device: its causal LM, else
+    (unless ``require_lm_head``) its base model, for encoders and other families without one.
+
+    Raises:
+        ConfigError: a negative size, or a config transformers cannot build a model from (sizes
+            that are 0 are named as the likely cause).
+    """
+    transformers = _transformers()
+    source = source or f"the {config.model_type} config"
+    _check_sizes(config, source)
+    try:
+        try:
+            return transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            if require_lm_head:
+                raise
+            return transformers.AutoModel.from_config(config)
+    except Exception as error:  # noqa: BLE001 - transformers checks few fields; a failure here is the config's
+        zeros = ", ".join(f"{name}=0" for name, value in _sizes(config.to_dict()) if value == 0)
+        raise ConfigError(f"{source}: transformers cannot build a {config.model_type} model from it"
+                          f"{f' ({zeros}?)' if zeros else ''}: {_reason(error)}") from error
+
+
+def meta_model(name_or_path_or_config, *, source: str | None = None) -> nn.Module:
+    """Build a causal-LM (or base) model on the meta device: shapes and structure, no memory.
+    ``source`` names the config in error messages (default: the name or path given)."""
     config = name_or_path_or_config
-    if not isinstance(config, PretrainedConfig):
+    if not isinstance(config, _transformers().PretrainedConfig):
+        source = source or str(config)
         config = load_config(config)
     with torch.device("meta"):
-        try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:  # encoders and other families without a causal-LM head
-            return AutoModel.from_config(config)
+        return model_from_config(config, source=source)
+
+
+def _check_sizes(config, source: str) -> None:
+    try:
+        for name, value in _sizes(config.to_dict()):
+            check(name, value, integer(0))
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _sizes(fields: Mapping, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """Integer counts and widths of a config (``hidden_size``, ``num_heads``, ...), sub-configs included."""
+    for name, value in fields.items():
+        if isinstance(value, Mapping):
+            yield from _sizes(value, f"{prefix}{name}.")
+        elif isinstance(name, str) and _SIZE_FIELD.fullmatch(name) and isinstance(value, int) and not isinstance(value, bool):
+            yield prefix + name, value
+
+
+def _reason(error: BaseException) -> str:
+    """``error``'s message on one line; huggingface_hub's validation errors quote their cause
+    below a header line, and the cause says it."""
+    while (cause := error.__cause__) is not None and str(cause) and str(cause) in str(error).partition("\n")[2]:
+        error = cause
+    return " ".join(str(error).split()) or type(error).__name__

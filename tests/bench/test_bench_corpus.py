@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blockopt.bench.corpus import CorpusError, load_corpus, split_ids, stdlib_dir, stdlib_files
+from blockopt.bench.corpus import CorpusError, check_long_enough, load_corpus, split_ids, stdlib_dir, stdlib_files
 
 
 def test_stdlib_corpus_is_deterministic_and_capped():
@@ -60,3 +60,16 @@ def test_split_ids_keeps_the_tail_for_validation():
         split_ids(ids, val_fraction=1.0)
     with pytest.raises(ValueError, match="too few"):
         split_ids(torch.arange(1))
+
+
+def test_a_corpus_shorter_than_one_sequence_names_itself_and_the_fixes():
+    data = split_ids(torch.arange(200))  # 190 train, 10 validation tokens
+    check_long_enough(data, 9, source="corpus 'notes.txt'")  # a window of 10 fits each part
+    with pytest.raises(CorpusError) as short:
+        check_long_enough(data, 10, source="corpus 'notes.txt'")
+    assert str(short.value) == (
+        "corpus 'notes.txt' is too short for seq_len=10: of its 200 tokens the validation part holds 10, and each "
+        "part needs more than 10 (about 220 tokens in all); pass a longer corpus or a smaller seq_len (--seq-len)"
+    )
+    with pytest.raises(CorpusError, match=r"a longer corpus, a larger max_bytes \(--max-bytes\), or a smaller"):
+        check_long_enough(data, 10, source="corpus 'notes.txt'", capped=True)

@@ -142,22 +142,38 @@ def test_gpt2_small_has_the_124m_shape():
     assert model.num_params() == 124_439_808  # GPT-2 small with its tied head
 
 
+@pytest.mark.parametrize("config", [LlamaConfig, GPT2Config])
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(dim=30, n_heads=4), "divisible by n_heads"),
-        (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
-        (dict(dim=12, n_heads=4), "even for RoPE"),
-        (dict(n_layers=0), "n_layers must be a positive int"),
-        (dict(vocab_size=True), "vocab_size must be a positive int"),
-        (dict(norm_eps=0.0), "must be positive"),
-        (dict(init_std=0.0), "init_std must be a positive finite number"),
-        (dict(init_std=float("nan")), "init_std must be a positive finite number"),
+        (dict(dim=30, n_heads=4), ValueError, r"dim \(30\) must be divisible by n_heads \(4\)"),
+        (dict(n_layers=0), ValueError, "^n_layers must be an int >= 1, got 0$"),
+        (dict(max_seq_len=-1), ValueError, "^max_seq_len must be an int >= 1, got -1$"),
+        (dict(vocab_size=True), TypeError, r"^vocab_size must be an int >= 1, got True \(bool\)$"),
+        (dict(dim=32.0), TypeError, r"^dim must be an int >= 1, got 32.0 \(float\)$"),
+        (dict(norm_eps=0.0), ValueError, "^norm_eps must be a number > 0, got 0.0$"),
+        (dict(init_std=0.0), ValueError, "^init_std must be a number > 0, got 0.0$"),
+        (dict(init_std=float("nan")), ValueError, "^init_std must be a number > 0, got nan$"),
     ],
 )
-def test_llama_config_validation(kwargs, message):
+def test_config_validation_names_the_field_the_rule_and_the_value(config, kwargs, error, message):
     settings = dict(vocab_size=64, dim=32, n_layers=1, n_heads=4) | kwargs
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
+        config(**settings)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n_heads=4, n_kv_heads=3), ValueError, "multiple of n_kv_heads"),
+        (dict(dim=12, n_heads=4), ValueError, "even for RoPE"),
+        (dict(n_kv_heads=0), ValueError, "^n_kv_heads must be an int >= 1, got 0$"),
+        (dict(rope_theta=-1.0), ValueError, "^rope_theta must be a number > 0, got -1.0$"),
+    ],
+)
+def test_llama_config_validation(kwargs, error, message):
+    settings = dict(vocab_size=64, dim=32, n_layers=1, n_heads=4) | kwargs
+    with pytest.raises(error, match=message):
         LlamaConfig(**settings)
 
 

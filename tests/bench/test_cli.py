@@ -53,16 +53,26 @@ def test_demo_runs_end_to_end(tmp_path):
     [
         (["demo", "--corpus", "{tmp}/missing"], 1, ["corpus path", "missing", "does not exist"]),
         (["demo", "--corpus", "{tmp}/binary.bin"], 1, ["no text found in", "binary.bin"]),
-        (["demo", "--corpus", "{tmp}/short.txt", "--no-progress"], 1, ["need more than seq_len=128 tokens"]),
-        (["demo", "--out", "{tmp}/a-file", "--corpus", "{tmp}/short.txt"], 1, ["File exists", "a-file"]),
+        (["demo", "--corpus", "{tmp}/short.txt", "--no-progress"], 1,
+         ["corpus '{tmp}/short.txt' is too short for seq_len=128: of its", "tokens the validation part holds 1,",
+          "pass a longer corpus or a smaller seq_len (--seq-len)"]),
+        (["demo", "--out", "{tmp}/a-file", "--corpus", "{tmp}/short.txt"], 2,
+         ["argument --out: '{tmp}/a-file' is a file, not a folder"]),
+        (["compare", "--out", "{tmp}/a-file"], 2, ["argument --out: '{tmp}/a-file' is a file, not a folder"]),
         (["demo", "--steps", "0"], 2, ["argument --steps", "positive integer", "blockopt demo --help"]),
         (["demo", "--steps", "ten"], 2, ["argument --steps", "'ten'"]),
         (["demo", "--seed", "1.5"], 2, ["argument --seed", "invalid int value"]),
-        (["compare", "--corpus", "{tmp}/short.txt", "--seeds", "1", "--no-progress"], 1, ["need more than seq_len"]),
+        (["compare", "--corpus", "{tmp}/short.txt", "--seeds", "1", "--no-progress"], 1, ["short.txt' is too short"]),
+        (["compare", "--max-bytes", "3000", "--seeds", "1", "--no-progress"], 1,
+         ["the built-in corpus (the standard library) is too short for seq_len=128", "a larger max_bytes (--max-bytes), "
+          "or a smaller seq_len (--seq-len)"]),
         (["compare", "--corpus", "{tmp}/missing"], 1, ["does not exist"]),
         (["compare", "--opt", "adamz"], 1, ["unknown optimizer 'adamz'", "registered: adamw"]),
         (["compare", "--opt", "adamw:foo=1"], 1, ["takes no hyperparameter 'foo'"]),
         (["compare", "--opt", "adamw:betas=(0.9,)"], 1, ["betas must be a pair"]),
+        (["compare", "--opt", "adamw:lr=abc"], 1, ["bad override in 'adamw:lr=abc': lr must be a number, got 'abc'"]),
+        (["compare", "--opt", "adamw:lr"], 1, ["bad override 'lr' in 'adamw:lr': write key=value"]),
+        (["compare", "--opt", "lion:betas=0.9"], 1, ["betas must be a pair, each a number, got 0.9"]),
         (["compare", "--opt", "adam-mini:lr=-1"], 1, ["lr must be a number >= 0, got -1"]),
         (["compare", "--opt", "adamw", "--opt", "adamw"], 1, ["adamw is listed twice"]),
         (["compare", "--baseline", "lion"], 1, ["baseline 'lion' is not one of the optimizers"]),
@@ -91,7 +101,7 @@ def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypa
     got, err = cli_failure(argv if "--out" in argv else [*argv, "--out", str(out)], capsys)
     assert got == status
     for word in words:
-        assert word in err
+        assert word.format(tmp=tmp_path) in err
     assert not any(out.rglob("*.pt"))  # refused before training
 
 

@@ -233,8 +233,10 @@ def test_bad_names_and_settings_fail_before_training(tmp_path):
         compare(["adamw", "adamz"], callback=no_training, **TINY)
     with pytest.raises(PeerError, match="takes no hyperparameter 'momentum'"):
         compare(["adamw:momentum=0.9"], callback=no_training, **TINY)
-    with pytest.raises(PeerError, match="could not be built"):
+    with pytest.raises(PeerError, match=r"bad override in 'adam-mini:betas=0.9,1.5': betas\[1\] must be a number in \[0, 1\)"):
         compare(["adam-mini:betas=0.9,1.5"], callback=no_training, **TINY)
+    with pytest.raises(PeerError, match="could not be built"):  # a range only torch's AdamW knows
+        compare(["adamw:lr=-1"], callback=no_training, **TINY)
     with pytest.raises(ValueError, match="listed twice"):
         compare(["adamw", "adamw"], **TINY)
     with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 64"):

@@ -83,6 +83,37 @@ def test_bad_override_names_what_the_peer_takes():
         build_optimizer("adamw:lr=-1", build_model("llama-tiny"), SHARED)
 
 
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("adamw:lr=abc", "bad override in 'adamw:lr=abc': lr must be a number, got 'abc' (str)"),
+        ("adamw:eps=1e-8,weight_decay=lots", "weight_decay must be a number, got 'lots' (str)"),
+        ("adamw:betas=0.9", "betas must be a pair, each a number, got 0.9"),
+        ("lion:betas=(0.9,)", "betas must be a pair, each a number, got (0.9,)"),  # from lion's default (0.9, 0.99)
+        ("sgd-sai:momentum=fast", "momentum must be a number, got 'fast' (str)"),  # from sgd-sai's default 0.9
+        ("adam-mini:decay_1d=1", "decay_1d must be True or False, got 1"),  # AdamMini's own table
+        ("adam-mini:lr=-1", "lr must be a number >= 0, got -1"),
+        ("adapm:rank=0", "rank must be an int >= 1, got 0"),
+        ("adamw:lr", "bad override 'lr' in 'adamw:lr': write key=value"),
+        ("po:adan:lr", "bad override 'lr' in 'po:adan:lr': write key=value"),
+        ("adamw:", "bad optimizer spec 'adamw:': nothing follows ':'"),
+    ],
+)
+def test_a_bad_override_is_refused_when_parsed_in_the_validators_words(spec, message):
+    with pytest.raises(PeerError) as refused:
+        parse_optimizer_spec(spec)
+    assert message in str(refused.value)
+
+
+def test_values_of_kinds_the_peer_does_not_know_pass_through():
+    assert parse_optimizer_spec("adamw:lr=-1").overrides["lr"] == -1  # its range is torch's to check
+    assert parse_optimizer_spec("adafactor:eps=1e-3,1e-3").overrides["eps"] == (1e-3, 1e-3)  # its own pair
+    assert parse_optimizer_spec("po:adan:betas=0.98,0.92,0.99").overrides["betas"] == (0.98, 0.92, 0.99)
+    # overrides given as a dict are checked when resolved
+    with pytest.raises(PeerError, match="lr must be a number, got 'abc'"):
+        get_peer("adamw").resolve(SHARED, {"lr": "abc"})
+
+
 def test_a_missing_package_is_named_with_its_install_command():
     register_optimizer("needs-missing", lambda m, hp: None, requires="blockopt-no-such-package==1.0", shared=())
     try:

@@ -44,6 +44,17 @@ def test_extra_distributions_and_the_device_are_recorded(tmp_path):
     assert document["environment"]["machine"]["device"] == "cpu"
 
 
+def test_an_environment_captured_at_the_start_is_written_with_the_load_at_the_end(tmp_path, monkeypatch):
+    loads = iter([(1.0, 1.0, 1.0), (3.0, 2.0, 1.5)])
+    monkeypatch.setattr("os.getloadavg", lambda: next(loads))
+    started = environment()
+    document = read_result(write_result(tmp_path, name="x", settings={}, results={}, environment=started))
+    assert document["environment"]["machine"]["load_average_start"] == [1.0, 1.0, 1.0]
+    assert document["environment"]["machine"]["load_average_end"] == [3.0, 2.0, 1.5]
+    assert "load_average_end" not in started["machine"]  # the caller's dict is left alone
+    assert document["environment"]["versions"] == started["versions"]
+
+
 def test_nan_and_inf_are_written_as_null_and_read_back_as_nan(tmp_path):
     run = RunResult(
         optimizer="AdamW", train_curve=[(1, 5.0), (2, float("nan"))], val_curve=[(2, float("inf"))],

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 import blockopt
-from blockopt.bench import read_result, write_result
+from blockopt.bench import environment, read_result, write_result
 from blockopt.kernels.adam_mini import cpu as fused_cpu
 
 HERE = Path(__file__).resolve().parent
@@ -273,15 +273,16 @@ def main() -> None:
     out = args.out or HERE / "results" / args.device
     names = args.models or DEFAULT_MODELS[args.device]
 
-    results = {"load_average_start": list(os.getloadavg())}  # the result's environment has the load at the end
+    distributions = ("adam-mini", "pytorch-optimizer", "triton")
+    env = environment(args.device, distributions)  # now: its load average is the one before the work
+    results = {}
     if device.type == "cpu":
         results["fused_kernel"] = kernel_build_seconds() if fused_cpu.available() else {"available": False}
         print("fused kernel:", results["fused_kernel"], flush=True)
     results["models"] = {name: bench_model(name, args.rounds, device) for name in names}
     print("\n" + table(results["models"]))
     settings = {"device": args.device, "models": names, "rounds": args.rounds, "lr": LR}
-    path = write_result(out, name="step_speed", settings=settings, results=results, device=args.device,
-                        distributions=("adam-mini", "pytorch-optimizer", "triton"))
+    path = write_result(out, name="step_speed", settings=settings, results=results, environment=env)
     plot(read_result(path), out / "step_speed.png")
     print(f"\nwrote {path} and step_speed.png")
 

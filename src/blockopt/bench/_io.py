@@ -1,4 +1,5 @@
-"""Writing files so that a reader (or a run killed mid-write) never sees half of one."""
+"""Writing files so that a reader (or a run killed mid-write) never sees half of one, into
+folders checked before any work starts."""
 
 from __future__ import annotations
 
@@ -17,3 +18,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def output_folder(path: str | os.PathLike, name: str = "out_dir") -> Path:
+    """``path`` as a folder to write into (created later, where missing); a file there is refused
+    now, before any work, naming it as the caller's argument ``name``."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{name} {str(folder)!r} is a file, not a folder")
+    return folder

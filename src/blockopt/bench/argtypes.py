@@ -7,6 +7,7 @@ argparse prints as a one-line usage error.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def positive_int(text: str) -> int:
@@ -31,3 +32,10 @@ def betas(text: str) -> tuple[float, float]:
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}")
     return float(parts[0]), float(parts[1])
+
+
+def folder(text: str) -> str:
+    """A folder to write into: one that exists, or a path where none does yet (it is created)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return text

@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..validation import check, integer, real
+
 DEFAULT_MAX_BYTES = 4_000_000
+DEFAULT_VAL_FRACTION = 0.05  # the held-out tail `split_ids` cuts off for validation
 
 # Folders of the standard library that are not representative source code: third-party packages,
 # test suites (huge and repetitive), IDLE, generated codec tables and pydoc's topic dump.
@@ -26,7 +29,7 @@ _BINARY_SNIFF_BYTES = 8192
 
 
 class CorpusError(ValueError):
-    """The corpus path holds no usable text."""
+    """The corpus path holds no usable text, or too little for one sequence."""
 
 
 class TokenSplit(NamedTuple):
@@ -88,10 +91,9 @@ def load_corpus(path: str | os.PathLike | None = None, *, max_bytes: int | None 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CorpusError: nothing readable as text was found.
-        ValueError: ``max_bytes`` is not positive.
+        ValueError, TypeError: ``max_bytes`` is not an int >= 1 or None.
     """
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    check("max_bytes", max_bytes, integer(1, optional=True))
     if path is None:
         source, files = f"Python standard library ({stdlib_dir()})", stdlib_files()
     else:
@@ -119,13 +121,28 @@ def load_corpus(path: str | os.PathLike | None = None, *, max_bytes: int | None 
     return corpus
 
 
-def split_ids(ids: torch.Tensor, val_fraction: float = 0.05) -> TokenSplit:
+def split_ids(ids: torch.Tensor, val_fraction: float = DEFAULT_VAL_FRACTION) -> TokenSplit:
     """Split a 1-D token sequence into train (head) and validation (the last ``val_fraction``)."""
     if ids.ndim != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check("val_fraction", val_fraction, real(0, 1, low_open=True, high_open=True))
     n_val = max(1, int(len(ids) * val_fraction))
     if n_val >= len(ids):
         raise ValueError(f"{len(ids)} tokens are too few to split off a validation set")
     return TokenSplit(train=ids[:-n_val], val=ids[-n_val:])
+
+
+def check_long_enough(data: TokenSplit, seq_len: int, *, source: str, capped: bool = False) -> None:
+    """Raise `CorpusError` unless the training and the validation part each hold one window of
+    ``seq_len + 1`` tokens. ``source`` names the corpus (``"corpus 'notes.txt'"``); ``capped``:
+    ``max_bytes`` cut it short."""
+    if min(len(data.train), len(data.val)) > seq_len:
+        return
+    n_tokens = len(data.train) + len(data.val)
+    needed = (seq_len + 1) * round(1 / DEFAULT_VAL_FRACTION)  # a window in the validation tail
+    fixes = "a longer corpus, a larger max_bytes (--max-bytes)," if capped else "a longer corpus"
+    raise CorpusError(
+        f"{source} is too short for seq_len={seq_len}: of its {n_tokens:,} tokens the validation part holds "
+        f"{len(data.val):,}, and each part needs more than {seq_len} (about {needed:,} tokens in all); pass {fixes} "
+        "or a smaller seq_len (--seq-len)"
+    )

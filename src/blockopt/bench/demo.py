@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
+from ._io import output_folder
 from .compare_config import DEFAULT_LR, DEMO_CONFIG, config_from
 from .comparison import format_table
 from .loop import DEFAULT_STEPS
@@ -68,7 +68,7 @@ def run_demo(
         The content of ``demo.json``.
     """
     started = time.perf_counter()
-    out = Path(out_dir)
+    out = output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config_from(None, {
         "optimizers": DEMO_OPTIMIZERS, "seeds": (seed,), "corpus": None if corpus is None else str(corpus), **settings,

@@ -15,24 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import integer, real, validate
+
 INIT_STD = 0.02
 
-
-def _check_positive(config: object, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def is_positive_finite(value: object) -> bool:
-    """Whether ``value`` is a real number (not a bool) in (0, inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+# What each field of a config may be (the sizes of both families, the Llama's RoPE base too).
+_RULES = {
+    **{name: integer(1) for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "max_seq_len")},
+    **{name: real(0, low_open=True) for name in ("rope_theta", "norm_eps", "init_std")},
+}
 
 
-def _check_init_std(config: object) -> None:
-    if not is_positive_finite(config.init_std):
-        raise ValueError(f"init_std must be a positive finite number, got {config.init_std!r}")
+def _validate(config: object) -> None:
+    validate(_RULES, {name: getattr(config, name) for name in _RULES if hasattr(config, name)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,16 +56,13 @@ class LlamaConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", 32 * math.ceil(8 * self.dim / 3 / 32))
-        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "max_seq_len")
+        _validate(self)
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim (dim / n_heads = {self.head_dim}) must be even for RoPE")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError(f"rope_theta and norm_eps must be positive, got {self.rope_theta}, {self.norm_eps}")
-        _check_init_std(self)
 
     @property
     def head_dim(self) -> int:
@@ -94,12 +86,9 @@ class GPT2Config:
     def __post_init__(self) -> None:
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", 4 * self.dim)
-        _check_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "mlp_hidden", "max_seq_len")
+        _validate(self)
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        _check_init_std(self)
 
     @property
     def head_dim(self) -> int:

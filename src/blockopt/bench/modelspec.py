@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -104,7 +105,7 @@ class ModelSpec:
         name = source[len(HF_PREFIX) :] if source.startswith(HF_PREFIX) else None
         path = Path(name if name is not None else source).expanduser()
         if name is not None or path.suffix == ".json" or (path.is_dir() and (path / "config.json").is_file()):
-            config = _hf_config(name if name is not None else source, overrides)
+            config = _hf_config(source, name if name is not None else source, overrides)
             return cls(source=source, overrides=MappingProxyType(overrides), family="hf", config=config)
         raise ModelSpecError(
             f"unknown model {source!r}; built-in: {', '.join(CONFIGS)}; or hf:<name> "
@@ -132,15 +133,12 @@ class ModelSpec:
                 with torch.device("meta"):
                     return build_model(self.config, seed=seed)
             return build_model(self.config, seed=seed)
-        from transformers import AutoModelForCausalLM
+        from ..hf import model_from_config
 
         # HF initializes from the global RNG: fork it, so the caller's stream is left alone.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device) if device is not None else nullcontext():
             torch.manual_seed(seed)
-            if device is not None:
-                with torch.device(device):
-                    return CausalLM(AutoModelForCausalLM.from_config(self.config))
-            return CausalLM(AutoModelForCausalLM.from_config(self.config))
+            return CausalLM(model_from_config(self.config, source=self.source, require_lm_head=True))
 
     __call__ = build
 
@@ -176,14 +174,14 @@ def _replace_config(base: ModelConfig, overrides: Mapping[str, Any]) -> ModelCon
         raise ModelSpecError(f"bad model override: {error}") from error
 
 
-def _hf_config(name_or_path: str, overrides: Mapping[str, Any]):
+def _hf_config(source: str, name_or_path: str, overrides: Mapping[str, Any]):
     """A transformers config (`blockopt.hf.config_fields`: a named shape, a model_type's defaults
-    or a config.json), then the overrides."""
-    try:
-        from ..hf import config_fields, config_from_fields
+    or a config.json), then the overrides; every failure a `ModelSpecError` naming ``source``."""
+    from .. import hf
 
-        fields = config_fields(name_or_path, model_types=True)
-        defaults = config_from_fields(fields)
+    try:
+        fields = hf.config_fields(name_or_path, model_types=True)
+        defaults = hf.config_from_fields(fields, source=source)
     except (ImportError, FileNotFoundError, ValueError) as error:
         raise ModelSpecError(str(error)) from error
     unknown = sorted(key for key in overrides if not hasattr(defaults, key))
@@ -197,7 +195,11 @@ def _hf_config(name_or_path: str, overrides: Mapping[str, Any]):
         value = fields.get(key, getattr(defaults, key, None))
         if isinstance(value, int) and value >= vocab_size:
             fields[key] = None
-    return config_from_fields(fields)
+    try:
+        overridden = f" (overriding {', '.join(overrides)})" if overrides else ""
+        return hf.config_from_fields(fields, source=source + overridden)
+    except ValueError as error:
+        raise ModelSpecError(str(error)) from error
 
 
 def as_model_spec(model: str | ModelSpec | ModelConfig, overrides: Mapping[str, Any] | None = None) -> ModelSpec:

@@ -12,6 +12,7 @@ floats are written as ``null``; a reader that knows a field is a float turns it 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write
-from .environment import environment
+from .environment import environment as capture_environment
+from .environment import record_load_end
 
 SCHEMA = "blockopt.result/1"
 RESULT_FILE = "result.json"
@@ -62,6 +64,7 @@ def write_result(
     argv: Sequence[str] | None = None,
     device: str = "cpu",
     distributions: Sequence[str] = (),
+    environment: Mapping | None = None,
 ) -> Path:
     """Write ``out_dir/result.json`` (folders created) and return its path.
 
@@ -70,14 +73,22 @@ def write_result(
         settings: everything that decides the numbers (JSON-able; tuples become lists).
         results: the measurements.
         argv: the command line to record (default: ``sys.argv``).
-        device, distributions: passed to `environment` (the device's name, extra package versions).
+        device, distributions: passed to `environment` when it is captured here (the device's
+            name, extra package versions).
+        environment: one captured earlier (`blockopt.bench.environment`), e.g. at the start of
+            the measurement so that its load average is the one before the work; the load now
+            is added as ``load_average_end``. Default: captured now.
     """
+    if environment is None:
+        environment = capture_environment(device, distributions)
+    else:
+        environment = record_load_end(copy.deepcopy(dict(environment)))
     document = {
         "schema": SCHEMA,
         "name": name,
         "command": command_line(argv),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(device, distributions),
+        "environment": environment,
         "settings": settings,
         "results": results,
     }

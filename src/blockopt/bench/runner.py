@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_write, output_folder
 from .checkpoint import fingerprint_mismatch, load_checkpoint
 from .compare_config import CompareConfig, config_from
 from .comparison import CompareResult, RunRecord
-from .corpus import TokenSplit, load_corpus, split_ids
+from .corpus import TokenSplit, check_long_enough, load_corpus, split_ids
 from .environment import environment, record_load_end
 from .loop import TrainConfig
 from .modelspec import ModelSpec, as_model_spec
@@ -56,13 +56,19 @@ def _data_digest(data: TokenSplit) -> str:
     return digest.hexdigest()[:16]
 
 
-def _prepare_data(config: CompareConfig, spec: ModelSpec, log: Callable[[str], None]) -> tuple[TokenSplit, dict, dict]:
-    """The token splits, what the JSON says of the corpus, and the seconds spent on it."""
+def _prepare_data(
+    config: CompareConfig, spec: ModelSpec, seq_len: int, log: Callable[[str], None]
+) -> tuple[TokenSplit, dict, dict]:
+    """The token splits (each holding a sequence of ``seq_len``), what the JSON says of the
+    corpus, and the seconds spent on it."""
     started = time.perf_counter()
     text = load_corpus(config.corpus, max_bytes=config.max_bytes)
     tokenized = tokenize_corpus(text, spec.vocab_size)
     data = split_ids(tokenized.ids)
     n_bytes = len(text.encode("utf-8"))
+    capped = config.max_bytes is not None and n_bytes > config.max_bytes - 4  # a cut character drops <= 3 bytes
+    source = f"corpus {str(config.corpus)!r}" if config.corpus is not None else "the built-in corpus (the standard library)"
+    check_long_enough(data, seq_len, source=source, capped=capped)
     log(
         f"corpus: {config.corpus or 'Python standard library'} ({n_bytes:,} bytes, {len(tokenized.ids):,} tokens); "
         f"BPE tokenizer (vocab {spec.vocab_size}) {'loaded from cache' if tokenized.from_cache else 'trained'} "
@@ -141,6 +147,8 @@ def compare(
     env = environment(config.device)  # at the start: the load average before our own runs
     if resume and out_dir is None:
         raise ValueError("resume=True needs an out_dir")
+    if out_dir is not None:
+        output_folder(out_dir)
 
     spec = as_model_spec(config.model, config.model_overrides)
     loop = config.loop.resolved(spec.max_seq_len)
@@ -150,7 +158,7 @@ def compare(
     model_info = {**spec.describe(), "n_params": n_params}
     log(f"model: {spec.source} ({n_params:,} parameters); optimizers: {', '.join(config.labels)}; seeds: {list(config.seeds)}")
 
-    data, corpus_info, timings = _prepare_data(config, spec, log)
+    data, corpus_info, timings = _prepare_data(config, spec, loop.seq_len, log)
     # The loop as run (derived values resolved), and where: part of every run's fingerprint.
     loop_info = {**loop.to_dict(), "device": config.device}
     log(

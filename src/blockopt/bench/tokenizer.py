@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..validation import check, integer
 from ._io import atomic_write
 from .corpus import DEFAULT_MAX_BYTES, load_corpus, split_ids
 
@@ -63,8 +64,7 @@ def train_bpe(text: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
 
     Byte-level means every string round-trips exactly: ``decode(encode(s)) == s``.
     """
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (the byte alphabet), got {vocab_size}")
+    check("vocab_size", vocab_size, integer(_MIN_VOCAB_SIZE, hint="the byte alphabet alone takes 256 ids"))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

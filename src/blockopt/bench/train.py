@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 import blockopt
 
-from ..validation import check, integer
+from ..validation import check, integer, real
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .corpus import TokenSplit
 from .loop import TrainConfig
-from .models import CONFIGS, ModelConfig, build_model, is_positive_finite
+from .models import CONFIGS, ModelConfig, build_model
 from .schedules import lr_factor
 
 __all__ = ["CHECKPOINT_FILE", "RunResult", "TrainConfig", "count_params", "evaluate", "load_checkpoint", "lr_factor",
@@ -192,10 +192,7 @@ def _group_floors(optimizer: torch.optim.Optimizer, min_lr_ratio: float) -> list
     floors = []
     for index, group in enumerate(optimizer.param_groups):
         ratio = group.get("lr_ratio", 1.0)
-        if not is_positive_finite(ratio):
-            raise ValueError(
-                f"param group {index} has lr_ratio={ratio!r}; shared_floor needs a positive finite lr_ratio"
-            )
+        check(f"param group {index}'s lr_ratio", ratio, real(0, low_open=True, hint="shared_floor divides by it"))
         floors.append(min(1.0, min_lr_ratio / ratio))
     return floors
 

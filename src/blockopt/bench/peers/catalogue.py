@@ -20,8 +20,12 @@ from torch import nn
 
 import blockopt
 from blockopt.param_groups import blockwise_lr
+from blockopt.validation import check, pair, real
 
-from .registry import SHARED_KEYS, OptimizerFactory, Peer, PeerError, installed_version, register_family, register_optimizer
+from .registry import (
+    SHARED_KEYS, OptimizerFactory, Peer, PeerError, installed_version, register_family, register_optimizer,
+    rules_from_defaults,
+)
 
 PYTORCH_OPTIMIZER_PREFIX = "po:"
 
@@ -63,8 +67,7 @@ def _first_attr(obj: object, *names: str):
 
 
 def _betas(value) -> tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise PeerError(f"betas must be a pair, e.g. betas=0.9,0.95; got {value!r}")
+    check("betas", value, pair(real()))
     return float(value[0]), float(value[1])
 
 
@@ -195,6 +198,7 @@ def pytorch_optimizer_peer(name: str) -> Peer:
     return Peer(
         name=name, factory=factory, requires=("pytorch-optimizer",), description=f"pytorch-optimizer's {cls.__name__}",
         shared=shared, extra_keys=tuple(key for key in keys if key not in shared),
+        rules=rules_from_defaults({key: parameters[key].default for key in keys}),
     )
 
 
@@ -214,7 +218,7 @@ register_optimizer(
 register_optimizer(
     "adam-mini", _adam_mini,
     description="blockopt.AdamMini: one second moment per block of the detected partition",
-    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d"),
+    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d"), rules=blockopt.AdamMini.HYPERPARAMETERS,
 )
 register_optimizer(
     "adam-mini-official", _adam_mini_official, requires="adam-mini==1.1.1",
@@ -273,13 +277,14 @@ register_optimizer(
     # peer (Note [weight decay groups])
     defaults={k: v for k, v in (("lr", 3e-1), ("blocks", "plan"), ("decay_1d", False)) if k in _sgd_sai_keys},
     extra_keys=tuple(k for k in _sgd_sai_keys if k not in ("lr", "eps", "weight_decay")),
+    rules=blockopt.SGDSaI.HYPERPARAMETERS,
 )
 _adapm_keys = _signature_keys(blockopt.AdaPM)
 register_optimizer(
     "adapm", _class_peer_factory(blockopt.AdaPM),
     description="blockopt.AdaPM: partial (low-rank / none / full) momentum + blockwise second moment",
     shared=tuple(k for k in SHARED_KEYS if k in _adapm_keys),
-    extra_keys=tuple(k for k in _adapm_keys if k not in SHARED_KEYS),
+    extra_keys=tuple(k for k in _adapm_keys if k not in SHARED_KEYS), rules=blockopt.AdaPM.HYPERPARAMETERS,
 )
 register_optimizer(
     "adamw-blockwise-lr", _adamw_blockwise,

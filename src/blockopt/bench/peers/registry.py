@@ -4,7 +4,10 @@ torch.optim.Optimizer`` plus the pip packages it needs and the hyperparameters i
 Hyperparameters resolve in this order, later wins: the comparison's shared settings (``lr``,
 ``betas``, ``eps``, ``weight_decay``; a peer takes only those it names in ``shared``), the
 peer's ``defaults``, then the overrides of one run. An override of a key the peer does not take
-is a `PeerError` that lists the keys it does take.
+is a `PeerError` that lists the keys it does take; one of the wrong kind (``lr=abc``) is a
+`PeerError` in `blockopt.validation`'s words, where the peer's ``rules`` know the key: the shared
+settings' types, those the defaults show (a float, a bool, a pair of floats), and any the peer
+registered.
 
 Besides registered names, a *family* resolves names with a prefix on demand (``po:<name>``, any
 optimizer of the ``pytorch-optimizer`` package, is one: `register_family`).
@@ -22,11 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...validation import Rule, boolean, check, pair, real
+
 
 OptimizerFactory = Callable[[nn.Module, Mapping[str, Any]], torch.optim.Optimizer]
 
 # The settings every comparison has; a peer reads the ones it names in ``shared``.
 SHARED_KEYS = ("lr", "betas", "eps", "weight_decay")
+# Their kinds, whatever the optimizer (its own ranges it checks itself).
+SHARED_RULES = {"lr": real(), "betas": pair(real()), "eps": real(), "weight_decay": real()}
 
 
 class PeerError(ValueError):
@@ -55,11 +62,24 @@ class Peer:
     shared: tuple[str, ...] = SHARED_KEYS
     defaults: Mapping[str, Any] = field(default_factory=dict)
     extra_keys: tuple[str, ...] = ()  # more override keys, without a default (the factory's own)
+    rules: Mapping[str, Rule] = field(default_factory=dict)  # what an override may be, by key (`check_values`)
 
     @property
     def accepted_keys(self) -> tuple[str, ...]:
         keys = [*self.shared, *self.defaults, *self.extra_keys]
         return tuple(dict.fromkeys(keys))
+
+    def check_values(self, overrides: Mapping[str, Any], spec: str | None = None) -> None:
+        """Raise `PeerError` for an override that breaks its rule (keys without one pass);
+        ``spec``, the text the overrides came from, is named in the message."""
+        for key, value in overrides.items():
+            rule = self.rules.get(key) or (SHARED_RULES[key] if key in self.shared else None)
+            if rule is None:
+                continue
+            try:
+                check(key, value, rule)
+            except (TypeError, ValueError) as error:
+                raise PeerError(f"bad override in {spec or self.name!r}: {error}") from None
 
     def missing(self) -> list[str]:
         """The requirements whose package is not installed."""
@@ -92,6 +112,7 @@ class Peer:
                 f"optimizer {self.name!r} takes no hyperparameter {', '.join(map(repr, unknown))}; "
                 f"it takes: {', '.join(self.accepted_keys) or 'none'}"
             )
+        self.check_values(overrides)
         shared = dict(shared or {})
         resolved = {key: shared[key] for key in self.shared if key in shared}
         return {**resolved, **self.defaults, **overrides}
@@ -123,6 +144,7 @@ def register_optimizer(
     shared: Iterable[str] = SHARED_KEYS,
     defaults: Mapping[str, Any] | None = None,
     extra_keys: Iterable[str] = (),
+    rules: Mapping[str, Rule] | None = None,
     replace: bool = False,
 ) -> Peer:
     """Make ``name`` available to `blockopt compare` (``--opt NAME``) and `blockopt.bench.compare`.
@@ -139,6 +161,8 @@ def register_optimizer(
             settings of the same name, e.g. a peer whose LR scale differs from Adam's).
         extra_keys: more keys an override may set that have no default (the factory must treat
             them as optional).
+        rules: what an override of a key may be (`blockopt.validation` rules), checked when a
+            spec is parsed; by default the kinds the ``defaults`` show (`rules_from_defaults`).
         replace: allow re-registering an existing name.
     """
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
@@ -154,12 +178,28 @@ def register_optimizer(
     requires = (requires,) if isinstance(requires, str) else tuple(requires or ())
     for requirement in requires:
         _distribution(requirement)  # validates the spelling
+    defaults = dict(defaults or {})
     peer = Peer(
         name=name, factory=factory, requires=requires, description=description, shared=shared,
-        defaults=MappingProxyType(dict(defaults or {})), extra_keys=tuple(extra_keys),
+        defaults=MappingProxyType(defaults), extra_keys=tuple(extra_keys),
+        rules=MappingProxyType({**rules_from_defaults(defaults), **(rules or {})}),
     )
     _REGISTRY[name] = peer
     return peer
+
+
+def rules_from_defaults(defaults: Mapping[str, Any]) -> dict[str, Rule]:
+    """The kind of each default that shows one: a float is a number, a bool True or False, a
+    pair of floats a pair of numbers (ints, strings and None say too little)."""
+    rules = {}
+    for key, value in defaults.items():
+        if isinstance(value, bool):
+            rules[key] = boolean()
+        elif isinstance(value, float):
+            rules[key] = real()
+        elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+            rules[key] = pair(real())
+    return rules
 
 
 def unregister_optimizer(name: str) -> None:

@@ -83,13 +83,15 @@ def _format_value(value: Any) -> str:
 
 
 def parse_optimizer_spec(text: str) -> OptimizerSpec:
-    """Parse ``"NAME"`` or ``"NAME:key=value,key=value"``. The name must be known; keys are
-    checked when the spec is resolved against the peer.
+    """Parse ``"NAME"`` or ``"NAME:key=value,key=value"``. The name must be known, and a value
+    of the wrong kind for its key (`Peer.check_values`) fails here; unknown keys are refused
+    when the spec is resolved against the peer.
 
     Examples: ``"adamw"``, ``"sgd-sai:lr=1e-2,momentum=0.8"``, ``"lion:betas=0.9,0.99"``,
     ``"po:adan:lr=1e-3"``.
     """
     text = text.strip()
+    bad = lambda item: PeerError(f"bad override {item!r} in {text!r}: write key=value")  # noqa: E731
     name, overrides_text = text, ""
     if "=" in text:
         head = text[: text.index("=")]
@@ -97,17 +99,28 @@ def parse_optimizer_spec(text: str) -> OptimizerSpec:
             raise PeerError(f"bad optimizer spec {text!r}: write NAME:key=value[,key=value...]")
         cut = head.rindex(":")
         name, overrides_text = text[:cut], text[cut + 1 :]
+    elif _names_a_peer(text.rpartition(":")[0]):  # "adamw:lr": an override without its value
+        if not text.rpartition(":")[2].strip():
+            raise PeerError(f"bad optimizer spec {text!r}: nothing follows ':'; write NAME or NAME:key=value[,...]")
+        raise bad(text.rpartition(":")[2])
     if not name:
         raise PeerError(f"bad optimizer spec {text!r}: the optimizer name is missing")
     overrides: dict[str, Any] = {}
     if overrides_text:
-        bad = lambda item: PeerError(f"bad override {item!r} in {text!r}: write key=value")  # noqa: E731
         for key, value in parse_assignments(overrides_text, bad):
             if key in overrides:
                 raise PeerError(f"{key!r} is given twice in {text!r}")
             overrides[key] = value
-    get_peer(name)  # an unknown name fails here, before any training
+    get_peer(name).check_values(overrides, text)  # an unknown name or a bad value fails here, before any training
     return OptimizerSpec(name=name, overrides=overrides, label=text if overrides else name)
+
+
+def _names_a_peer(text: str) -> bool:
+    try:
+        get_peer(text)
+    except PeerError:
+        return False
+    return True
 
 
 def as_spec(item: str | OptimizerSpec) -> OptimizerSpec:
