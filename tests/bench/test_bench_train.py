@@ -146,3 +146,17 @@ def test_shared_floor_keeps_a_group_below_the_floor_at_its_peak(data):
               callback=lambda step, loss: lrs.append([g["lr"] for g in holder["opt"].param_groups]), **QUIET)
     assert all(low == pytest.approx(1e-4) for low, _ in lrs)
     assert lrs[-1][1] == pytest.approx(2e-4)
+
+
+def test_the_loop_as_keywords_still_works_with_its_old_defaults(data):
+    """Deprecated: train_run(..., steps=, batch_size=, seq_len=, ...) from before TrainConfig, with
+    that signature's defaults (10% warm-up, validation every 50 steps)."""
+    with pytest.warns(DeprecationWarning, match=r"pass loop=TrainConfig"):
+        old = train_run("llama-tiny", adamw(), data, steps=12, batch_size=8, seq_len=32, eval_batches=2, seed=3, **QUIET)
+    new = train_run("llama-tiny", adamw(), data, TrainConfig(steps=12, batch_size=8, seq_len=32, eval_batches=2,
+                                                             warmup_steps=1, eval_every=50), seed=3, **QUIET)
+    assert old.train_curve == new.train_curve and old.val_curve == new.val_curve
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['stepz'\]"):
+        train_run("llama-tiny", adamw(), data, stepz=3, **QUIET)
+    with pytest.raises(TypeError, match=r"pass one of them"):
+        train_run("llama-tiny", adamw(), data, loop(3), steps=3, **QUIET)

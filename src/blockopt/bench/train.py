@@ -11,10 +11,12 @@ as one that was never interrupted (Note [exact resume]).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,7 +125,7 @@ def train_run(
     model_config: ModelSource,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     data: TokenSplit,
-    loop: TrainConfig,
+    loop: TrainConfig | None = None,
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -134,8 +136,13 @@ def train_run(
     resume: bool = False,
     fingerprint: Mapping | None = None,
     callback: Callable[[int, float], None] | None = None,
+    **loop_fields,
 ) -> RunResult:
     """Train a fresh model as ``loop`` says and measure the optimizer.
+
+    Deprecated: the loop given as keywords (``steps=``, ``batch_size=``, ``seq_len=``, ...), as
+    before `TrainConfig` existed, still works, with that signature's defaults (10% warm-up,
+    validation every 50 steps), and warns.
 
     Args:
         model_config: a model config, the name of a built-in one, a `ModelSpec`, or a function
@@ -157,6 +164,7 @@ def train_run(
             a ValueError (the optimizer and data cannot be checked from the file alone).
         callback: called as ``callback(step, train_loss)`` after every step and its checkpoint.
     """
+    loop = _legacy_loop(loop, loop_fields)
     if not isinstance(loop, TrainConfig):
         raise TypeError(f"loop must be a TrainConfig, got {type(loop).__name__}")
     check("checkpoint_every", checkpoint_every, integer(1, optional=True))
@@ -334,3 +342,20 @@ def _train(
         wall_s=previous_wall + time.perf_counter() - start,
         resumed_from=resumed_from,
     )
+
+
+def _legacy_loop(loop: TrainConfig | None, fields: dict) -> TrainConfig:
+    """The loop of a call from before `TrainConfig` (keywords, that signature's defaults)."""
+    if not fields:
+        if loop is None:
+            raise TypeError("train_run needs loop=TrainConfig(...)")
+        return loop
+    if loop is not None:
+        raise TypeError(f"train_run got loop= and the loop keywords {sorted(fields)}: pass one of them")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"train_run got unexpected keyword arguments {unknown}")
+    warnings.warn("train_run(..., steps=..., ...) is deprecated: pass loop=TrainConfig(...)", DeprecationWarning, stacklevel=3)
+    steps = fields.get("steps")
+    old = {"warmup_steps": max(1, steps // 10) if isinstance(steps, int) and steps > 0 else None, "eval_every": 50}
+    return TrainConfig(**{**old, **{k: v for k, v in fields.items() if v is not None or k not in old}})
