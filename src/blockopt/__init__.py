@@ -2,6 +2,7 @@
 
 from . import hf
 from .optim.adam_mini import AdamMini
+from .optim.adam_mini import AdamMini as Adam_mini  # adam-mini's name: `from blockopt import Adam_mini` swaps it in
 from .optim.adapm import AdaPM
 from .optim.sgd_sai import SGDSaI
 from .param_groups import blockwise_lr
@@ -11,4 +12,4 @@ from .partition import BlockSpec, PartitionWarning, Plan, partition, register_ad
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaPM", "AdamMini", "BlockSpec", "PartitionWarning", "Plan", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]
+__all__ = ["AdaPM", "AdamMini", "Adam_mini", "BlockSpec", "PartitionWarning", "Plan", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]

@@ -3,14 +3,18 @@ Algorithm 1, and the official adam-mini 1.1.1 package."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import random
+import types
 
 import pytest
 import torch
 
 import blockopt
+import torch.nn as nn
 from blockopt.partition import BlockSpec, Plan
 
 from .conftest import batches, lm_loss, make_tiny, max_param_diff, train
@@ -191,3 +195,66 @@ def test_default_plan_on_llama_gqa_follows_official_adam_mini():
     assert max(diffs.values()) <= 1e-9, diffs
     moved = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), transformers.LlamaForCausalLM(cfg).parameters()))
     assert moved > 1e-3
+
+
+# The usage block of adam-mini's README, as its users write it; only the import line differs.
+OFFICIAL_README_USAGE = """
+optimizer = Adam_mini(
+            named_parameters = model.named_parameters(),
+            lr = lr,
+            betas = (beta1,beta2),
+            eps = eps,
+            weight_decay = weight_decay,
+            model_sharding = True,
+            dim = model_config.dim,
+            n_heads = model_config.n_heads,
+            n_kv_heads = model_config.n_kv_heads,
+            )
+"""
+
+
+def _run_readme_usage(import_line: str, transformers):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float64)
+    model_config = types.SimpleNamespace(dim=32, n_heads=4, n_kv_heads=2)
+    scope = dict(model=model, model_config=model_config, lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the official optimizer prints as it plans
+        exec(import_line + "\n" + OFFICIAL_README_USAGE, scope)
+    optimizer = scope["optimizer"]
+    g = torch.Generator().manual_seed(1)
+    for idx in [torch.randint(0, 64, (2, 12), generator=g) for _ in range(10)]:
+        optimizer.zero_grad()
+        model(input_ids=idx, labels=idx).loss.backward()
+        optimizer.step()
+    return optimizer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.hf
+def test_the_official_readme_usage_runs_with_only_the_import_swapped():
+    """adam-mini's README example, with `from blockopt import Adam_mini` in place of its import,
+    builds blockopt's AdamMini and follows the official trajectory (1e-9, float64)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("adam_mini")
+    ours, ours_params = _run_readme_usage("from blockopt import Adam_mini", transformers)
+    _, official_params = _run_readme_usage("from adam_mini import Adam_mini", transformers)
+    assert isinstance(ours, blockopt.AdamMini)
+    assert ours.plan["model.layers.0.self_attn.k_proj.weight"].n_blocks == 2  # n_kv_heads heeded
+    for n, p in official_params.items():
+        torch.testing.assert_close(ours_params[n], p, rtol=0, atol=1e-9)
+
+
+def test_official_keywords_are_accepted_and_checked(capsys):
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = blockopt.AdamMini(named_parameters=model.named_parameters(), model_sharding=False, verbose=True)
+    assert "0.weight" in capsys.readouterr().out  # verbose prints the plan
+    assert set(opt.plan) == {"0.weight", "0.bias"}
+    with pytest.raises(TypeError, match="pass the parameters once"):
+        blockopt.AdamMini(model.parameters(), named_parameters=model.named_parameters())
+    with pytest.raises(TypeError, match="AdamMini needs parameters"):
+        blockopt.AdamMini()
+    with pytest.raises(TypeError, match="verbose must be True or False"):
+        blockopt.AdamMini(model, verbose="yes")
+    with pytest.raises(AttributeError, match=r"no 'wqk_names': blockopt plans blocks at construction.*rules="):
+        opt.wqk_names.add("query")

@@ -23,9 +23,39 @@ from torch import Tensor
 from ..distributed import Collectives, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, adam_mini  # noqa: F401  (IMPLEMENTATIONS: kept importable here)
 from ..partition import Plan
+from ..validation import boolean, check
+from ..partition.report import plan_rows, rows_table
 from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
 from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
+
+
+# The name-fragment sets of adam-mini 1.1.1's Adam_mini, which its users extend after construction.
+OFFICIAL_NAME_SETS = ("embd_names", "output_names", "wqk_names", "wv_names", "attn_proj_names", "mlp_names",
+                      "adam_block_names")
+
+
+def official_params(params, named_parameters, model_sharding, verbose):
+    """The official call, ``AdamMini(named_parameters=..., model_sharding=..., verbose=...)``
+    (adam-mini 1.1.1's keywords), as blockopt's: ``named_parameters`` is ``params``;
+    ``model_sharding`` is accepted and needs nothing (sharded DTensor parameters are detected,
+    DDP needs nothing); ``verbose`` prints the plan."""
+    if model_sharding is not None:
+        check("model_sharding", model_sharding, boolean())
+    check("verbose", verbose, boolean())
+    if named_parameters is not None:
+        if params is not None:
+            raise TypeError("pass the parameters once: params (first argument) or named_parameters=, not both")
+        return named_parameters
+    if params is None:
+        raise TypeError("AdamMini needs parameters: AdamMini(model), AdamMini(model.named_parameters()) or "
+                        "AdamMini(named_parameters=model.named_parameters()) as in adam-mini")
+    return params
+
+
+def plan_report(plan) -> str:
+    """The plan as ``verbose=True`` prints it: identical layers collapsed (`blockopt plan`'s table)."""
+    return rows_table(plan_rows(plan))
 
 
 @dataclass
@@ -74,7 +104,7 @@ class AdamMini(BlockwiseOptimizer):
 
     def __init__(
         self,
-        params,
+        params=None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -92,13 +122,30 @@ class AdamMini(BlockwiseOptimizer):
         conv: str | None = None,
         implementation: str = "auto",
         nonfinite: str = "warn",
+        named_parameters=None,
+        model_sharding: bool | None = None,
+        verbose: bool = False,
     ):
+        params = official_params(params, named_parameters, model_sharding, verbose)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,
             maximize=maximize, implementation=implementation, nonfinite=nonfinite,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
+        if verbose:
+            print(plan_report(self.plan))
+
+    def __getattr__(self, name: str):
+        # Note [coming from adam-mini]: the official optimizer is tuned after construction by
+        # adding name fragments to these sets; here the plan is fixed at construction, so say how.
+        if name in OFFICIAL_NAME_SETS:
+            raise AttributeError(
+                f"AdamMini has no {name!r}: blockopt plans blocks at construction, from the model's structure. "
+                "Pass the model itself (AdamMini(model)), or rules={'*your_layer*.weight': 'rows'} (see print(opt.plan)); "
+                "docs/coming-from-adam-mini.md"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
