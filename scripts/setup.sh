@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned CPU build of PyTorch, then install blockopt with the given extras.
+# Create .venv with the pinned CPU build of PyTorch, install blockopt with the given extras, and
+# build the fused CPU Adam-mini kernel (`blockopt build`).
 #   bash scripts/setup.sh [bench|test]
 # Environment: PYTHON (default python3), BLOCKOPT_VENV (default .venv),
 #   BLOCKOPT_TORCH (default torch==2.13.0; "skip" to keep a torch already in the venv).
@@ -18,3 +19,7 @@ if [ "$torch_spec" != "skip" ]; then
   "${pip[@]}" "$torch_spec"
 fi
 "${pip[@]}" -e ".[$extras]"
+
+# Build the fused CPU kernel now, so that no training run pays the one-time build (~15 s). Without a
+# compiler or ninja this prints why and set-up goes on: steps then run the batched implementation.
+"$venv/bin/python" -m blockopt build || echo "setup: the fused CPU kernel was not built (see above); blockopt still works" >&2

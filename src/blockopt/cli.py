@@ -1,5 +1,6 @@
-"""The ``blockopt`` command line: ``demo``, ``compare`` and ``plan``, each a ``_add_<name>``
-parser plus a ``_run_<name>``.
+"""The ``blockopt`` command line: ``demo``, ``compare``, ``plan`` and ``build``, each a
+``_add_<name>`` parser plus a ``_run_<name>``. (Longer than 400 lines because it is the whole
+command line: every option's help text lives here, beside the parser that shows it.)
 
 Every failure is one line on stderr, ``blockopt: error: ...``, never a traceback: exit status 2
 when argparse refuses the command line (`_Parser`), 1 when running it fails (`main`, the one
@@ -112,6 +113,9 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "  blockopt compare --model hf:gpt2 --model-override n_layer=2,n_embd=128,n_head=4,vocab_size=2048\n"
         "  blockopt compare --list-optimizers",
     )
+    parser.add_argument("--config", metavar="FILE.toml", help="settings from a TOML file, its keys the options' "
+                        "names (steps = 200, batch-size = 16, opt = [\"adamw\", \"adam-mini\"]); options given "
+                        "on the command line override it (see docs/compare.md)")
     what = parser.add_argument_group("what to compare")
     what.add_argument("--opt", action="append", metavar="NAME[:KEY=VALUE,...]",
                       help="an optimizer, with optional hyperparameter overrides; repeat for each "
@@ -300,6 +304,78 @@ def _quiet_transformers() -> Iterator[None]:
         hub_logging.set_verbosity(levels[1])
 
 
+def _add_build(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "build",
+        help="build the fused CPU Adam-mini kernel now (set-up runs this), or check that it loads",
+        description="Compile the fused CPU Adam-mini kernel into the torch extensions cache (TORCH_EXTENSIONS_DIR), "
+        "or load it from there, and say where and how long it took. Set-up runs this, so no training run "
+        "pays the one-time build. Exit status 1, with one line saying why, when it cannot be built here.",
+    )
+    parser.set_defaults(run=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> None:
+    from .kernels.adam_mini import cpu
+
+    try:
+        build = cpu.build()
+    except cpu.KernelBuildError as error:
+        raise CommandError(
+            f"cannot build the fused CPU Adam-mini kernel ({error}); install a C++ compiler and `ninja` "
+            "(steps still run, with the slower batched implementation)"
+        ) from None
+    how = "built" if build.built else "loaded from the cache"
+    print(f"fused CPU Adam-mini kernel {how} in {build.seconds:.1f} s: {build.directory}")
+
+
+# compare options a TOML file cannot set: they are about this invocation, not the comparison
+_NOT_IN_CONFIG = {"config", "list_optimizers", "traceback", "help"}
+
+
+def _config_argv(path: str, parser: argparse.ArgumentParser, given: argparse.Namespace) -> list[str]:
+    """The options a ``--config`` TOML file sets, as command-line words (parsed as the options
+    are, so they are checked alike); options given on the command line (``given``) are left out,
+    so they win. Keys are the options' names, with ``-`` or ``_``."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except tomllib.TOMLDecodeError as error:
+        raise CommandError(f"--config {path}: not valid TOML: {error}") from None
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_IN_CONFIG}
+    unknown = sorted(key for key in table if key.replace("-", "_") not in actions)
+    if unknown:
+        known = ", ".join(sorted(dest.replace("_", "-") for dest in actions))
+        raise CommandError(f"--config {path}: unknown key {', '.join(map(repr, unknown))} (known: {known})")
+    words = []
+    for key, value in table.items():
+        action = actions[key.replace("-", "_")]
+        if getattr(given, action.dest) != parser.get_default(action.dest):
+            continue  # given on the command line
+        option = action.option_strings[-1]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise CommandError(f"--config {path}: {key} must be true or false, got {value!r}")
+            words += [option] if value == isinstance(action, argparse._StoreTrueAction) else []
+        elif isinstance(action, argparse._AppendAction):
+            items = [",".join(f"{k}={v}" for k, v in value.items())] if isinstance(value, dict) else value
+            for item in items if isinstance(items, list) else [items]:
+                words += [option, str(item)]
+        else:
+            words += [option, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return words
+
+
+def _with_config(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the settings of ``args.config`` filled in where the command line gave none."""
+    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    words = _config_argv(args.config, subparser, args)
+    at = argv.index(args.command) + 1
+    return parser.parse_args([*argv[:at], *words, *argv[at:]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blockopt", description="Memory-efficient blockwise optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"blockopt {__version__}")
@@ -308,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_compare(subparsers)
     _add_plan(subparsers)
+    _add_build(subparsers)
     for subparser in subparsers.choices.values():  # accepted after the command too; SUPPRESS keeps the top one's
         subparser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback")
     return parser
@@ -321,8 +398,12 @@ _KNOWN_ERRORS = (CommandError, ValueError, TypeError, OSError, ImportError)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse exits 2 itself on a bad command line)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            args = _with_config(parser, argv, args)
         args.run(args)
     except BrokenPipeError:  # the reader stopped (`blockopt plan ... | head`): nothing to report
         with contextlib.suppress(OSError, ValueError):  # no real stdout under a test's capture

@@ -45,6 +45,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "Adam-mini / AdamW state memory:" in result.stdout
     report = json.loads((out / "demo.json").read_text())
     assert report["hyperparameters"]["steps"] == 1 and report["hyperparameters"]["seed"] == 1
+    # the kernel is built or loaded in a first step before the runs: no run's figures hold it
+    assert set(report["timings_s"]["first_step"]) == {"AdamW", "Adam-mini"} and "kernel_build" in report["timings_s"]
+    assert result.stdout.index("first step of each optimizer") < result.stdout.index("[1/2] AdamW seed 1 ...")
     assert (out / "loss_curves.png").is_file()
 
 

@@ -170,12 +170,19 @@ def peak_extra_cuda_mb(step, device: torch.device) -> float:
 
 
 def kernel_build_seconds() -> dict:
-    """First build (empty extensions dir) and load from the cache, each in a fresh process."""
-    code = "from blockopt.kernels.adam_mini import cpu as f; assert f.available(); print(f.load_seconds)"
+    """First build (empty extensions dir) and load from the cache, each in a fresh process (this
+    process loaded its kernel before any timing: ``fused_cpu.available()`` in `main`)."""
+    code = "from blockopt.kernels.adam_mini import cpu; b = cpu.build(); print(b.seconds, b.built)"
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCH_EXTENSIONS_DIR=cache)
-        run = lambda: float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout)
-        return {"first_build_s": run(), "cached_load_s": run()}
+
+        def run(built: bool) -> float:
+            out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+            seconds, was_built = out.split()
+            assert was_built == str(built), f"expected built={built}, got {out!r}"
+            return float(seconds)
+
+        return {"first_build_s": run(True), "cached_load_s": run(False)}
 
 
 def bench_model(name: str, rounds: int, device: torch.device) -> dict:

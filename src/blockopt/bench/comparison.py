@@ -9,6 +9,8 @@ and the plots. `blockopt.bench.runner.compare` produces it; `CompareResult.load`
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import os
 import statistics
@@ -19,11 +21,15 @@ from pathlib import Path
 from .compare_config import CompareConfig
 from .plots import plot_compare_curves, plot_state_memory, plot_throughput
 from .results import json_ready
+from .schedules import lr_factor
 from .train import RunResult, steps_to_reach
 
 SCHEMA = "blockopt.compare/1"
 REPORT_FILE = "compare.json"
-OUTPUT_FILES = (REPORT_FILE, "loss_curves.png", "memory.png", "throughput.png")
+STEPS_FILE = "steps.csv"  # per run and step: STEP_COLUMNS
+STEP_COLUMNS = ("label", "seed", "step", "train_loss", "val_loss", "lr")
+TENSORBOARD_DIR = "tensorboard"  # event files, when tensorboard is installed
+OUTPUT_FILES = (REPORT_FILE, STEPS_FILE, "loss_curves.png", "memory.png", "throughput.png")
 # The criterion the default run measures: Adam-mini within this of AdamW's final val loss.
 VAL_LOSS_TOLERANCE = 0.01
 
@@ -152,17 +158,15 @@ class CompareResult:
         })
 
     def table(self) -> str:
-        """One row per optimizer: final losses (mean ± std over seeds, the per-seed values),
-        the difference to the baseline, state memory and speed."""
+        """One row per optimizer, to fit 100 columns: final val loss (mean ± std over seeds; the
+        plain value for one seed), the difference to the baseline, state memory and speed. The
+        rest (train loss, per-seed values, steps to the baseline's loss) is in the JSON and the
+        verdicts."""
         summary, comparison = self.summary(), self.comparison()
         base = self.baseline
-        header = (
-            "optimizer", "seeds", "final val loss", f"vs {base}", "val loss per seed", f"steps to {base}'s",
-            "final train loss", "state MiB", f"state vs {base}", "step ms", "tokens/s",
-        )
+        header = ("optimizer", "final val loss", f"vs {base}", "state MiB", "step ms", "tokens/s")
         rows = [header]
         for label, stats in summary.items():
-            val, train = stats["final_val_loss"], stats["final_train_loss"]
             cmp = comparison.get(label, {})
             paired = cmp.get("val_loss_rel_diff_per_seed")
             vs = "-" if label == base else f"{100 * cmp['val_loss_rel_diff']:+.2f}%"
@@ -170,18 +174,13 @@ class CompareResult:
                 vs += f" (±{100 * paired['std']:.2f})"
             rows.append((
                 label,
-                str(val["n"]),
-                f"{val['mean']:.4f} ± {val['std']:.4f}",
+                _spread(stats["final_val_loss"]),
                 vs,
-                " / ".join(f"{v:.3f}" for v in val["values"]),
-                _steps_fraction(cmp),
-                f"{train['mean']:.4f} ± {train['std']:.4f}",
                 f"{stats['state_bytes']['mean'] / 2**20:.2f}",
-                f"{cmp.get('state_bytes_ratio', float('nan')):.2f}x",
                 f"{stats['step_ms']['mean']:.2f}",
                 f"{stats['tokens_per_s']['mean']:,.0f}",
             ))
-        return format_table(rows, left=(0, 4))
+        return format_table(rows)
 
     def verdicts(self) -> list[str]:
         """One line per optimizer on the val-loss criterion (mean over seeds within 1% of the baseline)."""
@@ -190,20 +189,43 @@ class CompareResult:
             if label == self.baseline:
                 continue
             paired = cmp["val_loss_rel_diff_per_seed"]
-            spread = f", per seed {100 * paired['mean']:+.2f}% ± {100 * paired['std']:.2f}%" if paired else ""
+            seeds = [record.seed for record in self.runs if record.label == label]
+            if len(seeds) == 1:
+                over = f"seed {seeds[0]}"
+            else:
+                spread = f", per seed {100 * paired['mean']:+.2f}% ± {100 * paired['std']:.2f}%" if paired else ""
+                over = f"mean over {len(seeds)} seeds{spread}"
             verdict = "within" if cmp["within_tolerance"] else "NOT within"
             per_seed = " / ".join("never" if s is None else str(s) for s in cmp["steps_to_baseline_loss"])
             speed = (
                 f"never reaches {self.baseline}'s final val loss" if cmp["steps_to_baseline_loss_fraction"] is None
                 else f"reaches {self.baseline}'s final val loss in {_steps_fraction(cmp)} of the steps "
-                f"(per seed: {per_seed} of {self.config.loop.steps})"
+                f"({'' if len(seeds) == 1 else 'per seed: '}{per_seed} of {self.config.loop.steps})"
             )
             lines.append(
                 f"{label}: final val loss {100 * cmp['val_loss_rel_diff']:+.2f}% vs {self.baseline} "
-                f"(mean over {len(self.runs_of(label))} seeds{spread}): {verdict} +{100 * VAL_LOSS_TOLERANCE:g}%; "
+                f"({over}): {verdict} +{100 * VAL_LOSS_TOLERANCE:g}%; "
                 f"{speed}; state memory {cmp['state_bytes_ratio']:.2f}x"
             )
         return lines
+
+    def step_rows(self) -> list[dict]:
+        """Per run and step: ``label, seed, step, train_loss, val_loss`` (``None`` where not
+        measured) and ``lr``, the schedule's LR at that step (the peak times the schedule's
+        factor, as the loop's `LambdaLR` sets it; ``None`` for an optimizer without ``lr``)."""
+        loop = self.config.loop.resolved(self.loop.get("seq_len"))
+        rows = []
+        for record in sorted(self.runs, key=lambda r: (r.seed, self.labels.index(r.label))):
+            peak = self.optimizers.get(record.label, {}).get("hyperparameters", {}).get("lr")
+            val = dict(record.result.val_curve)
+            for step, train_loss in record.result.train_curve:
+                lr = None if peak is None else peak * lr_factor(
+                    step - 1, steps=loop.steps, warmup_steps=loop.warmup_steps, min_lr_ratio=loop.min_lr_ratio,
+                    schedule=loop.schedule, decay_fraction=loop.decay_fraction,
+                )
+                rows.append({"label": record.label, "seed": record.seed, "step": step, "train_loss": train_loss,
+                             "val_loss": val.get(step), "lr": lr})
+        return rows
 
     @classmethod
     def from_dict(cls, data: dict) -> CompareResult:
@@ -230,7 +252,8 @@ class CompareResult:
         return cls.from_dict(json.loads((path / REPORT_FILE if path.is_dir() else path).read_text()))
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write compare.json, loss_curves.png, memory.png and throughput.png into ``out_dir``."""
+        """Write compare.json, steps.csv, loss_curves.png, memory.png and throughput.png into
+        ``out_dir``, and TensorBoard event files under ``tensorboard/`` when it is installed."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report = self.to_dict()
@@ -239,6 +262,10 @@ class CompareResult:
         n_params = self.model.get("n_params")
         title = f"{self.model['source']} ({n_params:,} params), {self.config.loop.steps} steps" if n_params else ""
         paths = [out / REPORT_FILE]
+        rows = self.step_rows()
+        paths.append(write_steps_csv(rows, out / STEPS_FILE))
+        if importlib.util.find_spec("tensorboard") is not None:
+            paths.append(write_tensorboard(rows, out / TENSORBOARD_DIR))
         paths.append(plot_compare_curves({label: self.runs_of(label) for label in summary}, out / "loss_curves.png", title=title))
         paths.append(plot_state_memory(
             {label: stats["state_bytes"]["mean"] for label, stats in summary.items()}, out / "memory.png",
@@ -263,6 +290,40 @@ def format_table(rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> s
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_steps_csv(rows: Sequence[dict], path: Path) -> Path:
+    """The per-step metrics (`CompareResult.step_rows`) as CSV; an unmeasured value is empty."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=STEP_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: "" if row[key] is None else row[key] for key in STEP_COLUMNS} for row in rows)
+    return path
+
+
+def write_tensorboard(rows: Sequence[dict], folder: Path) -> Path:
+    """The per-step metrics as TensorBoard event files, one run folder per optimizer and seed
+    (``tensorboard --logdir compare-out/tensorboard``). Needs the ``tensorboard`` package."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writers: dict[tuple[str, int], SummaryWriter] = {}
+    try:
+        for row in rows:
+            key = (row["label"], row["seed"])
+            if key not in writers:
+                writers[key] = SummaryWriter(str(folder / f"{row['label']}-seed{row['seed']}"))
+            for name in ("train_loss", "val_loss", "lr"):
+                if row[name] is not None:
+                    writers[key].add_scalar(name, row[name], row["step"])
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return folder
+
+
+def _spread(stats: dict) -> str:
+    """``mean ± std`` over seeds, or the plain value of one seed."""
+    return f"{stats['mean']:.4f}" if stats["n"] == 1 else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
 
 def _steps_fraction(cmp: dict) -> str:

@@ -88,13 +88,17 @@ def _prepare_data(
     return data, info, {"data": time.perf_counter() - started, "tokenizer": tokenized.seconds}
 
 
-def _describe_optimizers(config: CompareConfig, spec: ModelSpec, hyperparameters: dict[str, dict]) -> tuple[dict, int]:
+def _describe_optimizers(
+    config: CompareConfig, spec: ModelSpec, hyperparameters: dict[str, dict]
+) -> tuple[dict, int, dict[str, float]]:
     """Build every optimizer once on a probe model, so that an unknown, uninstalled or unbuildable
-    one fails before any training; returns what the JSON says of each, and the parameter count."""
-    probe = spec.build(config.seeds[0])
-    info = {}
+    one fails before any training, and step it once (`_first_step`); returns what the JSON says
+    of each, the parameter count and the seconds of each first step."""
+    probe = spec.build(config.seeds[0]).to(config.device)
+    info, first_steps = {}, {}
     for s in config.specs:
         optimizer = s.peer.build(probe, hyperparameters[s.label])
+        first_steps[s.label] = _first_step(probe, optimizer)
         info[s.label] = {
             "name": s.name,
             "overrides": dict(s.overrides),
@@ -103,7 +107,25 @@ def _describe_optimizers(config: CompareConfig, spec: ModelSpec, hyperparameters
             "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
             "packages": s.peer.versions(),
         }
-    return info, count_params(probe)
+    return info, count_params(probe), first_steps
+
+
+def _first_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """One step on made-up gradients, timed. Note [one-time costs]: a process's first step of an
+    optimizer may build or load a kernel (Adam-mini's C++ kernel: ~15 s when it is not cached),
+    compile Triton code or import modules; paid here, before any run, those costs stay out of
+    every run's timings (the JSON reports them apart, as ``timings_s.first_step``). The probe's
+    weights are the only thing it changes; runs build their own models and seed their own RNG."""
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = (1e-3 * torch.randn(p.shape, generator=generator)).to(p)
+    started = time.perf_counter()
+    optimizer.step()
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
 
 
 def compare(
@@ -154,11 +176,15 @@ def compare(
     loop = config.loop.resolved(spec.max_seq_len)
     shared = config.shared_hyperparameters
     hyperparameters = {s.label: s.resolve(shared) for s in config.specs}
-    optimizer_info, n_params = _describe_optimizers(config, spec, hyperparameters)
+    optimizer_info, n_params, first_steps = _describe_optimizers(config, spec, hyperparameters)
     model_info = {**spec.describe(), "n_params": n_params}
     log(f"model: {spec.source} ({n_params:,} parameters); optimizers: {', '.join(config.labels)}; seeds: {list(config.seeds)}")
+    log("first step of each optimizer, before any timing (kernel builds, allocation; in no figure): "
+        + ", ".join(f"{label} {seconds:.1f}s" for label, seconds in first_steps.items()))
 
     data, corpus_info, timings = _prepare_data(config, spec, loop.seq_len, log)
+    timings["first_step"] = first_steps
+    timings["kernel_build"] = _kernel_build_seconds()
     # The loop as run (derived values resolved), and where: part of every run's fingerprint.
     loop_info = {**loop.to_dict(), "device": config.device}
     log(
@@ -168,9 +194,10 @@ def compare(
 
     records: list[RunRecord] = []
     run_seconds: dict[str, float] = {}
-    total = len(config.seeds) * len(config.specs)
+    eta = _Eta(len(config.seeds) * len(config.specs))
     for seed in config.seeds:  # interleaved: every optimizer's seed 0, then seed 1, ...
         for s in config.specs:
+            log(eta.start(f"{s.label} seed {seed}"))
             fingerprint = json_ready({
                 "label": s.label, "optimizer": s.name, "hyperparameters": hyperparameters[s.label], "seed": seed,
                 "model": model_info, "data": corpus_info["digest"], "loop": loop_info,
@@ -182,7 +209,8 @@ def compare(
             )
             records.append(record)
             run_seconds[f"{s.label} seed {seed}"] = record.result.wall_s
-            log(f"[{len(records)}/{total}] {_run_line(record)}")
+            eta.finish(trained=record.status != "loaded")
+            log(f"      {_run_line(record)}")
 
     record_load_end(env)
     timings.update({"runs": run_seconds, "total": time.perf_counter() - started})
@@ -203,6 +231,44 @@ def compare(
         paths = result.save(out_dir)
         log(f"wrote {', '.join(str(p) for p in paths)}")
     return result
+
+
+def _kernel_build_seconds() -> float | None:
+    """Seconds this process spent building or loading Adam-mini's CPU kernel (``None``: it did not)."""
+    from ..kernels.adam_mini import cpu
+
+    return None if cpu.last_build is None else cpu.last_build.seconds
+
+
+class _Eta:
+    """The overall progress line: ``[3/8] adam-mini seed 1 ... ETA 2m10s``, the time left
+    estimated from the runs trained so far in this invocation (runs loaded from an earlier one
+    take no time and count for nothing)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.trained, self.seconds = total, 0, 0, 0.0
+        self.started = time.perf_counter()
+
+    def start(self, what: str) -> str:
+        self.started = time.perf_counter()
+        line = f"[{self.done + 1}/{self.total}] {what} ..."
+        if self.trained:
+            line += f" ETA {_duration(self.seconds / self.trained * (self.total - self.done))}"
+        return line
+
+    def finish(self, *, trained: bool) -> None:
+        self.done += 1
+        if trained:
+            self.trained += 1
+            self.seconds += time.perf_counter() - self.started
+
+
+def _duration(seconds: float) -> str:
+    """``2m10s``, ``1h05m`` or ``42s``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _run_line(record: RunRecord) -> str:

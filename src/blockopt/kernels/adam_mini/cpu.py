@@ -1,10 +1,16 @@
 """The fused CPU step of Adam-mini: one C++ kernel call per step for a whole list of tensors.
 
 The kernel (``csrc/adam_mini_cpu.cpp``) is compiled with ``torch.utils.cpp_extension`` the first
-time it is needed and cached in the torch extensions directory (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``): the first build takes about 15 s on two cores,
-loading it from the cache well under a second. Without a compiler, or when the build fails, one
-warning is shown and every step runs batched.
+time it is needed (or by ``blockopt build``, which set-up runs) and cached in the torch extensions
+directory (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``): the first build
+takes about 15 s on two cores and says so in one line on stderr; loading it from the cache takes
+well under a second and says nothing. Without a compiler, or when the build fails, one warning is
+shown and every step runs batched.
+
+Note [the cache key]: the extension's name, and so its build folder, ends in `cache_key` of the
+torch version, its C++ ABI, the Python version, the compiler flags and the source's hash. Two
+virtual environments on one machine (another torch, another Python) then each keep their own
+build instead of rebuilding over each other's, and an edited source never loads a stale build.
 
 Note [which tensors the kernel takes]: dense contiguous CPU tensors of float32, float64, bfloat16
 or float16 whose blocks are contiguous ranges of units along a run of consecutive dims
@@ -17,8 +23,12 @@ plain Adam). Everything else, and every step whose block sums were summed across
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +38,28 @@ _SOURCE = Path(__file__).parent / "csrc" / "adam_mini_cpu.cpp"
 
 # Seconds the last `kernel()` call spent building or loading the extension (for benchmarks).
 load_seconds: float | None = None
+# How the kernel of this process was built or loaded (`build`), once it has been.
+last_build: KernelBuild | None = None
+
+
+class KernelBuildError(RuntimeError):
+    """The kernel could not be built here (no compiler, no ninja, a failed compile); the message
+    is one line that says why."""
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """Where the kernel lives, how long building or loading it took, and whether it was compiled
+    now (``built``) or loaded from the cache."""
+
+    directory: Path
+    seconds: float
+    built: bool
 
 
 def _build_flags() -> tuple[str, list[str], list[str]]:
-    """Extension name, compiler flags and linker flags for this CPU and this torch.
+    """Extension name (without its cache key), compiler flags and linker flags for this CPU and
+    this torch.
 
     Note: the name carries the instruction set, so a cache directory shared by machines with
     different CPUs never hands one of them code it cannot run (why not ``-march=native``).
@@ -48,27 +76,79 @@ def _build_flags() -> tuple[str, list[str], list[str]]:
     return name, cflags, ldflags
 
 
-@functools.cache
-def kernel():
-    """The compiled ``adam_mini_step`` op, or ``None`` (after one warning) if it can't be built."""
-    global load_seconds
+def cache_key(*, torch_version: str, cxx11_abi: bool, python: str, flags: list[str], source: bytes) -> str:
+    """A short hash of everything a build depends on (Note [the cache key])."""
+    parts = [torch_version, str(bool(cxx11_abi)), python, " ".join(flags), hashlib.sha256(source).hexdigest()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def extension() -> tuple[str, Path, list[str], list[str]]:
+    """This environment's extension name, build folder, compiler and linker flags."""
+    from torch.utils import cpp_extension
+
+    base, cflags, ldflags = _build_flags()
+    key = cache_key(
+        torch_version=torch.__version__, cxx11_abi=torch._C._GLIBCXX_USE_CXX11_ABI,
+        python=f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}",
+        flags=cflags + ldflags, source=_SOURCE.read_bytes(),
+    )
+    name = f"{base}_{key}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return name, Path(root) / name, cflags, ldflags
+
+
+def build() -> KernelBuild:
+    """Build the kernel, or load it from the cache; one line on stderr when it compiles.
+
+    Raises:
+        KernelBuildError: no compiler or ninja here, or the compile failed (one line saying why).
+    """
+    global last_build, load_seconds
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
 
-        name, cflags, ldflags = _build_flags()
-        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-                           is_python_module=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: fall back, loudly once
-        lines = str(error).splitlines()
-        reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line), lines[-1] if lines else "")
+        name, directory, cflags, ldflags = extension()
+        compiling = not (directory / f"{name}.so").is_file()
+        if compiling:
+            print("blockopt: building the fused CPU Adam-mini kernel (once per environment)...", end="",
+                  file=sys.stderr, flush=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        outcome = "failed"
+        try:
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+                               build_directory=str(directory), is_python_module=False)
+            outcome = "done"
+        finally:
+            if compiling:  # the line is finished, whatever happened
+                print(f" {outcome} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    except Exception as error:  # no compiler, no ninja, a failed build
+        raise KernelBuildError(f"{type(error).__name__}: {_reason(error)}") from error
+    load_seconds = time.perf_counter() - start
+    last_build = KernelBuild(directory, load_seconds, compiling)
+    return last_build
+
+
+def _reason(error: Exception) -> str:
+    """The line of a compiler's output that says what went wrong (else the last one)."""
+    lines = str(error).splitlines()
+    reason = next((line for line in lines if "error" in line.lower() and "Error building" not in line),
+                  lines[-1] if lines else "")
+    return reason.strip()
+
+
+@functools.cache
+def kernel():
+    """The compiled ``adam_mini_step`` op, or ``None`` (after one warning) if it can't be built."""
+    try:
+        build()
+    except KernelBuildError as error:
         warnings.warn(
-            f"blockopt: could not build the fused CPU Adam-mini kernel ({type(error).__name__}: {reason.strip()}); "
+            f"blockopt: could not build the fused CPU Adam-mini kernel ({error}); "
             "steps run the batched implementation instead. Install a C++ compiler and `ninja` for the fast path.",
             RuntimeWarning, stacklevel=2,
         )
         return None
-    load_seconds = time.perf_counter() - start
     return torch.ops.blockopt.adam_mini_step
 
 
