@@ -124,7 +124,7 @@ def _error(kind: type[Exception], name: str, value: Any, rule: Rule, got: str | 
 def _as_number(name: str, value: Any, rule: Rule) -> float:
     if isinstance(value, torch.Tensor) and rule.kind == "real":
         if value.numel() != 1:
-            raise _error(ValueError, name, value, rule, got=f"a tensor of shape {tuple(value.shape)}")
+            raise _error(ValueError, name, value, rule, got=f"a tensor of shape {tuple(value.shape)} (a 1-element tensor is accepted)")
         value = value.item()
     wanted = Integral if rule.kind == "int" else Real
     if isinstance(value, bool) or not isinstance(value, wanted):

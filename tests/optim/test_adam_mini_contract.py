@@ -180,7 +180,7 @@ def test_add_param_group_plans_new_parameters():
     opt.step()
     assert not torch.equal(before, extra.weight)
     with pytest.raises(ValueError, match="given twice"):
-        opt.add_param_group({"params": [model.head.weight]})
+        opt.add_param_group({"params": [("again.head.weight", model.head.weight)]})
     assert len(opt.param_groups) == 2
 
 

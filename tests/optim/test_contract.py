@@ -290,10 +290,23 @@ def test_complex_parameters_are_refused_by_name(name):
     assert len(opt.param_groups) == 1
 
 
-def test_mixing_named_and_unnamed_parameters_is_refused():
+@pytest.mark.parametrize("name", NAMES)
+def test_mixing_named_and_unnamed_parameters_is_refused(name):
+    """As torch.optim: within a group, across groups, and by add_param_group."""
     model = MLP()
     with pytest.raises(ValueError, match=r"mixes \(name, tensor\) pairs and bare tensors"):
-        blockopt.AdamMini([("fc1.weight", model.fc1.weight), model.fc1.bias])
+        OPTIMIZERS[name]([("fc1.weight", model.fc1.weight), model.fc1.bias])
+    with pytest.raises(ValueError, match=r"param groups mix named and unnamed parameters"):
+        OPTIMIZERS[name]([{"params": [model.fc1.weight]}, {"params": [("fc2.weight", model.fc2.weight)]}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", blockopt.PartitionWarning)
+        unnamed = OPTIMIZERS[name]([model.fc1.weight])
+    with pytest.raises(ValueError, match=r"param groups mix named and unnamed parameters"):
+        unnamed.add_param_group({"params": [("fc2.weight", model.fc2.weight)]})
+    named = OPTIMIZERS[name]([("fc1.weight", model.fc1.weight)])
+    with pytest.raises(ValueError, match=r"param groups mix named and unnamed parameters"):
+        named.add_param_group({"params": [model.fc2.weight]})
+    assert len(unnamed.param_groups) == len(named.param_groups) == 1
 
 
 # ---- non-finite gradients (blockopt.optim.nonfinite) ------------------------------------------

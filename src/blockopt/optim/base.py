@@ -41,7 +41,7 @@ from ..partition.engine import PartitionWarning
 from ..validation import Rule, validate
 from . import nonfinite
 from .checkpoint import align_state_dict, check_fits
-from .named_params import all_trainable, check_real, check_spec, check_unique, name_group, named_groups
+from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
 from .state import stat_dtype
 
 
@@ -77,7 +77,7 @@ class BlockwiseOptimizer(Optimizer):
     _STATISTICS_KEY: ClassVar[str] = ""
     _STAT_KEYS: ClassVar[tuple[str, ...]] = ()
     _GROUP_DEFAULTS: ClassVar[dict[str, Any]] = {}
-    _OPTIONS: ClassVar[dict[str, Any]] = {"_partition_options": {}}
+    _OPTIONS: ClassVar[dict[str, Any]] = {"_partition_options": {}, "_unnamed": False}
 
     def __init__(self, params, defaults: dict[str, Any], *, plan: Plan | None = None, partition_options: dict | None = None):
         validate(self.HYPERPARAMETERS, defaults)
@@ -86,8 +86,9 @@ class BlockwiseOptimizer(Optimizer):
         self._partition_options = {k: v for k, v in (partition_options or {}).items() if v is not None}
         if plan is not None and not isinstance(plan, Plan):
             raise TypeError(f"plan must be a blockopt.Plan (from blockopt.partition), got {type(plan).__name__}")
-        groups, self.plan = named_groups(params, plan, self._partition_options, owner=type(self).__name__)
-        super().__init__(groups, defaults)
+        groups, self.plan, unnamed = named_groups(params, plan, self._partition_options, owner=type(self).__name__)
+        super().__init__(groups, defaults)  # (its add_param_group calls see groups already named)
+        self._unnamed = unnamed
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
@@ -96,6 +97,8 @@ class BlockwiseOptimizer(Optimizer):
         offset = sum(len(g["params"]) for g in self.param_groups)
         group = name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)
+        if "_unnamed" in self.__dict__:  # a group added by the user, not by torch's __init__
+            check_naming([self._unnamed, unnamed])
         check_unique([group], self.param_groups)
         check_real(zip(group["param_names"], group["params"]), type(self).__name__)
         new = [(n, p) for n, p in zip(group["param_names"], group["params"]) if n not in self.plan]

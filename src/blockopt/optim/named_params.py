@@ -21,8 +21,9 @@ from ..partition import Plan, partition
 from ..partition.engine import PartitionWarning
 
 
-def named_groups(params, plan: Plan | None, partition_options: dict, owner: str) -> tuple[list[dict], Plan]:
-    """``(groups, plan)`` for an optimizer called ``owner`` (used in warnings)."""
+def named_groups(params, plan: Plan | None, partition_options: dict, owner: str) -> tuple[list[dict], Plan, bool]:
+    """``(groups, plan, unnamed)`` for an optimizer called ``owner`` (used in warnings);
+    ``unnamed``: the parameters came without names (then every group's did, as torch requires)."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors, named tensors or dicts, or an nn.Module; got a single Tensor")
     if isinstance(params, nn.Module):
@@ -37,7 +38,7 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
             raise ValueError(f"plan has parameters the model lacks ({missing[:3]}...): build the plan from this model")
         names = list(plan)
         check_real([(n, tensors[n]) for n in names], owner)
-        return [{"params": [tensors[n] for n in names], "param_names": names}], plan
+        return [{"params": [tensors[n] for n in names], "param_names": names}], plan, False
 
     items = list(params)
     if not items:
@@ -54,7 +55,7 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
 
     pairs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
     check_real(pairs, owner)
-    unnamed = any([g.pop("_unnamed", False) for g in groups])
+    unnamed = check_naming([g.pop("_unnamed", False) for g in groups])
     if plan is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PartitionWarning)
@@ -63,7 +64,8 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
             warnings.warn(
                 f"{owner} got parameters without names, so blocks come from shapes only "
                 "(matrices per row, vectors per coordinate). Pass the model, or model.named_parameters(), "
-                "so blocks follow its structure (heads, embeddings, norms).",
+                "so blocks follow its structure (heads, embeddings, norms); in transformers' Trainer: "
+                "optimizers=(blockopt.hf.create_optimizer(model, args), None) (docs/integrations.md).",
                 PartitionWarning, stacklevel=4,
             )
         else:
@@ -71,7 +73,17 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
                 warnings.warn(w.message, w.category, stacklevel=4)
     for n, p in pairs:
         check_spec(plan, n, p)
-    return groups, plan
+    return groups, plan, unnamed
+
+
+def check_naming(unnamed_groups: list[bool]) -> bool:
+    """Named or unnamed, all groups alike (torch.optim refuses a mix too); returns "unnamed"."""
+    if any(unnamed_groups) and not all(unnamed_groups):
+        raise ValueError(
+            "param groups mix named and unnamed parameters: name all of them (model.named_parameters(), "
+            "(name, tensor) pairs or 'param_names' in each group) or none, as torch.optim requires"
+        )
+    return bool(unnamed_groups) and unnamed_groups[0]
 
 
 def name_group(group: dict, counter, where: str) -> dict:
