@@ -8,6 +8,13 @@ The one reader of configs: `config_fields` (a named shape or a config.json), `co
 a Hub model id) and `model_from_config`. Each failure is one line naming the config and what is
 wrong (`ConfigError`), so that ``blockopt plan FILE`` and ``blockopt compare --model FILE`` say
 the same thing.
+
+For transformers' ``Trainer`` (docs/integrations.md): `create_optimizer` (an optimizer for the
+model, hyperparameters from ``TrainingArguments``), `optimizer_cls_and_kwargs` (the same for the
+Trainer's ``optimizer_cls_and_kwargs=``, keeping the structural plan), `optimizer_metrics` and
+`BlockoptCallback` (the plan and the state's bytes in the Trainer's logs). Both halves live here,
+near 400 lines, as blockopt's one door to transformers, which is imported only when used (it takes
+seconds to import).
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .validation import check, integer
+from .optim.adam_mini import AdamMini
+from .optim.adapm import AdaPM
+from .optim.sgd_sai import SGDSaI
+from .optim.state import state_bytes
+from .validation import check, choice, integer
 
 # Public model shapes (numbers from the models' published configs), for planning and memory figures.
 NAMED_CONFIGS: dict[str, dict] = {
@@ -255,3 +266,134 @@ def _reason(error: BaseException) -> str:
     while (cause := error.__cause__) is not None and str(cause) and str(cause) in str(error).partition("\n")[2]:
         error = cause
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---- transformers' Trainer ---------------------------------------------------------------------
+
+OPTIMIZERS = {"adam-mini": AdamMini, "adapm": AdaPM, "sgd-sai": SGDSaI}
+
+
+def trainer_hyperparameters(training_args, name: str = "adam-mini") -> dict:
+    """The keyword arguments of optimizer ``name`` that ``TrainingArguments`` sets: ``lr``
+    (``learning_rate``) and ``weight_decay`` for all; ``betas`` (``adam_beta1``, ``adam_beta2``)
+    and ``eps`` (``adam_epsilon``) for the Adam family only: SGD-SaI's ``momentum`` and ``eps``
+    mean other things, so they keep SGDSaI's defaults unless given."""
+    kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
+    if _optimizer_class(name) is not SGDSaI:
+        kwargs.update(betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
+    return kwargs
+
+
+def create_optimizer(model: nn.Module, training_args, name: str = "adam-mini", **overrides):
+    """Optimizer ``name`` (``"adam-mini"``, ``"adapm"`` or ``"sgd-sai"``) for ``model``, planned
+    from its structure (heads, embeddings, LoRA factors), with `trainer_hyperparameters` from
+    ``training_args``; ``overrides`` win::
+
+        trainer = Trainer(model, args, ..., optimizers=(blockopt.hf.create_optimizer(model, args), None))
+
+    Decay: the Trainer exempts biases and norms from ``weight_decay``; blockopt's optimizers exempt
+    every 1-D parameter (``decay_1d=False``), which covers the same tensors.
+    """
+    return _optimizer_class(name)(model, **{**trainer_hyperparameters(training_args, name), **overrides})
+
+
+def optimizer_cls_and_kwargs(training_args, name: str = "adam-mini", **overrides) -> tuple:
+    """``Trainer(..., optimizer_cls_and_kwargs=...)`` for optimizer ``name``, planned from the
+    model's structure, like `create_optimizer`; the model is the Trainer's (so ``model_init`` and
+    hyperparameter search work too).
+
+    Note [the Trainer's two forms]: given an optimizer *class*, the Trainer calls it with two
+    param groups of bare tensors (decay / no decay): no names and no module, so the plan falls
+    back to shapes (a row per matrix, no heads) and blockopt warns (`PartitionWarning`). Given
+    anything else, transformers (>= 5, ``trainer_optimizer.is_optimizer_factory``) treats it as a
+    factory: ``factory()(model, **kwargs)``. The first element returned here is such a factory,
+    so the optimizer gets the module itself.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        ImportError: a transformers without optimizer factories; use `create_optimizer` there.
+    """
+    cls = _optimizer_class(name)
+    try:
+        from transformers.trainer_optimizer import is_optimizer_factory  # noqa: F401 - the protocol's marker
+    except ImportError as error:
+        raise ImportError(f"transformers {_transformers().__version__} passes optimizer_cls_and_kwargs only bare "
+                          "param groups, which lose the model's structure; pass "
+                          "optimizers=(blockopt.hf.create_optimizer(model, args), None) instead") from error
+    return _OptimizerFactory(cls), {**trainer_hyperparameters(training_args, name), **overrides}
+
+
+class _OptimizerFactory:
+    """What transformers calls with no arguments, then calls the result with ``(model, **kwargs)``
+    (Note [the Trainer's two forms])."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __call__(self) -> type:
+        return self.cls
+
+    def __repr__(self) -> str:
+        return f"optimizer factory of {self.cls.__name__}"
+
+
+def _optimizer_class(name: str) -> type:
+    check("name", name, choice(*OPTIMIZERS))
+    return OPTIMIZERS[name]
+
+
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Scalars for a training log: ``optimizer/state_bytes`` (`blockopt.state_bytes`, this rank's;
+    0 before the first step, since state is created then), and for a blockopt optimizer its plan:
+    ``optimizer/tensors``, ``optimizer/params``, ``optimizer/blocks`` (second-moment scalars) and
+    ``optimizer/v_fraction`` (blocks per parameter: AdamW's is 1). Wrappers (accelerate's
+    ``AcceleratedOptimizer``) are looked through."""
+    while not hasattr(optimizer, "plan") and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    metrics = {"optimizer/state_bytes": state_bytes(optimizer)}
+    plan = getattr(optimizer, "plan", None)
+    if plan is not None:
+        summary = plan.summary()
+        metrics.update({"optimizer/tensors": summary.n_tensors, "optimizer/params": summary.n_params,
+                        "optimizer/blocks": summary.n_blocks, "optimizer/v_fraction": summary.v_fraction})
+    return metrics
+
+
+def __getattr__(name: str):
+    # `BlockoptCallback` subclasses transformers' TrainerCallback, so it is built on first use
+    # rather than making every `import blockopt` import transformers.
+    if name == "BlockoptCallback":
+        globals()[name] = cls = _callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _callback_class() -> type:
+    TrainerCallback = _transformers().TrainerCallback
+
+    class BlockoptCallback(TrainerCallback):
+        """Logs `optimizer_metrics` (plan and state bytes) once per ``train()``, after the first
+        optimizer step (the state is created by it), through ``trainer.log``, so every
+        ``report_to`` sink and ``trainer.state.log_history`` get them::
+
+            trainer.add_callback(blockopt.hf.BlockoptCallback(trainer))
+
+        It needs the trainer because callbacks are not given it, and only ``Trainer.log`` reaches
+        the sinks (they come before user callbacks, so adding to another log's ``logs`` would
+        miss them).
+        """
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+            self._logged = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._logged = False
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if not self._logged and optimizer is not None:
+                self._logged = True
+                self.trainer.log(optimizer_metrics(optimizer))
+
+    BlockoptCallback.__module__, BlockoptCallback.__qualname__ = __name__, "BlockoptCallback"
+    return BlockoptCallback

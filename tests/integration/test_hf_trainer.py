@@ -1,4 +1,5 @@
-"""blockopt optimizers inside transformers' Trainer: training, checkpoints and resuming."""
+"""blockopt optimizers inside transformers' Trainer: both ways in (docs/integrations.md), the
+callback's logs, checkpoints and resuming exactly."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 import blockopt
+from blockopt.hf import create_optimizer, optimizer_cls_and_kwargs, trainer_hyperparameters
+
+from .tiny import Tokens, assert_same_parameters, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -14,38 +18,92 @@ pytestmark = pytest.mark.hf
 STEPS = 4
 
 
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        x = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": x, "labels": x}
-
-
-def trainer(tmp_path, **overrides):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=50, n_positions=12, n_embd=16, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config)
-    optimizer = blockopt.AdamMini(model, lr=1e-3, weight_decay=0.1)
+def training_args(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4, report_to=[],
                     save_strategy="steps", save_steps=2, use_cpu=True, seed=0, disable_tqdm=True,
-                    lr_scheduler_type="constant")
-    settings.update(overrides)
-    args = transformers.TrainingArguments(**settings)
-    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(optimizer, None)), model, optimizer
+                    lr_scheduler_type="constant", learning_rate=1e-3, weight_decay=0.1)
+    return transformers.TrainingArguments(**{**settings, **overrides})
 
 
-def test_trainer_runs_and_resumes_exactly(tmp_path):
-    full, model, optimizer = trainer(tmp_path / "full")
+class Sink(transformers.TrainerCallback):
+    """Stands for a ``report_to`` integration: those are added before the user's callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def trainer(tmp_path):
+    """The recipe: a Trainer with `create_optimizer`'s optimizer, and the callback."""
+    model = tiny_gpt2()
+    args = training_args(tmp_path)
+    sink = Sink()
+    t = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[sink],
+                             optimizers=(create_optimizer(model, args), None))
+    t.add_callback(blockopt.hf.BlockoptCallback(t))
+    return t, model, sink
+
+
+def metrics_logged(logs):
+    return [entry for entry in logs if "optimizer/state_bytes" in entry]
+
+
+def test_trainer_runs_logs_and_resumes_exactly(tmp_path):
+    full, model, sink = trainer(tmp_path / "full")
     full.train()
+    optimizer = full.optimizer.optimizer  # accelerate's wrapper
     assert int(optimizer.state[model.lm_head.weight]["step"]) == STEPS
+    assert optimizer.plan == blockopt.partition(model)  # the structural plan
     # the Trainer saved the optimizer at step 2 through state_dict(): block statistics included
     saved = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     assert any(v["exp_avg_sq"].numel() < v["exp_avg"].numel() for v in saved["state"].values())
+    # the callback logged once, after the first step, through Trainer.log: the sinks saw it
+    (logged,) = metrics_logged(sink.logs)
+    assert metrics_logged(full.state.log_history)[0]["step"] == 1
+    summary = optimizer.plan.summary()
+    assert logged["optimizer/state_bytes"] == blockopt.state_bytes(optimizer) > 0
+    assert (logged["optimizer/blocks"], logged["optimizer/params"]) == (summary.n_blocks, summary.n_params)
 
-    resumed, model2, optimizer2 = trainer(tmp_path / "resumed")
+    resumed, model2, sink2 = trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
-    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_parameters(model, model2)
+    assert metrics_logged(sink2.logs)[0]["optimizer/state_bytes"] == logged["optimizer/state_bytes"]
+
+
+def test_create_optimizer_maps_training_arguments(tmp_path):
+    model = tiny_gpt2()
+    args = training_args(tmp_path, learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                         weight_decay=0.05)
+    opt = create_optimizer(model, args)
+    assert type(opt) is blockopt.AdamMini
+    assert {k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")} == dict(
+        lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+    assert create_optimizer(model, args, lr=1e-2, rank=2, name="adapm").defaults["lr"] == 1e-2  # overrides win
+    sgd = create_optimizer(model, args, "sgd-sai")
+    assert type(sgd) is blockopt.SGDSaI
+    assert (sgd.defaults["lr"], sgd.defaults["weight_decay"], sgd.defaults["momentum"]) == (3e-4, 0.05, 0.9)
+    assert trainer_hyperparameters(args, "sgd-sai") == dict(lr=3e-4, weight_decay=0.05)
+    with pytest.raises(ValueError, match="name must be one of 'adam-mini', 'adapm', 'sgd-sai', got 'adam'"):
+        create_optimizer(model, args, "adam")
+
+
+def test_an_optimizer_class_gets_no_structure_and_says_so(tmp_path):
+    """What transformers does with ``optimizer_cls_and_kwargs=(blockopt.AdamMini, {...})``: bare
+    param groups, so blocks from shapes only, with a PartitionWarning; the factory keeps the plan."""
+    model = tiny_gpt2()
+    args = training_args(tmp_path)
+    as_class = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                    optimizer_cls_and_kwargs=(blockopt.AdamMini, {"lr": 1e-3}))
+    with pytest.warns(blockopt.PartitionWarning, match="without names"):
+        shapes_only = as_class.create_optimizer()
+    structural = blockopt.partition(model)
+    assert shapes_only.plan.summary().n_blocks > structural.summary().n_blocks
+
+    factory, kwargs = optimizer_cls_and_kwargs(args, weight_decay=0.0)
+    assert kwargs == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    as_factory = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                      optimizer_cls_and_kwargs=(factory, kwargs))
+    assert as_factory.create_optimizer().plan == structural
+    assert "factory of AdamMini" in repr(factory)
