@@ -158,6 +158,7 @@ class BlockwiseOptimizer(Optimizer):
         batch = self._Batch(group)
         weight_decay, decay_1d, all_state = group["weight_decay"], group["decay_1d"], self.state
         names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
+        gather_state = self._gather_state
         for name, p, layout in zip(group["param_names"], group["params"], self.layouts(group)):
             grad = p.grad
             if grad is None or (skip and id(p) in skip):
@@ -170,7 +171,7 @@ class BlockwiseOptimizer(Optimizer):
             grads.append(grad if plain else local_tensor(grad))
             layouts.append(layout)
             decays.append(weight_decay if decay_1d or p.ndim >= 2 else 0.0)
-            self._gather_state(batch, name, p, layout, all_state[p], plain)
+            gather_state(batch, name, p, layout, all_state[p], plain)
         return batch
 
     def _gather_state(self, batch: ParamBatch, name: str, param: Tensor, layout, state: dict, plain: bool) -> None:
@@ -197,8 +198,23 @@ class BlockwiseOptimizer(Optimizer):
 
     def layouts(self, group: dict) -> list[BlockSpec | ShardView]:
         """What the step sees of each parameter: its `BlockSpec`, or for a sharded (DTensor)
-        parameter the `ShardView` of this rank's shard (cached until its placements change)."""
-        return [self._layout(n, p) for n, p in zip(group["param_names"], group["params"])]
+        parameter the `ShardView` of this rank's shard (cached until its placements change).
+
+        Note: a step asks this for every tensor, so a group's list is kept while the plan, the
+        group's tensors and their names stay the same (models with thousands of small tensors
+        would otherwise spend a good part of a step looking specs up)."""
+        names, params = group["param_names"], group["params"]
+        key = (id(self.plan), tuple(map(id, params)), tuple(names))
+        cache = self.__dict__.setdefault("_layouts", {})
+        kept = cache.get(id(group))
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        layouts = [self._layout(n, p) for n, p in zip(names, params)]
+        if not any(isinstance(layout, ShardView) for layout in layouts):  # (shard views follow placements)
+            if len(cache) > 4 * len(self.param_groups):  # groups replaced (load_state_dict makes new ones)
+                cache.clear()
+            cache[id(group)] = (key, layouts)
+        return layouts
 
     def block_spec(self, name: str) -> BlockSpec:
         """The layout this optimizer steps parameter ``name`` with (its Plan spec, unless a

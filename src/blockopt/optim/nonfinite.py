@@ -58,6 +58,13 @@ def to_skip(optimizer) -> set[int]:
     return skipped
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_device.values())
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -85,8 +92,9 @@ class StatisticsWatch:
                     window.extend(zip(names[a:b], tensors[a:b]))
                 index += len(names)
         self.cursor = start + size
-        finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in window]).tolist()
-        bad = [name for (name, _), ok in zip(window, finite) if not ok]
+        if _all_finite([t for _, t in window]):  # one reduction per device; tensors only when it fails
+            return
+        bad = [name for name, t in window if not bool(torch.isfinite(t).all())]
         if bad:
             self.warned = True
             shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
