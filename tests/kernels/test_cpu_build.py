@@ -6,6 +6,7 @@ fill anyway.
 """
 
 import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def test_the_cache_key_changes_with_everything_a_build_depends_on():
     for change in (
         {"torch_version": "2.12.1+cpu"}, {"cxx11_abi": False}, {"python": "cpython3.12"},
         {"flags": ["-O3"]}, {"source": b"int y;"},
+        {"location": "/another/venv/lib/python3.11/site-packages/torch"},  # same torch, another environment
     ):
         assert cpu.cache_key(**{**KEY, **change}) != key, change
 
@@ -35,7 +37,7 @@ def test_the_build_folder_is_named_by_the_key_under_torch_extensions_dir(tmp_pat
     key = cpu.cache_key(
         torch_version=torch.__version__, cxx11_abi=torch._C._GLIBCXX_USE_CXX11_ABI,
         python=f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}{sys.abiflags}",
-        flags=cflags + ldflags, source=cpu._SOURCE.read_bytes(),
+        flags=cflags + ldflags, source=cpu._SOURCE.read_bytes(), location=os.path.dirname(torch.__file__),
     )
     assert name.endswith("_" + key) and directory == tmp_path / name and key in str(directory)
     # another torch in another virtual environment: another folder, nothing rebuilt over this one

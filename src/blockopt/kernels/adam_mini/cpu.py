@@ -76,9 +76,12 @@ def _build_flags() -> tuple[str, list[str], list[str]]:
     return name, cflags, ldflags
 
 
-def cache_key(*, torch_version: str, cxx11_abi: bool, python: str, flags: list[str], source: bytes) -> str:
-    """A short hash of everything a build depends on (Note [the cache key])."""
-    parts = [torch_version, str(bool(cxx11_abi)), python, " ".join(flags), hashlib.sha256(source).hexdigest()]
+def cache_key(*, torch_version: str, cxx11_abi: bool, python: str, flags: list[str], source: bytes,
+              location: str = "") -> str:
+    """A short hash of everything a build depends on (Note [the cache key]). ``location``: where
+    this torch is installed; its headers' paths are in the build commands, so two environments
+    with the same torch version would otherwise rebuild over each other whenever the other ran last."""
+    parts = [torch_version, str(bool(cxx11_abi)), python, " ".join(flags), hashlib.sha256(source).hexdigest(), location]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -90,7 +93,7 @@ def extension() -> tuple[str, Path, list[str], list[str]]:
     key = cache_key(
         torch_version=torch.__version__, cxx11_abi=torch._C._GLIBCXX_USE_CXX11_ABI,
         python=f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}",
-        flags=cflags + ldflags, source=_SOURCE.read_bytes(),
+        flags=cflags + ldflags, source=_SOURCE.read_bytes(), location=os.path.dirname(torch.__file__),
     )
     name = f"{base}_{key}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
@@ -114,9 +117,15 @@ def build() -> KernelBuild:
             print("blockopt: building the fused CPU Adam-mini kernel (once per environment)...", end="",
                   file=sys.stderr, flush=True)
         directory.mkdir(parents=True, exist_ok=True)
+        # Build from a copy inside the build folder: the folder's key holds the source's hash, and
+        # ninja records source paths, so two checkouts (or installs) of the same source share one
+        # build instead of rebuilding over each other whenever the other one ran last.
+        source = directory / _SOURCE.name
+        if not source.is_file() or source.read_bytes() != _SOURCE.read_bytes():
+            source.write_bytes(_SOURCE.read_bytes())
         outcome = "failed"
         try:
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+            cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=str(directory), is_python_module=False)
             outcome = "done"
         finally:
