@@ -5,8 +5,8 @@ Every test here but the last mocks the compiler (`cpp_extension.load`): a real c
 fill anyway.
 """
 
-import subprocess
 import os
+import subprocess
 import sys
 from pathlib import Path
 
