@@ -34,6 +34,7 @@ class Rule:
     options: tuple = ()  # for "choice"
     item: Rule | None = None  # for "pair"
     hint: str = ""  # what to do instead, appended to the message
+    tensor: bool = False  # a 1-element tensor is accepted too (a learning rate, as torch.optim takes it)
 
     @property
     def description(self) -> str:
@@ -59,9 +60,10 @@ class Rule:
 
 
 def real(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
-         optional: bool = False, hint: str = "") -> Rule:
-    """A finite real number (a 1-element tensor counts) within the bounds."""
-    return Rule("real", low, high, low_open, high_open, optional, hint=hint)
+         optional: bool = False, hint: str = "", tensor: bool = False) -> Rule:
+    """A finite real number within the bounds; with ``tensor``, a 1-element tensor too (only where
+    every use of the value takes one: the steps read a tensor lr at each step, nothing else)."""
+    return Rule("real", low, high, low_open, high_open, optional, hint=hint, tensor=tensor)
 
 
 def integer(low: int | None = None, high: int | None = None, *, optional: bool = False, hint: str = "") -> Rule:
@@ -122,7 +124,7 @@ def _error(kind: type[Exception], name: str, value: Any, rule: Rule, got: str | 
 
 
 def _as_number(name: str, value: Any, rule: Rule) -> float:
-    if isinstance(value, torch.Tensor) and rule.kind == "real":
+    if isinstance(value, torch.Tensor) and rule.kind == "real" and rule.tensor:
         if value.numel() != 1:
             raise _error(ValueError, name, value, rule, got=f"a tensor of shape {tuple(value.shape)} (a 1-element tensor is accepted)")
         value = value.item()

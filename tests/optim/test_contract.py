@@ -116,6 +116,15 @@ def test_tensor_lr_equals_float_lr(name, shape):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_only_the_lr_may_be_a_tensor(name):
+    """A tensor weight decay or eps would reach the step's float arithmetic: refused at once."""
+    with pytest.raises(TypeError, match=r"weight_decay must be a number >= 0, got tensor"):
+        OPTIMIZERS[name](MLP(), weight_decay=torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"lr must be a number >= 0, got a tensor of shape \(2,\)"):
+        OPTIMIZERS[name](MLP(), lr=torch.ones(2))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_param_groups_with_a_scheduler(name):
     model = MLP()
     opt = OPTIMIZERS[name]([{"params": model.fc1.parameters()}, {"params": model.fc2.parameters(), "lr": 1e-3}])

@@ -46,26 +46,32 @@ SINGLE_PROCESS = Collectives()
 
 
 class ShardedCollectives(Collectives):
-    """Parameters sharded as DTensors. Keeps the reducer of the last layout list it was asked
-    about: a step asks about the same list until the set of parameters with gradients changes."""
+    """Parameters sharded as DTensors. Keeps the reducers of the few layout lists a step asks
+    about (the whole step's, each param group's, the first-gradient subset of SGD-SaI), until the
+    set of parameters with gradients changes."""
+
+    KEPT = 8
 
     def __init__(self) -> None:
-        self._key: tuple[int, ...] | None = None
-        self._kept: tuple[Sequence, BlockSumReducer] | None = None
+        self._kept: dict[tuple[int, ...], tuple[Sequence, BlockSumReducer]] = {}
 
     def _reducer(self, layouts: Sequence) -> BlockSumReducer:
         key = tuple(id(layout) for layout in layouts)
-        if key != self._key:
+        kept = self._kept.get(key)
+        if kept is None:
+            if len(self._kept) >= self.KEPT:
+                self._kept.clear()
             # the layouts are kept with the reducer so that their ids stay unique
-            self._key, self._kept = key, (list(layouts), BlockSumReducer(layouts))
-        return self._kept[1]
+            kept = self._kept[key] = (list(layouts), BlockSumReducer(layouts))
+        return kept[1]
 
     def cuts_blocks(self, layouts: Sequence) -> bool:
         return any(isinstance(layout, ShardView) for layout in layouts) and self._reducer(layouts).active
 
     def sum_blocks(self, sums: list[Tensor], layouts: Sequence) -> None:
-        if self.cuts_blocks(layouts):
-            self._reducer(layouts)(sums)
+        reducer = self._reducer(layouts)
+        if reducer.active:
+            reducer(sums)
 
     def max_(self, values: Tensor, layouts: Sequence) -> None:
         meshes = dict.fromkeys((v.mesh, v.reduce_mesh_dims) for v in layouts if isinstance(v, ShardView))

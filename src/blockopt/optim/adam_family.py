@@ -21,7 +21,7 @@ from .base import ParamBatch
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
-    "lr": real(0),
+    "lr": real(0, tensor=True),
     "betas": pair(real(0, 1, high_open=True)),
     "eps": real(0),
     "weight_decay": real(0),

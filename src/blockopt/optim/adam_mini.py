@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import Collectives, local_tensor
-from ..kernels.adam_mini import IMPLEMENTATIONS, adam_mini  # noqa: F401  (IMPLEMENTATIONS: kept importable here)
+from ..kernels.adam_mini import adam_mini
 from ..partition import Plan
 from ..validation import boolean, check
 from ..partition.report import plan_rows, rows_table

@@ -232,9 +232,6 @@ class BlockwiseOptimizer(Optimizer):
             cached = views[name] = (key, shard_view(spec, p))
         return cached[1]
 
-    def _name_of(self, param: Tensor) -> str:
-        return next(n for g in self.param_groups for n, q in zip(g["param_names"], g["params"]) if q is param)
-
     # ---- checkpoints ------------------------------------------------------------------
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         """``{state key: shape}`` of what this optimizer keeps for parameter ``name``."""

@@ -107,7 +107,7 @@ class SGDSaI(BlockwiseOptimizer):
     """
 
     HYPERPARAMETERS = {
-        "lr": real(0, hint="pass a non-negative learning rate, e.g. lr=1e-2"),
+        "lr": real(0, tensor=True, hint="pass a non-negative learning rate, e.g. lr=1e-2"),
         "momentum": real(0, 1, high_open=True,
                          hint="use e.g. momentum=0.9, or 0 for no momentum (momentum=1 never lets a gradient in)"),
         "eps": real(0, low_open=True, hint="it keeps gsnr = ||g|| / (std(g) + eps) finite for blocks whose gradient "

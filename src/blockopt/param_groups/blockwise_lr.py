@@ -155,7 +155,7 @@ def blockwise_lr(
         groups = blockopt.blockwise_lr(model, lr=6e-4, weight_decay=0.1)
         opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))   # or blockopt.AdamMini(groups, ...)
     """
-    check("lr", lr, _POSITIVE)
+    check("lr", lr, real(0, low_open=True, tensor=True))
     check("weight_decay", weight_decay, real(0, optional=True))
     table = resolve_ratios(ratios)
     plan, named = _plan_and_tensors(model_or_plan, params)

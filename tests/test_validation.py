@@ -1,0 +1,51 @@
+"""blockopt.validation: one rule table, one error style ("{name} must be {range}, got {value!r}")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blockopt.validation import boolean, check, choice, integer, pair, real, validate
+
+
+@pytest.mark.parametrize("value, rule, error, message", [
+    (-1.0, real(0), ValueError, "lr must be a number >= 0, got -1.0"),
+    (1.0, real(0, 1, high_open=True), ValueError, r"lr must be a number in \[0, 1\), got 1.0"),
+    (0.0, real(0, 1, low_open=True), ValueError, r"lr must be a number in \(0, 1\], got 0.0"),
+    (math.nan, real(0), ValueError, "lr must be a number >= 0, got nan"),
+    (math.inf, real(0), ValueError, "lr must be a number >= 0, got inf"),
+    ("fast", real(0), TypeError, r"lr must be a number >= 0, got 'fast' \(str\)"),
+    (True, real(0), TypeError, r"lr must be a number >= 0, got True \(bool\)"),
+    (2.5, integer(1), TypeError, r"lr must be an int >= 1, got 2.5 \(float\)"),
+    (True, integer(1), TypeError, r"lr must be an int >= 1, got True \(bool\)"),
+    (0, integer(1), ValueError, "lr must be an int >= 1, got 0"),
+    (1, boolean(), TypeError, "lr must be True or False, got 1"),
+    (1, choice(True, False), ValueError, "lr must be one of True, False, got 1"),  # 1 == True, but not a bool
+    ("x", choice("a", "b", hint="pick one"), ValueError, "lr must be one of 'a', 'b', got 'x': pick one"),
+    (0.9, pair(real(0, 1)), TypeError, r"lr must be a pair, each a number in \[0, 1\], got 0.9"),
+    ((0.9,), pair(real(0, 1)), ValueError, r"lr must be a pair, each a number in \[0, 1\], got \(0.9,\)"),
+    ((0.9, 2.0), pair(real(0, 1)), ValueError, r"lr\[1\] must be a number in \[0, 1\], got 2.0"),
+    (torch.tensor(0.1), real(0), TypeError, r"lr must be a number >= 0, got tensor"),
+    (torch.ones(2), real(0, tensor=True), ValueError, r"got a tensor of shape \(2,\) \(a 1-element tensor is accepted\)"),
+    (torch.tensor(-1.0), real(0, tensor=True), ValueError, r"lr must be a number >= 0, got tensor\(-1.\)"),
+])
+def test_a_bad_value_is_named_with_its_range(value, rule, error, message):
+    with pytest.raises(error, match=message):
+        check("lr", value, rule)
+
+
+@pytest.mark.parametrize("value, rule", [
+    (0.0, real(0)), (1, real(0)), (None, real(0, optional=True)), (3, integer(1)), (False, boolean()),
+    ("a", choice("a", "b")), ([0.9, 0.99], pair(real(0, 1))), (torch.tensor([1e-3]), real(0, tensor=True)),
+])
+def test_a_good_value_passes(value, rule):
+    check("x", value, rule)
+
+
+def test_validate_checks_only_the_names_in_its_table():
+    table = {"lr": real(0), "rank": integer(1)}
+    validate(table, {"lr": 1e-3, "rank": 2, "unknown": object()})
+    with pytest.raises(ValueError, match="rank must be an int >= 1, got 0"):
+        validate(table, {"lr": 1e-3, "rank": 0})
