@@ -417,3 +417,23 @@ def test_freeze_then_unfreeze_trains_the_unfrozen_layer_with_its_structural_bloc
     model(x, labels=x).loss.backward()
     opt.step()
     assert not torch.equal(frozen.self_attn.q_proj.weight, before)
+
+
+def test_skip_verdicts_are_agreed_across_ranks():
+    """A rank whose shard is finite still skips when another rank's shard is not: the verdicts
+    pass through Collectives.max_ (here a stand-in for a peer that saw an inf in fc2.weight)."""
+    from blockopt.distributed import Collectives
+
+    class PeerSawInf(Collectives):
+        def max_(self, values, layouts):
+            values[2] = 1.0  # fc2.weight, the third tensor with a gradient
+
+    model = MLP()
+    opt = blockopt.AdamMini(model, nonfinite="skip_tensor")
+    opt._collectives = lambda layouts: PeerSawInf()
+    before = _params(model)
+    _loss(model, _data(1)[0]).backward()
+    opt.step()
+    after = _params(model)
+    assert torch.equal(after[2], before[2]) and opt.state[model.fc2.weight][NONFINITE_SKIPS] == 1
+    assert not torch.equal(after[0], before[0])

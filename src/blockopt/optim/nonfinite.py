@@ -34,16 +34,25 @@ WATCH_PER_STEP = 64
 
 
 def to_skip(optimizer) -> set[int]:
-    """ids of the parameters the skip modes leave out of this step; counts each skip in state."""
+    """ids of the parameters the skip modes leave out of this step; counts each skip in state.
+
+    Under a sharding each rank sees only its shard of a gradient, so the verdicts are agreed
+    (a MAX over the ranks the parameters live on) before anything is skipped: every rank skips
+    the same tensors, or the shards of one parameter would drift apart."""
     flagged: list[tuple[dict, list[torch.Tensor]]] = []
+    layouts = []
     for group in optimizer.param_groups:
         if group["nonfinite"] in SKIPPING:
-            flagged.append((group, [p for p in group["params"] if p.grad is not None]))
+            with_grad = [(p, layout) for p, layout in zip(group["params"], optimizer.layouts(group)) if p.grad is not None]
+            flagged.append((group, [p for p, _ in with_grad]))
+            layouts.extend(layout for _, layout in with_grad)
     checked = [p for _, ps in flagged for p in ps]
     if not checked:
         return set()
-    finite = torch.stack([torch.isfinite(_local(p.grad)).all().cpu() for p in checked]).tolist()
-    bad = {id(p) for p, ok in zip(checked, finite) if not ok}
+    device = _local(checked[0].grad).device
+    bad_flags = torch.stack([(~torch.isfinite(_local(p.grad)).all()).to(device) for p in checked]).float()
+    optimizer._collectives(layouts).max_(bad_flags, layouts)
+    bad = {id(p) for p, flag in zip(checked, bad_flags.tolist()) if flag}
     skipped: set[int] = set()
     for group, ps in flagged:
         if group["nonfinite"] == "skip_step":
