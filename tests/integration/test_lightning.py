@@ -1,6 +1,6 @@
 """The Lightning recipe (docs/integrations.md): ``configure_optimizers`` returns a blockopt
-optimizer for the module; checkpoints and resuming are Lightning's own. Lightning is not a
-dependency of blockopt: this test runs where it is installed and skips elsewhere."""
+optimizer for the module; checkpoints and resuming are Lightning's own. Lightning is a test dependency, not one of
+blockopt: without it this test skips."""
 
 from __future__ import annotations
 
