@@ -70,6 +70,30 @@ def test_loss_decreases_and_result_fields(data):
     assert result.wall_s > 0 and result.to_dict()["n_params"] == result.n_params
 
 
+class OneSlowStep(torch.optim.SGD):
+    """SGD whose 8th step stalls, as a page fault or another process would."""
+
+    def __init__(self, params, stall):
+        super().__init__(params, lr=1e-3)
+        self.stall, self.calls = stall, 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 8:
+            import time
+
+            time.sleep(self.stall)
+        return super().step(closure)
+
+
+def test_tokens_per_s_is_taken_at_the_median_step(data):
+    """One stalled step doesn't move tokens/s (Note [tokens/s at the median step]); a total over
+    the run would have put it below batch tokens / stall."""
+    stall = 2.0
+    result = train_run("llama-tiny", lambda m: OneSlowStep(m.parameters(), stall), data, loop(20), **QUIET)
+    assert result.tokens_per_s > 8 * 32 * 20 / stall
+
+
 def test_adam_mini_trains_in_the_loop(data):
     result = train_run("llama-tiny", lambda m: blockopt.AdamMini(m, lr=3e-3), data, loop(20), **QUIET)
     assert result.optimizer == "AdamMini"

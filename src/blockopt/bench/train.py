@@ -54,7 +54,7 @@ class RunResult:
     final_train_loss: float  # mean of the last FINAL_TRAIN_WINDOW steps
     final_val_loss: float  # after the last step
     step_ms: float  # median optimizer.step() time, warm-up steps excluded
-    tokens_per_s: float  # training tokens per second of the loop (forward, backward, step; eval excluded)
+    tokens_per_s: float  # training tokens per second at the median loop step (forward, backward, step)
     state_bytes: int  # optimizer state, from `blockopt.state_bytes`
     n_params: int
     wall_s: float  # the whole run, evaluation included (summed over sessions when resumed)
@@ -238,8 +238,8 @@ def _train(
 
     train_curve: list[tuple[int, float]] = []
     val_curve: list[tuple[int, float]] = []
-    step_times: list[float] = []
-    train_seconds = 0.0
+    step_times: list[float] = []  # optimizer.step() alone
+    loop_times: list[float] = []  # the whole training step: batch, forward, backward, optimizer step
     previous_wall = 0.0
     resumed_from: list[int] = []
     first_step = 1
@@ -267,7 +267,7 @@ def _train(
         train_curve = [(int(s), float(v)) for s, v in checkpoint["train_curve"]]
         val_curve = [(int(s), float(v)) for s, v in checkpoint["val_curve"]]
         step_times = list(checkpoint["step_times"])
-        train_seconds = float(checkpoint["train_seconds"])
+        loop_times = list(checkpoint.get("loop_times", ()))
         previous_wall = float(checkpoint["wall_s"])
         resumed_from = [*checkpoint["resumed_from"], int(checkpoint["step"])]
         first_step = int(checkpoint["step"]) + 1
@@ -287,7 +287,7 @@ def _train(
                 "train_curve": train_curve,
                 "val_curve": val_curve,
                 "step_times": step_times,
-                "train_seconds": train_seconds,
+                "loop_times": loop_times,
                 "wall_s": previous_wall + time.perf_counter() - start,
                 "resumed_from": resumed_from,
             },
@@ -311,12 +311,14 @@ def _train(
         step_start = time.perf_counter()
         optimizer.step()
         _sync(device)
-        if step - first_step >= timing_warmup:
+        timed = step - first_step >= timing_warmup
+        if timed:
             step_times.append(time.perf_counter() - step_start)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         train_curve.append((step, loss.item()))
-        train_seconds += time.perf_counter() - loop_start
+        if timed:
+            loop_times.append(time.perf_counter() - loop_start)
 
         if step % eval_every == 0 or step == steps:
             val_curve.append((step, evaluate(model, val_batches)))
@@ -336,7 +338,10 @@ def _train(
         final_train_loss=sum(last) / len(last),
         final_val_loss=val_curve[-1][1],
         step_ms=1e3 * statistics.median(step_times) if step_times else float("nan"),
-        tokens_per_s=steps * batch_size * seq_len / train_seconds if train_seconds else float("nan"),
+        # Note [tokens/s at the median step]: the median, not the total, so that a few slow steps
+        # (a page fault, another process) don't decide which optimizer looks faster; warm-up steps
+        # are left out, as for step_ms.
+        tokens_per_s=batch_size * seq_len / statistics.median(loop_times) if loop_times else float("nan"),
         state_bytes=blockopt.state_bytes(optimizer),
         n_params=count_params(model),
         wall_s=previous_wall + time.perf_counter() - start,
