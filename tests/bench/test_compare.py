@@ -156,7 +156,7 @@ def test_one_seed_prints_plain_values_in_a_table_of_100_columns():
 
 def test_files_and_json_schema(saved):
     result, out = saved
-    for name in ("loss_curves.png", "memory.png", "throughput.png"):
+    for name in ("loss_curves.png", "memory.png", "throughput.png", "pareto.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     report = json.loads((out / "compare.json").read_text())
     # one-time costs (kernel build, first-step allocation) measured before the runs, apart

@@ -5,7 +5,8 @@ import re
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from blockopt.bench.plots import SHORT_LABEL, _label_ticks, _wrap, plot_compare_curves, plot_state_memory
+from blockopt.bench.plots import (SHORT_LABEL, _label_ticks, _wrap, pareto_front, plot_compare_curves, plot_memory_pareto,
+                                  plot_state_memory)
 from blockopt.bench.train import RunResult
 
 LONG = "adam-mini-blockwise-lr:ratios={'embedding':10,'head':4,'qk':2,'ffn':1.5,'vo':1,'norm':1}"
@@ -48,3 +49,12 @@ def test_plots_with_long_labels_are_written(tmp_path):
     for path in (plot_compare_curves(runs, tmp_path / "curves.png"),
                  plot_state_memory({"adamw": 8.0, LONG: 4.0}, tmp_path / "memory.png", baseline="adamw")):
         assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_pareto_front_keeps_what_nothing_beats_on_both_axes(tmp_path):
+    points = [(8.0, 4.0), (4.0, 4.1), (4.5, 4.05), (2.0, 4.3), (3.0, 4.4), (4.0, 4.2), (8.0, 4.0)]
+    # (3.0, 4.4) is beaten by (2.0, 4.3); (4.0, 4.2) by (4.0, 4.1); a repeated point stays once
+    assert pareto_front(points) == [(2.0, 4.3), (4.0, 4.1), (4.5, 4.05), (8.0, 4.0)]
+    path = plot_memory_pareto({"adamw": 8e6, "adam-mini": 4e6, LONG: 1e6},
+                              {"adamw": [4.0, 4.1], "adam-mini": [4.05], LONG: [4.3, 4.2]}, tmp_path / "pareto.png")
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -34,3 +34,32 @@ def test_state_bytes_counts_shared_tensors_once():
     before = blockopt.state_bytes(opt)
     opt.state[q]["alias"] = opt.state[p]["momentum_buffer"]
     assert blockopt.state_bytes(opt) == before
+
+
+class Packed(torch.Tensor):
+    """A float tensor stored as int8 codes and a scale, as torchao's low-bit optimizer state is:
+    a wrapper subclass whose data lives in its inner tensors."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        wrapper = torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32)
+        wrapper.codes, wrapper.scale = codes, scale
+        return wrapper
+
+    def __init__(self, codes, scale):
+        pass
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} is not needed to count bytes")
+
+
+def test_state_bytes_counts_a_wrapper_subclass_by_its_inner_tensors():
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["exp_avg"] = Packed(torch.zeros(100, dtype=torch.int8), torch.ones(1))
+    assert opt.state[p]["exp_avg"].element_size() == 4  # what a plain count would use: 400 bytes
+    assert blockopt.state_bytes(opt) == 100 + 4

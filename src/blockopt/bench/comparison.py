@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compare_config import CompareConfig
-from .plots import plot_compare_curves, plot_state_memory, plot_throughput
+from .plots import plot_compare_curves, plot_memory_pareto, plot_state_memory, plot_throughput
 from .results import json_ready
 from .schedules import lr_factor
 from .train import RunResult, steps_to_reach
@@ -252,7 +252,7 @@ class CompareResult:
         return cls.from_dict(json.loads((path / REPORT_FILE if path.is_dir() else path).read_text()))
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write compare.json, steps.csv, loss_curves.png, memory.png and throughput.png into
+        """Write compare.json, steps.csv, loss_curves.png, memory.png, throughput.png and pareto.png into
         ``out_dir``, and TensorBoard event files under ``tensorboard/`` when it is installed."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -276,6 +276,11 @@ class CompareResult:
             {label: stats["tokens_per_s"]["values"] for label, stats in summary.items()},
             {label: stats["step_ms"]["values"] for label, stats in summary.items()},
             out / "throughput.png",
+        ))
+        paths.append(plot_memory_pareto(
+            {label: stats["state_bytes"]["mean"] for label, stats in summary.items()},
+            {label: stats["final_val_loss"]["values"] for label, stats in summary.items()},
+            out / "pareto.png", title=f"memory against quality ({title})" if title else "",
         ))
         return paths
 

@@ -192,3 +192,40 @@ def plot_throughput(
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_memory_pareto(
+    state_bytes: Mapping[str, float], val_losses: Mapping[str, Sequence[float]], path: str | Path, *, title: str = ""
+) -> Path:
+    """Memory against quality: one point per optimizer at its optimizer-state bytes (x, log scale)
+    and mean final validation loss (y), whiskers spanning the seeds' min to max. The staircase
+    joins the optimizers no other beats on both axes (the Pareto front: lower-left is better)."""
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = list(state_bytes)
+    points = []
+    for i, label in enumerate(labels):
+        losses = val_losses[label]
+        x, y = state_bytes[label] / 2**20, sum(losses) / len(losses)
+        ax.errorbar([x], [y], yerr=[[y - min(losses)], [max(losses) - y]], fmt="o", capsize=3, color=f"C{i % 10}",
+                    label=label)
+        points.append((x, y))
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle=":", linewidth=1,
+                label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(xlabel="optimizer state (MiB, log scale)", ylabel="final validation loss",
+           title=title or "memory against quality (lower left is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point is at or below on both coordinates (lower is better on both),
+    sorted by the first coordinate."""
+    return sorted({p for p in points if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points)})

@@ -19,6 +19,11 @@ EXP_AVG_R = "exp_avg_r"  # AdaPM: right factor R of the low-rank first moment L 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     local = t.to_local() if hasattr(t, "to_local") else t  # DTensor: count this rank's shard
+    if type(local) is not torch.Tensor and hasattr(local, "__tensor_flatten__"):
+        # a wrapper subclass (torchao's quantized state: codes, scales, code map) holds no data of
+        # its own: its bytes are its inner tensors'
+        names, _ = local.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(local, name)) for name in names)
     return local.numel() * local.element_size()
 
 

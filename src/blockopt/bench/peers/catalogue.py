@@ -1,5 +1,5 @@
 """The built-in peers: AdamW, Adam-mini (blockopt's and the authors'), Adafactor, SGD-SaI, Lion,
-blockopt's other optimizers, and ``po:<name>`` for any optimizer of ``pytorch-optimizer``.
+low-bit AdamW (torchao's 8-bit, 4-bit and fp8, bitsandbytes' 8-bit), blockopt's other optimizers, and ``po:<name>`` for any optimizer of ``pytorch-optimizer``.
 
 Note [weight decay groups]: AdamW decays every tensor by default, norm scales and biases
 included; Adam-mini (and the official package) skip 1-D tensors. So that "same weight decay"
@@ -166,6 +166,29 @@ def _lion(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     return Lion(decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]))
 
 
+def _torchao(class_name: str) -> OptimizerFactory:
+    """torchao's low-bit AdamW (state kept as tensor subclasses holding codes and scales; torchao
+    compiles its per-tensor step with torch.compile on first use, a one-time cost)."""
+
+    def factory(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
+        import torchao.optim
+
+        cls = getattr(torchao.optim, class_name)
+        return cls(decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
+                   **_optional(hp, "block_size"))
+
+    return factory
+
+
+def _adamw_8bit_bnb(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(
+        decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
+        **_optional(hp, "min_8bit_size", "block_wise"),
+    )
+
+
 def pytorch_optimizer_peer(name: str) -> Peer:
     """``po:<name>``: any optimizer of pytorch-optimizer, built with the shared settings it takes."""
     short = name[len(PYTORCH_OPTIMIZER_PREFIX) :]
@@ -239,6 +262,22 @@ register_optimizer(
     "lion", _lion, requires="pytorch-optimizer",
     description="Lion (pytorch-optimizer): sign of interpolated momentum; takes a smaller LR than AdamW",
     shared=("lr", "weight_decay"), defaults={"lr": 1e-3, "betas": (0.9, 0.99)},
+)
+
+# Low-bit state (issue #31's peers). torchao keeps tensors under 4096 elements in float32 and
+# quantizes the rest in blocks (256 elements for 8 bit / fp8, 128 for 4 bit); bitsandbytes keeps
+# tensors under `min_8bit_size` (4096) in float32. Both run on the CPU.
+for _name, _class, _bits in (("adamw-8bit-torchao", "AdamW8bit", "8-bit"), ("adamw-4bit-torchao", "AdamW4bit", "4-bit"),
+                             ("adamw-fp8-torchao", "AdamWFp8", "float8")):
+    register_optimizer(
+        _name, _torchao(_class), requires="torchao",
+        description=f"torchao's {_class}: AdamW with both moments in {_bits} blocks (a torch.compile'd step)",
+        extra_keys=("block_size",),
+    )
+register_optimizer(
+    "adamw-8bit-bnb", _adamw_8bit_bnb, requires="bitsandbytes",
+    description="bitsandbytes' AdamW8bit: both moments in blockwise dynamic 8-bit codes",
+    extra_keys=("min_8bit_size", "block_wise"),
 )
 
 
