@@ -1,0 +1,215 @@
+r"""Codecs for compressed optimizer state: a float tensor kept in fewer bits between steps.
+
+A step decodes a state tensor to float32, updates it and encodes it again, so no full-precision
+copy is kept between steps. The codecs here are the readable definitions; every implementation of
+a step that stores compressed state must produce their bits exactly.
+
+============  ===============================================================================
+``bfloat16``  bf16, stochastically rounded: 2 bytes an element, unbiased
+``int8``      one signed 8-bit code an element, and one float32 scale (the chunk's absolute
+              maximum) per `chunk` elements of the flattened tensor
+``int4``      the same at 4 bits, two codes a byte
+============  ===============================================================================
+
+Note [unbiased rounding]: an exponential moving average re-encoded every step loses what
+rounding to nearest drops: an increment ``(1 - beta1) * g`` smaller than half a code step never
+moves the stored value. Every codec here therefore rounds stochastically, *in value space*: a
+value between two neighbouring decoded levels ``lo <= x <= hi`` is stored as ``hi`` with
+probability ``(x - lo) / (hi - lo)``, so the decoded value is ``x`` in expectation, whatever the
+spacing of the levels.
+
+Note [companded codes]: the integer codes ``q`` in ``[-L, L]`` stand for ``scale * sign(q) *
+(|q| / L) ** power``. ``power=1`` is the linear code. A momentum chunk is heavy-tailed (a few
+large entries set the scale, most are far smaller), and ``power=2`` spends the levels where most
+values are: the smallest non-zero level is ``scale / L**2`` instead of ``scale / L``. Both are a
+multiply to decode, with no lookup table, so the fused kernels can do them in registers.
+
+Note [seeded rounding]: the random bits come from a counter-based hash of (key, element index),
+the key mixed from (seed, step, salt), instead of from a generator. There is no generator state
+to checkpoint (a resumed run draws the same bits, because the step is part of the state), every
+implementation draws the same bits for the same element, and tensors don't depend on the order
+in which they are encoded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1  # odd, so element indices map to distinct hash inputs
+
+
+# ---- seeded random bits (Note [seeded rounding]) ----------------------------------------------
+def _mix(h: int) -> int:
+    """murmur3's 32-bit finalizer on a Python int."""
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def rounding_key(seed: int, step: int, salt: int) -> int:
+    """The 32-bit key of one tensor's rounding at one step."""
+    return _mix(_mix(_mix(seed) ^ (step & _MASK32)) ^ (salt & _MASK32))
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """``h * c mod 2**32`` for int64 ``h < 2**32`` without overflowing int64 (split in halves)."""
+    return ((h & 0xFFFF) * c + (((h >> 16) * c) & 0xFFFF) * 65536) & _MASK32
+
+
+def random_bits(key: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """``numel`` uniformly distributed 32-bit values (int64) for element indices ``0..numel-1``."""
+    h = (torch.arange(numel, dtype=torch.int64, device=device) * _GOLDEN + key) & _MASK32
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniforms(key: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """``numel`` float32 uniforms in ``[0, 1)``, exact multiples of ``2**-24``."""
+    return (random_bits(key, numel, device) >> 8).to(torch.float32) * 2.0**-24
+
+
+# ---- the codecs ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BFloat16Rounding:
+    """bfloat16 storage with stochastic rounding (Note [unbiased rounding]).
+
+    A float32 and the two bf16 values around it share their upper 16 bits; adding 16 random bits
+    below them and truncating rounds up with probability (the dropped bits) / 2**16, which is the
+    value-space probability because the bf16 levels between two powers of two are evenly spaced.
+    """
+
+    name = "bfloat16"
+
+    def storage(self, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
+        return (torch.zeros(shape, dtype=torch.bfloat16, device=device),)
+
+    def bytes_per_element(self) -> float:
+        return 2.0
+
+    def encode(self, x: Tensor, key: int) -> tuple[Tensor, ...]:
+        x = x.to(torch.float32)
+        bits = x.reshape(-1).view(torch.int32).to(torch.int64) & _MASK32  # the unsigned pattern
+        noise = random_bits(key, bits.numel(), x.device) >> 16
+        rounded = ((bits + noise) & 0xFFFF0000).to(torch.int64)
+        rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+        out = rounded.view(torch.float32).reshape(x.shape)
+        # inf and nan keep their own encoding (noise would turn an inf into a nan)
+        out = torch.where(torch.isfinite(x), out, x)
+        return (out.to(torch.bfloat16),)
+
+    def decode(self, stored: tuple[Tensor, ...], shape: tuple[int, ...]) -> Tensor:
+        return stored[0].to(torch.float32).reshape(shape)
+
+
+@dataclass(frozen=True)
+class ChunkQuantized:
+    """Signed integer codes with one float32 scale per ``chunk`` elements (Notes [companded
+    codes], [unbiased rounding]). Chunks run over the flattened tensor; the last may be short.
+    ``stochastic=False`` rounds to the nearest level instead (biased; kept for comparison)."""
+
+    bits: int = 8
+    chunk: int = 256
+    power: int = 2
+    stochastic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        if self.power not in (1, 2):
+            raise ValueError(f"power must be 1 (linear) or 2 (companded), got {self.power!r}")
+        if self.chunk < 2 or self.chunk % 2:
+            raise ValueError(f"chunk must be an even number >= 2, got {self.chunk!r}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def levels(self) -> int:
+        """L: codes run over ``[-L, L]``."""
+        return 2 ** (self.bits - 1) - 1
+
+    def n_chunks(self, numel: int) -> int:
+        return -(-numel // self.chunk)
+
+    def storage(self, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
+        numel = math.prod(shape)
+        n_codes = numel if self.bits == 8 else -(-numel // 2)
+        dtype = torch.int8 if self.bits == 8 else torch.uint8
+        return (torch.zeros(n_codes, dtype=dtype, device=device),
+                torch.zeros(self.n_chunks(numel), dtype=torch.float32, device=device))
+
+    def bytes_per_element(self) -> float:
+        return self.bits / 8 + 4 / self.chunk
+
+    def _chunks(self, x: Tensor) -> Tensor:
+        """The flattened tensor as ``(n_chunks, chunk)``, the last chunk padded with zeros."""
+        flat = x.reshape(-1)
+        pad = self.n_chunks(flat.numel()) * self.chunk - flat.numel()
+        return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.chunk)
+
+    def encode(self, x: Tensor, key: int) -> tuple[Tensor, ...]:
+        numel = x.numel()
+        chunks = self._chunks(x.to(torch.float32))
+        scales = chunks.abs().amax(dim=1)
+        L = self.levels
+        # |x| in level units: level k sits at k**power
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        a = (chunks.abs() / safe[:, None]).clamp(max=1.0) * float(L**self.power)
+        k = a.pow(1.0 / self.power).floor().clamp(max=L - 1)
+        k = torch.where(k.pow(self.power) > a, k - 1, k)  # a root rounded up past a level
+        lo = k.pow(self.power)
+        up = (a - lo) / ((k + 1).pow(self.power) - lo)  # probability of the level above
+        u = uniforms(key, chunks.numel(), x.device).reshape(chunks.shape) if self.stochastic else 0.5
+        q = (k + (u < up).to(k.dtype)) * chunks.sign()
+        q = q.reshape(-1)[:numel].to(torch.int8)
+        return self._pack(q), scales
+
+    def decode(self, stored: tuple[Tensor, ...], shape: tuple[int, ...]) -> Tensor:
+        codes, scales = stored
+        numel = math.prod(shape)
+        q = self._unpack(codes, numel).to(torch.float32) / self.levels
+        values = q.abs().pow(self.power) * q.sign() if self.power != 1 else q
+        values = self._chunks(values) * scales[:, None]
+        return values.reshape(-1)[:numel].reshape(shape)
+
+    def _pack(self, q: Tensor) -> Tensor:
+        if self.bits == 8:
+            return q
+        nibbles = (q + 8).to(torch.uint8)  # -7..7 -> 1..15
+        if nibbles.numel() % 2:
+            nibbles = torch.cat([nibbles, nibbles.new_full((1,), 8)])
+        pairs = nibbles.reshape(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+
+    def _unpack(self, codes: Tensor, numel: int) -> Tensor:
+        if self.bits == 8:
+            return codes
+        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=1).reshape(-1)[:numel]
+        return nibbles.to(torch.int8) - 8
+
+
+CODECS = {
+    "bfloat16": BFloat16Rounding(),
+    "int8": ChunkQuantized(bits=8),
+    "int4": ChunkQuantized(bits=4),
+}
+
+
+def codec(name: str):
+    """The codec called ``name`` (a key of `CODECS`)."""
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"codec must be one of {', '.join(map(repr, CODECS))}, got {name!r}") from None
