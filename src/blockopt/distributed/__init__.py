@@ -6,7 +6,8 @@ a `Collectives` for what needs other ranks (block sums cut by the sharding: one 
 step; maxima; row-sharded factor products). State is placed like its parameter by `shard_like`,
 `rows_like` and `replicated_like`, and checkpoints gather block statistics with
 `gather_block_stats`. No optimizer module imports ``torch.distributed`` itself. DDP needs
-nothing from here: its parameters are whole on every rank.
+nothing from here: its parameters are whole on every rank. Under DeepSpeed ZeRO the step sees
+pieces of DeepSpeed's flat partitions and a `ZeroCollectives` (`zero_partitions`, zero.py).
 """
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardedCollectives, collectives_for
@@ -14,8 +15,10 @@ from .diagnostics import AllReduceCounter
 from .placement import replicated_like, rows_like, shard_like
 from .reduce import BlockSumReducer, RowShards, gather_block_stats
 from .shard import ShardView, is_dtensor, local_tensor, shard_box, shard_view
+from .zero import ZeroCollectives, ZeroPartitions, flat_boxes, zero_partitions
 
 __all__ = [
     "AllReduceCounter", "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
     "gather_block_stats", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like", "shard_view",
+    "ZeroCollectives", "ZeroPartitions", "flat_boxes", "zero_partitions",
 ]

@@ -113,6 +113,7 @@ from torch import Tensor
 
 from ..distributed import SINGLE_PROCESS, Collectives, ShardView, is_dtensor, local_tensor, replicated_like, rows_like
 from ..kernels.adam_mini import adam_mini, block_sq_sums
+from ..kernels import block_numel, expand
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
 from ..validation import check, choice, integer, real, validate
@@ -348,6 +349,8 @@ class AdaPM(BlockwiseOptimizer):
                 )
         super()._validate_state_dict(state_dict, pairs)
 
+    # (a generator of its own is beyond dynamo: a compiled first step draws it eagerly, a graph break once)
+    @torch.compiler.disable
     def _initial_right_factor(self, name: str, r: int, n: int, like: Tensor) -> Tensor:
         """A Gaussian ``(r, n)`` factor scaled to unit-norm rows in expectation, drawn from a
         generator of its own (the global RNG is left alone), the same for a name and a seed."""
@@ -456,14 +459,31 @@ def adapm(
             )
 
 
-def _second_moment(g: Tensor, v: Tensor, step: float, spec, sq_sum: Tensor | None, *, beta2: float, eps: float) -> Tensor:
+# Note [a compiled AdaPM step]: eagerly the step count is read as a number, as the reference
+# reads it. Under torch.compile a read would break the graph, so `_count` hands on the step
+# tensor itself (float64, as Python's float) and the bias corrections become tensors, as does a
+# tensor lr; `_add_scaled` then takes the place of the fused ops whose scale must be a number.
+def _count(step_t: Tensor) -> float | Tensor:
+    """The step count: a number eagerly, the tensor (float64) while compiling."""
+    return step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+
+
+def _add_scaled(x: Tensor, scale, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x += scale * a / b`` (``x += scale * a`` without ``b``), in ``addcdiv``'s order; in place."""
+    if not isinstance(scale, Tensor):
+        return x.add_(a, alpha=scale) if b is None else x.addcdiv_(a, b, value=scale)
+    scaled = scale.to(a.dtype) * a
+    return x.add_(scaled if b is None else scaled / b)
+
+
+def _second_moment(g: Tensor, v: Tensor, step, spec, sq_sum: Tensor | None, *, beta2: float, eps: float) -> Tensor:
     """Update ``v`` with this step's block means of g^2; return the denominator, expanded."""
     if sq_sum is None:
         gw = g.to(v.dtype)
         sq_sum = spec.block_sum(gw * gw)
-    v.mul_(beta2).add_(sq_sum / spec.block_numel(v), alpha=1 - beta2)
+    v.mul_(beta2).add_(sq_sum / block_numel(spec, v), alpha=1 - beta2)
     denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-    return spec.expand(denom)
+    return expand(spec, denom)
 
 
 def _apply(p: Tensor, u: Tensor, denom: Tensor, *, lr: float, wd: float, scratch: bool) -> None:
@@ -473,25 +493,25 @@ def _apply(p: Tensor, u: Tensor, denom: Tensor, *, lr: float, wd: float, scratch
     if p.dtype == u.dtype:
         if wd != 0:
             p.mul_(1 - lr * wd)
-        p.addcdiv_(u, denom, value=-lr)
+        _add_scaled(p, -lr, u, denom)
         return
     # bf16/fp16 parameter, float32 update: form the whole change in the float32 buffer and add it
     # once (a float32 copy of p would be a second parameter-sized temporary).
     change = u if scratch else u.clone()
     change.div_(denom).mul_(-lr)
     if wd != 0:
-        change.add_(p, alpha=-lr * wd)
+        _add_scaled(change, -lr * wd, p)
     p.add_(change)
 
 
 def _no_momentum_step(p, g, v, step_t, spec, sq_sum, *, lr, beta2, eps, wd, maximize) -> None:
     """Policy ``none``: ``u = g`` (no first moment, so no first bias correction)."""
     step_t += 1
-    denom = _second_moment(g, v, step_t.item(), spec, sq_sum, beta2=beta2, eps=eps)
+    denom = _second_moment(g, v, _count(step_t), spec, sq_sum, beta2=beta2, eps=eps)
     if p.dtype == v.dtype and g.dtype == v.dtype:
         if wd != 0:
             p.mul_(1 - lr * wd)
-        p.addcdiv_(g, denom, value=lr if maximize else -lr)
+        _add_scaled(p, lr if maximize else -lr, g, denom)
         return
     u = g.to(v.dtype, copy=True)
     if maximize:
@@ -506,7 +526,7 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
     ``collectives.rows(spec)`` makes the fit's row sums (Note [sharded low-rank momentum])."""
     rows = collectives.rows(spec)
     step_t += 1
-    step = step_t.item()
+    step = _count(step_t)
     work = v.dtype
     m, n = L.shape[0], R.shape[1]
     # The step's one parameter-sized temporary: the gradient in the statistics dtype (the fit reads
@@ -526,7 +546,8 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
         if limit is not None:
             norm = frobenius_norm(correction, rows)
             correction.mul_(torch.where(norm > limit, limit / norm.clamp_min(torch.finfo(work).tiny), 1.0))
-        u = correction.addmm_(L_new, R_new, alpha=1 / (1 - beta1**step))
+        u = _add_scaled(correction, 1 / (1 - beta1**step), L_new @ R_new) if isinstance(step, Tensor) \
+            else correction.addmm_(L_new, R_new, alpha=1 / (1 - beta1**step))
     else:
         u = torch.mm(L_new, R_new, out=D).mul_(1 / (1 - beta1**step))
     L.copy_(L_new)

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from ..distributed import (
     Collectives, ShardedCollectives, ShardView, collectives_for, gather_block_stats, is_dtensor, local_tensor, shard_like,
-    shard_view,
+    shard_view, zero_partitions,
 )
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
@@ -89,6 +89,8 @@ class BlockwiseOptimizer(Optimizer):
         groups, self.plan, unnamed = named_groups(params, plan, self._partition_options, owner=type(self).__name__)
         super().__init__(groups, defaults)  # (its add_param_group calls see groups already named)
         self._unnamed = unnamed
+        # made here, not in a step: a compiled step does not keep attributes it sets on the optimizer
+        self._watch = nonfinite.StatisticsWatch()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
@@ -110,6 +112,8 @@ class BlockwiseOptimizer(Optimizer):
         for n, p in zip(group["param_names"], group["params"]):
             check_spec(plan, n, p)
         super().add_param_group(group)
+        # DeepSpeed ZeRO later swaps the tensors for flat partitions: which one was which name (distributed/zero.py)
+        self.__dict__.setdefault("_names_by_id", {}).update(zip(map(id, group["params"]), group["param_names"]))
         self.plan = plan
 
     # ---- the step template ------------------------------------------------------------
@@ -124,6 +128,8 @@ class BlockwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         skip = nonfinite.to_skip(self) if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups) else ()
+        if not torch.compiler.is_compiling():  # (DeepSpeed steps its client eagerly)
+            zero_partitions(self)  # under DeepSpeed ZeRO the groups hold flat partitions: read them once
         batches = [batch for batch in (self._gather(group, skip) for group in self.param_groups) if batch.params]
         if batches:
             collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
@@ -135,9 +141,7 @@ class BlockwiseOptimizer(Optimizer):
 
     def _watch_statistics(self, batches: list[ParamBatch]) -> None:
         """nonfinite="warn": a bounded look at the block statistics (`nonfinite.StatisticsWatch`)."""
-        watch = self.__dict__.get("_watch")
-        if watch is None:
-            watch = self._watch = nonfinite.StatisticsWatch()
+        watch = self._watch
         if not watch.warned:
             columns = [(b.names, getattr(b, self._STATISTICS)) for b in batches if b.group["nonfinite"] == "warn"]
             watch.check(type(self).__name__, self._STATISTICS_KEY, columns)
@@ -145,6 +149,9 @@ class BlockwiseOptimizer(Optimizer):
     def _collectives(self, layouts: list) -> Collectives:
         # the sharded implementation caches its reducers, so each optimizer keeps its own
         # (created on first use: pickles and deep copies do not carry it)
+        zero = self.__dict__.get("_zero")
+        if zero is not None:
+            return zero.collectives
         sharded = self.__dict__.get("_sharded")
         if sharded is None:
             sharded = self._sharded = ShardedCollectives()
@@ -155,6 +162,9 @@ class BlockwiseOptimizer(Optimizer):
         weight decays, and (through ``_gather_state``) their state, created on first use."""
         # Note: this loop runs every step for every tensor, so it reads each attribute once
         # (models with thousands of small tensors spend a good part of a step here).
+        zero = self.__dict__.get("_zero")
+        if zero is not None:  # DeepSpeed ZeRO: the group holds flat partitions, stepped as pieces
+            return zero.gather(self, group, skip)
         batch = self._Batch(group)
         weight_decay, decay_1d, all_state = group["weight_decay"], group["decay_1d"], self.state
         names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
@@ -186,11 +196,12 @@ class BlockwiseOptimizer(Optimizer):
         raise NotImplementedError
 
     @staticmethod
-    def _lr(group: dict) -> float:
+    def _lr(group: dict) -> float | Tensor:
         """The group's learning rate as a number: a 1-element tensor lr (as torch.optim accepts,
-        e.g. for LR schedulers under torch.compile) is read at each step."""
+        e.g. for LR schedulers under torch.compile) is read at each step. While compiling, it
+        stays a tensor: reading it would break the graph, and a number would be baked into it."""
         lr = group["lr"]
-        return lr.item() if isinstance(lr, Tensor) else lr
+        return lr.item() if isinstance(lr, Tensor) and not torch.compiler.is_compiling() else lr
 
     # ---- layouts ----------------------------------------------------------------------
     def specs(self, group: dict) -> list[BlockSpec]:
@@ -273,6 +284,10 @@ class BlockwiseOptimizer(Optimizer):
         (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
         block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
         """
+        zero = zero_partitions(self)
+        if zero is not None:  # DeepSpeed ZeRO: per flat partition, its pieces' state (distributed/zero.py)
+            zero.check_loadable(self, state_dict)
+            return super().load_state_dict(state_dict)
         state_dict, pairs = align_state_dict(self.param_groups, state_dict)
         self._validate_state_dict(state_dict, pairs)
         super().load_state_dict(state_dict)
@@ -322,6 +337,9 @@ class BlockwiseOptimizer(Optimizer):
             if name not in state and name not in self.__dict__:
                 state[name] = copy.deepcopy(default)
         super().__setstate__(state)
+        self.__dict__.setdefault("_watch", nonfinite.StatisticsWatch())  # (copies and pickles start a new one)
+        if "_names_by_id" not in self.__dict__:  # a pickle or deep copy: its groups hold its own tensors
+            self._names_by_id = {id(p): n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
         for group in self.param_groups:  # checkpoints from before a setting existed
             for key, default in self._GROUP_DEFAULTS.items():
                 group.setdefault(key, default)

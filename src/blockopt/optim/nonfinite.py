@@ -18,6 +18,14 @@ stops moving, silently. The options:
 
 The skip modes read every gradient once more per step (about one seventh of an Adam step's
 memory traffic): they are opt-in.
+
+Note [nonfinite under torch.compile]: ``"warn"`` and ``"ignore"`` compile with no graph break.
+A traced step cannot read a flag on the host, nor rotate a window (a cursor that changes every
+step would be a new constant each step, so a recompile), so while compiling the watch checks
+every block statistic in the graph (one fused reduction; statistics are a small fraction of the
+state) and hands the per-tensor flags to `warn_nonfinite`, a custom op that warns at run time,
+once, naming the tensors. The skip modes decide on the host which tensors to step, so under
+``torch.compile`` they cost a graph break per step.
 """
 
 from __future__ import annotations
@@ -79,17 +87,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class StatisticsWatch:
-    """The ``"warn"`` check: a rotating window over the block statistics of the steps' batches."""
+    """The ``"warn"`` check: a rotating window over the block statistics of the steps' batches
+    (all of them, in the graph, while compiling: Note [nonfinite under torch.compile])."""
 
     def __init__(self) -> None:
         self.cursor = 0
         self.warned = False
+        self.warned_compiled = torch.zeros((), dtype=torch.bool)  # set by `warn_nonfinite` at run time
 
     def check(self, owner: str, key: str, columns: list[tuple[list[str], list[torch.Tensor]]]) -> None:
         """Look at the next `WATCH_PER_STEP` of the statistics in ``columns`` (``(names, tensors)``
         per batch), continuing where the last step stopped."""
         total = sum(len(names) for names, _ in columns)
         if self.warned or not total:
+            return
+        if torch.compiler.is_compiling():
+            names = [name for column_names, _ in columns for name in column_names]
+            tensors = [t for _, column_tensors in columns for t in column_tensors]
+            bad = torch.stack([torch.isfinite(t).all().logical_not().to(tensors[0].device) for t in tensors])
+            torch.ops.blockopt.warn_nonfinite(self.warned_compiled, bad, owner, key, "\n".join(names))
+            return
+        if self.warned_compiled.item():  # a compiled step has warned already
+            self.warned = True
             return
         start, size = self.cursor % total, min(WATCH_PER_STEP, total)
         window = []
@@ -106,11 +125,31 @@ class StatisticsWatch:
         bad = [name for name, t in window if not bool(torch.isfinite(t).all())]
         if bad:
             self.warned = True
-            shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            warnings.warn(
-                f"{owner}: the block statistic {key!r} of {shown} is inf or nan, so every coordinate of those "
-                "blocks has stopped training (a gradient held inf or nan). Pass nonfinite='skip_tensor' or "
-                "'skip_step' to skip such gradients, or find where they overflow (e.g. fp16 without a GradScaler). "
-                "This warning is shown once.",
-                RuntimeWarning, stacklevel=4,
-            )
+            _warn(owner, key, bad, stacklevel=5)
+
+
+def _warn(owner: str, key: str, bad: list[str], stacklevel: int) -> None:
+    shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    warnings.warn(
+        f"{owner}: the block statistic {key!r} of {shown} is inf or nan, so every coordinate of those "
+        "blocks has stopped training (a gradient held inf or nan). Pass nonfinite='skip_tensor' or "
+        "'skip_step' to skip such gradients, or find where they overflow (e.g. fp16 without a GradScaler). "
+        "This warning is shown once.",
+        RuntimeWarning, stacklevel=stacklevel,
+    )
+
+
+@torch.library.custom_op("blockopt::warn_nonfinite", mutates_args=("warned",))
+def warn_nonfinite(warned: torch.Tensor, bad: torch.Tensor, owner: str, key: str, names: str) -> None:
+    """The compiled step's ``"warn"``: warn once (``warned`` records it) naming the tensors
+    flagged in ``bad`` (``names``: one per line). An op, so that it runs at every step of the
+    compiled graph, with the values of that step; it writes ``warned``, so it is never pruned."""
+    if warned.item() or not bad.any().item():
+        return
+    warned.fill_(True)
+    _warn(owner, key, [name for name, flag in zip(names.split("\n"), bad.tolist()) if flag], stacklevel=2)
+
+
+@warn_nonfinite.register_fake
+def _(warned, bad, owner, key, names) -> None:
+    return None

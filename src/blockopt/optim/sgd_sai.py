@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import SINGLE_PROCESS, Collectives, local_tensor
+from ..kernels import block_numel, expand
 from ..partition import BlockSpec, PartitionWarning, Plan
 from ..validation import boolean, choice, real, validate
 from .base import BlockwiseOptimizer, ParamBatch
@@ -190,6 +191,9 @@ class SGDSaI(BlockwiseOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         with self._quiet_partition():
             super().add_param_group(param_group)
+        # the group's per-tensor specs, made now: made inside the first step, they would cost a
+        # compiled step a graph break (a spec checks itself as it is made)
+        self.layouts(self.param_groups[-1])
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         # The momentum buffer is absent while momentum == 0, so only its shape is checked (below).
@@ -290,7 +294,7 @@ def gsnr_block_stats(grads: Sequence[Tensor], dtypes: Sequence[torch.dtype], spe
         total = spec.block_sum(g)
         count = spec.block_sum(torch.ones_like(g))  # elements held here (the block size on one process)
         mean = total / count.clamp_min(1)
-        dev = g - spec.expand(mean)
+        dev = g - expand(spec, mean)
         out.append(torch.stack([total, spec.block_sum(dev * dev), total * mean], dim=-1))
     return out
 
@@ -302,7 +306,7 @@ def gsnr_from_stats(stats: Tensor, spec, *, eps: float) -> Tensor:
     nothing to measure, one element or an all-zero gradient (Note [degenerate blocks] in
     `SGDSaI`). ``spec.block_numel`` gives the global block sizes."""
     total, m2_local, between_local = stats.unbind(-1)
-    n = torch.as_tensor(spec.block_numel(stats), dtype=stats.dtype, device=stats.device)
+    n = torch.as_tensor(block_numel(spec, stats), dtype=stats.dtype, device=stats.device)
     centred = total * (total / n)  # n * mean^2, computed like the local column
     m2 = m2_local + (between_local - centred).clamp_min(0)
     norm = (m2 + centred).sqrt()
@@ -402,8 +406,6 @@ def sgd_sai(
     return gsnr_max if normalize else None
 
 
-# Note: like Adam-mini's reference step, the layout arithmetic runs eagerly under torch.compile.
-@torch.compiler.disable
 def sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, *, scale: float, lr: float, momentum: float,
                    weight_decays, maximize: bool, new_momentum) -> None:
     """``m <- g`` (fresh) or ``mu m + (1 - mu) g``; ``p <- p (1 - lr wd) - scale gsnr_b m``, in the
@@ -426,6 +428,6 @@ def sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, *, scale: floa
             direction = m_w
         if wd != 0:
             p_w.mul_(1 - lr * wd)
-        p_w.addcmul_(spec.expand(gsnr * scale), direction, value=-1)
+        p_w.addcmul_(expand(spec, gsnr * scale), direction, value=-1)
         if p_w is not p:
             p.copy_(p_w)

@@ -5,6 +5,12 @@ a group is one ``torch._foreach_*`` call. Block sums of g^2 are taken tensor by 
 spec's ``block_sum`` (extra memory: one squared gradient at a time), unless the caller hands them
 in already summed across ranks. Runs on any device, takes DTensor shards, and computes exactly
 what `reference_adam_mini` computes: the same ops in the same order.
+
+Note [a compiled step]: eagerly, the step counts are read as numbers (``.item()``) and the bias
+corrections are Python floats, exactly as the reference computes them. Under `torch.compile` a
+read would break the graph, so the corrections are computed from the step tensors instead (in
+float64, as Python would), and so is a tensor ``lr``: nothing in the graph is a constant that
+changes from step to step.
 """
 
 from __future__ import annotations
@@ -13,11 +19,10 @@ from collections import defaultdict
 
 import torch
 
-from .. import stat_dtype
+from .. import block_numel, expand, stat_dtype
 from .reference import block_sq_sums
 
 
-@torch.compiler.disable
 def batched_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
                       weight_decays, maximize, sq_sums=None) -> None:
     """Same signature and results as `reference_adam_mini`, grouped into ``torch._foreach_*`` calls."""
@@ -38,16 +43,16 @@ def batched_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr,
 
 def _update(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_decays, *, lr, beta1, beta2, eps, maximize):
     """One group: same device and dtype, and either all blocked or all per-coordinate."""
-    step_values = [step.item() for step in steps]
+    bias_correction1, bias_correction2_sqrt = _bias_corrections(steps, beta1, beta2)
     # v_b <- beta2 v_b + (1 - beta2) mean_b(g^2); denom_b = sqrt(v_b) / sqrt(1 - beta2^t) + eps
-    means = [s / spec.block_numel(v) for s, spec, v in zip(sq_sums, specs, exp_avg_sqs)]
+    means = [s / block_numel(spec, v) for s, spec, v in zip(sq_sums, specs, exp_avg_sqs)]
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_add_(exp_avg_sqs, means, alpha=1 - beta2)
     denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in step_values])
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
     torch._foreach_add_(denoms, eps)
-    denoms = [spec.expand(d) for spec, d in zip(specs, denoms)]
-    step_sizes = [-lr / (1 - beta1**t) for t in step_values]
+    denoms = [expand(spec, d) for spec, d in zip(specs, denoms)]
+    step_sizes = [-lr / bc for bc in bias_correction1]
 
     work = stat_dtype(params[0])
     if params[0].dtype == work:
@@ -64,6 +69,17 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_
         torch._foreach_copy_([exp_avgs[i] for i in chunk], m_w)
 
 
+def _bias_corrections(steps, beta1, beta2) -> tuple[list, list]:
+    """``1 - beta1^t`` and ``sqrt(1 - beta2^t)`` per tensor: floats eagerly, tensors while
+    compiling (Note [a compiled step])."""
+    if not torch.compiler.is_compiling():
+        values = [step.item() for step in steps]
+        return [1 - beta1**t for t in values], [(1 - beta2**t) ** 0.5 for t in values]
+    exponents = [step.to(torch.float64) for step in steps]
+    return ([1 - torch.pow(beta1, t) for t in exponents],
+            [(1 - torch.pow(beta2, t)).sqrt() for t in exponents])
+
+
 def _elementwise(params, grads, exp_avgs, denoms, step_sizes, weight_decays, *, lr, beta1, maximize):
     """p <- p (1 - lr wd); m <- lerp(m, g, 1 - beta1); p <- p + step_size m / denom."""
     decayed = [i for i, wd in enumerate(weight_decays) if wd != 0]
@@ -76,6 +92,12 @@ def _elementwise(params, grads, exp_avgs, denoms, step_sizes, weight_decays, *, 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     if maximize:
         torch._foreach_neg_(exp_avgs)
+    if step_sizes and isinstance(step_sizes[0], torch.Tensor):  # compiling (Note [a compiled step])
+        # addcdiv's value must be a number: (step_size m) / denom, in the order addcdiv takes
+        steps = torch._foreach_mul(exp_avgs, [s.to(exp_avgs[0].dtype) for s in step_sizes])
+        torch._foreach_div_(steps, denoms)
+        torch._foreach_add_(params, steps)
+        return
     torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)
 
 

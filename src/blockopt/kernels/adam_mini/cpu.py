@@ -12,12 +12,14 @@ torch version, its C++ ABI, the Python version, the compiler flags and the sourc
 virtual environments on one machine (another torch, another Python) then each keep their own
 build instead of rebuilding over each other's, and an edited source never loads a stale build.
 
-Note [which tensors the kernel takes]: dense contiguous CPU tensors of float32, float64, bfloat16
-or float16 whose blocks are contiguous ranges of units along a run of consecutive dims
-(`KernelLayout`): rows, heads, whole, fused row or column segments, experts
-(``block_dims=(0, 1)``), columns of an ``(in, out)`` weight, and the per-coordinate rule (as
-plain Adam). Everything else, and every step whose block sums were summed across ranks first
-(``sq_sums``), runs batched (`fused.fused_adam_mini` sees to that).
+Note [which tensors the kernel takes]: CPU tensors of float32, float64, bfloat16 or float16, the
+gradient and first moment in the parameter's dtype, whose blocks are contiguous ranges of units
+along a run of consecutive dims (`KernelLayout`): rows, heads, whole, fused row or column
+segments, experts (``block_dims=(0, 1)``), columns of an ``(in, out)`` weight, and the
+per-coordinate rule (as plain Adam). A tensor that is not contiguous is stepped through a
+contiguous copy. Everything else, and every step whose block sums were summed across ranks
+first (``sq_sums``), runs batched (`fused.fused_adam_mini` sees to that). The choice is made
+from dtypes, devices and layouts alone, never from values: a compiled step makes it while tracing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .layout import kernel_args
 
 _SOURCE = Path(__file__).parent / "csrc" / "adam_mini_cpu.cpp"
 
@@ -158,9 +162,24 @@ def kernel():
             RuntimeWarning, stacklevel=2,
         )
         return None
+    global _fake_registered
+    if not _fake_registered:  # (once per process: the op outlives a cleared cache)
+        torch.library.register_fake("blockopt::adam_mini_step")(_fake_step)
+        _fake_registered = True
     return torch.ops.blockopt.adam_mini_step
 
 
+_fake_registered = False
+
+
+def _fake_step(*args, **kwargs) -> None:
+    """What a compiled step sees of the kernel: it writes its inputs in place (the schema says
+    which) and returns nothing, so there is nothing to compute."""
+
+
+# Note [built before tracing]: `torch.compile` calls this once while tracing and keeps the answer,
+# so the build (or the cache load) runs then, eagerly, and the graph holds only the op.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the fused CPU kernel can run here (builds it on first call)."""
     return kernel() is not None
@@ -170,20 +189,27 @@ def handles(p: Tensor) -> bool:
     return p.is_cpu
 
 
+_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
 def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, beta2, eps, weight_decays, maximize) -> list[int]:
-    """Steps every tensor the kernel takes (see the note above) with one kernel call; returns the
-    positions of the others (all of them if the kernel can't be built), for the caller to step
-    another way."""
-    op = kernel()
-    if op is None:
+    """Steps every tensor the kernel takes (Note [which tensors the kernel takes]) with one kernel
+    call; returns the positions of the others (all of them if the kernel can't be built), for the
+    caller to step another way. The caller hands in CPU tensors with a `KernelLayout`; the choice
+    here is made from dtypes alone, so a compiled step makes it while tracing."""
+    if not available():
         return list(range(len(params)))
-    skipped = op(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(steps),
-        [layout.bounds for layout in layouts], [layout.outer for layout in layouts], [layout.inner for layout in layouts],
-        lr, beta1, beta2, eps, [float(wd) for wd in weight_decays], maximize,
-    )
-    # the kernel writes through raw pointers: tell autograd about the parameters, as an in-place
-    # op would (the state tensors are the optimizer's own)
-    skipped_set = set(skipped)
-    torch.autograd.graph.increment_version([p for i, p in enumerate(params) if i not in skipped_set])
-    return list(skipped)
+    take, left = [], []
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):  # (a gradient always has its parameter's dtype)
+        (take if p.dtype in _DTYPES and m.dtype is p.dtype else left).append(i)
+    if take:
+        def pick(xs):
+            return [xs[i] for i in take]
+
+        # lr is read from a tensor, so that a tensor lr (a compiled step's scheduler) is never a constant
+        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        torch.ops.blockopt.adam_mini_step(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), *kernel_args(pick(layouts)),
+            lr, beta1, beta2, eps, [float(wd) for wd in pick(weight_decays)], maximize,
+        )
+    return left

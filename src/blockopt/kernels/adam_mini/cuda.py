@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .layout import KernelLayout
+from .layout import KernelLayout, kernel_args
 from .. import stat_dtype
 
 TILE_COLUMNS = 64  # column blocks are packed into tiles of about this many columns
@@ -61,15 +61,46 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
     """Steps every tensor the kernels take (Note [which tensors the CUDA kernels take]); returns
     the positions of the others, for the caller to step another way. Tensors may be on any
     device the kernels run on: CUDA, or the CPU when Triton interprets them."""
-    k = kernels()
-    if k is None:
+    if not available():
         return list(range(len(params)))
-    groups, left = defaultdict(list), []
+    take, left = [], []
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts)):
-        if _fits(*tensors):
-            groups[params[i].device, params[i].dtype].append(i)
-        else:
-            left.append(i)
+        (take if _fits(*tensors) else left).append(i)
+    if take:
+        def pick(xs):
+            return [xs[i] for i in take]
+
+        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        triton_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), *kernel_args(pick(layouts)),
+                    lr, beta1, beta2, eps, [float(wd) for wd in pick(weight_decays)], maximize)
+    return left
+
+
+# Note [built before tracing], as for the CPU kernel: Triton is imported while a step is traced.
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether Triton is here to run the kernels."""
+    return kernels() is not None
+
+
+# Note [the CUDA step as a custom op]: the kernels read tensors through a table of their addresses
+# and their coefficients from the step counts, neither of which a traced graph can hold; as one
+# opaque op that declares what it writes, a compiled step calls them as the eager one does.
+@torch.library.custom_op("blockopt::adam_mini_triton_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"))
+def triton_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                steps: list[Tensor], outer: list[int], inner: list[int], n_segments: list[int], segments: list[int],
+                lr: Tensor, beta1: float, beta2: float, eps: float, weight_decays: list[float], maximize: bool) -> None:
+    """The Triton launches for tensors `_fits` accepted; layouts as `layout.kernel_args` gives them."""
+    k = kernels()
+    layouts, first = [], 0
+    for o, i, count in zip(outer, inner, n_segments):
+        layouts.append(_layout(o, i, tuple(zip(segments[first:first + 2 * count:2], segments[first + 1:first + 2 * count:2]))
+                               if count else None))
+        first += 2 * count
+    lr = lr.item()
+    groups = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[p.device, p.dtype].append(i)
     for (device, dtype), idx in groups.items():
         picked_steps = [steps[i] for i in idx]
         torch._foreach_add_(picked_steps, 1)
@@ -94,26 +125,31 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
                 )
             if work.coordinates is not None:
                 k.coordinates_kernel[(work.coordinates.shape[0],)](ptrs, coeffs, work.coordinates, BLOCK=BLOCK, **kinds)
-        # the kernels write through raw pointers: tell autograd, as an in-place op would
-        torch.autograd.graph.increment_version([params[i] for i in idx])
-    return left
+
+
+@triton_step.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, outer, inner, n_segments, segments, lr, beta1, beta2, eps,
+      weight_decays, maximize) -> None:
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(outer: int, inner: int, segments: tuple | None) -> KernelLayout:
+    """One layout object per layout, so that `_work_items` finds the work lists it made before."""
+    n_blocks = None if segments is None else sum(units // per_block for units, per_block in segments)  # (unused per coordinate)
+    return KernelLayout(outer, inner, segments, n_blocks)
 
 
 def _fits(p: Tensor, g: Tensor, m: Tensor, v: Tensor, layout: KernelLayout | None) -> bool:
     if layout is None or p.dtype not in _SUPPORTED:
         return False
-    if layout.bounds is not None:
-        widest = _widest_block(layout)
+    if layout.segments is not None:
+        widest = max(units_per_block for _, units_per_block in layout.segments) * layout.inner
         if widest > (MAX_TILE_COLUMNS if layout.outer > 1 else MAX_BLOCK_ELEMENTS):
             return False
     like_p = all(t.dtype == p.dtype and t.shape == p.shape and t.device == p.device for t in (g, m))
-    dense = all(t.layout == torch.strided and t.is_contiguous() and not t.is_neg() and not t.is_conj() for t in (p, g, m, v))
+    dense = all(t.layout == torch.strided and t.is_contiguous() for t in (p, g, m, v))  # (real dtypes: no neg/conj views)
     return like_p and dense and v.dtype == stat_dtype(p) and v.device == p.device
-
-
-@functools.lru_cache(maxsize=None)
-def _widest_block(layout: KernelLayout) -> int:
-    return int((layout.bounds[1:] - layout.bounds[:-1]).max()) * layout.inner
 
 
 def _coefficients(lr, beta1, beta2, eps, weight_decay, step) -> list[float]:

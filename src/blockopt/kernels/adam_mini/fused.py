@@ -13,11 +13,11 @@ from . import cpu, cuda
 from .batched import batched_adam_mini
 from .layout import kernel_layout
 
-BACKENDS = (cpu, cuda)  # modules with handles(p) and step(...) -> positions left over
+BACKENDS = (cpu, cuda)  # modules with handles(p) and step(...) -> positions left over (decided from
+                       # dtypes, devices and layouts, never from values: a compiled step knows them while tracing)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (DTensor, ...) dispatch elsewhere
 
 
-@torch.compiler.disable
 def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
                     weight_decays, maximize, sq_sums=None) -> None:
     """Same signature and results as `reference_adam_mini`."""

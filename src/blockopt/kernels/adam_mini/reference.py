@@ -24,8 +24,8 @@ def block_sq_sums(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], specs:
     return sums
 
 
-# Note: dynamo does not yet trace the layout arithmetic of every spec correctly (symbolic shapes
-# in `BlockSpec.expand`), so a compiled training step runs this loop eagerly (a graph break).
+# Note: the readable definition reads each step count as a number, so a compiled step runs it
+# eagerly (a graph break); "batched" and "fused" are the implementations that compile.
 @torch.compiler.disable
 def reference_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
                         weight_decays, maximize, sq_sums=None) -> None:
@@ -35,6 +35,7 @@ def reference_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, l
     computed here when not given."""
     if sq_sums is None:
         sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
+    lr = lr.item() if isinstance(lr, torch.Tensor) else lr  # (a tensor lr from a compiled caller)
     for p, g, m, v, step_t, spec, sq_sum, wd in zip(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_decays):
         step_t += 1
         step = step_t.item()

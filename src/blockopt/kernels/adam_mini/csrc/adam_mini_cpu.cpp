@@ -5,9 +5,10 @@
 // p, g, m, v; write p, m, v). Adam-mini needs 5 (read p, g, m; write p, m) when g is still in
 // cache for the update after its block's mean(g^2) was taken.
 //
-// Layout: a tensor is viewed as (outer, units, inner), `units` being its flattened block dims;
-// block b owns units [bounds[b], bounds[b + 1]) of every outer index, i.e. in every "row" of
-// units * inner elements.
+// Layout: a tensor is viewed as (outer, units, inner), `units` being its flattened block dims,
+// cut into consecutive segments of (n_units, units_per_block) as in its BlockSpec; block b owns
+// units [bounds[b], bounds[b + 1]) of every outer index, i.e. in every "row" of units * inner
+// elements.
 //   outer == 1 (rows, heads, whole, fused row segments, experts): a block is one contiguous run;
 //     it is summed (pass 1) and updated (pass 2) back to back, so pass 2 reads g from L1/L2.
 //   outer > 1 (columns of an (in, out) weight): every row holds a piece of every block. Pass 1
@@ -16,7 +17,7 @@
 //     chunks. Pass 2 reads g again, from L3 only while L3 still holds it: on the 2-core test
 //     machine it mostly does not, so this layout moves about 6 tensors' worth, not 5. (Bands of
 //     columns would keep g in L2, but their strided rows streamed ~1.5x slower than whole rows.)
-//   no bounds (coordinate rule): every element is a block, i.e. plain Adam with v per element.
+//   no segments (coordinate rule): every element is a block, i.e. plain Adam with v per element.
 //
 // Numerics mirror `_reference_adam_mini` op for op: math in float32 (float64 for float64
 // params), rounding once on store, and fma exactly where ATen's vectorised kernels use it (lerp,
@@ -31,6 +32,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/bit_cast.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -337,34 +339,40 @@ bool is_dense_cpu(const Tensor& t, c10::ScalarType dtype, int64_t numel) {
          t.numel() == numel && t.is_contiguous() && !t.is_neg() && !t.is_conj();
 }
 
-// The job for tensor i, or nothing when the kernel can't take it (another device or dtype, not
-// contiguous, a layout it does not know): the caller steps those another way.
-std::optional<Job> make_job(const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, const Tensor& step,
-                            const std::optional<Tensor>& bounds, int64_t outer, int64_t inner, double weight_decay) {
+// The job for tensor i (contiguous by now). The caller hands in only tensors the kernel takes
+// (cpu.py decides, from dtypes, devices and layouts alone, so that a compiled step knows before
+// the call); anything else is a bug there, and raises before any tensor is touched.
+Job make_job(int64_t i, const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, const Tensor& step,
+             at::IntArrayRef segments, int64_t outer, int64_t inner, double weight_decay, std::vector<int64_t>& bounds) {
   const auto dtype = p.scalar_type();
   const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (!supported || !is_dense_cpu(p, dtype, p.numel()) || !is_dense_cpu(g, dtype, p.numel()) ||
-      !is_dense_cpu(m, dtype, p.numel()) || !is_dense_cpu(v, at::toOpMathType(dtype), v.numel()) ||
-      !step.defined() || !step.device().is_cpu() || step.numel() != 1 ||
-      (step.scalar_type() != at::kFloat && step.scalar_type() != at::kDouble)) {
-    return std::nullopt;
-  }
-  Job job{-1, p.data_ptr(), m.data_ptr(), v.data_ptr(), g.const_data_ptr(), dtype, p.numel(), v.numel(), 1, p.numel(),
+  TORCH_CHECK(supported && is_dense_cpu(p, dtype, p.numel()) && is_dense_cpu(g, dtype, p.numel()) &&
+                  is_dense_cpu(m, dtype, p.numel()) && is_dense_cpu(v, at::toOpMathType(dtype), v.numel()),
+              "adam_mini_step: tensor ", i, " must be a CPU tensor of float32, float64, bfloat16 or float16, its "
+              "gradient and first moment alike and its second moments in the math dtype");
+  TORCH_CHECK(step.defined() && step.device().is_cpu() && step.numel() == 1 &&
+                  (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
+              "adam_mini_step: step ", i, " must be a float32 or float64 CPU scalar");
+  Job job{i, p.data_ptr(), m.data_ptr(), v.data_ptr(), g.const_data_ptr(), dtype, p.numel(), v.numel(), 1, p.numel(),
           1, nullptr, weight_decay, 0.0, nullptr};
-  if (bounds.has_value()) {  // blocks; else the layout is per coordinate
-    const Tensor& b = *bounds;
-    TORCH_CHECK(is_dense_cpu(b, at::kLong, v.numel() + 1) && outer > 0 && inner > 0,
-                "adam_mini_step: bounds must be a CPU int64 tensor of n_blocks + 1 unit offsets");
-    const int64_t* u = b.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < job.n_blocks; ++i) TORCH_CHECK(u[i] < u[i + 1], "adam_mini_step: bounds must increase");
-    TORCH_CHECK(u[0] == 0 && u[job.n_blocks] * outer * inner == p.numel(), "adam_mini_step: bounds do not cover the tensor");
-    job.bounds = u;
-    job.outer = outer;
-    job.inner = inner;
-    job.units = u[job.n_blocks];
-  } else {
+  if (segments.empty()) {  // per coordinate
     TORCH_CHECK(v.numel() == p.numel(), "adam_mini_step: a per-coordinate layout needs one second moment per element");
+    return job;
   }
+  TORCH_CHECK(outer > 0 && inner > 0, "adam_mini_step: outer and inner must be positive");
+  bounds.assign(1, 0);
+  for (size_t s = 0; s + 1 < segments.size(); s += 2) {
+    const int64_t units = segments[s], per_block = segments[s + 1];
+    TORCH_CHECK(per_block > 0 && units % per_block == 0, "adam_mini_step: segment (", units, ", ", per_block,
+                ") of tensor ", i, " does not split evenly");
+    for (int64_t b = 0; b < units / per_block; ++b) bounds.push_back(bounds.back() + per_block);
+  }
+  TORCH_CHECK(static_cast<int64_t>(bounds.size()) == v.numel() + 1 && bounds.back() * outer * inner == p.numel(),
+              "adam_mini_step: the segments of tensor ", i, " do not cover it with one second moment per block");
+  job.bounds = bounds.data();
+  job.outer = outer;
+  job.inner = inner;
+  job.units = bounds.back();
   return job;
 }
 
@@ -374,27 +382,36 @@ double increment_step(const Tensor& step) {
   return *step.data_ptr<double>() += 1.0;
 }
 
-std::vector<int64_t> adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                    at::TensorList exp_avg_sqs, at::TensorList steps,
-                                    const c10::List<std::optional<Tensor>>& bounds, at::IntArrayRef outer,
-                                    at::IntArrayRef inner, double lr, double beta1, double beta2, double eps,
-                                    at::ArrayRef<double> weight_decays, bool maximize) {
+void adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList steps, at::IntArrayRef outer, at::IntArrayRef inner, at::IntArrayRef n_segments,
+                    at::IntArrayRef segments, const Tensor& lr_tensor, double beta1, double beta2, double eps,
+                    at::ArrayRef<double> weight_decays, bool maximize) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
-                  bounds.size() == n && outer.size() == n && inner.size() == n && weight_decays.size() == n,
+                  outer.size() == n && inner.size() == n && n_segments.size() == n && weight_decays.size() == n,
               "adam_mini_step: every list must have one entry per parameter");
+  TORCH_CHECK(2 * std::accumulate(n_segments.begin(), n_segments.end(), int64_t(0)) == static_cast<int64_t>(segments.size()),
+              "adam_mini_step: segments must hold two numbers per segment counted in n_segments");
+  TORCH_CHECK(lr_tensor.numel() == 1, "adam_mini_step: lr must be a 1-element tensor");
+  const double lr = lr_tensor.item<double>();
+  // The loops walk dense memory: a tensor that is not contiguous (a transposed parameter, a
+  // hand-set gradient) is stepped through a contiguous copy, written back at the end. Rare, and it
+  // leaves the choice of this kernel to dtypes and devices, which the caller (and a compiled step,
+  // while tracing) knows cheaply.
+  std::vector<Tensor> ps(params.begin(), params.end()), gs(grads.begin(), grads.end()),
+      ms(exp_avgs.begin(), exp_avgs.end());
+  for (size_t i = 0; i < n; ++i) {
+    ps[i] = ps[i].contiguous();
+    ms[i] = ms[i].contiguous();
+    gs[i] = gs[i].contiguous();
+  }
   // Validate everything before touching anything: a bad input raises with no state changed.
   std::vector<Job> jobs;
-  std::vector<int64_t> skipped;
-  for (size_t i = 0; i < n; ++i) {
-    auto job = make_job(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], bounds[i], outer[i], inner[i],
-                        weight_decays[i]);
-    if (job) {
-      job->param = static_cast<int64_t>(i);
-      jobs.push_back(*job);
-    } else {
-      skipped.push_back(static_cast<int64_t>(i));
-    }
+  std::vector<std::vector<int64_t>> bounds(n);  // each tensor's block offsets, from its segments
+  jobs.reserve(n);
+  for (size_t i = 0, first = 0; i < n; first += 2 * n_segments[i], ++i) {
+    jobs.push_back(make_job(static_cast<int64_t>(i), ps[i], gs[i], ms[i], exp_avg_sqs[i], steps[i],
+                            segments.slice(first, 2 * n_segments[i]), outer[i], inner[i], weight_decays[i], bounds[i]));
   }
   std::vector<Task> tasks;
   for (size_t j = 0; j < jobs.size(); ++j) {
@@ -415,18 +432,50 @@ std::vector<int64_t> adam_mini_step(at::TensorList params, at::TensorList grads,
                                       [&] { run_task<scalar_t>(job, tasks[t], hyper); });
     }
   });
-  return skipped;
+  for (size_t i = 0; i < n; ++i) {  // the copies' results back into the tensors
+    if (!ps[i].is_same(params[i])) params[i].copy_(ps[i]);
+    if (!ms[i].is_same(exp_avgs[i])) exp_avgs[i].copy_(ms[i]);
+  }
+}
+
+// What an in-place op does for autograd: the kernel writes through raw pointers, so bump the
+// version counter of every tensor it writes (a backward that saved one of them then refuses to
+// run instead of reading new values), then run the kernel.
+void adam_mini_step_inplace(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads,
+                            at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                            at::IntArrayRef outer, at::IntArrayRef inner, at::IntArrayRef n_segments,
+                            at::IntArrayRef segments, const Tensor& lr, double beta1, double beta2, double eps,
+                            at::ArrayRef<double> weight_decays, bool maximize) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blockopt::adam_mini_step", "")
+                             .typed<decltype(adam_mini_step)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs, steps, outer,
+                  inner, n_segments, segments, lr, beta1, beta2, eps, weight_decays, maximize);
+  }
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) {
+    for (const Tensor& t : written) torch::autograd::impl::bump_version(t);
+  }
 }
 
 }  // namespace
 
-TORCH_LIBRARY(blockopt, m) {
+// A custom op that torch.compile captures whole: the schema names every list it writes (params,
+// exp_avgs, exp_avg_sqs, steps) and it returns nothing, so its fake kernel (cpu.py) has nothing
+// to compute. lr is a tensor so that a tensor lr (an LR scheduler's, under torch.compile) is read
+// at run time instead of baked into the graph. (A fragment: the namespace has Python-defined ops too.)
+TORCH_LIBRARY_FRAGMENT(blockopt, m) {
   m.def(
       "adam_mini_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, Tensor?[] bounds, int[] outer, int[] inner, float lr, float beta1, float beta2, "
-      "float eps, float[] weight_decays, bool maximize) -> int[]");
+      "Tensor(d!)[] steps, int[] outer, int[] inner, int[] n_segments, int[] segments, Tensor lr, float beta1, "
+      "float beta2, float eps, float[] weight_decays, bool maximize) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(blockopt, CompositeExplicitAutograd, m) {
   m.impl("adam_mini_step", &adam_mini_step);
+}
+
+TORCH_LIBRARY_IMPL(blockopt, ADInplaceOrView, m) {
+  m.impl("adam_mini_step", TORCH_FN(adam_mini_step_inplace));
 }
