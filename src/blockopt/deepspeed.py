@@ -1,0 +1,157 @@
+"""blockopt optimizers under DeepSpeed ZeRO (stages 1, 2 and 3), and their checkpoints.
+
+Nothing to wrap: pass a blockopt optimizer to ``deepspeed.initialize`` as any torch optimizer, with
+``"zero_allow_untested_optimizer": true`` (with the HF Trainer's ``deepspeed=``, through
+``optimizer_cls_and_kwargs=blockopt.hf.optimizer_cls_and_kwargs(args)``: the Trainer drops an
+optimizer passed in ``optimizers=`` under DeepSpeed)::
+
+    model = ...
+    engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, lr=1e-3), config=config)
+
+At its first step the optimizer sees that DeepSpeed replaced its parameters by flat partitions and
+steps those as pieces of its parameters, with the blocks of its `Plan`
+(`blockopt.distributed.zero`); ``engine.save_checkpoint``/``load_checkpoint`` work as usual.
+
+This module converts checkpoints: `zero_to_state` turns the optimizer files of a ZeRO checkpoint
+(any stage, any world size) into the state dict a one-process optimizer loads (CLI: ``blockopt
+zero-to-state``), and `load_state` loads such a state dict into an engine's optimizer at any world
+size. See docs/deepspeed.md.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .distributed.zero import LABELS, PIECES, read_partitions
+
+_RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def _optimizer_state_dict(saved: Any) -> dict | None:
+    """The torch optimizer state dict inside a DeepSpeed optimizer file (where it sits depends on the stage)."""
+    if isinstance(saved, dict):
+        if "state" in saved and "param_groups" in saved:
+            return saved
+        for value in saved.values():
+            found = _optimizer_state_dict(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _rank_files(checkpoint_dir: str, tag: str | None) -> list[str]:
+    if tag is None:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir!r} has no 'latest' file: pass the tag (the step folder's name)")
+        with open(latest) as f:
+            tag = f.read().strip()
+    files = [f for f in glob.glob(os.path.join(checkpoint_dir, tag, "*optim_states.pt")) if _RANK.search(f)]
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt) in {os.path.join(checkpoint_dir, tag)!r}")
+    return sorted(files, key=lambda f: int(_RANK.search(f).group(1)))
+
+
+def zero_to_state(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """The one-process state dict of the blockopt optimizer saved in a DeepSpeed ZeRO checkpoint.
+
+    Reads every rank's optimizer file of ``checkpoint_dir/<tag>`` (``tag`` from the ``latest``
+    file by default) and assembles each parameter's state from its pieces: tensors shaped like
+    the parameter from the boxes, block statistics from the global block ids (a block cut by
+    the partition has the same value on every rank that holds part of it). The result loads
+    into the same optimizer class built on the model in one process (``opt.load_state_dict``),
+    or into an engine at another world size (`load_state`).
+    """
+    per_rank = [_optimizer_state_dict(torch.load(f, map_location="cpu", weights_only=False)) for f in _rank_files(checkpoint_dir, tag)]
+    if any(sd is None for sd in per_rank):
+        raise ValueError(f"{checkpoint_dir!r}: an optimizer file holds no torch optimizer state dict")
+    pieces: dict[str, list[dict]] = defaultdict(list)
+    for sd in per_rank:
+        for entry in sd["state"].values():
+            if not isinstance(entry, dict) or PIECES not in entry:
+                raise ValueError(f"{checkpoint_dir!r} was not saved by a blockopt optimizer under ZeRO (no {PIECES!r} in its state)")
+            for piece in entry[PIECES]:
+                pieces[piece["param"]].append(piece)
+    groups, state, index = [], {}, 0
+    for group in per_rank[0]["param_groups"]:
+        names = list(group["param_names"])
+        ids = list(range(index, index + len(names)))
+        index += len(names)
+        groups.append({**{k: v for k, v in group.items() if k not in ("params", "param_names")}, "params": ids, "param_names": names})
+        for i, name in zip(ids, names):
+            if name in pieces:
+                state[i] = _assemble(name, pieces[name])
+    return {"state": state, "param_groups": groups}
+
+
+def _assemble(name: str, pieces: list[dict]) -> dict[str, Any]:
+    """One parameter's state from its pieces (Note [ZeRO partitions as pieces])."""
+    shape = tuple(max(start + size for start, size in dims) for dims in zip(*(p["box"] for p in pieces)))
+    n_blocks = max(b for p in pieces for _, b in p["blocks"])
+    out: dict[str, Any] = {}
+    for piece in pieces:
+        box = tuple(slice(start, start + size) for start, size in piece["box"])
+        ids = torch.cat([torch.arange(a, b) for a, b in piece["blocks"]])
+        for key, value in piece.items():
+            if key in LABELS:
+                continue
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                out.setdefault(key, value.clone() if isinstance(value, Tensor) else value)
+            elif tuple(value.shape) == tuple(s.stop - s.start for s in box):
+                out.setdefault(key, value.new_zeros(shape))[box] = value
+            elif value.shape[0] == len(ids):
+                out.setdefault(key, value.new_zeros((n_blocks, *value.shape[1:])))[ids] = value
+            else:
+                raise ValueError(f"{name}: state {key!r} of shape {tuple(value.shape)} is neither like its piece nor per block")
+    return out
+
+
+def load_state(engine, state_dict: dict[str, Any]) -> None:
+    """Load a one-process blockopt state dict (from ``opt.state_dict()`` in one process, or
+    `zero_to_state`) into the optimizer of a DeepSpeed ZeRO ``engine``, at any world size.
+
+    Each parameter's state is matched by name and cut to the pieces this rank holds. Collective
+    in nothing: every rank loads from the same state dict. (The model's weights come with the
+    checkpoint that goes with it, e.g. DeepSpeed's consolidated fp32 weights.)"""
+    zero = engine.optimizer
+    client = zero.optimizer
+    partitions = client.__dict__.get("_zero") or read_partitions(zero, client)
+    client._zero = partitions
+    saved = {name: state_dict["state"][i] for g in state_dict["param_groups"]
+             for i, name in zip(g["params"], g["param_names"]) if i in state_dict["state"]}
+    flats = [flat for group in client.param_groups for flat in group["params"]]
+    if not flats and hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3 keeps the groups empty between steps
+        flats = list(zero.fp32_partitioned_groups_flat)
+    for flat in flats:
+        states = []
+        for piece in partitions.partition(flat).pieces:
+            entry = saved.get(piece.name)
+            if entry is None:
+                raise KeyError(f"the state dict has no state for {piece.name!r}: it comes from another model or optimizer")
+            states.append({**piece.labels(), **_cut(entry, piece, flat)})
+        client.state[flat] = {PIECES: states}
+
+
+def _cut(entry: dict[str, Any], piece, like: Tensor) -> dict[str, Any]:
+    """The part of one parameter's state that ``piece`` holds, as the step keeps it."""
+    box = tuple(slice(start, start + size) for start, size in piece.box)
+    spec = piece.spec
+    ids = torch.cat([torch.arange(a, b) for a, b in piece.blocks])
+    out = {}
+    for key, value in entry.items():
+        if not isinstance(value, Tensor) or value.ndim == 0:
+            out[key] = value.clone() if isinstance(value, Tensor) else value
+        elif tuple(value.shape) == tuple(spec.shape):
+            out[key] = value[box].to(device=like.device, dtype=like.dtype).clone()
+        elif value.shape[0] == spec.n_blocks:
+            out[key] = value[ids].to(device=like.device, dtype=like.dtype).clone()
+        else:
+            raise ValueError(f"{piece.name}: state {key!r} of shape {tuple(value.shape)} fits neither {tuple(spec.shape)} nor {spec.n_blocks} blocks")
+    return out
