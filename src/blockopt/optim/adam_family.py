@@ -18,6 +18,7 @@ from ..distributed import Collectives
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
 from ..validation import boolean, choice, pair, real
 from .base import ParamBatch
+from .momentum import MOMENTUM_DTYPES
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
@@ -29,6 +30,7 @@ ADAM_HYPERPARAMETERS = {
     "maximize": boolean(),
     "implementation": choice(*IMPLEMENTATIONS),
     "nonfinite": choice(*NONFINITE),
+    "momentum_dtype": choice(*MOMENTUM_DTYPES, hint="how the first moment is stored; see blockopt.optim.momentum"),
 }
 
 

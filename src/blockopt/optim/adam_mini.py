@@ -25,6 +25,7 @@ from ..kernels.adam_mini import adam_mini
 from ..partition import Plan
 from ..validation import boolean, check
 from ..partition.report import plan_rows, rows_table
+from . import momentum
 from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
 from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
@@ -60,7 +61,8 @@ def plan_report(plan) -> str:
 
 @dataclass
 class AdamMiniBatch(SecondMomentBatch):
-    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)  # what the update reads and writes (float32 when compressed)
+    stored: list[dict] = field(default_factory=list)  # the momentum's storage, when it is compressed
 
 
 class AdamMini(BlockwiseOptimizer):
@@ -91,16 +93,22 @@ class AdamMini(BlockwiseOptimizer):
             (a tensor with a non-finite gradient is not updated; counted in
             ``state[p]["nonfinite_skips"]``), ``"skip_step"`` (no update at all when any gradient
             is non-finite), ``"ignore"``. See `blockopt.optim.nonfinite`. (Default: "warn")
+        momentum_dtype (str or None): how the first moment is stored between steps: ``None`` (the
+            parameter's dtype), ``"float32"``, ``"bfloat16"`` (stochastic rounding), ``"int8"``
+            or ``"int4"`` (companded codes with a float32 scale per 256 elements, stochastic
+            rounding); per param group. See `blockopt.optim.momentum`. (Default: None)
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its
-    dtype), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
+    dtype or ``momentum_dtype``; for int8/int4, ``exp_avg_codes`` and ``exp_avg_scales``
+    instead), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
     """
 
     HYPERPARAMETERS = ADAM_HYPERPARAMETERS
     _Batch = AdamMiniBatch
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ,)
-    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn"}
+    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn",
+                       "momentum_dtype": None}
 
     def __init__(
         self,
@@ -125,11 +133,12 @@ class AdamMini(BlockwiseOptimizer):
         named_parameters=None,
         model_sharding: bool | None = None,
         verbose: bool = False,
+        momentum_dtype: str | None = None,
     ):
         params = official_params(params, named_parameters, model_sharding, verbose)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,
-            maximize=maximize, implementation=implementation, nonfinite=nonfinite,
+            maximize=maximize, implementation=implementation, nonfinite=nonfinite, momentum_dtype=momentum_dtype,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
@@ -148,15 +157,25 @@ class AdamMini(BlockwiseOptimizer):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
-        return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
+        stored = momentum.state_shapes(self._group_of(param)["momentum_dtype"], tuple(param.shape))
+        return {STEP: (), **stored, EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
 
     def _gather_state(self, batch: AdamMiniBatch, name, p, layout, state, plain) -> None:
+        dtype = batch.group["momentum_dtype"]
         if EXP_AVG_SQ not in state:
+            if dtype in momentum.QUANTIZED and not plain:
+                raise NotImplementedError(
+                    f"{name}: momentum_dtype={dtype!r} with sharded (DTensor) parameters is not supported yet; "
+                    "use momentum_dtype=None, 'float32' or 'bfloat16' with FSDP2"
+                )
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-            state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state.update(momentum.create(dtype, p))
             # one value per block meeting this rank's shard (all blocks when not sharded)
             state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
-        batch.exp_avgs.append(state[EXP_AVG] if plain else local_tensor(state[EXP_AVG]))
+        if dtype in (None, "float32"):
+            batch.exp_avgs.append(state[EXP_AVG] if plain else local_tensor(state[EXP_AVG]))
+        else:  # decoded slice by slice in _update
+            batch.stored.append({k: local_tensor(v) for k, v in state.items() if k in momentum.KEYS})
         batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
         batch.steps.append(state[STEP])
 
@@ -166,8 +185,60 @@ class AdamMini(BlockwiseOptimizer):
     def _update(self, batch: AdamMiniBatch, collectives: Collectives) -> None:
         group = batch.group
         beta1, beta2 = group["betas"]
-        adam_mini(
-            batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, batch.layouts,
-            lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
-            maximize=group["maximize"], sq_sums=batch.sq_sums, implementation=group["implementation"],
-        )
+
+        def update(index: list[int], exp_avgs: list[Tensor]) -> None:
+            def pick(xs):
+                return [xs[i] for i in index]
+
+            adam_mini(
+                pick(batch.params), pick(batch.grads), exp_avgs, pick(batch.exp_avg_sqs), pick(batch.steps),
+                pick(batch.layouts), lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decays=pick(batch.weight_decays), maximize=group["maximize"],
+                sq_sums=None if batch.sq_sums is None else pick(batch.sq_sums), implementation=group["implementation"],
+            )
+
+        if not batch.stored:
+            update(list(range(len(batch.params))), batch.exp_avgs)
+            return
+        # Note [compressed momentum]: decode, update and encode back a slice of tensors at a time,
+        # so the float32 copies of m never outgrow the group's largest tensor (or 4M elements)
+        dtype = group["momentum_dtype"]
+        for index in momentum.slices([p.numel() for p in batch.params]):
+            exp_avgs = [momentum.read(dtype, batch.stored[i], tuple(batch.params[i].shape), stat_dtype(batch.params[i]))
+                        for i in index]
+            update(index, exp_avgs)
+            for i, m in zip(index, exp_avgs):
+                momentum.write(dtype, batch.stored[i], m, name=batch.names[i], step=int(batch.steps[i]))
+
+    # ---- checkpoints across momentum storage (Note [compressed momentum]) -------------------
+    def _group_of(self, param: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    def _convert_loaded(self, state_dict: dict, pairs) -> dict:
+        declared = {pid: g.get("momentum_dtype") for g in state_dict["param_groups"] for pid in g["params"]}
+        state = dict(state_dict["state"])
+        for saved_id, p, name in pairs:
+            saved = state.get(saved_id)
+            if not saved:
+                continue
+            source = momentum.saved_dtype(saved, declared.get(saved_id))
+            target = self._group_of(p)["momentum_dtype"]
+            if source != target:
+                state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
+                                                   source=source, target=target)
+        # the live momentum_dtype is a storage choice, like `implementation`: it stays
+        groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
+                  for g, live in zip(state_dict["param_groups"], self.param_groups)]
+        return {**state_dict, "state": state, "param_groups": groups}
+
+    def _restore_loaded(self, state_dict: dict, pairs) -> None:
+        for saved_id, p, _ in pairs:
+            saved = state_dict["state"].get(saved_id)
+            if not saved or self._group_of(p)["momentum_dtype"] is None:
+                continue
+            for key in momentum.KEYS:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
