@@ -168,3 +168,44 @@ def test_slices_bound_the_decoded_momentum():
     assert momentum.slices([5, 5, 5], budget=10) == [[0, 1], [2]]
     assert momentum.slices([30, 5, 5], budget=10) == [[0], [1, 2]]  # the largest tensor sets the floor
     assert momentum.slices([], budget=10) == []
+
+
+# ---- AdaPM: its full momenta take the same storage ----------------------------------------
+def test_adapm_with_full_momentum_everywhere_is_adam_mini_with_the_same_storage():
+    data = batches(6)
+    a_model, b_model = make_tiny(torch.float32), make_tiny(torch.float32)
+    a = blockopt.AdaPM(a_model, lr=1e-2, momentum="full", momentum_dtype="int8")
+    b = blockopt.AdamMini(b_model, lr=1e-2, momentum_dtype="int8")
+    train(a_model, a, data)
+    train(b_model, b, data)
+    for x, y in zip(a_model.parameters(), b_model.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_adapm_compressed_full_momenta_resume_exactly_and_convert(dtype):
+    data = batches(6)
+    full_model = make_tiny(torch.float32)
+    full = blockopt.AdaPM(full_model, lr=1e-2, rank=2, momentum_dtype=dtype)
+    train(full_model, full, data)
+    policies = set(full.policies.values())
+    assert policies == {"none", "full", "lowrank"}  # every kind of tensor is in the run
+    for name, p in full_model.named_parameters():
+        keys = set(full.state[p])
+        if full.policy(name) == "full":
+            assert keys >= set(momentum.state_shapes(dtype, tuple(p.shape)))
+        if full.policy(name) == "lowrank":
+            assert full.state[p]["exp_avg_l"].dtype == torch.float32  # the factors stay float32
+
+    model = make_tiny(torch.float32)
+    first = blockopt.AdaPM(model, lr=1e-2, rank=2, momentum_dtype=dtype)
+    train(model, first, data[:3])
+    saved = copy.deepcopy(first.state_dict())
+    resumed = blockopt.AdaPM(model, lr=1e-2, rank=2, momentum_dtype=dtype)
+    resumed.load_state_dict(saved)
+    train(model, resumed, data[3:])
+    for a, b in zip(model.parameters(), full_model.parameters()):
+        assert torch.equal(a, b)
+    other = blockopt.AdaPM(model, lr=1e-2, rank=2, momentum_dtype=None)
+    other.load_state_dict(saved)  # across storages, as for AdamMini
+    assert all("exp_avg" in other.state[p] for n, p in model.named_parameters() if other.policy(n) == "full")

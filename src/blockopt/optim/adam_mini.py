@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..distributed import Collectives, local_tensor
+from ..distributed import Collectives
 from ..kernels.adam_mini import adam_mini
 from ..partition import Plan
 from ..validation import boolean, check
 from ..partition.report import plan_rows, rows_table
 from . import momentum
-from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
+from .adam_family import ADAM_HYPERPARAMETERS, MomentumStorage, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
-from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
+from .state import EXP_AVG_SQ, STEP, stat_dtype
 
 
 # The name-fragment sets of adam-mini 1.1.1's Adam_mini, which its users extend after construction.
@@ -61,11 +61,10 @@ def plan_report(plan) -> str:
 
 @dataclass
 class AdamMiniBatch(SecondMomentBatch):
-    exp_avgs: list[Tensor] = field(default_factory=list)  # what the update reads and writes (float32 when compressed)
-    stored: list[dict] = field(default_factory=list)  # the momentum's storage, when it is compressed
+    exp_avgs: list[Tensor | None] = field(default_factory=list)  # None where compressed (batch.stored)
 
 
-class AdamMini(BlockwiseOptimizer):
+class AdamMini(MomentumStorage, BlockwiseOptimizer):
     """Adam-mini: AdamW's first moment, one second moment per block of the `Plan`.
 
     Args:
@@ -161,21 +160,11 @@ class AdamMini(BlockwiseOptimizer):
         return {STEP: (), **stored, EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
 
     def _gather_state(self, batch: AdamMiniBatch, name, p, layout, state, plain) -> None:
-        dtype = batch.group["momentum_dtype"]
         if EXP_AVG_SQ not in state:
-            if dtype in momentum.QUANTIZED and not plain:
-                raise NotImplementedError(
-                    f"{name}: momentum_dtype={dtype!r} with sharded (DTensor) parameters is not supported yet; "
-                    "use momentum_dtype=None, 'float32' or 'bfloat16' with FSDP2"
-                )
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-            state.update(momentum.create(dtype, p))
             # one value per block meeting this rank's shard (all blocks when not sharded)
             state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
-        if dtype in (None, "float32"):
-            batch.exp_avgs.append(state[EXP_AVG] if plain else local_tensor(state[EXP_AVG]))
-        else:  # decoded slice by slice in _update
-            batch.stored.append({k: local_tensor(v) for k, v in state.items() if k in momentum.KEYS})
+        batch.exp_avgs.append(self._keep_momentum(batch, name, p, state, plain))
         batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
         batch.steps.append(state[STEP])
 
@@ -187,58 +176,12 @@ class AdamMini(BlockwiseOptimizer):
         beta1, beta2 = group["betas"]
 
         def update(index: list[int], exp_avgs: list[Tensor]) -> None:
-            def pick(xs):
-                return [xs[i] for i in index]
-
             adam_mini(
-                pick(batch.params), pick(batch.grads), exp_avgs, pick(batch.exp_avg_sqs), pick(batch.steps),
-                pick(batch.layouts), lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decays=pick(batch.weight_decays), maximize=group["maximize"],
-                sq_sums=None if batch.sq_sums is None else pick(batch.sq_sums), implementation=group["implementation"],
+                **batch.pick(index), exp_avgs=exp_avgs, lr=self._lr(group), beta1=beta1, beta2=beta2,
+                eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
             )
 
-        if not batch.stored:
-            update(list(range(len(batch.params))), batch.exp_avgs)
-            return
-        # Note [compressed momentum]: decode, update and encode back a slice of tensors at a time,
-        # so the float32 copies of m never outgrow the group's largest tensor (or 4M elements)
-        dtype = group["momentum_dtype"]
-        for index in momentum.slices([p.numel() for p in batch.params]):
-            exp_avgs = [momentum.read(dtype, batch.stored[i], tuple(batch.params[i].shape), stat_dtype(batch.params[i]))
-                        for i in index]
-            update(index, exp_avgs)
-            for i, m in zip(index, exp_avgs):
-                momentum.write(dtype, batch.stored[i], m, name=batch.names[i], step=int(batch.steps[i]))
-
-    # ---- checkpoints across momentum storage (Note [compressed momentum]) -------------------
-    def _group_of(self, param: Tensor) -> dict:
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        raise KeyError("parameter not in this optimizer")
-
-    def _convert_loaded(self, state_dict: dict, pairs) -> dict:
-        declared = {pid: g.get("momentum_dtype") for g in state_dict["param_groups"] for pid in g["params"]}
-        state = dict(state_dict["state"])
-        for saved_id, p, name in pairs:
-            saved = state.get(saved_id)
-            if not saved:
-                continue
-            source = momentum.saved_dtype(saved, declared.get(saved_id))
-            target = self._group_of(p)["momentum_dtype"]
-            if source != target:
-                state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
-                                                   source=source, target=target)
-        # the live momentum_dtype is a storage choice, like `implementation`: it stays
-        groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
-                  for g, live in zip(state_dict["param_groups"], self.param_groups)]
-        return {**state_dict, "state": state, "param_groups": groups}
-
-    def _restore_loaded(self, state_dict: dict, pairs) -> None:
-        for saved_id, p, _ in pairs:
-            saved = state_dict["state"].get(saved_id)
-            if not saved or self._group_of(p)["momentum_dtype"] is None:
-                continue
-            for key in momentum.KEYS:
-                if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
+        plain = [i for i in range(len(batch.params)) if i not in batch.stored]
+        if plain:
+            update(plain, [batch.exp_avgs[i] for i in plain])
+        self._step_decoded(batch, update)
