@@ -70,10 +70,10 @@ class MomentumStorage:
         when it is compressed (recorded in ``batch.stored``, decoded by `_step_decoded`)."""
         dtype = batch.group["momentum_dtype"]
         if not any(key in state for key in momentum.KEYS):
-            if dtype in momentum.QUANTIZED and not plain:
+            if dtype not in (None, "float32") and not plain:
                 raise NotImplementedError(
                     f"{name}: momentum_dtype={dtype!r} with sharded (DTensor) parameters is not supported yet; "
-                    "use momentum_dtype=None, 'float32' or 'bfloat16' with FSDP2"
+                    "use momentum_dtype=None or 'float32' with FSDP2"
                 )
             state.update(momentum.create(dtype, p))
         if dtype in (None, "float32"):
