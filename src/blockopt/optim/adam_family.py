@@ -10,14 +10,18 @@ takes those sums (``sq_sums``) instead of computing its own. With nothing cut, `
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..distributed import Collectives
+from ..distributed import Collectives, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
 from ..validation import boolean, choice, pair, real
+from . import momentum
 from .base import ParamBatch
+from .momentum import MOMENTUM_DTYPES
+from .state import EXP_AVG, stat_dtype
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
@@ -29,6 +33,7 @@ ADAM_HYPERPARAMETERS = {
     "maximize": boolean(),
     "implementation": choice(*IMPLEMENTATIONS),
     "nonfinite": choice(*NONFINITE),
+    "momentum_dtype": choice(*MOMENTUM_DTYPES, hint="how the first moment is stored; see blockopt.optim.momentum"),
 }
 
 
@@ -39,6 +44,85 @@ class SecondMomentBatch(ParamBatch):
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     sq_sums: list[Tensor] | None = None  # per-block sum(g^2), summed across ranks; None when no block is cut
+    stored: dict[int, dict] = field(default_factory=dict)  # position -> compressed momentum storage (local)
+
+    def pick(self, index: Sequence[int], *, momenta: list | None = None) -> dict:
+        """The functional's per-tensor arguments for positions ``index``."""
+        def at(xs):
+            return [xs[i] for i in index]
+
+        return dict(params=at(self.params), grads=at(self.grads), exp_avg_sqs=at(self.exp_avg_sqs),
+                    steps=at(self.steps), specs=at(self.layouts), weight_decays=at(self.weight_decays),
+                    sq_sums=None if self.sq_sums is None else at(self.sq_sums))
+
+
+class MomentumStorage:
+    """What an optimizer with a ``momentum_dtype`` group setting adds to the base class
+    (Note [compressed momentum] in `blockopt.optim.momentum`): state creation, the decoded step,
+    and checkpoints that load across storages."""
+
+    def _group_of(self, param: Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is param for q in g["params"]))
+
+    @staticmethod
+    def _keep_momentum(batch: SecondMomentBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | None:
+        """Create ``p``'s momentum on first use; the tensor the update reads in place, or None
+        when it is compressed (recorded in ``batch.stored``, decoded by `_step_decoded`)."""
+        dtype = batch.group["momentum_dtype"]
+        if not any(key in state for key in momentum.KEYS):
+            if dtype not in (None, "float32") and not plain:
+                raise NotImplementedError(
+                    f"{name}: momentum_dtype={dtype!r} with sharded (DTensor) parameters is not supported yet; "
+                    "use momentum_dtype=None or 'float32' with FSDP2"
+                )
+            state.update(momentum.create(dtype, p))
+        if dtype in (None, "float32"):
+            return local_tensor(state[EXP_AVG])
+        batch.stored[len(batch.params) - 1] = {k: local_tensor(v) for k, v in state.items() if k in momentum.KEYS}
+        return None
+
+    @staticmethod
+    def _step_decoded(batch: SecondMomentBatch, update: Callable[[list[int], list[Tensor]], None]) -> None:
+        """Run ``update(positions, float momenta)`` over the compressed tensors a slice at a time,
+        encoding each updated m back, so the decoded copies never outgrow the largest tensor (or
+        4M elements)."""
+        dtype = batch.group["momentum_dtype"]
+        positions = sorted(batch.stored)
+        for run in momentum.slices([batch.params[i].numel() for i in positions]):
+            index = [positions[j] for j in run]
+            decoded = [momentum.read(dtype, batch.stored[i], tuple(batch.params[i].shape), stat_dtype(batch.params[i]))
+                       for i in index]
+            update(index, decoded)
+            for i, m in zip(index, decoded):
+                momentum.write(dtype, batch.stored[i], m, name=batch.names[i], step=int(batch.steps[i]))
+
+    def _convert_loaded(self, state_dict: dict, pairs) -> dict:
+        declared = {pid: g.get("momentum_dtype") for g in state_dict["param_groups"] for pid in g["params"]}
+        state = dict(state_dict["state"])
+        for saved_id, p, name in pairs:
+            saved = state.get(saved_id)
+            if not saved:
+                continue
+            source = momentum.saved_dtype(saved, declared.get(saved_id))
+            target = self._group_of(p)["momentum_dtype"]
+            if source != target:
+                state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
+                                                   source=source, target=target)
+        # the live momentum_dtype is a storage choice, like `implementation`: it stays
+        groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
+                  for g, live in zip(state_dict["param_groups"], self.param_groups)]
+        return {**state_dict, "state": state, "param_groups": groups}
+
+    def _restore_loaded(self, state_dict: dict, pairs) -> None:
+        # torch cast every floating state tensor to its parameter's dtype and the codes to floats:
+        # the storage goes back exactly as converted
+        for saved_id, p, _ in pairs:
+            saved = state_dict["state"].get(saved_id)
+            if not saved or self._group_of(p)["momentum_dtype"] is None:
+                continue
+            for key in momentum.KEYS:
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
 
 
 def reduce_block_sq_sums(batches: list[SecondMomentBatch], collectives: Collectives) -> None:

@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..distributed import Collectives, local_tensor
+from ..distributed import Collectives
 from ..kernels.adam_mini import adam_mini
 from ..partition import Plan
 from ..validation import boolean, check
 from ..partition.report import plan_rows, rows_table
-from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
+from . import momentum
+from .adam_family import ADAM_HYPERPARAMETERS, MomentumStorage, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
-from .state import EXP_AVG, EXP_AVG_SQ, STEP, stat_dtype
+from .state import EXP_AVG_SQ, STEP, stat_dtype
 
 
 # The name-fragment sets of adam-mini 1.1.1's Adam_mini, which its users extend after construction.
@@ -60,10 +61,10 @@ def plan_report(plan) -> str:
 
 @dataclass
 class AdamMiniBatch(SecondMomentBatch):
-    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor | None] = field(default_factory=list)  # None where compressed (batch.stored)
 
 
-class AdamMini(BlockwiseOptimizer):
+class AdamMini(MomentumStorage, BlockwiseOptimizer):
     """Adam-mini: AdamW's first moment, one second moment per block of the `Plan`.
 
     Args:
@@ -91,16 +92,22 @@ class AdamMini(BlockwiseOptimizer):
             (a tensor with a non-finite gradient is not updated; counted in
             ``state[p]["nonfinite_skips"]``), ``"skip_step"`` (no update at all when any gradient
             is non-finite), ``"ignore"``. See `blockopt.optim.nonfinite`. (Default: "warn")
+        momentum_dtype (str or None): how the first moment is stored between steps: ``None`` (the
+            parameter's dtype), ``"float32"``, ``"bfloat16"`` (stochastic rounding), ``"int8"``
+            or ``"int4"`` (companded codes with a float32 scale per 256 elements, stochastic
+            rounding); per param group. See `blockopt.optim.momentum`. (Default: None)
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its
-    dtype), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
+    dtype or ``momentum_dtype``; for int8/int4, ``exp_avg_codes`` and ``exp_avg_scales``
+    instead), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
     """
 
     HYPERPARAMETERS = ADAM_HYPERPARAMETERS
     _Batch = AdamMiniBatch
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ,)
-    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn"}
+    _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn",
+                       "momentum_dtype": None}
 
     def __init__(
         self,
@@ -125,11 +132,12 @@ class AdamMini(BlockwiseOptimizer):
         named_parameters=None,
         model_sharding: bool | None = None,
         verbose: bool = False,
+        momentum_dtype: str | None = None,
     ):
         params = official_params(params, named_parameters, model_sharding, verbose)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,
-            maximize=maximize, implementation=implementation, nonfinite=nonfinite,
+            maximize=maximize, implementation=implementation, nonfinite=nonfinite, momentum_dtype=momentum_dtype,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
@@ -148,15 +156,15 @@ class AdamMini(BlockwiseOptimizer):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
-        return {STEP: (), EXP_AVG: tuple(param.shape), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
+        stored = momentum.state_shapes(self._group_of(param)["momentum_dtype"], tuple(param.shape))
+        return {STEP: (), **stored, EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
 
     def _gather_state(self, batch: AdamMiniBatch, name, p, layout, state, plain) -> None:
         if EXP_AVG_SQ not in state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-            state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # one value per block meeting this rank's shard (all blocks when not sharded)
             state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
-        batch.exp_avgs.append(state[EXP_AVG] if plain else local_tensor(state[EXP_AVG]))
+        batch.exp_avgs.append(self._keep_momentum(batch, name, p, state, plain))
         batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
         batch.steps.append(state[STEP])
 
@@ -166,8 +174,14 @@ class AdamMini(BlockwiseOptimizer):
     def _update(self, batch: AdamMiniBatch, collectives: Collectives) -> None:
         group = batch.group
         beta1, beta2 = group["betas"]
-        adam_mini(
-            batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, batch.layouts,
-            lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
-            maximize=group["maximize"], sq_sums=batch.sq_sums, implementation=group["implementation"],
-        )
+
+        def update(index: list[int], exp_avgs: list[Tensor]) -> None:
+            adam_mini(
+                **batch.pick(index), exp_avgs=exp_avgs, lr=self._lr(group), beta1=beta1, beta2=beta2,
+                eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
+            )
+
+        plain = [i for i in range(len(batch.params)) if i not in batch.stored]
+        if plain:
+            update(plain, [batch.exp_avgs[i] for i in plain])
+        self._step_decoded(batch, update)

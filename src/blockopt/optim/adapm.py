@@ -117,10 +117,11 @@ from ..kernels import block_numel, expand
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
 from ..validation import check, choice, integer, real, validate
-from .adam_family import ADAM_HYPERPARAMETERS, SecondMomentBatch, reduce_block_sq_sums
+from . import momentum as storage
+from .adam_family import ADAM_HYPERPARAMETERS, MomentumStorage, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
 from .lowrank import fit_lowrank, frobenius_norm, matrix_shape
-from .state import EXP_AVG, EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
+from .state import EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
 
 POLICIES = ("none", "full", "lowrank")
 SECOND_MOMENTS = ("adam-mini", "adam")
@@ -177,7 +178,7 @@ class AdaPMBatch(SecondMomentBatch):
     momenta: list[Momentum] = field(default_factory=list)  # per tensor, by its policy (see `adapm`)
 
 
-class AdaPM(BlockwiseOptimizer):
+class AdaPM(MomentumStorage, BlockwiseOptimizer):
     """AdaPM: partial momentum (none / full / low-rank per block type) with Adam-mini's second moment.
 
     The update, the fit of the low-rank factors and the residual correction are in the module
@@ -213,12 +214,14 @@ class AdaPM(BlockwiseOptimizer):
             (Default: "auto")
         nonfinite (str): ``"warn"``, ``"skip_tensor"``, ``"skip_step"`` or ``"ignore"``, as for
             `AdamMini`. (Default: "warn")
+        momentum_dtype (str or None): how ``full`` momenta are stored between steps, as for
+            `AdamMini` (the low-rank factors stay in float32). (Default: None)
 
     ``rank``, ``fit_iters``, ``fit_lr`` and ``residual_clip`` may differ per param group;
     ``momentum`` and ``second_moment`` shape the state, so they are fixed per optimizer.
 
     State per parameter: ``step`` (float32 scalar tensor); ``exp_avg`` (``full``: like the
-    parameter, in its dtype); ``exp_avg_l`` ``(m, r)`` and ``exp_avg_r`` ``(r, n)`` (``lowrank``:
+    parameter, in its dtype or ``momentum_dtype``; ``exp_avg_codes``/``exp_avg_scales`` for int8/int4); ``exp_avg_l`` ``(m, r)`` and ``exp_avg_r`` ``(r, n)`` (``lowrank``:
     float32, float64 for float64 parameters; ``L`` has orthonormal columns); ``exp_avg_sq``
     (``(n_blocks,)``, or ``(numel,)`` with ``second_moment="adam"``; float32 or float64).
     ``opt.policies`` maps every parameter name to the policy it gets.
@@ -237,7 +240,7 @@ class AdaPM(BlockwiseOptimizer):
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ, EXP_AVG_L, EXP_AVG_R)
     _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "rank": 8, "fit_iters": 2,
-                       "fit_lr": 1.0, "residual_clip": 1.0, "nonfinite": "warn"}
+                       "fit_lr": 1.0, "residual_clip": 1.0, "nonfinite": "warn", "momentum_dtype": None}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "momentum": dict(DEFAULT_MOMENTUM), "second_moment": "adam-mini", "seed": 0}
 
     def __init__(
@@ -267,6 +270,7 @@ class AdaPM(BlockwiseOptimizer):
         conv: str | None = None,
         implementation: str = "auto",
         nonfinite: str = "warn",
+        momentum_dtype: str | None = None,
     ):
         validate(self.HYPERPARAMETERS, {"second_moment": second_moment, "seed": seed})
         self.momentum = resolve_momentum(momentum)
@@ -275,7 +279,7 @@ class AdaPM(BlockwiseOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters,
             fit_lr=fit_lr, residual_clip=residual_clip, decay_1d=decay_1d, maximize=maximize,
-            implementation=implementation, nonfinite=nonfinite,
+            implementation=implementation, nonfinite=nonfinite, momentum_dtype=momentum_dtype,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
@@ -308,9 +312,6 @@ class AdaPM(BlockwiseOptimizer):
     def _rank(self, group: dict, shape: Sequence[int]) -> int:
         return min(group["rank"], *matrix_shape(shape))
 
-    def _group_of(self, param: Tensor) -> dict:
-        return next(g for g in self.param_groups if any(q is param for q in g["params"]))
-
     def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
         if key in (EXP_AVG_L, EXP_AVG_R) and isinstance(layout, ShardView) and not is_dtensor(value):
             # Note [sharded low-rank momentum]: full factors (a one-process checkpoint) for a
@@ -323,7 +324,7 @@ class AdaPM(BlockwiseOptimizer):
         shapes = {STEP: (), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
         policy = self.policy(name)
         if policy == "full":
-            shapes[EXP_AVG] = tuple(param.shape)
+            shapes.update(storage.state_shapes(group["momentum_dtype"], tuple(param.shape)))
         elif policy == "lowrank":
             m, n = matrix_shape(param.shape)
             r = self._rank(group, param.shape)
@@ -338,10 +339,9 @@ class AdaPM(BlockwiseOptimizer):
             saved = state_dict["state"].get(saved_id)
             if not saved:
                 continue
-            kept = [key for key in (EXP_AVG, EXP_AVG_L, EXP_AVG_R) if key in saved]
-            expected = [key for key in (EXP_AVG, EXP_AVG_L, EXP_AVG_R) if key in self._state_shapes(name, p)]
+            kept, expected = _policy_of(saved), _policy_of(self._state_shapes(name, p))
             if kept != expected:
-                saved_policy = "lowrank" if EXP_AVG_L in kept else "full" if kept else "none"
+                saved_policy = kept
                 raise ValueError(
                     f"the state of {name!r} holds {saved_policy!r} momentum, but its policy here is {self.policy(name)!r} "
                     f"(role {self.plan[name].role!r}): it was saved with another momentum= setting, or from an optimizer "
@@ -363,9 +363,7 @@ class AdaPM(BlockwiseOptimizer):
         policy = self.policy(name)
         if STEP not in state:
             state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-            if policy == "full":
-                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif policy == "lowrank":
+            if policy == "lowrank":
                 m, n = matrix_shape(p.shape)
                 r = self._rank(batch.group, p.shape)
                 left = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
@@ -375,7 +373,7 @@ class AdaPM(BlockwiseOptimizer):
                 state[EXP_AVG_L], state[EXP_AVG_R] = left, right
             state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
         if policy == "full":
-            batch.momenta.append(local_tensor(state[EXP_AVG]))
+            batch.momenta.append(self._keep_momentum(batch, name, p, state, plain))  # None: compressed
         elif policy == "lowrank":
             batch.momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
         else:
@@ -389,12 +387,25 @@ class AdaPM(BlockwiseOptimizer):
     def _update(self, batch: AdaPMBatch, collectives: Collectives) -> None:
         group = batch.group
         beta1, beta2 = group["betas"]
-        adapm(
-            batch.params, batch.grads, batch.momenta, batch.exp_avg_sqs, batch.steps, batch.layouts,
-            lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
-            fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
-            maximize=group["maximize"], sq_sums=batch.sq_sums, collectives=collectives, implementation=group["implementation"],
-        )
+
+        def update(index: list[int], momenta: list) -> None:
+            adapm(
+                **batch.pick(index), momenta=momenta, lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+                fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
+                maximize=group["maximize"], collectives=collectives, implementation=group["implementation"],
+            )
+
+        plain = [i for i in range(len(batch.params)) if i not in batch.stored]
+        if plain:
+            update(plain, [batch.momenta[i] for i in plain])
+        self._step_decoded(batch, update)  # full momenta kept compressed (momentum_dtype)
+
+
+def _policy_of(entry) -> str:
+    """The momentum policy a state entry (or its expected shapes) holds."""
+    if EXP_AVG_L in entry:
+        return "lowrank"
+    return "full" if any(key in entry for key in storage.KEYS) else "none"
 
 
 # ---- the math: functions over tensor lists -------------------------------------------------

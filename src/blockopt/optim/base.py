@@ -289,8 +289,10 @@ class BlockwiseOptimizer(Optimizer):
             zero.check_loadable(self, state_dict)
             return super().load_state_dict(state_dict)
         state_dict, pairs = align_state_dict(self.param_groups, state_dict)
+        state_dict = self._convert_loaded(state_dict, pairs)
         self._validate_state_dict(state_dict, pairs)
         super().load_state_dict(state_dict)
+        self._restore_loaded(state_dict, pairs)
         # torch casts every floating state tensor to the parameter's dtype; block statistics
         # must stay float32 for bf16/fp16 params, so restore them from the saved values.
         for saved_id, p, name in pairs:
@@ -307,6 +309,16 @@ class BlockwiseOptimizer(Optimizer):
                     if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
                         state[key] = shard_like(value, p)
+
+    def _convert_loaded(self, state_dict: dict, pairs: list[tuple[Any, Tensor, str]]) -> dict:
+        """The (aligned) state dict in the form this optimizer keeps, before it is checked: a
+        subclass whose storage is a setting converts entries saved with another (default: as is)."""
+        return state_dict
+
+    def _restore_loaded(self, state_dict: dict, pairs: list[tuple[Any, Tensor, str]]) -> None:
+        """After torch's load, which casts every floating state tensor to its parameter's dtype
+        (and integer ones to floats): what a subclass must put back exactly (default: nothing
+        beyond the block statistics)."""
 
     def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
         """A loaded statistic in the form the step keeps: global block statistics are cut to the

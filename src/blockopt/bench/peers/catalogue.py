@@ -105,7 +105,7 @@ def _adamw(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
 def _adam_mini(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     return blockopt.AdamMini(
         model, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"],
-        **_optional(hp, "implementation", "value", "decay_1d"),
+        **_optional(hp, "implementation", "value", "decay_1d", "momentum_dtype"),
     )
 
 
@@ -241,7 +241,8 @@ register_optimizer(
 register_optimizer(
     "adam-mini", _adam_mini,
     description="blockopt.AdamMini: one second moment per block of the detected partition",
-    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d"), rules=blockopt.AdamMini.HYPERPARAMETERS,
+    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d", "momentum_dtype"),
+    rules=blockopt.AdamMini.HYPERPARAMETERS,
 )
 register_optimizer(
     "adam-mini-official", _adam_mini_official, requires="adam-mini==1.1.1",
