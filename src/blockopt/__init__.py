@@ -6,10 +6,10 @@ from .optim.adam_mini import AdamMini as Adam_mini  # adam-mini's name: `from bl
 from .optim.adapm import AdaPM
 from .optim.sgd_sai import SGDSaI
 from .param_groups import blockwise_lr
-from .hessian import sharpness_ratios
+from .hessian import audit, sharpness_ratios
 from .optim.state import state_bytes
 from .partition import BlockSpec, PartitionWarning, Plan, partition, register_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaPM", "AdamMini", "Adam_mini", "BlockSpec", "PartitionWarning", "Plan", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]
+__all__ = ["AdaPM", "AdamMini", "Adam_mini", "BlockSpec", "PartitionWarning", "Plan", "audit", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]

@@ -1,6 +1,7 @@
-"""The ``blockopt`` command line: ``demo``, ``compare``, ``plan`` and ``build``, each a
-``_add_<name>`` parser plus a ``_run_<name>``. (Longer than 400 lines because it is the whole
-command line: every option's help text lives here, beside the parser that shows it.)
+"""The ``blockopt`` command line: ``demo``, ``compare``, ``plan``, ``build``, ``audit`` and
+``zero-to-state``, each a ``_add_<name>`` parser plus a ``_run_<name>``. (Longer than 400 lines
+because it is the whole command line: every option's help text lives here, beside the parser that
+shows it.)
 
 Every failure is one line on stderr, ``blockopt: error: ...``, never a traceback: exit status 2
 when argparse refuses the command line (`_Parser`), 1 when running it fails (`main`, the one
@@ -329,6 +330,112 @@ def _run_build(args: argparse.Namespace) -> None:
     print(f"fused CPU Adam-mini kernel {how} in {build.seconds:.1f} s: {build.directory}")
 
 
+def _add_zero_to_state(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "zero-to-state",
+        help="convert a DeepSpeed ZeRO checkpoint's blockopt optimizer state to a one-process state dict",
+        description="Read every rank's optimizer file of a DeepSpeed ZeRO checkpoint (any stage, any world size) "
+        "saved with a blockopt optimizer, and write the state dict the same optimizer loads in one process "
+        "(opt.load_state_dict) or in an engine at another world size (blockopt.deepspeed.load_state). "
+        "The weights: DeepSpeed's zero_to_fp32.py in the same folder. See docs/deepspeed.md.",
+    )
+    parser.add_argument("checkpoint_dir", help="the folder engine.save_checkpoint wrote (holds 'latest')")
+    parser.add_argument("output", help="where to torch.save the state dict (.pt)")
+    parser.add_argument("--tag", default=None, help="the step folder to read (default: the one named in 'latest')")
+    parser.set_defaults(run=_run_zero_to_state)
+
+
+def _run_zero_to_state(args: argparse.Namespace) -> None:
+    import torch
+
+    from .deepspeed import zero_to_state
+
+    state = zero_to_state(args.checkpoint_dir, args.tag)
+    torch.save(state, args.output)
+    print(f"optimizer state of {len(state['state'])} parameters written to {args.output}")
+
+
+def _add_audit(subparsers: argparse._SubParsersAction) -> None:
+    from .hessian.audit import DEFAULT_KEEP, DEFAULT_SAMPLES
+
+    parser = subparsers.add_parser(
+        "audit",
+        help="measure each tensor's Hessian block structure on a small model and check the partition against it",
+        description="Build a small model (a built-in config or a scaled-down Hugging Face config), measure on one "
+        "batch of random token ids how much of each tensor's Hessian lies inside the plan's blocks and inside the "
+        "alternatives (rows, cols, heads of every size, whole, coordinate), and print the table, the tensors "
+        "whose plan is measurably worse, and the partition(rules=...) override that follows the measurement. "
+        "See docs/audit.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  blockopt audit llama-tiny\n"
+        "  blockopt audit hf:gpt_neox --model-override hidden_size=64,num_attention_heads=4,num_hidden_layers=1,"
+        "intermediate_size=128,vocab_size=256",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a built-in config (demo, llama-tiny, gpt2-tiny, ...), "
+                        "hf:<model_type> (hf:gpt2, hf:llama, ...) or an HF config.json, scaled down with --model-override")
+    parser.add_argument("--model-override", action="append", metavar="KEY=VALUE[,...]",
+                        help="change model config fields, e.g. n_layer=1,n_embd=64 (repeatable)")
+    parser.add_argument("--value", choices=("rows", "whole"), default="rows", help="the plan's attention value blocks "
+                        "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="sequences in the batch (default: %(default)s)")
+    parser.add_argument("--seq-len", type=positive_int, default=32, help="tokens per sequence, at most the model's "
+                        "(default: %(default)s)")
+    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help="Hessian columns per tensor; "
+                        "smaller tensors are measured exactly (default: %(default)s)")
+    parser.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="share of a tensor's Hessian mass the measured "
+                        "rule's blocks must hold (default: %(default)s)")
+    parser.add_argument("--only", metavar="GLOB", action="append", help="audit only tensors matching this glob (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="model init, batch and sampled columns (default: %(default)s)")
+    parser.add_argument("--max-params", type=positive_int, default=5_000_000, help="refuse bigger models: audit a "
+                        "scaled-down instance (default: %(default)s)")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="(default: %(default)s)")
+    parser.add_argument("--progress", action="store_true", help="a line per tensor on stderr as it is measured")
+    parser.set_defaults(run=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> None:
+    import fnmatch
+
+    import torch
+
+    from .bench.modelspec import ModelSpec, parse_overrides
+    from .hessian.audit import audit
+    from .partition import PartitionWarning, partition
+
+    spec = ModelSpec.parse(args.model, parse_overrides(args.model_override))
+    with _quiet_transformers() if spec.family == "hf" else contextlib.nullcontext():
+        n_params = spec.n_params()
+        if n_params > args.max_params:
+            raise CommandError(f"{args.model} has {n_params:,} parameters, more than --max-params {args.max_params:,}: "
+                               "audit a scaled-down instance (--model-override with fewer layers, a smaller width and "
+                               "vocabulary: the block structure, not the size, is measured)")
+        model = spec.build(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartitionWarning)  # plan.warnings: printed below
+        plan = partition(model, value=args.value)
+    names = list(plan)
+    if args.only:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in args.only)]
+        if not names:
+            raise CommandError(f"--only {' '.join(args.only)} matches no tensor; tensors: {', '.join(list(plan)[:5])}, ...")
+    seq_len = min(args.seq_len, spec.max_seq_len or args.seq_len)
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, spec.vocab_size, (args.batch_size, seq_len + 1), generator=generator)
+    log = (lambda line: print(line, file=sys.stderr)) if args.progress else None
+    report = audit(model, (ids[:, :-1], ids[:, 1:]), plan, samples=args.samples, keep=args.keep, names=names,
+                   seed=args.seed, log=log)
+    if args.format == "json":
+        print(json.dumps({"model": spec.describe(), "n_params": n_params, "batch": [args.batch_size, seq_len],
+                          **report.to_dict(), "plan_warnings": list(plan.warnings)}, indent=2, default=str))
+        return
+    print(f"{args.model}: {type(model).__name__}, {n_params:,} parameters; Hessian of the loss on {args.batch_size} x "
+          f"{seq_len} random token ids, in {report.settings['seconds']:.0f} s\n")
+    print(report)
+    for warning in plan.warnings:
+        print(f"plan warning: {warning}")
+
+
 # compare options a TOML file cannot set: they are about this invocation, not the comparison
 _NOT_IN_CONFIG = {"config", "list_optimizers", "traceback", "help"}
 
@@ -385,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(subparsers)
     _add_plan(subparsers)
     _add_build(subparsers)
+    _add_audit(subparsers)
+    _add_zero_to_state(subparsers)
     for subparser in subparsers.choices.values():  # accepted after the command too; SUPPRESS keeps the top one's
         subparser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback")
     return parser

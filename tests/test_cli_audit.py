@@ -1,0 +1,67 @@
+"""`blockopt audit`: a built-in or HF model (scaled down) -> the audit table and the override;
+every bad input -> one line on stderr."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blockopt.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--model-override", "n_layers=1,dim=32,n_heads=4,vocab_size=64,mlp_hidden=32", "--batch-size", "2",
+        "--seq-len", "8", "--samples", "8"]
+
+
+def cli_failure(argv, capsys) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse refusing the command line
+        status = exit.code
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("blockopt: error: "), err
+    return status, err
+
+
+def test_audit_prints_the_table_for_a_built_in_model(capsys):
+    assert main(["audit", "llama-tiny", *TINY, "--only", "layers.*.attn.*"]) == 0
+    out = capsys.readouterr().out
+    assert "Llama, " in out and "2 x 8 random token ids" in out
+    lines = [line for line in out.splitlines() if line.startswith("layers.0.attn.")]
+    assert [line.split()[0] for line in lines] == [f"layers.0.attn.{p}_proj.weight" for p in "qkvo"]
+    assert lines[0].split()[3] == "heads(4)"  # the plan's query rule
+    assert "measured: the finest rule keeping >= 0.9" in out
+
+
+def test_audit_json_carries_every_candidate(capsys):
+    assert main(["audit", "gpt2-tiny", *TINY[2:], "--model-override", "n_layers=1,dim=32,n_heads=4,vocab_size=64",
+                 "--only", "layers.0.attn.q_proj.weight", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (row,) = data["tensors"]
+    assert row["plan"] == "heads(4)" and {"rows", "whole", "coordinate", "heads(2)", "heads(8)"} <= set(row["mass"])
+    assert data["model"]["source"] == "gpt2-tiny" and data["settings"]["samples"] == 8
+
+
+@pytest.mark.hf
+def test_audit_an_hf_config_scaled_down(capsys):
+    pytest.importorskip("transformers")
+    assert main(["audit", "hf:llama", "--model-override", "hidden_size=32,intermediate_size=32,num_hidden_layers=1,"
+                 "num_attention_heads=4,num_key_value_heads=2,vocab_size=64", *TINY[2:],
+                 "--only", "*.k_proj.weight"]) == 0
+    out = capsys.readouterr().out
+    assert "model.model.layers.0.self_attn.k_proj.weight" in out and "heads(2)" in out
+
+
+@pytest.mark.parametrize("argv, status, words", [
+    (["audit", "no-such-model"], 1, "unknown model 'no-such-model'"),
+    (["audit", "gpt2-small"], 1, "more than --max-params"),
+    (["audit", "llama-tiny", *TINY, "--only", "nothing*"], 1, "--only nothing* matches no tensor"),
+    (["audit", "llama-tiny", "--model-override", "n_heads=3"], 1, "bad model override"),
+    (["audit", "llama-tiny", "--keep", "2", *TINY], 1, "keep must be"),
+    (["audit", "llama-tiny", "--samples", "0"], 2, "--samples"),
+])
+def test_bad_input_is_one_line(argv, status, words, capsys):
+    code, err = cli_failure(argv, capsys)
+    assert code == status and words in err, err
