@@ -9,20 +9,12 @@ import pytest
 
 from blockopt.cli import main
 
+from .cli_support import cli_failure
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--model-override", "n_layers=1,dim=32,n_heads=4,vocab_size=64,mlp_hidden=32", "--batch-size", "2",
         "--seq-len", "8", "--samples", "8"]
-
-
-def cli_failure(argv, capsys) -> tuple[int, str]:
-    try:
-        status = main(argv)
-    except SystemExit as exit:  # argparse refusing the command line
-        status = exit.code
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("blockopt: error: "), err
-    return status, err
 
 
 def test_audit_prints_the_table_for_a_built_in_model(capsys):

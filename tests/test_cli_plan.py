@@ -16,21 +16,12 @@ from torch import nn
 import blockopt
 from blockopt import cli
 from blockopt.cli import main
+
+from .cli_support import cli_failure
 from blockopt.partition.report import plan_rows, rows_table
 
 LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
-
-
-def cli_failure(argv, capsys) -> tuple[int, str]:
-    """Run ``blockopt argv`` in-process; its exit status and its stderr, which must be one line."""
-    try:
-        status = main(argv)
-    except SystemExit as exit:  # argparse refusing the command line
-        status = exit.code
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("blockopt: error: "), err
-    return status, err
 
 
 def write_config(folder, name="config.json", **changes) -> str:
