@@ -69,6 +69,10 @@ class MomentumStorage:
         """Create ``p``'s momentum on first use; the tensor the update reads in place, or None
         when it is compressed (recorded in ``batch.stored``, decoded by `_step_decoded`)."""
         dtype = batch.group["momentum_dtype"]
+        if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
+            m = state.get(EXP_AVG)
+            if m is not None:
+                return m if plain else local_tensor(m)
         if not any(key in state for key in momentum.KEYS):
             if dtype not in (None, "float32") and not plain:
                 raise NotImplementedError(

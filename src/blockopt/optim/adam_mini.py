@@ -181,6 +181,13 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
                 eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
             )
 
+        if not batch.stored:  # every momentum kept as it is updated: the whole batch at once
+            adam_mini(
+                batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, batch.layouts,
+                lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
+                maximize=group["maximize"], sq_sums=batch.sq_sums, implementation=group["implementation"],
+            )
+            return
         plain = [i for i in range(len(batch.params)) if i not in batch.stored]
         if plain:
             update(plain, [batch.exp_avgs[i] for i in plain])

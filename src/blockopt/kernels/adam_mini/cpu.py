@@ -203,8 +203,8 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
     for i, (p, m) in enumerate(zip(params, exp_avgs)):  # (a gradient always has its parameter's dtype)
         (take if p.dtype in _DTYPES and m.dtype is p.dtype else left).append(i)
     if take:
-        def pick(xs):
-            return [xs[i] for i in take]
+        def pick(xs):  # (all taken, the usual case: the lists as they are)
+            return xs if not left else [xs[i] for i in take]
 
         # lr is read from a tensor, so that a tensor lr (a compiled step's scheduler) is never a constant
         lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 
 from . import cpu, cuda
 from .batched import batched_adam_mini
-from .layout import kernel_layout
+from .layout import kernel_layouts
 
 BACKENDS = (cpu, cuda)  # modules with handles(p) and step(...) -> positions left over (decided from
                        # dtypes, devices and layouts, never from values: a compiled step knows them while tracing)
@@ -23,7 +23,7 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
     """Same signature and results as `reference_adam_mini`."""
     left = list(range(len(params)))
     if sq_sums is None:
-        layouts = [kernel_layout(spec) for spec in specs]
+        layouts = kernel_layouts(specs)
         for backend in BACKENDS:
             take = [i for i in left if layouts[i] is not None and type(params[i]) in _PLAIN and backend.handles(params[i])]
             if not take:

@@ -65,6 +65,14 @@ def kernel_layout(spec) -> KernelLayout | None:
     return layout_of(spec.shape, spec.block_dims, spec.segments)
 
 
+def kernel_layouts(specs) -> list[KernelLayout | None]:
+    """`kernel_layout` of every spec (one look at whether a compile is tracing, not one per tensor)."""
+    if torch.compiler.is_compiling():
+        return [kernel_layout(spec) for spec in specs]
+    return [_cached_layout_of(spec.shape, spec.block_dims, spec.segments) if isinstance(spec, BlockSpec) else None
+            for spec in specs]
+
+
 def _kernel_args(layouts: tuple[KernelLayout, ...]) -> tuple[tuple[int, ...], ...]:
     counts = tuple(0 if layout.segments is None else len(layout.segments) for layout in layouts)
     pairs = tuple(itertools.chain.from_iterable(itertools.chain.from_iterable(layout.segments or ()) for layout in layouts))
