@@ -138,13 +138,14 @@ def test_a_tensor_lr_follows_its_scheduler_without_recompiling():
         assert torch.equal(a, b)  # the fused kernel reads the same lr at every step
 
 
-def test_nonfinite_warn_names_the_tensor_from_a_compiled_step():
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_warn_names_the_tensor_from_a_compiled_step(bad):
     model, opt = _build("AdamMini", "batched")
     compiled_step = torch.compile(opt.step, backend="aot_eager")
     _backward(model, batches(1)[0])
     compiled_step()
     _backward(model, batches(1)[0])
-    model.head.weight.grad[3, 0] = float("inf")
+    model.head.weight.grad[3, 0] = bad
     with pytest.warns(RuntimeWarning, match=r"'head.weight' is inf or nan"):
         compiled_step()
     _backward(model, batches(1)[0])
