@@ -22,8 +22,8 @@ memory traffic): they are opt-in.
 Note [nonfinite under torch.compile]: ``"warn"`` and ``"ignore"`` compile with no graph break.
 A traced step cannot read a flag on the host, nor rotate a window (a cursor that changes every
 step would be a new constant each step, so a recompile), so while compiling the watch checks
-every block statistic in the graph (one fused reduction; statistics are a small fraction of the
-state) and hands the per-tensor flags to `warn_nonfinite`, a custom op that warns at run time,
+every block statistic in the graph (a float64 sum per tensor: `isfinite().all()` per tensor cost
+4 ms a step on GPT-2 163M in inductor's CPU code, the sums nothing measurable) and hands the per-tensor flags to `warn_nonfinite`, a custom op that warns at run time,
 once, naming the tensors. The skip modes decide on the host which tensors to step, so under
 ``torch.compile`` they cost a graph break per step.
 """
