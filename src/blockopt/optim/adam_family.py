@@ -46,10 +46,10 @@ class SecondMomentBatch(ParamBatch):
     sq_sums: list[Tensor] | None = None  # per-block sum(g^2), summed across ranks; None when no block is cut
     stored: dict[int, dict] = field(default_factory=dict)  # position -> compressed momentum storage (local)
 
-    def pick(self, index: Sequence[int], *, momenta: list | None = None) -> dict:
-        """The functional's per-tensor arguments for positions ``index``."""
+    def pick(self, index: Sequence[int] | None) -> dict:
+        """The functional's per-tensor arguments for positions ``index`` (None: all, the lists themselves)."""
         def at(xs):
-            return [xs[i] for i in index]
+            return xs if index is None else [xs[i] for i in index]
 
         return dict(params=at(self.params), grads=at(self.grads), exp_avg_sqs=at(self.exp_avg_sqs),
                     steps=at(self.steps), specs=at(self.layouts), weight_decays=at(self.weight_decays),

@@ -175,18 +175,14 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         group = batch.group
         beta1, beta2 = group["betas"]
 
-        def update(index: list[int], exp_avgs: list[Tensor]) -> None:
+        def update(index: list[int] | None, exp_avgs: list[Tensor]) -> None:
             adam_mini(
                 **batch.pick(index), exp_avgs=exp_avgs, lr=self._lr(group), beta1=beta1, beta2=beta2,
                 eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
             )
 
         if not batch.stored:  # every momentum kept as it is updated: the whole batch at once
-            adam_mini(
-                batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.steps, batch.layouts,
-                lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decays=batch.weight_decays,
-                maximize=group["maximize"], sq_sums=batch.sq_sums, implementation=group["implementation"],
-            )
+            update(None, batch.exp_avgs)
             return
         plain = [i for i in range(len(batch.params)) if i not in batch.stored]
         if plain:

@@ -388,13 +388,16 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         group = batch.group
         beta1, beta2 = group["betas"]
 
-        def update(index: list[int], momenta: list) -> None:
+        def update(index: list[int] | None, momenta: list) -> None:
             adapm(
                 **batch.pick(index), momenta=momenta, lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
                 fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
                 maximize=group["maximize"], collectives=collectives, implementation=group["implementation"],
             )
 
+        if not batch.stored:  # nothing compressed: the whole batch at once
+            update(None, batch.momenta)
+            return
         plain = [i for i in range(len(batch.params)) if i not in batch.stored]
         if plain:
             update(plain, [batch.momenta[i] for i in plain])
