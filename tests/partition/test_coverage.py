@@ -59,7 +59,7 @@ def test_right_or_warned_never_silent(model_type):
     expected = "structural" if model_type in STRUCTURAL else "warned" if model_type in WARNED else "unbuildable"
     assert row.status == expected, (row.error, row.warnings, silent)
     if row.status != "unbuildable":
-        assert row.tensors and row.params and row.plan_s < 1.0
+        assert row.tensors and row.params  # planning time is the sweep's figure, not a test's
     else:
         assert row.error  # listed with transformers' own reason
 
