@@ -200,6 +200,37 @@ class ChunkQuantized:
         return nibbles.to(torch.int8) - 8
 
 
+# ---- momentum stored through a codec, as a step sees it ------------------------------------
+ROUNDING_SEED = 0  # the seed of every optimizer's rounding keys (the step and the tensor vary them)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredMomentum:
+    """A first moment kept compressed between steps, handed to a step in place of ``exp_avg``.
+
+    ``stored`` are the codec's storage tensors (``(bf16,)`` or ``(codes, scales)``), which the
+    step rewrites in place; ``salt`` is the tensor's share of its rounding key. A step that
+    increments the step count to ``t`` encodes the new m with ``rounding_key(seed, t, salt)``,
+    so every implementation draws the same bits (Note [seeded rounding]).
+    """
+
+    codec: str
+    stored: tuple[Tensor, ...]
+    salt: int
+    seed: int = ROUNDING_SEED
+
+    def key(self, step: int) -> int:
+        return rounding_key(self.seed, step, self.salt)
+
+    def decode(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        return codec(self.codec).decode(self.stored, shape).to(dtype)
+
+    def encode_(self, m: Tensor, step: int) -> None:
+        """Store ``m`` (rounded as this codec rounds at ``step``) in place."""
+        for out, new in zip(self.stored, codec(self.codec).encode(m, self.key(step))):
+            out.copy_(new.reshape(out.shape))
+
+
 CODECS = {
     "bfloat16": BFloat16Rounding(),
     "int8": ChunkQuantized(bits=8),

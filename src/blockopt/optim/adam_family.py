@@ -10,18 +10,18 @@ takes those sums (``sq_sums``) instead of computing its own. With nothing cut, `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from ..distributed import Collectives, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
+from ..kernels.codecs import StoredMomentum
 from ..validation import boolean, choice, pair, real
 from . import momentum
 from .base import ParamBatch
 from .momentum import MOMENTUM_DTYPES
-from .state import EXP_AVG, stat_dtype
+from .state import EXP_AVG
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
@@ -44,30 +44,25 @@ class SecondMomentBatch(ParamBatch):
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     sq_sums: list[Tensor] | None = None  # per-block sum(g^2), summed across ranks; None when no block is cut
-    stored: dict[int, dict] = field(default_factory=dict)  # position -> compressed momentum storage (local)
 
-    def pick(self, index: Sequence[int] | None) -> dict:
-        """The functional's per-tensor arguments for positions ``index`` (None: all, the lists themselves)."""
-        def at(xs):
-            return xs if index is None else [xs[i] for i in index]
-
-        return dict(params=at(self.params), grads=at(self.grads), exp_avg_sqs=at(self.exp_avg_sqs),
-                    steps=at(self.steps), specs=at(self.layouts), weight_decays=at(self.weight_decays),
-                    sq_sums=None if self.sq_sums is None else at(self.sq_sums))
+    def arguments(self) -> dict:
+        """The functional's per-tensor arguments but the first moments."""
+        return dict(params=self.params, grads=self.grads, exp_avg_sqs=self.exp_avg_sqs, steps=self.steps,
+                    specs=self.layouts, weight_decays=self.weight_decays, sq_sums=self.sq_sums)
 
 
 class MomentumStorage:
     """What an optimizer with a ``momentum_dtype`` group setting adds to the base class
-    (Note [compressed momentum] in `blockopt.optim.momentum`): state creation, the decoded step,
-    and checkpoints that load across storages."""
+    (Note [compressed momentum] in `blockopt.optim.momentum`): state creation and checkpoints
+    that load across storages."""
 
     def _group_of(self, param: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is param for q in g["params"]))
 
     @staticmethod
-    def _keep_momentum(batch: SecondMomentBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | None:
-        """Create ``p``'s momentum on first use; the tensor the update reads in place, or None
-        when it is compressed (recorded in ``batch.stored``, decoded by `_step_decoded`)."""
+    def _keep_momentum(batch: SecondMomentBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | StoredMomentum:
+        """Create ``p``'s momentum on first use; what the update takes in place of ``exp_avg``:
+        the tensor itself, or a `StoredMomentum` where it is compressed."""
         dtype = batch.group["momentum_dtype"]
         if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
             m = state.get(EXP_AVG)
@@ -82,23 +77,7 @@ class MomentumStorage:
             state.update(momentum.create(dtype, p))
         if dtype in (None, "float32"):
             return local_tensor(state[EXP_AVG])
-        batch.stored[len(batch.params) - 1] = {k: local_tensor(v) for k, v in state.items() if k in momentum.KEYS}
-        return None
-
-    @staticmethod
-    def _step_decoded(batch: SecondMomentBatch, update: Callable[[list[int], list[Tensor]], None]) -> None:
-        """Run ``update(positions, float momenta)`` over the compressed tensors a slice at a time,
-        encoding each updated m back, so the decoded copies never outgrow the largest tensor (or
-        4M elements)."""
-        dtype = batch.group["momentum_dtype"]
-        positions = sorted(batch.stored)
-        for run in momentum.slices([batch.params[i].numel() for i in positions]):
-            index = [positions[j] for j in run]
-            decoded = [momentum.read(dtype, batch.stored[i], tuple(batch.params[i].shape), stat_dtype(batch.params[i]))
-                       for i in index]
-            update(index, decoded)
-            for i, m in zip(index, decoded):
-                momentum.write(dtype, batch.stored[i], m, name=batch.names[i], step=int(batch.steps[i]))
+        return momentum.stored(dtype, state, name)
 
     def _convert_loaded(self, state_dict: dict, pairs) -> dict:
         declared = {pid: g.get("momentum_dtype") for g in state_dict["param_groups"] for pid in g["params"]}

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..distributed import Collectives
 from ..kernels.adam_mini import adam_mini
+from ..kernels.codecs import StoredMomentum
 from ..partition import Plan
 from ..validation import boolean, check
 from ..partition.report import plan_rows, rows_table
@@ -61,7 +62,7 @@ def plan_report(plan) -> str:
 
 @dataclass
 class AdamMiniBatch(SecondMomentBatch):
-    exp_avgs: list[Tensor | None] = field(default_factory=list)  # None where compressed (batch.stored)
+    exp_avgs: list[Tensor | StoredMomentum] = field(default_factory=list)
 
 
 class AdamMini(MomentumStorage, BlockwiseOptimizer):
@@ -175,16 +176,7 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         group = batch.group
         beta1, beta2 = group["betas"]
 
-        def update(index: list[int] | None, exp_avgs: list[Tensor]) -> None:
-            adam_mini(
-                **batch.pick(index), exp_avgs=exp_avgs, lr=self._lr(group), beta1=beta1, beta2=beta2,
-                eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
-            )
-
-        if not batch.stored:  # every momentum kept as it is updated: the whole batch at once
-            update(None, batch.exp_avgs)
-            return
-        plain = [i for i in range(len(batch.params)) if i not in batch.stored]
-        if plain:
-            update(plain, [batch.exp_avgs[i] for i in plain])
-        self._step_decoded(batch, update)
+        adam_mini(
+            **batch.arguments(), exp_avgs=batch.exp_avgs, lr=self._lr(group), beta1=beta1, beta2=beta2,
+            eps=group["eps"], maximize=group["maximize"], implementation=group["implementation"],
+        )

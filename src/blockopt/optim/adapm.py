@@ -114,6 +114,7 @@ from torch import Tensor
 from ..distributed import SINGLE_PROCESS, Collectives, ShardView, is_dtensor, local_tensor, replicated_like, rows_like
 from ..kernels.adam_mini import adam_mini, block_sq_sums
 from ..kernels import block_numel, expand
+from ..kernels.codecs import StoredMomentum
 from ..partition import BlockSpec, Plan
 from ..partition.spec import ROLES
 from ..validation import check, choice, integer, real, validate
@@ -146,8 +147,9 @@ DEFAULT_MOMENTUM: dict[str, str] = {
 }
 assert set(DEFAULT_MOMENTUM) == set(ROLES)
 
-# One tensor's momentum: None (policy "none"), m (policy "full") or the factors (L, R) ("lowrank").
-Momentum = Tensor | tuple[Tensor, Tensor] | None
+# One tensor's momentum: None (policy "none"), m or its compressed storage (policy "full") or the
+# factors (L, R) ("lowrank").
+Momentum = Tensor | StoredMomentum | tuple[Tensor, Tensor] | None
 
 
 def resolve_momentum(momentum: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -373,7 +375,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                 state[EXP_AVG_L], state[EXP_AVG_R] = left, right
             state[EXP_AVG_SQ] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
         if policy == "full":
-            batch.momenta.append(self._keep_momentum(batch, name, p, state, plain))  # None: compressed
+            batch.momenta.append(self._keep_momentum(batch, name, p, state, plain))
         elif policy == "lowrank":
             batch.momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
         else:
@@ -388,20 +390,11 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         group = batch.group
         beta1, beta2 = group["betas"]
 
-        def update(index: list[int] | None, momenta: list) -> None:
-            adapm(
-                **batch.pick(index), momenta=momenta, lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
-                fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
-                maximize=group["maximize"], collectives=collectives, implementation=group["implementation"],
-            )
-
-        if not batch.stored:  # nothing compressed: the whole batch at once
-            update(None, batch.momenta)
-            return
-        plain = [i for i in range(len(batch.params)) if i not in batch.stored]
-        if plain:
-            update(plain, [batch.momenta[i] for i in plain])
-        self._step_decoded(batch, update)  # full momenta kept compressed (momentum_dtype)
+        adapm(
+            **batch.arguments(), momenta=batch.momenta, lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
+            fit_iters=group["fit_iters"], fit_lr=group["fit_lr"], residual_clip=group["residual_clip"],
+            maximize=group["maximize"], collectives=collectives, implementation=group["implementation"],
+        )
 
 
 def _policy_of(entry) -> str:
@@ -436,7 +429,7 @@ def adapm(
     """Functional AdaPM over lists of tensors (all updated in place).
 
     ``momenta[i]`` says the policy of tensor ``i``: ``None`` (no momentum), its first moment
-    (``full``), or its factors ``(L, R)`` (``lowrank``; ``L`` ``(m, r)``, ``R`` ``(r, n)`` over the
+    (``full``; a `StoredMomentum` where it is kept compressed), or its factors ``(L, R)`` (``lowrank``; ``L`` ``(m, r)``, ``R`` ``(r, n)`` over the
     matrix view ``(shape[0], numel // shape[0])``). ``exp_avg_sqs[i]`` has one value per block of
     ``specs[i]``. ``sq_sums`` hands in every tensor's per-block ``sum(g^2)`` already summed across
     ranks; otherwise, where ``collectives`` says a sharding cuts blocks, they are computed and
@@ -448,7 +441,7 @@ def adapm(
         sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
         collectives.sum_blocks(sq_sums, specs)
 
-    full = [i for i, momentum in enumerate(momenta) if isinstance(momentum, Tensor)]
+    full = [i for i, momentum in enumerate(momenta) if isinstance(momentum, (Tensor, StoredMomentum))]
     if full:
         def pick(xs):
             return [xs[i] for i in full]

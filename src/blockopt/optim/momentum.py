@@ -9,9 +9,10 @@
 ``int4``      the same with two 4-bit codes a byte
 ============  =====================================================================================
 
-Note [compressed momentum]: a step decodes a tensor's stored momentum to float32, runs the same
-update as uncompressed (any implementation), and encodes the new m back: nothing but the codes
-is kept between steps. The rounding bits are drawn from (step, the parameter's name), so a run
+Note [compressed momentum]: a step takes a compressed momentum as a `StoredMomentum` in place of
+``exp_avg``; every implementation of the step decodes it, runs the same update as uncompressed,
+and encodes the new m back (the fused kernels in registers; `kernels.adam_mini.decoded`): nothing
+but the codes is kept between steps. The rounding bits are drawn from (step, the parameter's name), so a run
 is reproducible and a resumed run bit-identical (`kernels.codecs`, Note [seeded rounding]).
 
 A checkpoint holds what the optimizer keeps (codes and scales, or ``exp_avg``) and its param
@@ -27,7 +28,8 @@ import zlib
 import torch
 from torch import Tensor
 
-from ..kernels.codecs import codec, rounding_key
+from ..distributed import local_tensor
+from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
 from .state import EXP_AVG
 
 EXP_AVG_CODES = "exp_avg_codes"  # int8/int4 momentum: the codes (flat; int4 packs two a byte)
@@ -35,7 +37,6 @@ EXP_AVG_SCALES = "exp_avg_scales"  # int8/int4 momentum: one float32 scale per c
 MOMENTUM_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 KEYS = (EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES)
-ROUNDING_SEED = 0
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
@@ -69,43 +70,20 @@ def salt(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """The momentum as the update needs it: the stored ``exp_avg`` itself (updated in place) for
-    None/float32, else a copy in ``dtype`` (the step's working dtype: float32, or float64 for
-    float64 parameters) to encode back after the update (`write`)."""
-    if momentum_dtype in (None, "float32"):
-        return state[EXP_AVG]
+def stored(momentum_dtype: str, state: dict, name: str) -> StoredMomentum:
+    """A compressed momentum's storage as a step takes it (local tensors, updated in place)."""
     if momentum_dtype == "bfloat16":
-        return state[EXP_AVG].to(dtype)
-    return codec(momentum_dtype).decode((state[EXP_AVG_CODES], state[EXP_AVG_SCALES]), shape).to(dtype)
-
-
-def write(momentum_dtype: str | None, state: dict, m: Tensor, *, name: str, step: int) -> None:
-    """Store the updated float32 ``m`` back (nothing to do where `read` gave the stored tensor)."""
-    if momentum_dtype in (None, "float32"):
-        return
-    key = rounding_key(ROUNDING_SEED, step, salt(name))
-    stored = codec(momentum_dtype).encode(m, key)
-    if momentum_dtype == "bfloat16":
-        state[EXP_AVG].copy_(stored[0].reshape(state[EXP_AVG].shape))
+        tensors = (local_tensor(state[EXP_AVG]),)
     else:
-        state[EXP_AVG_CODES].copy_(stored[0])
-        state[EXP_AVG_SCALES].copy_(stored[1])
+        tensors = (local_tensor(state[EXP_AVG_CODES]), local_tensor(state[EXP_AVG_SCALES]))
+    return StoredMomentum(momentum_dtype, tensors, salt(name), ROUNDING_SEED)
 
 
-def slices(numels: list[int], budget: int = 1 << 22) -> list[list[int]]:
-    """Consecutive runs of tensor positions whose elements add up to at most ``max(budget, the
-    largest tensor)``: how many momenta a step holds decoded at once."""
-    budget = max([budget, *numels])
-    runs: list[list[int]] = [[]]
-    used = 0
-    for i, n in enumerate(numels):
-        if runs[-1] and used + n > budget:
-            runs.append([])
-            used = 0
-        runs[-1].append(i)
-        used += n
-    return [run for run in runs if run]
+def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...]) -> Tensor:
+    """A float32 copy of the momentum in ``state``, whatever its storage."""
+    if momentum_dtype in QUANTIZED:
+        return codec(momentum_dtype).decode((state[EXP_AVG_CODES], state[EXP_AVG_SCALES]), shape)
+    return state[EXP_AVG].to(torch.float32)
 
 
 def saved_dtype(saved: dict, declared: str | None) -> str | None:

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..codecs import StoredMomentum
+
 from .batched import batched_adam_mini
+from .decoded import step_with_decoded
 from .fused import fused_adam_mini
 from .reference import block_sq_sums, reference_adam_mini
 
@@ -32,7 +35,7 @@ _STEPS = {"auto": fused_adam_mini, "fused": fused_adam_mini, "batched": batched_
 def adam_mini(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | StoredMomentum],
     exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[Tensor],
     specs: Sequence,
@@ -53,7 +56,9 @@ def adam_mini(
     ``sq_sums`` hands in each tensor's per-block ``sum(g^2)`` already summed across ranks (a
     caller stepping several param groups reduces them all at once); otherwise, when
     ``collectives`` (a `blockopt.distributed.Collectives`) says blocks are cut by a sharding,
-    they are computed and summed here with one collective.
+    they are computed and summed here with one collective. An ``exp_avgs`` entry may be a
+    `StoredMomentum` (a first moment kept compressed, ``momentum_dtype``): every implementation
+    decodes, updates and encodes it (Note [compressed momentum in a step]).
     """
     step = _STEPS.get(implementation)
     if step is None:
@@ -61,8 +66,11 @@ def adam_mini(
     if sq_sums is None and collectives is not None and collectives.cuts_blocks(specs):
         sq_sums = block_sq_sums(grads, exp_avg_sqs, specs)
         collectives.sum_blocks(sq_sums, specs)
-    step(params, grads, exp_avgs, exp_avg_sqs, steps, specs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-         weight_decays=weight_decays, maximize=maximize, sq_sums=sq_sums)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decays=weight_decays, maximize=maximize)
+    if step is fused_adam_mini:  # (the kernels take compressed momenta themselves)
+        step(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums=sq_sums, **hyper)
+    else:
+        step_with_decoded(step, params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums=sq_sums, **hyper)
 
 
 __all__ = ["IMPLEMENTATIONS", "adam_mini", "batched_adam_mini", "block_sq_sums", "fused_adam_mini", "reference_adam_mini"]

@@ -201,7 +201,7 @@ def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, bet
         return list(range(len(params)))
     take, left = [], []
     for i, (p, m) in enumerate(zip(params, exp_avgs)):  # (a gradient always has its parameter's dtype)
-        (take if p.dtype in _DTYPES and m.dtype is p.dtype else left).append(i)
+        (take if p.dtype in _DTYPES and isinstance(m, Tensor) and m.dtype is p.dtype else left).append(i)
     if take:
         def pick(xs):  # (all taken, the usual case: the lists as they are)
             return xs if not left else [xs[i] for i in take]

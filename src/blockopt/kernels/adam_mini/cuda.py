@@ -141,7 +141,7 @@ def _layout(outer: int, inner: int, segments: tuple | None) -> KernelLayout:
 
 
 def _fits(p: Tensor, g: Tensor, m: Tensor, v: Tensor, layout: KernelLayout | None) -> bool:
-    if layout is None or p.dtype not in _SUPPORTED:
+    if layout is None or p.dtype not in _SUPPORTED or not isinstance(m, Tensor):
         return False
     if layout.segments is not None:
         widest = max(units_per_block for _, units_per_block in layout.segments) * layout.inner

@@ -11,6 +11,7 @@ import torch
 
 from . import cpu, cuda
 from .batched import batched_adam_mini
+from .decoded import step_with_decoded
 from .layout import kernel_layouts
 
 BACKENDS = (cpu, cuda)  # modules with handles(p) and step(...) -> positions left over (decided from
@@ -20,7 +21,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses (DTensor, ...) dispatc
 
 def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, beta1, beta2, eps,
                     weight_decays, maximize, sq_sums=None) -> None:
-    """Same signature and results as `reference_adam_mini`."""
+    """Same signature and results as `reference_adam_mini`; a backend may take compressed first
+    moments (`StoredMomentum`) itself, the rest are decoded (Note [compressed momentum in a step])."""
     left = list(range(len(params)))
     if sq_sums is None:
         layouts = kernel_layouts(specs)
@@ -42,8 +44,9 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
         def pick(xs):
             return [xs[i] for i in left]
 
-        batched_adam_mini(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(specs), lr=lr, beta1=beta1,
+        step_with_decoded(
+            batched_adam_mini, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(specs),
+            lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decays=pick(weight_decays), maximize=maximize,
             sq_sums=None if sq_sums is None else pick(sq_sums),
         )
