@@ -64,13 +64,14 @@ def test_storage_and_true_state_bytes(dtype):
     train(model, opt, batches(2))
     w = model.head.weight
     state = opt.state[w]
-    n_chunks = -(-w.numel() // 256)
+    rows, width = w.shape
+    n_chunks = rows * -(-width // 256)  # chunks never cross a row
     expected = {
         None: {"exp_avg": (torch.float32, w.numel() * 4)},
         "float32": {"exp_avg": (torch.float32, w.numel() * 4)},
         "bfloat16": {"exp_avg": (torch.bfloat16, w.numel() * 2)},
         "int8": {"exp_avg_codes": (torch.int8, w.numel()), "exp_avg_scales": (torch.float32, 4 * n_chunks)},
-        "int4": {"exp_avg_codes": (torch.uint8, -(-w.numel() // 2)), "exp_avg_scales": (torch.float32, 4 * n_chunks)},
+        "int4": {"exp_avg_codes": (torch.uint8, rows * -(-width // 2)), "exp_avg_scales": (torch.float32, 4 * n_chunks)},
     }[dtype]
     for key, (tensor_dtype, nbytes) in expected.items():
         assert state[key].dtype == tensor_dtype and state[key].numel() * state[key].element_size() == nbytes
@@ -78,9 +79,10 @@ def test_storage_and_true_state_bytes(dtype):
     # state_bytes is the sum of what each parameter keeps, written out from the shapes
     total = 0
     for name, p in model.named_parameters():
+        r, n = (p.shape[0], p.numel() // p.shape[0]) if p.dim() >= 2 else (1, p.numel())  # rows of n elements
         momentum_bytes = {None: 4 * p.numel(), "float32": 4 * p.numel(), "bfloat16": 2 * p.numel(),
-                          "int8": p.numel() + 4 * -(-p.numel() // 256),
-                          "int4": -(-p.numel() // 2) + 4 * -(-p.numel() // 256)}[dtype]
+                          "int8": p.numel() + 4 * r * -(-n // 256),
+                          "int4": r * -(-n // 2) + 4 * r * -(-n // 256)}[dtype]
         total += 4 + 4 * opt.plan[name].n_blocks + momentum_bytes
     assert blockopt.state_bytes(opt) == total
 

@@ -7,7 +7,7 @@ a step that stores compressed state must produce their bits exactly.
 ============  ===============================================================================
 ``bfloat16``  bf16, stochastically rounded: 2 bytes an element, unbiased
 ``int8``      one signed 8-bit code an element, and one float32 scale (the chunk's absolute
-              maximum) per `chunk` elements of the flattened tensor
+              maximum) per `chunk` elements of a row (Note [chunks by row])
 ``int4``      the same at 4 bits, two codes a byte
 ============  ===============================================================================
 
@@ -112,11 +112,28 @@ class BFloat16Rounding:
         return stored[0].to(torch.float32).reshape(shape)
 
 
+def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, width)``: how a chunked codec sees a tensor of ``shape`` (Note [chunks by row])."""
+    numel = math.prod(shape)
+    if len(shape) < 2:
+        return 1, numel
+    return shape[0], (numel // shape[0] if shape[0] else 0)
+
+
 @dataclass(frozen=True)
 class ChunkQuantized:
-    """Signed integer codes with one float32 scale per ``chunk`` elements (Notes [companded
-    codes], [unbiased rounding]). Chunks run over the flattened tensor; the last may be short.
-    ``stochastic=False`` rounds to the nearest level instead (biased; kept for comparison)."""
+    """Signed integer codes with one float32 scale per ``chunk`` elements of a row (Notes
+    [companded codes], [unbiased rounding], [chunks by row]). ``stochastic=False`` rounds to the
+    nearest level instead (biased; kept for comparison).
+
+    Note [chunks by row]: a tensor with >= 2 dims is ``shape[0]`` rows of ``numel / shape[0]``
+    elements (a 1-D tensor is one row), and each row is cut into chunks of ``chunk`` elements, the
+    last one short. Codes and scales are laid out by row: int8 codes have the parameter's shape,
+    int4 codes are ``(rows, ceil(width / 2))`` bytes, scales ``(rows, ceil(width / chunk))``
+    (1-D: without the rows dim). So no chunk crosses a row, and a sharding along dim 0 (FSDP2's)
+    cuts codes and scales where it cuts the parameter. Element ``i`` of the flattened tensor draws
+    random bits ``i`` (`uniforms`).
+    """
 
     bits: int = 8
     chunk: int = 256
@@ -140,63 +157,70 @@ class ChunkQuantized:
         """L: codes run over ``[-L, L]``."""
         return 2 ** (self.bits - 1) - 1
 
-    def n_chunks(self, numel: int) -> int:
-        return -(-numel // self.chunk)
+    def shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of the codes and the scales of a tensor of ``shape``."""
+        rows, width = rows_of(shape)
+        n_chunks = -(-width // self.chunk)
+        if len(shape) < 2:  # (a 0-d tensor too)
+            return (width if self.bits == 8 else -(-width // 2),), (n_chunks,)
+        return (tuple(shape) if self.bits == 8 else (rows, -(-width // 2))), (rows, n_chunks)
 
     def storage(self, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
-        numel = math.prod(shape)
-        n_codes = numel if self.bits == 8 else -(-numel // 2)
+        codes, scales = self.shapes(tuple(shape))
         dtype = torch.int8 if self.bits == 8 else torch.uint8
-        return (torch.zeros(n_codes, dtype=dtype, device=device),
-                torch.zeros(self.n_chunks(numel), dtype=torch.float32, device=device))
+        return torch.zeros(codes, dtype=dtype, device=device), torch.zeros(scales, dtype=torch.float32, device=device)
 
     def bytes_per_element(self) -> float:
+        """At rows whose width is a multiple of ``chunk`` (short chunks cost more)."""
         return self.bits / 8 + 4 / self.chunk
 
-    def _chunks(self, x: Tensor) -> Tensor:
-        """The flattened tensor as ``(n_chunks, chunk)``, the last chunk padded with zeros."""
-        flat = x.reshape(-1)
-        pad = self.n_chunks(flat.numel()) * self.chunk - flat.numel()
-        return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.chunk)
+    def _chunks(self, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``x`` (of ``shape``) as ``(rows, n_chunks, chunk)``, each row's last chunk padded with zeros."""
+        rows, width = rows_of(shape)
+        pad = -width % self.chunk
+        return torch.nn.functional.pad(x.reshape(rows, width), (0, pad)).reshape(rows, (width + pad) // self.chunk, self.chunk)
 
     def encode(self, x: Tensor, key: int) -> tuple[Tensor, ...]:
-        numel = x.numel()
-        chunks = self._chunks(x.to(torch.float32))
-        scales = chunks.abs().amax(dim=1)
+        shape = tuple(x.shape)
+        rows, width = rows_of(shape)
+        chunks = self._chunks(x.to(torch.float32), shape)
+        scales = chunks.abs().amax(dim=2)
         L = self.levels
         # |x| in level units: level k sits at k**power
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        a = (chunks.abs() / safe[:, None]).clamp(max=1.0) * float(L**self.power)
+        a = (chunks.abs() / safe[..., None]).clamp(max=1.0) * float(L**self.power)
         k = a.pow(1.0 / self.power).floor().clamp(max=L - 1)
         k = torch.where(k.pow(self.power) > a, k - 1, k)  # a root rounded up past a level
         lo = k.pow(self.power)
         up = (a - lo) / ((k + 1).pow(self.power) - lo)  # probability of the level above
-        u = uniforms(key, chunks.numel(), x.device).reshape(chunks.shape) if self.stochastic else 0.5
+        u = self._chunks(uniforms(key, rows * width, x.device), shape) if self.stochastic else 0.5
         q = (k + (u < up).to(k.dtype)) * chunks.sign()
-        q = q.reshape(-1)[:numel].to(torch.int8)
-        return self._pack(q), scales
+        q = q.reshape(rows, chunks.shape[1] * self.chunk)[:, :width].to(torch.int8)
+        codes_shape, scales_shape = self.shapes(shape)
+        return self._pack(q).reshape(codes_shape), scales.reshape(scales_shape)
 
     def decode(self, stored: tuple[Tensor, ...], shape: tuple[int, ...]) -> Tensor:
         codes, scales = stored
-        numel = math.prod(shape)
-        q = self._unpack(codes, numel).to(torch.float32) / self.levels
+        rows, width = rows_of(tuple(shape))
+        q = self._unpack(codes.reshape(rows, codes.numel() // max(rows, 1)), width).to(torch.float32) / self.levels
         values = q.abs().pow(self.power) * q.sign() if self.power != 1 else q
-        values = self._chunks(values) * scales[:, None]
-        return values.reshape(-1)[:numel].reshape(shape)
+        values = self._chunks(values, shape) * scales.reshape(rows, -1 if rows else 0)[..., None]
+        return values.reshape(rows, values.shape[1] * self.chunk)[:, :width].reshape(shape)
 
     def _pack(self, q: Tensor) -> Tensor:
+        """``(rows, width)`` codes as bytes: int8 as they are, int4 two a byte along each row (the
+        lower nibble first; an odd row ends with a zero code)."""
         if self.bits == 8:
             return q
         nibbles = (q + 8).to(torch.uint8)  # -7..7 -> 1..15
-        if nibbles.numel() % 2:
-            nibbles = torch.cat([nibbles, nibbles.new_full((1,), 8)])
-        pairs = nibbles.reshape(-1, 2)
-        return pairs[:, 0] | (pairs[:, 1] << 4)
+        if nibbles.shape[1] % 2:
+            nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
+        return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
 
-    def _unpack(self, codes: Tensor, numel: int) -> Tensor:
+    def _unpack(self, codes: Tensor, width: int) -> Tensor:
         if self.bits == 8:
             return codes
-        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=1).reshape(-1)[:numel]
+        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(codes.shape[0], 2 * codes.shape[1])[:, :width]
         return nibbles.to(torch.int8) - 8
 
 
