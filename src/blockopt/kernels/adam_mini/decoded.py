@@ -20,9 +20,10 @@ from .. import stat_dtype
 SLICE_ELEMENTS = 1 << 22
 
 
-def slices(numels: Sequence[int], budget: int = SLICE_ELEMENTS) -> list[list[int]]:
-    """Consecutive runs of positions whose elements add up to at most ``max(budget, the largest)``."""
-    budget = max([budget, *numels])
+def slices(numels: Sequence[int], budget: int | None = None) -> list[list[int]]:
+    """Consecutive runs of positions whose elements add up to at most ``max(budget, the largest)``
+    (``budget``: `SLICE_ELEMENTS` by default)."""
+    budget = max([SLICE_ELEMENTS if budget is None else budget, *numels])
     runs: list[list[int]] = [[]]
     used = 0
     for i, n in enumerate(numels):
@@ -34,13 +35,13 @@ def slices(numels: Sequence[int], budget: int = SLICE_ELEMENTS) -> list[list[int
     return [run for run in runs if run]
 
 
-def step_with_decoded(step: Callable, params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, sq_sums=None,
-                      **hyper) -> None:
+def step_with_decoded(step: Callable, params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, weight_decays,
+                      sq_sums=None, **hyper) -> None:
     """Run ``step`` (an implementation taking float ``exp_avgs``) over lists where some first
     moments are `StoredMomentum` (Note [compressed momentum in a step])."""
     stored = [i for i, m in enumerate(exp_avgs) if isinstance(m, StoredMomentum)]
     if not stored:
-        step(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums=sq_sums, **hyper)
+        step(params, grads, exp_avgs, exp_avg_sqs, steps, specs, weight_decays=weight_decays, sq_sums=sq_sums, **hyper)
         return
 
     def run(index: list[int], momenta: list[Tensor]) -> None:
@@ -48,7 +49,7 @@ def step_with_decoded(step: Callable, params, grads, exp_avgs, exp_avg_sqs, step
             return [xs[i] for i in index]
 
         step(pick(params), pick(grads), momenta, pick(exp_avg_sqs), pick(steps), pick(specs),
-             sq_sums=None if sq_sums is None else pick(sq_sums), **hyper)
+             sq_sums=None if sq_sums is None else pick(sq_sums), **{**hyper, "weight_decays": pick(weight_decays)})
 
     taken = set(stored)
     plain = [i for i in range(len(params)) if i not in taken]
