@@ -234,17 +234,24 @@ class StoredMomentum:
 
     ``stored`` are the codec's storage tensors (``(bf16,)`` or ``(codes, scales)``), which the
     step rewrites in place; ``salt`` is the tensor's share of its rounding key. A step that
-    increments the step count to ``t`` encodes the new m with ``rounding_key(seed, t, salt)``,
-    so every implementation draws the same bits (Note [seeded rounding]).
+    increments the step count to ``t`` encodes the new m with ``key(t)``, so every
+    implementation draws the same bits (Note [seeded rounding]).
+
+    ``offset``: where the stored tensor starts in the flattened whole tensor, for a shard of a
+    sharded parameter that is one contiguous run of it. Element ``i`` of the shard draws the bits
+    of element ``offset + i`` of the whole, so a run draws the same bits at any world size: since
+    ``random_bits`` hashes ``i * GOLDEN + key``, the offset is a shift of the key,
+    ``key(t) = rounding_key(seed, t, salt) + offset * GOLDEN`` (mod 2**32; 0 when unsharded).
     """
 
     codec: str
     stored: tuple[Tensor, ...]
     salt: int
     seed: int = ROUNDING_SEED
+    offset: int = 0
 
     def key(self, step: int) -> int:
-        return rounding_key(self.seed, step, self.salt)
+        return (rounding_key(self.seed, step, self.salt) + self.offset * _GOLDEN) & _MASK32
 
     def decode(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         return codec(self.codec).decode(self.stored, shape).to(dtype)
