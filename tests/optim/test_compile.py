@@ -186,3 +186,27 @@ def test_a_compiled_training_step_matches_eager_with_no_break_in_the_optimizer()
     _backward(model, data[0])
     explanation = torch._dynamo.explain(lambda: (opt.step(), opt.zero_grad()))()
     assert explanation.graph_break_count == 0
+
+
+def test_a_compiled_int8_fused_step_is_the_eager_step():
+    """The fused CPU kernel steps int8 codes inside the graph, the rounding key mixed from the step
+    tensor in C++: compiled and eager steps write the same codes, scales and parameters, bit for
+    bit (float32 parameters: float64 ones leave compressed momenta to the decoded path)."""
+    _fused_kernel_or_skip("fused")
+    data = batches(3)
+    models = [make_tiny(torch.float32) for _ in range(2)]
+    eager, opt = (blockopt.AdamMini(m, lr=1e-2, weight_decay=0.1, momentum_dtype="int8", implementation="fused")
+                  for m in models)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(opt.step, backend=counter)
+    _train(models[0], eager, data, eager.step)
+    _train(models[1], opt, data, compiled_step)
+    assert counter.frame_count >= 1
+    kernel_calls = [node for graph in counter.graphs for node in graph.graph.nodes
+                    if node.target is torch.ops.blockopt.adam_mini_step]
+    assert kernel_calls  # the step ran the kernel inside a graph
+    for (name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
+        assert torch.equal(a, b), name
+        assert set(opt.state[a]) >= {"exp_avg_codes", "exp_avg_scales"}
+        for key, value in opt.state[a].items():
+            assert torch.equal(value, eager.state[b][key]), f"{name} {key}"

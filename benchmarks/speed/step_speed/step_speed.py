@@ -1,7 +1,9 @@
-"""Optimizer step time on the CPU: blockopt AdamMini (each implementation) against its peers.
+"""Optimizer step time on the CPU: blockopt AdamMini (each implementation, and the fused step with
+each compressed ``momentum_dtype``) against its peers.
 
     python benchmarks/speed/step_speed/step_speed.py                  # CPU: results/cpu
     python benchmarks/speed/step_speed/step_speed.py --device cuda    # GPU: results/cuda
+    python benchmarks/speed/step_speed/step_speed.py --models llama-gqa --peers fused --out /tmp/x   # a quick look
 
 Every peer steps the same model with the same fixed random gradients (no backward pass), in one
 process, after a warm-up step, in interleaved rounds (the order rotates each round); medians and
@@ -82,6 +84,9 @@ DEFAULT_MODELS = {"cpu": ["gpt2-small-untied", "llama-gqa", "2000-linears"], "cu
 
 
 # ---- peers --------------------------------------------------------------------------------
+MOMENTUM_DTYPES = ("bfloat16", "int8", "int4")
+
+
 def peers(model: nn.Module, heads: dict) -> dict:
     """name -> a function building the optimizer (built lazily: each holds its own state)."""
     out = {
@@ -91,6 +96,11 @@ def peers(model: nn.Module, heads: dict) -> dict:
     for impl in ("fused", "batched", "reference"):
         out[f"blockopt AdamMini[{impl}]"] = lambda impl=impl: blockopt.AdamMini(
             model, lr=LR, n_heads=heads["n_heads"], n_kv_heads=heads["n_kv_heads"], implementation=impl
+        )
+    for momentum_dtype in MOMENTUM_DTYPES:  # compressed first moments, stepped by the fused kernels
+        out[f"blockopt AdamMini[fused, {momentum_dtype} m]"] = lambda momentum_dtype=momentum_dtype: blockopt.AdamMini(
+            model, lr=LR, n_heads=heads["n_heads"], n_kv_heads=heads["n_kv_heads"], implementation="fused",
+            momentum_dtype=momentum_dtype,
         )
     try:
         import adam_mini
@@ -185,7 +195,7 @@ def kernel_build_seconds() -> dict:
         return {"first_build_s": run(True), "cached_load_s": run(False)}
 
 
-def bench_model(name: str, rounds: int, device: torch.device) -> dict:
+def bench_model(name: str, rounds: int, device: torch.device, only: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model, heads = MODELS[name]()
     model.to(device)
@@ -197,6 +207,8 @@ def bench_model(name: str, rounds: int, device: torch.device) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for peer, build in peers(model, heads).items():
+            if only and peer != "AdamW(fused)" and not any(part in peer for part in only):
+                continue
             opts[peer] = build()
             first[peer] = timed(opts[peer].step, device)
     times = {peer: [] for peer in opts}
@@ -222,11 +234,11 @@ def bench_model(name: str, rounds: int, device: torch.device) -> dict:
 
 
 def table(models: dict) -> str:
-    lines = [f"{'model':18s} {'optimizer':28s} {'ms/step':>9s} {'vs AdamW(fused)':>16s} {'first step +ms':>15s} {'peak extra MB':>14s}"]
+    lines = [f"{'model':18s} {'optimizer':38s} {'ms/step':>9s} {'vs AdamW(fused)':>16s} {'first step +ms':>15s} {'peak extra MB':>14s}"]
     for model, result in models.items():
         for peer, r in result["peers"].items():
             lines.append(
-                f"{model:18s} {peer:28s} {r['median_ms']:9.1f} {r['ratio_to_fused_adamw']:15.2f}x "
+                f"{model:18s} {peer:38s} {r['median_ms']:9.1f} {r['ratio_to_fused_adamw']:15.2f}x "
                 f"{r['first_step_extra_ms']:15.0f} {r['peak_extra_mb']:14.1f}"
             )
     return "\n".join(lines)
@@ -271,6 +283,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all but llama-1b on the CPU, all on CUDA")
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per peer (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", nargs="+", metavar="PART",
+                        help="only the peers whose name contains one of these (AdamW(fused) always runs)")
     parser.add_argument("--out", type=Path, help="the run's folder (default: results/cpu, results/cuda on CUDA)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -286,9 +300,9 @@ def main() -> None:
     if device.type == "cpu":
         results["fused_kernel"] = kernel_build_seconds() if fused_cpu.available() else {"available": False}
         print("fused kernel:", results["fused_kernel"], flush=True)
-    results["models"] = {name: bench_model(name, args.rounds, device) for name in names}
+    results["models"] = {name: bench_model(name, args.rounds, device, args.peers) for name in names}
     print("\n" + table(results["models"]))
-    settings = {"device": args.device, "models": names, "rounds": args.rounds, "lr": LR}
+    settings = {"device": args.device, "models": names, "rounds": args.rounds, "lr": LR, "peers": args.peers}
     path = write_result(out, name="step_speed", settings=settings, results=results, environment=env)
     plot(read_result(path), out / "step_speed.png")
     print(f"\nwrote {path} and step_speed.png")

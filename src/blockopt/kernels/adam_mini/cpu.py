@@ -13,13 +13,19 @@ virtual environments on one machine (another torch, another Python) then each ke
 build instead of rebuilding over each other's, and an edited source never loads a stale build.
 
 Note [which tensors the kernel takes]: CPU tensors of float32, float64, bfloat16 or float16, the
-gradient and first moment in the parameter's dtype, whose blocks are contiguous ranges of units
-along a run of consecutive dims (`KernelLayout`): rows, heads, whole, fused row or column
-segments, experts (``block_dims=(0, 1)``), columns of an ``(in, out)`` weight, and the
-per-coordinate rule (as plain Adam). A tensor that is not contiguous is stepped through a
-contiguous copy. Everything else, and every step whose block sums were summed across ranks
-first (``sq_sums``), runs batched (`fused.fused_adam_mini` sees to that). The choice is made
-from dtypes, devices and layouts alone, never from values: a compiled step makes it while tracing.
+gradient in the parameter's dtype and the first moment either in it too or compressed (a
+`StoredMomentum` of the ``bfloat16``, ``int8`` or ``int4`` codec, for float32, bfloat16 and
+float16 parameters: the kernel decodes, updates and encodes it in registers, with the codes of
+the decoded path), whose blocks are contiguous ranges of units along a run of consecutive dims
+(`KernelLayout`): rows, heads, whole, fused row or column segments, experts
+(``block_dims=(0, 1)``), columns of an ``(in, out)`` weight, and the per-coordinate rule (as plain
+Adam). A plain first moment may also be float32 for a bf16 or float16 parameter
+(``momentum_dtype="float32"``). One kernel call steps each kind of first moment. A tensor that is
+not contiguous is stepped through a contiguous copy. Everything else (such as a compressed m of a
+float64 parameter, whose m is decoded to float64), and every step whose block sums were
+summed across ranks first (``sq_sums``), runs batched, decoded where compressed
+(`fused.fused_adam_mini` sees to that). The choice is made from dtypes, devices, storages and
+layouts alone, never from values: a compiled step makes it while tracing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..codecs import StoredMomentum
 from .layout import kernel_args
 
 _SOURCE = Path(__file__).parent / "csrc" / "adam_mini_cpu.cpp"
@@ -190,26 +197,57 @@ def handles(p: Tensor) -> bool:
 
 
 _DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+PLAIN = 0  # the kernel's momentum_codec for a first moment in the parameter's dtype
+# The codecs the C++ code implements, by their momentum_codec: as `codecs.CODECS` defines them
+# (ChunkQuantized with chunk=256, power=2 and stochastic rounding; tested).
+KERNEL_CODECS = {"bfloat16": 1, "int8": 2, "int4": 3}
+_LOW_PRECISION = frozenset((torch.bfloat16, torch.float16))
+# Compressed momenta of these parameter dtypes (float32 math; float64 ones are decoded to float64).
+_COMPRESSED_DTYPES = _LOW_PRECISION | {torch.float32}
+
+
+def _codec_number(p: Tensor, m) -> int | None:
+    """The kernel's momentum_codec for this parameter and first moment, or None where it doesn't take them."""
+    if isinstance(m, Tensor):  # (in float32 for a bf16/fp16 parameter: momentum_dtype="float32")
+        return PLAIN if m.dtype is torch.float32 and p.dtype in _LOW_PRECISION else None
+    if isinstance(m, StoredMomentum) and p.dtype in _COMPRESSED_DTYPES and m.codec in KERNEL_CODECS:
+        return KERNEL_CODECS[m.codec]
+    return None
 
 
 def step(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, *, lr, beta1, beta2, eps, weight_decays, maximize) -> list[int]:
     """Steps every tensor the kernel takes (Note [which tensors the kernel takes]) with one kernel
-    call; returns the positions of the others (all of them if the kernel can't be built), for the
-    caller to step another way. The caller hands in CPU tensors with a `KernelLayout`; the choice
-    here is made from dtypes alone, so a compiled step makes it while tracing."""
+    call per momentum storage; returns the positions of the others (all of them if the kernel
+    can't be built), for the caller to step another way. The caller hands in CPU tensors with a
+    `KernelLayout`; the choice here is made from dtypes and storages alone, so a compiled step
+    makes it while tracing."""
     if not available():
         return list(range(len(params)))
-    take, left = [], []
+    plain, by_codec, left = [], {}, []
     for i, (p, m) in enumerate(zip(params, exp_avgs)):  # (a gradient always has its parameter's dtype)
-        (take if p.dtype in _DTYPES and isinstance(m, Tensor) and m.dtype is p.dtype else left).append(i)
-    if take:
+        if isinstance(m, Tensor) and m.dtype is p.dtype and p.dtype in _DTYPES:  # the usual case, kept cheap
+            plain.append(i)
+        elif (number := _codec_number(p, m)) is not None:
+            by_codec.setdefault(number, []).append(i)
+        else:
+            left.append(i)
+    if plain:
+        by_codec.setdefault(PLAIN, []).extend(plain)
+    # lr is read from a tensor, so that a tensor lr (a compiled step's scheduler) is never a constant
+    lr = lr if isinstance(lr, Tensor) or not by_codec else torch.tensor(lr, dtype=torch.float64)
+    for number, take in by_codec.items():
         def pick(xs):  # (all taken, the usual case: the lists as they are)
-            return xs if not left else [xs[i] for i in take]
+            return xs if len(take) == len(params) else [xs[i] for i in take]
 
-        # lr is read from a tensor, so that a tensor lr (a compiled step's scheduler) is never a constant
-        lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
+        momenta = pick(exp_avgs)
+        if number == PLAIN:
+            stored, scales, keys = momenta, [], ([], [], [])
+        else:  # (StoredMomentum.key's parts: the kernel mixes each key with its new step count)
+            stored = [m.stored[0] for m in momenta]
+            scales = [m.stored[1] for m in momenta] if len(momenta[0].stored) > 1 else []
+            keys = ([m.salt for m in momenta], [m.seed for m in momenta], [m.offset for m in momenta])
         torch.ops.blockopt.adam_mini_step(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), *kernel_args(pick(layouts)),
-            lr, beta1, beta2, eps, [float(wd) for wd in pick(weight_decays)], maximize,
+            pick(params), pick(grads), stored, pick(exp_avg_sqs), pick(steps), *kernel_args(pick(layouts)),
+            lr, beta1, beta2, eps, [float(wd) for wd in pick(weight_decays)], maximize, number, scales, *keys,
         )
     return left

@@ -19,6 +19,20 @@
 //     columns would keep g in L2, but their strided rows streamed ~1.5x slower than whole rows.)
 //   no segments (coordinate rule): every element is a block, i.e. plain Adam with v per element.
 //
+// Compressed first moments (momentum_codec 1-3: bf16, int8, int4; kernels/codecs.py holds the
+// definitions): m is stepped one codec chunk at a time (256 elements of a row, Note [chunks by
+// row]): decoded into a float32 buffer on the stack, updated with p, and encoded back with
+// stochastic rounding, in one pass over memory. The random bits are codecs.py's (murmur3's
+// finalizer of the element index and the key), the key mixed here from the seed, the salt and
+// the step count this call increments, so the codes equal those of the decoded path bit for bit.
+//   outer == 1: the tasks' blocks are cut into groups that end where a chunk ends (a row's
+//     blocks, or the blocks up to a row's end): a group's sums first, then its chunks.
+//   outer > 1: the column sums as above, then the update in element ranges that start and end
+//     where chunks do. A layout with one block (the whole rule) is stepped as one contiguous run.
+//   per coordinate: chunk-aligned element ranges.
+//
+// A plain m is in the parameter's dtype, or float32 for a bf16/fp16 parameter (momentum_dtype="float32").
+//
 // Numerics mirror `_reference_adam_mini` op for op: math in float32 (float64 for float64
 // params), rounding once on store, and fma exactly where ATen's vectorised kernels use it (lerp,
 // add with alpha). What differs: the summation order of g^2, and sqrt (correctly rounded here;
@@ -89,6 +103,23 @@ struct Pack {
     for (int k = 0; k < K; ++k) {
       const int64_t n = std::clamp<int64_t>(count - k * Vec::size(), 0, Vec::size());
       if (n > 0) in[k].store(dst + k * Vec::size(), n);
+    }
+  }
+  // A first moment in the parameter's dtype (the plain step) or in the math type (a decoded chunk).
+  template <typename m_t>
+  static void load_m(const m_t* src, Vec* out, int64_t count) {
+    if constexpr (std::is_same_v<m_t, scalar_t>) {
+      load(src, out, count);
+    } else {
+      load_math(src, out, count);
+    }
+  }
+  template <typename m_t>
+  static void store_m(m_t* dst, const Vec* in, int64_t count) {
+    if constexpr (std::is_same_v<m_t, scalar_t>) {
+      store(dst, in, count);
+    } else {
+      store_math(dst, in, count);
     }
   }
 };
@@ -184,21 +215,194 @@ void accumulate_squares(const scalar_t* g, opmath_t* acc, int64_t n) {
 }
 
 // Pass 2 over a contiguous run; denom_at(i, out, count) puts the denominators of elements
-// i, i + 1, ... into `out`.
-template <typename scalar_t, typename DenomAt>
-void update_run(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, const Coeffs<at::opmath_type<scalar_t>>& c,
+// i, i + 1, ... into `out`. m is in the parameter's dtype, or float32 (a decoded chunk).
+template <typename scalar_t, typename m_t, typename DenomAt>
+void update_run(scalar_t* p, const scalar_t* g, m_t* m, int64_t n, const Coeffs<at::opmath_type<scalar_t>>& c,
                 DenomAt&& denom_at) {
   using P = Pack<scalar_t>;
   for_each_pack<P::kSize>(n, [&](int64_t i, auto count) {
     typename P::Vec pv[P::K], gv[P::K], mv[P::K], dv[P::K];
     P::load(p + i, pv, count);
     P::load(g + i, gv, count);
-    P::load(m + i, mv, count);
+    P::load_m(m + i, mv, count);
     denom_at(i, dv, count);
     for (int k = 0; k < P::K; ++k) c.update(pv[k], mv[k], gv[k], dv[k]);
     P::store(p + i, pv, count);
-    P::store(m + i, mv, count);
+    P::store_m(m + i, mv, count);
   });
+}
+
+// Plain Adam (one second moment per element) over a contiguous run.
+template <typename scalar_t, typename m_t>
+void update_coordinates(scalar_t* p, const scalar_t* g, m_t* m, at::opmath_type<scalar_t>* v, int64_t n,
+                        const Coeffs<at::opmath_type<scalar_t>>& c) {
+  using P = Pack<scalar_t>;
+  for_each_pack<P::kSize>(n, [&](int64_t i, auto count) {
+    typename P::Vec pv[P::K], gv[P::K], mv[P::K], vv[P::K];
+    P::load(p + i, pv, count);
+    P::load(g + i, gv, count);
+    P::load_m(m + i, mv, count);
+    P::load_math(v + i, vv, count);
+    for (int k = 0; k < P::K; ++k) c.update(pv[k], mv[k], gv[k], c.denom(vv[k], gv[k]));
+    P::store(p + i, pv, count);
+    P::store_m(m + i, mv, count);
+    P::store_math(v + i, vv, count);
+  });
+}
+
+// ---- compressed first moments --------------------------------------------------------------
+// What codecs.py defines, for the codecs the optimizers use: BFloat16Rounding, and
+// ChunkQuantized(bits=8 or 4, chunk=256, power=2) with stochastic rounding. Every float op here
+// is the one the Python codec runs (division where it divides, no fma), so the bits agree.
+enum Codec : int64_t { kPlain = 0, kBFloat16 = 1, kInt8 = 2, kInt4 = 3 };
+constexpr int64_t kCodecChunk = 256;
+
+// murmur3's 32-bit finalizer
+inline uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+constexpr uint32_t kGolden = 0x9E3779B1u;  // codecs._GOLDEN
+
+// StoredMomentum.key: the key of one tensor's rounding at step t (the step count after this step),
+// codecs.rounding_key shifted by `offset` elements (a shard that starts there in its whole tensor).
+uint32_t rounding_key(int64_t seed, double step, int64_t salt, int64_t offset) {
+  const auto t = static_cast<uint32_t>(static_cast<int64_t>(step));
+  const uint32_t key = mix32(mix32(mix32(static_cast<uint32_t>(seed)) ^ t) ^ static_cast<uint32_t>(salt));
+  return key + static_cast<uint32_t>(offset) * kGolden;
+}
+
+// codecs.random_bits of elements first .. first + n - 1 of the flattened tensor.
+void random_bits(uint32_t key, int64_t first, int64_t n, uint32_t* out) {
+  const uint32_t start = static_cast<uint32_t>(first) * kGolden + key;  // (index * golden + key) mod 2^32
+  for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) out[j] = mix32(start + j * kGolden);
+}
+
+// A compressed first moment, laid out by rows of `width` elements (Note [chunks by row]).
+struct Stored {
+  Codec codec = kPlain;
+  void* data = nullptr;     // bf16 values, int8 codes or packed int4 codes
+  float* scales = nullptr;  // (rows, chunks_per_row), int8/int4
+  int64_t width = 0, chunks_per_row = 0, row_bytes = 0;
+  uint32_t key = 0;
+
+  // Decodes elements [x, x + n) (one chunk: column c of row r) into `m`. A code q stands for
+  // scale * sign(q) * (|q| / L)^2, computed as the codec does: ((q / L)^2 with q's sign) * scale.
+  void decode(int64_t r, int64_t c, int64_t n, float* m) const {
+    if (codec == kBFloat16) {
+      const auto* src = static_cast<const c10::BFloat16*>(data) + r * width + c;
+      for (int64_t j = 0; j < n; ++j) m[j] = static_cast<float>(src[j]);
+      return;
+    }
+    const float scale = scales[r * chunks_per_row + c / kCodecChunk];
+    if (codec == kInt8) {
+      const auto* q = static_cast<const int8_t*>(data) + r * width + c;
+      for (int64_t j = 0; j < n; ++j) {
+        const float t = static_cast<float>(q[j]) / 127.0f;
+        m[j] = std::copysign(t * t, t) * scale;
+      }
+      return;
+    }
+    const auto* bytes = static_cast<const uint8_t*>(data) + r * row_bytes + c / 2;  // c is even
+    for (int64_t j = 0; j < n / 2; ++j) {  // two codes a byte, the lower nibble first
+      m[2 * j] = level(bytes[j] & 0xF, scale);
+      m[2 * j + 1] = level(bytes[j] >> 4, scale);
+    }
+    if (n % 2) m[n - 1] = level(bytes[n / 2] & 0xF, scale);
+  }
+
+  // An int4 code's value, from its nibble (q + 8).
+  static float level(int nibble, float scale) {
+    const float t = static_cast<float>(nibble - 8) / 7.0f;
+    return std::copysign(t * t, t) * scale;
+  }
+
+  // Encodes `m` (elements [x, x + n), column c of row r) with the codec's stochastic rounding.
+  void encode(int64_t r, int64_t c, int64_t n, const float* m) const {
+    const int64_t x = r * width + c;
+    alignas(64) uint32_t bits[kCodecChunk];
+    random_bits(key, x, n, bits);
+    if (codec == kBFloat16) {
+      // Add the top 16 random bits below the bf16 part and truncate; inf and nan convert as they are.
+      auto* dst = static_cast<uint16_t*>(data) + x;
+      for (int64_t j = 0; j < n; ++j) {
+        const auto value = c10::bit_cast<uint32_t>(m[j]);
+        const bool finite = (value & 0x7F800000u) != 0x7F800000u;
+        dst[j] = finite ? static_cast<uint16_t>((value + (bits[j] >> 16)) >> 16) : c10::BFloat16(m[j]).x;
+      }
+      return;
+    }
+    alignas(64) float u[kCodecChunk];  // codecs.uniforms: (bits >> 8) / 2^24
+    for (int64_t j = 0; j < n; ++j) u[j] = static_cast<float>(static_cast<int32_t>(bits[j] >> 8)) * 0x1p-24f;
+    const int levels = codec == kInt8 ? 127 : 7;
+    alignas(64) float q[kCodecChunk];
+    const float scale = quantize(m, u, n, levels, q);
+    scales[r * chunks_per_row + c / kCodecChunk] = scale;
+    if (codec == kInt8) {
+      auto* dst = static_cast<int8_t*>(data) + x;
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<int8_t>(q[j]);
+      return;
+    }
+    auto* dst = static_cast<uint8_t*>(data) + r * row_bytes + c / 2;
+    for (int64_t j = 0; j < n / 2; ++j) {  // two codes a byte, the lower nibble first
+      dst[j] = static_cast<uint8_t>((static_cast<int>(q[2 * j]) + 8) | ((static_cast<int>(q[2 * j + 1]) + 8) << 4));
+    }
+    if (n % 2) dst[n / 2] = static_cast<uint8_t>((static_cast<int>(q[n - 1]) + 8) | (8 << 4));  // a row's odd end
+  }
+
+  // ChunkQuantized.encode of one chunk: the codes into q (as floats), returns the scale.
+  static float quantize(const float* m, const float* u, int64_t n, int levels, float* q) {
+    using Vec = Vectorized<float>;
+    Vec absmax(0.0f);
+    for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
+      absmax = at::vec::maximum(absmax, Vec::loadu(m + j, count).abs());  // (a short load pads with 0)
+    });
+    const float scale = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, absmax);
+    const Vec safe(scale > 0 ? scale : 1.0f), top(static_cast<float>(levels * levels)), below_top(levels - 1),
+        one(1.0f), zero(0.0f);
+    for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
+      const Vec x = Vec::loadu(m + j, count);
+      const Vec a = at::vec::minimum(x.abs() / safe, one) * top;  // |x| in level units: level k at k^2
+      Vec k = at::vec::minimum(a.sqrt().floor(), below_top);
+      k = Vec::blendv(k, k - one, k * k > a);  // a root rounded up past its level
+      const Vec low = k * k, next = k + one;
+      const Vec up = (a - low) / (next * next - low);  // the probability of the level above
+      const Vec level = k + (Vec::loadu(u + j, count) < up & one);
+      Vec::blendv(level, zero - level, x < zero).store(q + j, count);  // (k = 0 at x = 0)
+    });
+    return scale;
+  }
+};
+
+// Steps elements [begin, end) of a tensor whose first moment is compressed, a chunk at a time:
+// decode m into a float32 buffer, update(x, n, m) the parameter and m over elements [x, x + n),
+// encode m back. [begin, end) starts and ends where chunks do.
+template <typename Update>
+void step_chunks(const Stored& stored, int64_t begin, int64_t end, Update&& update) {
+  alignas(64) float m[kCodecChunk];
+  for (int64_t x = begin; x < end;) {
+    const int64_t r = x / stored.width, c = x % stored.width, n = std::min(kCodecChunk, stored.width - c);
+    stored.decode(r, c, n, m);
+    update(x, n, m);
+    stored.encode(r, c, n, m);
+    x += n;
+  }
+}
+
+// Whether element offset x is where a chunk starts (or the tensor ends).
+bool chunk_bound(const Stored& stored, int64_t x) {
+  return x % stored.width % kCodecChunk == 0;
+}
+
+// The first chunk bound at or after x.
+int64_t next_chunk_bound(const Stored& stored, int64_t x) {
+  const int64_t c = x % stored.width;
+  if (c % kCodecChunk == 0) return x;
+  return x - c + std::min(stored.width, (c / kCodecChunk + 1) * kCodecChunk);
 }
 
 // What pass 1 of a column-blocked tensor hands to its pass 2.
@@ -219,10 +423,14 @@ struct Job {
   const int64_t* bounds;  // n_blocks + 1 unit offsets; nullptr: every element is a block
   double weight_decay, step;
   std::shared_ptr<ColumnSums> columns;  // set when outer > 1
+  Stored stored;                        // a compressed first moment (codec kPlain: m is `m`)
+  bool m_in_math_type = false;          // m in float32 for a bf16/fp16 parameter
 };
 
 // kBlocks: blocks [begin, end) of a contiguous layout (elements for a coordinate layout).
 // kSums / kUpdate: pass 1 / pass 2 of chunk `begin` of a column-blocked tensor.
+// With a compressed first moment, kBlocks ranges of blocks end where a chunk ends, and
+// coordinate and kUpdate tasks are element ranges [begin, end) that start and end at chunks.
 struct Task {
   enum Kind { kBlocks, kSums, kUpdate } kind;
   int64_t job, begin, end;
@@ -233,30 +441,117 @@ struct Hyper {
   bool maximize;
 };
 
+// Pass 1 of chunk task.begin of a column-blocked tensor: its rows' per-column sums of g^2. The
+// last chunk in adds up the chunks, then each block's columns, into per-column denominators.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void column_sums(const Job& job, const Task& task, const Coeffs<opmath_t>& c) {
+  ColumnSums& cols = *job.columns;
+  const auto* g = static_cast<const scalar_t*>(job.g);
+  auto* v = static_cast<opmath_t*>(job.v);
+  const int64_t width = job.units * job.inner;
+  auto* sums = reinterpret_cast<opmath_t*>(cols.partial.get());
+  const int64_t first = task.begin * cols.rows_per_chunk, last = std::min(job.outer, first + cols.rows_per_chunk);
+  opmath_t* acc = sums + task.begin * width;
+  for (int64_t r = first; r < last; ++r) accumulate_squares(g + r * width, acc, width);
+  if (cols.pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  for (int64_t k = 1; k < cols.n_chunks; ++k) {
+    for (int64_t j = 0; j < width; ++j) sums[j] += sums[k * width + j];
+  }
+  for (int64_t b = 0; b < job.n_blocks; ++b) {
+    opmath_t* block = sums + job.bounds[b] * job.inner;
+    const int64_t n_cols = (job.bounds[b + 1] - job.bounds[b]) * job.inner;
+    const opmath_t sum_sq = std::accumulate(block, block + n_cols, opmath_t(0));
+    std::fill_n(block, n_cols, c.block_denom(v[b], sum_sq, n_cols * job.outer));
+  }
+  cols.ready.store(true, std::memory_order_release);
+}
+
+// The per-column denominators of a column-blocked tensor, once its pass 1 is done. Update tasks
+// come after all sums tasks of their tensor, so the wait is at most one chunk.
+template <typename opmath_t>
+const opmath_t* wait_for_column_denoms(const Job& job) {
+  while (!job.columns->ready.load(std::memory_order_acquire)) std::this_thread::yield();
+  return reinterpret_cast<const opmath_t*>(job.columns->partial.get());
+}
+
+// A task of a tensor whose first moment is compressed (float32 math: float64 parameters are left
+// to the decoded path).
 template <typename scalar_t>
+void run_compressed_task(const Job& job, const Task& task, const Coeffs<float>& c) {
+  using P = Pack<scalar_t>;
+  const Stored& stored = job.stored;
+  auto* p = static_cast<scalar_t*>(job.p);
+  auto* v = static_cast<float*>(job.v);
+  const auto* g = static_cast<const scalar_t*>(job.g);
+  const int64_t* bounds = job.bounds;
+  const int64_t inner = job.inner;
+
+  if (bounds == nullptr) {  // plain Adam
+    step_chunks(stored, task.begin, task.end, [&](int64_t x, int64_t n, float* m) {
+      update_coordinates(p + x, g + x, m, v + x, n, c);
+    });
+    return;
+  }
+  if (task.kind == Task::kBlocks) {
+    // Groups of blocks that end where a chunk ends (one block for rows and heads): the group's
+    // block sums while its g is in cache, then its chunks, each cut where blocks end.
+    std::vector<float> denoms;
+    for (int64_t b = task.begin; b < task.end;) {
+      int64_t end = b + 1;
+      while (end < task.end && !chunk_bound(stored, bounds[end] * inner)) ++end;
+      denoms.clear();
+      for (int64_t k = b; k < end; ++k) {
+        const int64_t lo = bounds[k] * inner, n = (bounds[k + 1] - bounds[k]) * inner;
+        denoms.push_back(c.block_denom(v[k], sum_squares(g + lo, n), n));
+      }
+      int64_t block = b;
+      step_chunks(stored, bounds[b] * inner, bounds[end] * inner, [&](int64_t x, int64_t n, float* m) {
+        for (int64_t j = 0; j < n;) {
+          while (bounds[block + 1] * inner <= x + j) ++block;
+          const int64_t piece = std::min(n - j, bounds[block + 1] * inner - (x + j));
+          const typename P::Vec denom(denoms[block - b]);
+          update_run(p + x + j, g + x + j, m + j, piece, c, [&](int64_t, auto* out, int64_t) {
+            for (int k = 0; k < P::K; ++k) out[k] = denom;
+          });
+          j += piece;
+        }
+      });
+      b = end;
+    }
+    return;
+  }
+  if (task.kind == Task::kSums) return column_sums<scalar_t>(job, task, c);
+  // An element range of a column-blocked tensor: each chunk cut where the (outer, width) view's rows end.
+  const float* denoms = wait_for_column_denoms<float>(job);
+  const int64_t width = job.units * inner;
+  step_chunks(stored, task.begin, task.end, [&](int64_t x, int64_t n, float* m) {
+    for (int64_t j = 0; j < n;) {
+      const int64_t column = (x + j) % width, piece = std::min(n - j, width - column);
+      update_run(p + x + j, g + x + j, m + j, piece, c,
+                 [&](int64_t i, auto* out, int64_t count) { P::load_math(denoms + column + i, out, count); });
+      j += piece;
+    }
+  });
+}
+
+// m_t: the first moment's dtype, the parameter's or (for bf16/fp16 parameters) float32.
+template <typename scalar_t, typename m_t>
 void run_task(const Job& job, const Task& task, const Hyper& h) {
   using opmath_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
   const Coeffs<opmath_t> c(h.lr, h.beta1, h.beta2, h.eps, job.weight_decay, job.step, h.maximize);
   auto* p = static_cast<scalar_t*>(job.p);
-  auto* m = static_cast<scalar_t*>(job.m);
+  auto* m = static_cast<m_t*>(job.m);
   auto* v = static_cast<opmath_t*>(job.v);
   const auto* g = static_cast<const scalar_t*>(job.g);
   const int64_t* bounds = job.bounds;
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    if (job.stored.codec != kPlain) return run_compressed_task<scalar_t>(job, task, c);
+  }
 
   if (bounds == nullptr) {  // plain Adam: one second moment per coordinate
-    for_each_pack<P::kSize>(task.end - task.begin, [&](int64_t i, auto count) {
-      i += task.begin;
-      typename P::Vec pv[P::K], gv[P::K], mv[P::K], vv[P::K];
-      P::load(p + i, pv, count);
-      P::load(g + i, gv, count);
-      P::load(m + i, mv, count);
-      P::load_math(v + i, vv, count);
-      for (int k = 0; k < P::K; ++k) c.update(pv[k], mv[k], gv[k], c.denom(vv[k], gv[k]));
-      P::store(p + i, pv, count);
-      P::store(m + i, mv, count);
-      P::store_math(v + i, vv, count);
-    });
+    const int64_t i = task.begin;
+    update_coordinates(p + i, g + i, m + i, v + i, task.end - task.begin, c);
     return;
   }
   if (task.kind == Task::kBlocks) {  // contiguous blocks: both passes while the block is in cache
@@ -274,38 +569,65 @@ void run_task(const Job& job, const Task& task, const Hyper& h) {
     return;
   }
 
-  ColumnSums& cols = *job.columns;
+  if (task.kind == Task::kSums) return column_sums<scalar_t>(job, task, c);
+  const auto* sums = wait_for_column_denoms<opmath_t>(job);
   const int64_t width = job.units * job.inner;
-  auto* sums = reinterpret_cast<opmath_t*>(cols.partial.get());
-  const int64_t first = task.begin * cols.rows_per_chunk, last = std::min(job.outer, first + cols.rows_per_chunk);
-  if (task.kind == Task::kSums) {
-    opmath_t* acc = sums + task.begin * width;
-    for (int64_t r = first; r < last; ++r) accumulate_squares(g + r * width, acc, width);
-    if (cols.pending.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    // The last chunk in: add up the chunks, then each block's columns, into denominators.
-    for (int64_t k = 1; k < cols.n_chunks; ++k) {
-      for (int64_t j = 0; j < width; ++j) sums[j] += sums[k * width + j];
-    }
-    for (int64_t b = 0; b < job.n_blocks; ++b) {
-      opmath_t* block = sums + bounds[b] * job.inner;
-      const int64_t n_cols = (bounds[b + 1] - bounds[b]) * job.inner;
-      const opmath_t sum_sq = std::accumulate(block, block + n_cols, opmath_t(0));
-      std::fill_n(block, n_cols, c.block_denom(v[b], sum_sq, n_cols * job.outer));
-    }
-    cols.ready.store(true, std::memory_order_release);
-    return;
-  }
-  // Update tasks come after all sums tasks of their tensor, so the wait is at most one chunk.
-  while (!cols.ready.load(std::memory_order_acquire)) std::this_thread::yield();
+  const int64_t first = task.begin * job.columns->rows_per_chunk;
+  const int64_t last = std::min(job.outer, first + job.columns->rows_per_chunk);
   for (int64_t r = first; r < last; ++r) {
     update_run(p + r * width, g + r * width, m + r * width, width, c,
                [&](int64_t i, auto* out, int64_t count) { P::load_math(sums + i, out, count); });
   }
 }
 
+// Pass 1 tasks of a column-blocked tensor (chunks of whole rows), and its scratch.
+void append_column_sums(Job& job, int64_t index, std::vector<Task>& tasks) {
+  const int64_t width = job.units * job.inner;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / width);
+  const int64_t n_chunks = (job.outer + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t bytes = n_chunks * width * static_cast<int64_t>(c10::elementSize(at::toOpMathType(job.dtype)));
+  job.columns = std::make_shared<ColumnSums>();
+  job.columns->n_chunks = n_chunks;
+  job.columns->rows_per_chunk = rows_per_chunk;
+  job.columns->partial = std::make_unique<std::byte[]>(bytes);  // value-initialised: zero sums
+  job.columns->pending = n_chunks;
+  for (int64_t k = 0; k < n_chunks; ++k) tasks.push_back({Task::kSums, index, k, k + 1});
+}
+
+// The tasks of a job whose first moment is compressed: every update task starts and ends where chunks do.
+void append_compressed_tasks(Job& job, int64_t index, std::vector<Task>& tasks) {
+  const Stored& stored = job.stored;
+  auto ranges = [&](Task::Kind kind, int64_t elements) {
+    for (int64_t i = 0; i < job.numel;) {
+      const int64_t end = next_chunk_bound(stored, std::min(job.numel, i + elements));
+      tasks.push_back({kind, index, i, end});
+      i = end;
+    }
+  };
+  if (job.bounds == nullptr) {
+    ranges(Task::kBlocks, kTaskElements);
+  } else if (job.outer == 1) {
+    int64_t begin = 0, elements = 0;
+    for (int64_t b = 0; b < job.n_blocks; ++b) {
+      elements += (job.bounds[b + 1] - job.bounds[b]) * job.inner;
+      const bool bound = chunk_bound(stored, job.bounds[b + 1] * job.inner);
+      if ((elements >= kTaskElements && bound) || b + 1 == job.n_blocks) {
+        tasks.push_back({Task::kBlocks, index, begin, b + 1});
+        begin = b + 1;
+        elements = 0;
+      }
+    }
+  } else {
+    append_column_sums(job, index, tasks);
+    ranges(Task::kUpdate, kChunkElements);
+  }
+}
+
 // Appends the tasks of job `index` in the order they should run.
 void append_tasks(Job& job, int64_t index, std::vector<Task>& tasks) {
-  if (job.bounds == nullptr) {
+  if (job.stored.codec != kPlain) {
+    append_compressed_tasks(job, index, tasks);
+  } else if (job.bounds == nullptr) {
     for (int64_t i = 0; i < job.numel; i += kTaskElements) {
       tasks.push_back({Task::kBlocks, index, i, std::min(job.numel, i + kTaskElements)});
     }
@@ -320,17 +642,8 @@ void append_tasks(Job& job, int64_t index, std::vector<Task>& tasks) {
       }
     }
   } else {
-    const int64_t width = job.units * job.inner;
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / width);
-    const int64_t n_chunks = (job.outer + rows_per_chunk - 1) / rows_per_chunk;
-    const int64_t bytes = n_chunks * width * static_cast<int64_t>(c10::elementSize(at::toOpMathType(job.dtype)));
-    job.columns = std::make_shared<ColumnSums>();
-    job.columns->n_chunks = n_chunks;
-    job.columns->rows_per_chunk = rows_per_chunk;
-    job.columns->partial = std::make_unique<std::byte[]>(bytes);  // value-initialised: zero sums
-    job.columns->pending = n_chunks;
-    for (int64_t k = 0; k < n_chunks; ++k) tasks.push_back({Task::kSums, index, k, k + 1});
-    for (int64_t k = 0; k < n_chunks; ++k) tasks.push_back({Task::kUpdate, index, k, k + 1});
+    append_column_sums(job, index, tasks);
+    for (int64_t k = 0; k < job.columns->n_chunks; ++k) tasks.push_back({Task::kUpdate, index, k, k + 1});
   }
 }
 
@@ -341,20 +654,26 @@ bool is_dense_cpu(const Tensor& t, c10::ScalarType dtype, int64_t numel) {
 
 // The job for tensor i (contiguous by now). The caller hands in only tensors the kernel takes
 // (cpu.py decides, from dtypes, devices and layouts alone, so that a compiled step knows before
-// the call); anything else is a bug there, and raises before any tensor is touched.
-Job make_job(int64_t i, const Tensor& p, const Tensor& g, const Tensor& m, const Tensor& v, const Tensor& step,
+// the call); anything else is a bug there, and raises before any tensor is touched. `m`: the first
+// moment in the parameter's dtype or the math dtype, or nullptr where it is compressed
+// (make_compressed_job).
+Job make_job(int64_t i, const Tensor& p, const Tensor& g, const Tensor* m, const Tensor& v, const Tensor& step,
              at::IntArrayRef segments, int64_t outer, int64_t inner, double weight_decay, std::vector<int64_t>& bounds) {
   const auto dtype = p.scalar_type();
+  const auto math = at::toOpMathType(dtype);
   const bool supported = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+  const bool m_in_math_type = m != nullptr && math != dtype && is_dense_cpu(*m, math, p.numel());
   TORCH_CHECK(supported && is_dense_cpu(p, dtype, p.numel()) && is_dense_cpu(g, dtype, p.numel()) &&
-                  is_dense_cpu(m, dtype, p.numel()) && is_dense_cpu(v, at::toOpMathType(dtype), v.numel()),
+                  (m == nullptr || m_in_math_type || is_dense_cpu(*m, dtype, p.numel())) &&
+                  is_dense_cpu(v, math, v.numel()),
               "adam_mini_step: tensor ", i, " must be a CPU tensor of float32, float64, bfloat16 or float16, its "
-              "gradient and first moment alike and its second moments in the math dtype");
+              "gradient alike, its first moment alike or in the math dtype, and its second moments in the math dtype");
   TORCH_CHECK(step.defined() && step.device().is_cpu() && step.numel() == 1 &&
                   (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble),
               "adam_mini_step: step ", i, " must be a float32 or float64 CPU scalar");
-  Job job{i, p.data_ptr(), m.data_ptr(), v.data_ptr(), g.const_data_ptr(), dtype, p.numel(), v.numel(), 1, p.numel(),
+  Job job{i, p.data_ptr(), m ? m->data_ptr() : nullptr, v.data_ptr(), g.const_data_ptr(), dtype, p.numel(), v.numel(), 1, p.numel(),
           1, nullptr, weight_decay, 0.0, nullptr};
+  job.m_in_math_type = m_in_math_type;
   if (segments.empty()) {  // per coordinate
     TORCH_CHECK(v.numel() == p.numel(), "adam_mini_step: a per-coordinate layout needs one second moment per element");
     return job;
@@ -376,6 +695,39 @@ Job make_job(int64_t i, const Tensor& p, const Tensor& g, const Tensor& m, const
   return job;
 }
 
+// The job for tensor i whose first moment is stored by `codec` in `m` (bf16 values or codes) and,
+// for int8/int4, `scales`; checked against the codec's layout (codecs.py, Note [chunks by row]).
+Job make_compressed_job(int64_t i, Codec codec, const Tensor& p, const Tensor& g, const Tensor& m,
+                        const Tensor& scales, const Tensor& v, const Tensor& step, at::IntArrayRef segments,
+                        int64_t outer, int64_t inner, double weight_decay, std::vector<int64_t>& bounds) {
+  const auto dtype = p.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "adam_mini_step: tensor ", i, " with a compressed first moment must be float32, bfloat16 or float16");
+  const int64_t numel = p.numel(), rows = p.dim() >= 2 ? p.size(0) : 1, width = numel / rows;
+  const int64_t chunks_per_row = (width + kCodecChunk - 1) / kCodecChunk, row_bytes = (width + 1) / 2;
+  bool fits = false;
+  if (codec == kBFloat16) {
+    fits = is_dense_cpu(m, at::kBFloat16, numel);
+  } else {
+    fits = (codec == kInt8 ? is_dense_cpu(m, at::kChar, numel) : is_dense_cpu(m, at::kByte, rows * row_bytes)) &&
+           is_dense_cpu(scales, at::kFloat, rows * chunks_per_row);
+  }
+  TORCH_CHECK(fits, "adam_mini_step: the compressed first moment of tensor ", i, " must be CPU storage of its "
+              "codec for the parameter's shape: bf16 values, or int8 codes (int4: two a byte, uint8) and "
+              "float32 scales laid out by row (codecs.ChunkQuantized)");
+  Job job = make_job(i, p, g, nullptr, v, step, segments, outer, inner, weight_decay, bounds);
+  job.stored = Stored{codec, m.data_ptr(), codec == kBFloat16 ? nullptr : scales.data_ptr<float>(), width,
+                      chunks_per_row, row_bytes, 0};
+  if (job.bounds != nullptr && job.n_blocks == 1 && job.outer > 1) {  // the whole rule: one contiguous run
+    bounds.assign({0, 1});
+    job.bounds = bounds.data();
+    job.outer = 1;
+    job.units = 1;
+    job.inner = numel;
+  }
+  return job;
+}
+
 // step += 1 (a float32 or float64 scalar, as torch.optim keeps it) and its new value.
 double increment_step(const Tensor& step) {
   if (step.scalar_type() == at::kFloat) return *step.data_ptr<float>() += 1.0f;
@@ -385,13 +737,24 @@ double increment_step(const Tensor& step) {
 void adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList steps, at::IntArrayRef outer, at::IntArrayRef inner, at::IntArrayRef n_segments,
                     at::IntArrayRef segments, const Tensor& lr_tensor, double beta1, double beta2, double eps,
-                    at::ArrayRef<double> weight_decays, bool maximize) {
+                    at::ArrayRef<double> weight_decays, bool maximize, int64_t momentum_codec,
+                    at::TensorList exp_avg_scales, at::IntArrayRef salts, at::IntArrayRef seeds,
+                    at::IntArrayRef offsets) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
                   outer.size() == n && inner.size() == n && n_segments.size() == n && weight_decays.size() == n,
               "adam_mini_step: every list must have one entry per parameter");
   TORCH_CHECK(2 * std::accumulate(n_segments.begin(), n_segments.end(), int64_t(0)) == static_cast<int64_t>(segments.size()),
               "adam_mini_step: segments must hold two numbers per segment counted in n_segments");
+  TORCH_CHECK(momentum_codec >= kPlain && momentum_codec <= kInt4,
+              "adam_mini_step: momentum_codec must be 0 (plain), 1 (bfloat16), 2 (int8) or 3 (int4), got ", momentum_codec);
+  const auto codec = static_cast<Codec>(momentum_codec);
+  const bool quantized = codec == kInt8 || codec == kInt4;
+  TORCH_CHECK(exp_avg_scales.size() == (quantized ? n : 0),
+              "adam_mini_step: exp_avg_scales must hold one tensor per parameter for int8/int4 momenta, none otherwise");
+  TORCH_CHECK(salts.size() == (codec == kPlain ? 0 : n) && seeds.size() == salts.size() && offsets.size() == salts.size(),
+              "adam_mini_step: salts, seeds and offsets must hold one number per parameter for a compressed momentum, "
+              "none otherwise");
   TORCH_CHECK(lr_tensor.numel() == 1, "adam_mini_step: lr must be a 1-element tensor");
   const double lr = lr_tensor.item<double>();
   // The loops walk dense memory: a tensor that is not contiguous (a transposed parameter, a
@@ -399,23 +762,32 @@ void adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList 
   // leaves the choice of this kernel to dtypes and devices, which the caller (and a compiled step,
   // while tracing) knows cheaply.
   std::vector<Tensor> ps(params.begin(), params.end()), gs(grads.begin(), grads.end()),
-      ms(exp_avgs.begin(), exp_avgs.end());
+      ms(exp_avgs.begin(), exp_avgs.end()), scales(exp_avg_scales.begin(), exp_avg_scales.end());
   for (size_t i = 0; i < n; ++i) {
     ps[i] = ps[i].contiguous();
     ms[i] = ms[i].contiguous();
     gs[i] = gs[i].contiguous();
   }
+  for (Tensor& s : scales) s = s.contiguous();
   // Validate everything before touching anything: a bad input raises with no state changed.
   std::vector<Job> jobs;
   std::vector<std::vector<int64_t>> bounds(n);  // each tensor's block offsets, from its segments
   jobs.reserve(n);
   for (size_t i = 0, first = 0; i < n; first += 2 * n_segments[i], ++i) {
-    jobs.push_back(make_job(static_cast<int64_t>(i), ps[i], gs[i], ms[i], exp_avg_sqs[i], steps[i],
-                            segments.slice(first, 2 * n_segments[i]), outer[i], inner[i], weight_decays[i], bounds[i]));
+    const auto tensor_segments = segments.slice(first, 2 * n_segments[i]);
+    if (codec == kPlain) {
+      jobs.push_back(make_job(static_cast<int64_t>(i), ps[i], gs[i], &ms[i], exp_avg_sqs[i], steps[i], tensor_segments,
+                              outer[i], inner[i], weight_decays[i], bounds[i]));
+    } else {
+      jobs.push_back(make_compressed_job(static_cast<int64_t>(i), codec, ps[i], gs[i], ms[i],
+                                         quantized ? scales[i] : Tensor(), exp_avg_sqs[i], steps[i], tensor_segments,
+                                         outer[i], inner[i], weight_decays[i], bounds[i]));
+    }
   }
   std::vector<Task> tasks;
   for (size_t j = 0; j < jobs.size(); ++j) {
     jobs[j].step = increment_step(steps[jobs[j].param]);
+    if (codec != kPlain) jobs[j].stored.key = rounding_key(seeds[j], jobs[j].step, salts[j], offsets[j]);
     append_tasks(jobs[j], static_cast<int64_t>(j), tasks);
   }
 
@@ -428,13 +800,21 @@ void adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList 
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_tasks), 1, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < n_tasks; t = next++) {
       const Job& job = jobs[tasks[t].job];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, job.dtype, "adam_mini_step",
-                                      [&] { run_task<scalar_t>(job, tasks[t], hyper); });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, job.dtype, "adam_mini_step", [&] {
+        if (job.m_in_math_type) {
+          run_task<scalar_t, at::opmath_type<scalar_t>>(job, tasks[t], hyper);
+        } else {
+          run_task<scalar_t, scalar_t>(job, tasks[t], hyper);
+        }
+      });
     }
   });
   for (size_t i = 0; i < n; ++i) {  // the copies' results back into the tensors
     if (!ps[i].is_same(params[i])) params[i].copy_(ps[i]);
     if (!ms[i].is_same(exp_avgs[i])) exp_avgs[i].copy_(ms[i]);
+  }
+  for (size_t i = 0; i < scales.size(); ++i) {
+    if (!scales[i].is_same(exp_avg_scales[i])) exp_avg_scales[i].copy_(scales[i]);
   }
 }
 
@@ -445,16 +825,19 @@ void adam_mini_step_inplace(c10::DispatchKeySet keys, at::TensorList params, at:
                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                             at::IntArrayRef outer, at::IntArrayRef inner, at::IntArrayRef n_segments,
                             at::IntArrayRef segments, const Tensor& lr, double beta1, double beta2, double eps,
-                            at::ArrayRef<double> weight_decays, bool maximize) {
+                            at::ArrayRef<double> weight_decays, bool maximize, int64_t momentum_codec,
+                            at::TensorList exp_avg_scales, at::IntArrayRef salts, at::IntArrayRef seeds,
+                            at::IntArrayRef offsets) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("blockopt::adam_mini_step", "")
                              .typed<decltype(adam_mini_step)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs, steps, outer,
-                  inner, n_segments, segments, lr, beta1, beta2, eps, weight_decays, maximize);
+                  inner, n_segments, segments, lr, beta1, beta2, eps, weight_decays, maximize, momentum_codec,
+                  exp_avg_scales, salts, seeds, offsets);
   }
-  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) {
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps, exp_avg_scales}) {
     for (const Tensor& t : written) torch::autograd::impl::bump_version(t);
   }
 }
@@ -462,14 +845,20 @@ void adam_mini_step_inplace(c10::DispatchKeySet keys, at::TensorList params, at:
 }  // namespace
 
 // A custom op that torch.compile captures whole: the schema names every list it writes (params,
-// exp_avgs, exp_avg_sqs, steps) and it returns nothing, so its fake kernel (cpu.py) has nothing
-// to compute. lr is a tensor so that a tensor lr (an LR scheduler's, under torch.compile) is read
-// at run time instead of baked into the graph. (A fragment: the namespace has Python-defined ops too.)
+// exp_avgs, exp_avg_sqs, steps, exp_avg_scales) and it returns nothing, so its fake kernel (cpu.py)
+// has nothing to compute. lr is a tensor so that a tensor lr (an LR scheduler's, under
+// torch.compile) is read at run time instead of baked into the graph; the rounding keys are mixed
+// from the step tensors inside (with each tensor's salt, seed and offset, StoredMomentum.key), so
+// no step count is read in Python either. momentum_codec: 0 plain
+// (exp_avgs in the parameters' dtype), 1 bfloat16 (exp_avgs: bf16 values), 2 int8 / 3 int4
+// (exp_avgs: codes, exp_avg_scales: their scales); one call steps one codec. (A fragment: the
+// namespace has Python-defined ops too.)
 TORCH_LIBRARY_FRAGMENT(blockopt, m) {
   m.def(
       "adam_mini_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, int[] outer, int[] inner, int[] n_segments, int[] segments, Tensor lr, float beta1, "
-      "float beta2, float eps, float[] weight_decays, bool maximize) -> ()");
+      "float beta2, float eps, float[] weight_decays, bool maximize, int momentum_codec, Tensor(e!)[] exp_avg_scales, "
+      "int[] salts, int[] seeds, int[] offsets) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(blockopt, CompositeExplicitAutograd, m) {
