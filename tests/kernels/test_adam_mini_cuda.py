@@ -237,11 +237,13 @@ def test_the_cpu_never_reaches_the_cuda_kernels(monkeypatch):
 
 # ---- compiled ------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = """
+import re
 import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from blockopt.kernels.adam_mini import cuda as _fused_cuda, triton_kernels as k
+from blockopt.kernels.codecs import CODECS
 
 arch, dtype = int(sys.argv[1]), getattr(tl, sys.argv[2])
 math_dtype = tl.float64 if dtype == tl.float64 else tl.float32
@@ -249,16 +251,24 @@ coeffs = "*fp64" if math_dtype == tl.float64 else "*fp32"
 common = dict(DTYPE=dtype, MATH=math_dtype, MAXIMIZE=True)
 cols = _fused_cuda.MAX_TILE_COLUMNS
 kernels = [
-    (k.blocks_kernel, ["ptrs", "coeffs", "items"], dict(common, BLOCK=_fused_cuda.BLOCK), 4),
-    (k.columns_kernel, ["ptrs", "coeffs", "items", "column_blocks"], dict(common, ROWS=4096 // cols, COLS=cols), 8),
+    (k.blocks_kernel, ["ptrs", "coeffs", "items"], dict(common, BLOCK=_fused_cuda.BLOCK, UPDATE=True), 4),
+    (k.columns_kernel, ["ptrs", "coeffs", "items", "column_blocks"], dict(common, ROWS=4096 // cols, COLS=cols, UPDATE=True), 8),
     (k.coordinates_kernel, ["ptrs", "coeffs", "items"], dict(common, BLOCK=_fused_cuda.BLOCK), 4),
+] + [  # a compressed m: bf16, int8, int4
+    (k.codec_kernel, ["ptrs", "coeffs", "items", "tensors", "segments"], dict(common, BITS=bits, POWER=2, CHUNK=chunk), 4)
+    for bits, chunk in [(16, _fused_cuda.BFLOAT16_CHUNK), (8, CODECS["int8"].chunk), (4, CODECS["int4"].chunk)]
 ]
 for fn, pointers, constexprs, warps in kernels:
     signature = {name: coeffs if name == "coeffs" else "*i64" for name in pointers}
     signature.update({name: "constexpr" for name in constexprs})
+    options = {"num_warps": warps, "enable_fp_fusion": fn is not k.codec_kernel}
     binary = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                            target=GPUTarget("cuda", arch, 32), options=options)
     assert binary.asm["cubin"] and "st.local" not in binary.asm["ptx"], fn  # built, no register spills
+    if fn is k.codec_kernel:  # (Note [compressed m in the kernels]) no approximate division or root, and no
+        # contraction: every f32 add and multiply rounds (.rn), every fma is one the kernel asks for (m's lerp)
+        ptx = binary.asm["ptx"]
+        assert not re.search(r"\\.approx|div\\.full|\\b(add|sub|mul)\\.f(32|64)\\b", ptx), constexprs
 print("compiled")
 """
 
