@@ -15,11 +15,12 @@ if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 
-def run_world(world: int, out: Path, plan: list[tuple[str, dict]]) -> None:
-    """Spawn ``world`` processes that run the scenarios of ``plan`` (see `_worker.main`)."""
+def run_world(world: int, out: Path, plan: list[tuple[str, dict]], entry=_worker.main) -> None:
+    """Spawn ``world`` processes that run the scenarios of ``plan`` (see `_worker.main`; another
+    worker module's ``main`` as ``entry``)."""
     store = out / f"store_w{world}_{len(list(out.iterdir()))}"
     torch.multiprocessing.start_processes(
-        _worker.main, args=(world, str(store), str(out), plan), nprocs=world, join=True, start_method="spawn"
+        entry, args=(world, str(store), str(out), plan), nprocs=world, join=True, start_method="spawn"
     )
 
 

@@ -4,7 +4,7 @@ The math of a step only ever sees local tensors, a layout that answers ``block_s
 ``block_numel`` and ``expand`` (for a sharded parameter, a `ShardView` of its `BlockSpec`), and
 a `Collectives` for what needs other ranks (block sums cut by the sharding: one all-reduce per
 step; maxima; row-sharded factor products). State is placed like its parameter by `shard_like`,
-`rows_like` and `replicated_like`, and checkpoints gather block statistics with
+`rows_like`, `split_rows_like` and `replicated_like`, and checkpoints gather block statistics with
 `gather_block_stats`. No optimizer module imports ``torch.distributed`` itself. DDP needs
 nothing from here: its parameters are whole on every rank. Under DeepSpeed ZeRO the step sees
 pieces of DeepSpeed's flat partitions and a `ZeroCollectives` (`zero_partitions`, zero.py).
@@ -12,13 +12,14 @@ pieces of DeepSpeed's flat partitions and a `ZeroCollectives` (`zero_partitions`
 
 from .collectives import SINGLE_PROCESS, Collectives, ShardedCollectives, collectives_for
 from .diagnostics import AllReduceCounter
-from .placement import replicated_like, rows_like, shard_like
-from .reduce import BlockSumReducer, RowShards, gather_block_stats
+from .placement import replicated_like, rows_like, shard_like, split_rows_like
+from .reduce import BlockSumReducer, RowShards, gather_block_stats, gather_shards
 from .shard import ShardView, is_dtensor, local_tensor, shard_box, shard_view
 from .zero import ZeroCollectives, ZeroPartitions, flat_boxes, zero_partitions
 
 __all__ = [
     "AllReduceCounter", "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
-    "gather_block_stats", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like", "shard_view",
+    "gather_block_stats", "gather_shards", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like",
+    "shard_view", "split_rows_like",
     "ZeroCollectives", "ZeroPartitions", "flat_boxes", "zero_partitions",
 ]

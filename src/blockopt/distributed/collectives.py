@@ -8,7 +8,9 @@ sharded parameter) and, for what needs other ranks, a `Collectives`:
   block, in place, with one all-reduce for the whole list (Note [one all-reduce per step]);
 * ``max_(values, layouts)``: an elementwise maximum over the ranks the layouts live on;
 * ``rows(layout)``: the row-sharded factor products of a parameter split along dim 0
-  (`RowShards`), or ``None`` when it is whole here.
+  (`RowShards`), or ``None`` when it is whole here;
+* ``gather_whole(values, layouts)``: tensors shaped like their (sharded) parameters' shards,
+  whole on every rank, with one all-reduce for the whole list.
 
 `SINGLE_PROCESS` is the implementation that has nothing to do. An optimizer gets the one that
 fits its step's layouts from `collectives_for`; DDP needs nothing (its parameters are whole on
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from torch import Tensor
 
-from .reduce import BlockSumReducer, RowShards
+from .reduce import BlockSumReducer, RowShards, gather_shards
 from .shard import ShardView
 
 
@@ -40,6 +42,9 @@ class Collectives:
 
     def rows(self, layout) -> RowShards | None:
         return None
+
+    def gather_whole(self, values: list[Tensor], layouts: Sequence) -> list[Tensor]:
+        return values
 
 
 SINGLE_PROCESS = Collectives()
@@ -81,6 +86,13 @@ class ShardedCollectives(Collectives):
 
     def rows(self, layout) -> RowShards | None:
         return RowShards(layout) if isinstance(layout, ShardView) else None
+
+    def gather_whole(self, values: list[Tensor], layouts: Sequence) -> list[Tensor]:
+        sharded = [i for i, layout in enumerate(layouts) if isinstance(layout, ShardView)]
+        whole = list(values)
+        for i, value in zip(sharded, gather_shards([layouts[i] for i in sharded], [values[i] for i in sharded])):
+            whole[i] = value
+        return whole
 
 
 def collectives_for(layouts: Sequence, sharded: ShardedCollectives) -> Collectives:

@@ -12,6 +12,7 @@ gets one all-reduce per sharded mesh dim; replicated mesh dims hold equal values
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -96,6 +97,32 @@ def gather_block_stats(views: Sequence[ShardView], local_values: Sequence[Tensor
         _all_reduce(buffer, mesh, mesh_dims)
         for i, part in zip(indices, buffer.split(sizes)):
             out[i] = part.clone()
+    return out  # type: ignore[return-value]
+
+
+def gather_shards(views: Sequence[ShardView], local_values: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor whole (the global shape of its view's parameter), the same on every rank,
+    from every rank's shard.
+
+    Collective, like `gather_block_stats`: each rank writes its shard into a zero buffer and one
+    all-reduce per mesh and dtype sums them. Every element is held by exactly one shard of the
+    summed mesh dims (replicated dims are not summed) and adding zeros is exact, so the whole
+    tensor is bit for bit what the shards held.
+    """
+    out: list[Tensor | None] = [None] * len(views)
+    by_mesh: dict[tuple, list[int]] = defaultdict(list)
+    for i, (view, value) in enumerate(zip(views, local_values)):
+        by_mesh[view.mesh, view.reduce_mesh_dims, value.dtype, value.device].append(i)
+    for (mesh, mesh_dims, dtype, device), indices in by_mesh.items():
+        shapes = [tuple(views[i].spec.shape) for i in indices]
+        sizes = [math.prod(shape) for shape in shapes]
+        buffer = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        for i, part, shape in zip(indices, buffer.split(sizes), shapes):
+            box = tuple(slice(start, start + size) for start, size in views[i].box)
+            part.view(shape)[box] = local_values[i]
+        _all_reduce(buffer, mesh, mesh_dims)
+        for i, part, shape in zip(indices, buffer.split(sizes), shapes):
+            out[i] = part.view(shape)
     return out  # type: ignore[return-value]
 
 

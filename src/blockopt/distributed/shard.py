@@ -71,6 +71,22 @@ def shard_box(shape: tuple[int, ...], placements, coordinate: tuple[int, ...], m
     return tuple(box)
 
 
+def flat_start(box: Box, shape: tuple[int, ...]) -> int | None:
+    """The row-major index in a tensor of ``shape`` of the first element of ``box``, when the box
+    is one contiguous run of the flattened tensor (every dim after the first one longer than 1 is
+    whole), else ``None``. An empty box starts at 0."""
+    if any(size == 0 for _, size in box):
+        return 0
+    first = next((d for d, (_, size) in enumerate(box) if size > 1), len(box))
+    if any(box[d] != (0, shape[d]) for d in range(first + 1, len(box))):
+        return None
+    start, stride = 0, 1
+    for (lo, _), n in zip(reversed(box), reversed(shape)):
+        start += lo * stride
+        stride *= n
+    return start
+
+
 def _segment_table(spec: BlockSpec):
     """Per segment: (first unit, n_units, units per block, first block id)."""
     table, unit, block = [], 0, 0
@@ -166,6 +182,7 @@ class ShardView:
     mesh: object  # the DeviceMesh
     reduce_mesh_dims: tuple[int, ...]  # mesh dims the parameter is sharded over
     box: Box = ()  # (global start, size) of the local shard along each dim of the parameter
+    cut_dims: tuple[int, ...] = ()  # the parameter dims its placements split (the same on every rank; () for a ZeRO piece)
 
     # ---- what a step reads -----------------------------------------------------------------
     @property
@@ -211,6 +228,20 @@ class ShardView:
             return torch.zeros(0, dtype=torch.int64)
         return torch.cat([torch.arange(a, b) for a, b in self.ranges])
 
+    # ---- where the shard lies in the flattened parameter -----------------------------------
+    def flat_start(self) -> int | None:
+        """The row-major index, in the whole parameter, of this shard's first element, when the
+        shard is one contiguous run of the flattened parameter (a ``Shard(0)`` shard, a ZeRO
+        piece); ``None`` when it is not (a shard along a later dim)."""
+        return flat_start(self.box, tuple(self.spec.shape))
+
+    def local_rows(self, full: Tensor) -> Tensor:
+        """The rows of ``full`` (a tensor whose dim 0 runs along the parameter's) this shard holds."""
+        if not self.box:
+            return full
+        start, size = self.box[0]
+        return full[start:start + size]
+
 
 def shard_view(spec: BlockSpec, param: Tensor) -> ShardView:
     """The `ShardView` of ``spec`` for this rank's shard of the DTensor ``param``."""
@@ -248,6 +279,7 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
         segments=((0, 1),) if empty else _as_segments(lengths), n_heads=spec.n_heads,
     )
     here = coordinate_key(coordinate, reduce_dims)
+    cut_dims = sorted({p.dim % max(len(spec.shape), 1) for p, n in zip(placements, mesh_shape) if isinstance(p, Shard) and n > 1})
     shared = [j for j, i in enumerate(ids) if i in cut]
     return ShardView(
         spec=spec,
@@ -261,6 +293,7 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
         mesh=mesh,
         reduce_mesh_dims=reduce_dims,
         box=box,
+        cut_dims=tuple(cut_dims),
     )
 
 

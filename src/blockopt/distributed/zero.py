@@ -359,6 +359,13 @@ def read_partitions(zero, optimizer) -> ZeroPartitions:
             "SGDSaI(normalize=True) under DeepSpeed ZeRO: stage 3 steps sub groups one by one, so a group's largest "
             "gsnr is not known when its first sub group steps; use normalize=False"
         )
+    quantized = next((g["momentum_dtype"] for g in optimizer.param_groups if g.get("momentum_dtype") in ("int8", "int4")), None)
+    if quantized:
+        raise NotImplementedError(
+            f"momentum_dtype={quantized!r} under DeepSpeed ZeRO: ZeRO cuts parameters into flat ranges, which cut the "
+            f"{quantized} codes' chunks (one scale per 256 elements of a row); use momentum_dtype='bfloat16' (exact "
+            "under ZeRO), or shard with FSDP2, where int8/int4 momentum works (docs/compressed-state.md)"
+        )
     names = optimizer.__dict__.get("_names_by_id", {})
     partitions = []
     if hasattr(zero, "round_robin_bit16_groups"):  # stages 1 and 2: the whole group flattened, cut in world equal parts

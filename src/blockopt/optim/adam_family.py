@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from ..distributed import Collectives, local_tensor
+from ..distributed import Collectives, ShardView, is_dtensor, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
 from ..kernels.codecs import StoredMomentum
 from ..validation import boolean, choice, pair, real
-from . import momentum
+from . import momentum, param_rounding
 from .base import ParamBatch
 from .momentum import MOMENTUM_DTYPES
-from .state import EXP_AVG
+from .state import EXP_AVG, STEP, stat_dtype
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
@@ -34,6 +35,7 @@ ADAM_HYPERPARAMETERS = {
     "implementation": choice(*IMPLEMENTATIONS),
     "nonfinite": choice(*NONFINITE),
     "momentum_dtype": choice(*MOMENTUM_DTYPES, hint="how the first moment is stored; see blockopt.optim.momentum"),
+    "param_rounding": param_rounding.RULE,
 }
 
 
@@ -54,30 +56,55 @@ class SecondMomentBatch(ParamBatch):
 class MomentumStorage:
     """What an optimizer with a ``momentum_dtype`` group setting adds to the base class
     (Note [compressed momentum] in `blockopt.optim.momentum`): state creation and checkpoints
-    that load across storages."""
+    that load across storages. SGDSaI uses it too, for its ``momentum_buffer``."""
+
+    _MOMENTUM_KEY = EXP_AVG  # the state key of the momentum (its codes and scales: `momentum.keys`)
 
     def _group_of(self, param: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is param for q in g["params"]))
 
-    @staticmethod
-    def _keep_momentum(batch: SecondMomentBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | StoredMomentum:
+    def _keep_momentum(self, batch: ParamBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | StoredMomentum:
         """Create ``p``'s momentum on first use; what the update takes in place of ``exp_avg``:
         the tensor itself, or a `StoredMomentum` where it is compressed."""
-        dtype = batch.group["momentum_dtype"]
+        dtype, key = batch.group["momentum_dtype"], self._MOMENTUM_KEY
         if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
-            m = state.get(EXP_AVG)
+            m = state.get(key)
             if m is not None:
                 return m if plain else local_tensor(m)
-        if not any(key in state for key in momentum.KEYS):
-            if dtype not in (None, "float32") and not plain:
-                raise NotImplementedError(
-                    f"{name}: momentum_dtype={dtype!r} with sharded (DTensor) parameters is not supported yet; "
-                    "use momentum_dtype=None or 'float32' with FSDP2"
-                )
-            state.update(momentum.create(dtype, p))
+        layout = batch.layouts[-1]  # (the base class appended p's)
+        if not any(k in state for k in momentum.keys(key)):
+            state.update(momentum.create(dtype, p, key) if plain else momentum.create_sharded(dtype, p, layout, name, key))
         if dtype in (None, "float32"):
-            return local_tensor(state[EXP_AVG])
-        return momentum.stored(dtype, state, name)
+            return local_tensor(state[key])
+        if not isinstance(layout, ShardView):
+            return momentum.stored(dtype, state, name, key)
+        if momentum.kept_whole(dtype, layout):
+            return self._part_of_whole(momentum.stored(dtype, state, name, key), layout, state, local_tensor(p))
+        return momentum.stored_shard(dtype, state, name, layout, key)  # (FSDP2's shards, ZeRO's pieces)
+
+    # Note [compressed momentum of sharded parameters] in `blockopt.optim.momentum`: a momentum
+    # kept whole on every rank is stepped in parts, and encoded whole after the step.
+    def _part_of_whole(self, whole: StoredMomentum, view: ShardView, state: dict, p: Tensor) -> Tensor:
+        """This rank's part of a momentum kept whole on every rank, decoded, for the step to update
+        (the whole is encoded again once the step is done: `step`)."""
+        start, size = view.box[0]
+        part = whole.decode(tuple(view.spec.shape), stat_dtype(p))[start:start + size]
+        self.__dict__.setdefault("_parts_of_whole", []).append((part, whole, view, state))
+        return part
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The base class's step; then the momenta kept whole on every rank are gathered from
+        their parts (one all-reduce) and encoded, as one process encodes them."""
+        self.__dict__.pop("_parts_of_whole", None)  # (what a step that raised left)
+        loss = super().step(closure)
+        parts = self.__dict__.pop("_parts_of_whole", None)
+        if parts:
+            views = [view for _, _, view, _ in parts]
+            gathered = self._collectives(views).gather_whole([part for part, _, _, _ in parts], views)
+            for m, (_, whole, _, state) in zip(gathered, parts):
+                whole.encode_(m, int(state[STEP]))
+        return loss
 
     def _convert_loaded(self, state_dict: dict, pairs) -> dict:
         declared = {pid: g.get("momentum_dtype") for g in state_dict["param_groups"] for pid in g["params"]}
@@ -86,11 +113,11 @@ class MomentumStorage:
             saved = state.get(saved_id)
             if not saved:
                 continue
-            source = momentum.saved_dtype(saved, declared.get(saved_id))
+            source = momentum.saved_dtype(saved, declared.get(saved_id), self._MOMENTUM_KEY)
             target = self._group_of(p)["momentum_dtype"]
             if source != target:
                 state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
-                                                   source=source, target=target)
+                                                   source=source, target=target, key=self._MOMENTUM_KEY)
         # the live momentum_dtype is a storage choice, like `implementation`: it stays
         groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
                   for g, live in zip(state_dict["param_groups"], self.param_groups)]
@@ -99,13 +126,15 @@ class MomentumStorage:
     def _restore_loaded(self, state_dict: dict, pairs) -> None:
         # torch cast every floating state tensor to its parameter's dtype and the codes to floats:
         # the storage goes back exactly as converted
-        for saved_id, p, _ in pairs:
+        for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            if not saved or self._group_of(p)["momentum_dtype"] is None:
+            dtype = self._group_of(p)["momentum_dtype"]
+            if not saved or dtype is None:
                 continue
-            for key in momentum.KEYS:
-                if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, copy=True)
+            loaded = {key: saved[key].to(device=p.device, copy=True) for key in momentum.keys(self._MOMENTUM_KEY) if key in saved}
+            if is_dtensor(p):  # Note [compressed momentum of sharded parameters]
+                loaded = momentum.place_loaded(dtype, loaded, p, self._layout(name, p))
+            self.state[p].update(loaded)
 
 
 def reduce_block_sq_sums(batches: list[SecondMomentBatch], collectives: Collectives) -> None:

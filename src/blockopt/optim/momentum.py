@@ -1,11 +1,12 @@
-"""Where the first moment lives between steps: ``momentum_dtype=`` of AdamMini and AdaPM.
+"""Where the first moment lives between steps: ``momentum_dtype=`` of AdamMini, AdaPM and SGDSaI.
 
 ============  =====================================================================================
 ``None``      ``exp_avg`` in the parameter's dtype (torch.optim's choice)
 ``float32``   ``exp_avg`` in float32 (bf16/fp16 parameters: m is never rounded)
 ``bfloat16``  ``exp_avg`` in bf16, written with stochastic rounding (`kernels.codecs`)
-``int8``      ``exp_avg_codes`` (int8, one per element) and ``exp_avg_scales`` (float32, one per
-              256 elements of the flattened tensor): companded, stochastically rounded codes
+``int8``      ``exp_avg_codes`` (int8, the parameter's shape) and ``exp_avg_scales`` (float32, one
+              per 256 elements of a row, `kernels.codecs` Note [chunks by row]): companded,
+              stochastically rounded codes
 ``int4``      the same with two 4-bit codes a byte
 ============  =====================================================================================
 
@@ -23,12 +24,13 @@ m is rounded as a step would round it.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import torch
 from torch import Tensor
 
-from ..distributed import local_tensor
+from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, split_rows_like
 from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
 from .state import EXP_AVG
 
@@ -37,6 +39,13 @@ EXP_AVG_SCALES = "exp_avg_scales"  # int8/int4 momentum: one float32 scale per c
 MOMENTUM_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 KEYS = (EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES)
+
+
+def keys(plain: str = EXP_AVG) -> tuple[str, str, str]:
+    """The state keys of a momentum kept under ``plain`` (``exp_avg``; SGD-SaI's ``momentum_buffer``):
+    the tensor itself, or its ``<plain>_codes`` and ``<plain>_scales``. Every function here takes
+    the ``key`` it keeps the momentum under (default: Adam's)."""
+    return plain, f"{plain}_codes", f"{plain}_scales"
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
@@ -48,21 +57,23 @@ def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None
     return getattr(torch, momentum_dtype)
 
 
-def state_shapes(momentum_dtype: str | None, param_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+def state_shapes(momentum_dtype: str | None, param_shape: tuple[int, ...], key: str = EXP_AVG) -> dict[str, tuple[int, ...]]:
     """The momentum's state keys and shapes for a parameter of ``param_shape``."""
+    plain, codes_key, scales_key = keys(key)
     if momentum_dtype not in QUANTIZED:
-        return {EXP_AVG: tuple(param_shape)}
+        return {plain: tuple(param_shape)}
     codes, scales = codec(momentum_dtype).storage(tuple(param_shape), "meta")
-    return {EXP_AVG_CODES: tuple(codes.shape), EXP_AVG_SCALES: tuple(scales.shape)}
+    return {codes_key: tuple(codes.shape), scales_key: tuple(scales.shape)}
 
 
-def create(momentum_dtype: str | None, param: Tensor) -> dict[str, Tensor]:
+def create(momentum_dtype: str | None, param: Tensor, key: str = EXP_AVG) -> dict[str, Tensor]:
     """Zero momentum in the storage ``momentum_dtype`` asks for (local tensors: the caller places them)."""
+    plain, codes_key, scales_key = keys(key)
     dtype = plain_dtype(momentum_dtype, param)
     if dtype is not None:
-        return {EXP_AVG: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
+        return {plain: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
     codes, scales = codec(momentum_dtype).storage(tuple(param.shape), param.device)
-    return {EXP_AVG_CODES: codes, EXP_AVG_SCALES: scales}
+    return {codes_key: codes, scales_key: scales}
 
 
 def salt(name: str) -> int:
@@ -70,27 +81,30 @@ def salt(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def stored(momentum_dtype: str, state: dict, name: str) -> StoredMomentum:
+def stored(momentum_dtype: str, state: dict, name: str, key: str = EXP_AVG) -> StoredMomentum:
     """A compressed momentum's storage as a step takes it (local tensors, updated in place)."""
+    plain, codes_key, scales_key = keys(key)
     if momentum_dtype == "bfloat16":
-        tensors = (local_tensor(state[EXP_AVG]),)
+        tensors = (local_tensor(state[plain]),)
     else:
-        tensors = (local_tensor(state[EXP_AVG_CODES]), local_tensor(state[EXP_AVG_SCALES]))
+        tensors = (local_tensor(state[codes_key]), local_tensor(state[scales_key]))
     return StoredMomentum(momentum_dtype, tensors, salt(name), ROUNDING_SEED)
 
 
-def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...]) -> Tensor:
+def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...], key: str = EXP_AVG) -> Tensor:
     """A float32 copy of the momentum in ``state``, whatever its storage."""
+    plain, codes_key, scales_key = keys(key)
     if momentum_dtype in QUANTIZED:
-        return codec(momentum_dtype).decode((state[EXP_AVG_CODES], state[EXP_AVG_SCALES]), shape)
-    return state[EXP_AVG].to(torch.float32)
+        return codec(momentum_dtype).decode((state[codes_key], state[scales_key]), shape)
+    return state[plain].to(torch.float32)
 
 
-def saved_dtype(saved: dict, declared: str | None) -> str | None:
+def saved_dtype(saved: dict, declared: str | None, key: str = EXP_AVG) -> str | None:
     """The ``momentum_dtype`` a saved entry was written with: its group's, checked against what it
     holds (a checkpoint from before the setting has plain ``exp_avg``)."""
-    if EXP_AVG_CODES in saved:
-        codes = saved[EXP_AVG_CODES]
+    codes_key = keys(key)[1]
+    if codes_key in saved:
+        codes = saved[codes_key]
         if declared in QUANTIZED:
             return declared
         # no group setting (an edited checkpoint): int4 packs two codes a byte in uint8
@@ -99,26 +113,103 @@ def saved_dtype(saved: dict, declared: str | None) -> str | None:
 
 
 def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torch.dtype, source: str | None,
-            target: str | None) -> dict:
+            target: str | None, key: str = EXP_AVG) -> dict:
     """A saved entry's momentum moved from ``source`` storage to ``target`` storage (other keys
     unchanged). Quantized sources are decoded; quantized targets are encoded as the next step
     would encode (the saved step's rounding key)."""
-    if not any(key in saved for key in KEYS):
+    plain, codes_key, scales_key = kept = keys(key)
+    if not any(k in saved for k in kept):
         return saved
-    out = {k: v for k, v in saved.items() if k not in KEYS}
+    out = {k: v for k, v in saved.items() if k not in kept}
     if source in QUANTIZED:
-        m = codec(source).decode((saved[EXP_AVG_CODES], saved[EXP_AVG_SCALES]), shape)
+        m = codec(source).decode((saved[codes_key], saved[scales_key]), shape)
     else:
-        m = saved[EXP_AVG].to(torch.float32)
+        m = saved[plain].to(torch.float32)
     if target in QUANTIZED:
         step = int(saved["step"]) if "step" in saved else 0
         codes, scales = codec(target).encode(m, rounding_key(ROUNDING_SEED, step, salt(name)))
-        out[EXP_AVG_CODES], out[EXP_AVG_SCALES] = codes, scales
+        out[codes_key], out[scales_key] = codes, scales
     elif target == "bfloat16" and source != "bfloat16":
         step = int(saved["step"]) if "step" in saved else 0
-        out[EXP_AVG] = codec("bfloat16").encode(m, rounding_key(ROUNDING_SEED, step, salt(name)))[0].reshape(shape)
+        out[plain] = codec("bfloat16").encode(m, rounding_key(ROUNDING_SEED, step, salt(name)))[0].reshape(shape)
     else:
         dtype = param_dtype if target is None else getattr(torch, target)
-        out[EXP_AVG] = (saved[EXP_AVG] if source not in QUANTIZED else m).to(dtype)
+        out[plain] = (saved[plain] if source not in QUANTIZED else m).to(dtype)
     return out
+
+
+# ---- sharded parameters ------------------------------------------------------------------
+# Note [compressed momentum of sharded parameters]: every state tensor of a compressed momentum
+# is, globally, the one-process tensor; only where its parts live changes. So a step at any world
+# size draws the same bits and writes the same codes as one process (up to the gradients'
+# rounding), and DCP reshards a checkpoint like any DTensor.
+# * ``bfloat16``: ``exp_avg`` is placed like the parameter; element ``i`` of a shard draws the
+#   bits of its place in the whole tensor (`StoredMomentum.offset`), which needs the shard to be
+#   one contiguous run of the flattened parameter (FSDP2's ``Shard(0)``, a ZeRO piece).
+# * ``int8``/``int4`` of a parameter with >= 2 dims: chunks run along rows (Note [chunks by
+#   row]), so codes and scales have the parameter's rows, and a sharding along dim 0 splits them
+#   where it splits the parameter: DTensors split over rows like it.
+# * ``int8``/``int4`` of a 1-D parameter (one row) that the sharding cuts: a chunk may straddle
+#   shards, and its scale is the whole chunk's maximum. Codes and scales are kept whole on every
+#   rank (replicated DTensors; vectors are small): the step updates this rank's part of the
+#   decoded m, and after the step the parts are gathered (one all-reduce for all such tensors)
+#   and every rank encodes the whole m, as one process would.
+# Shardings along a later dim of a matrix (rows cut) are refused.
+def kept_whole(momentum_dtype: str | None, view: ShardView) -> bool:
+    """Whether a sharded parameter's compressed momentum is kept whole on every rank (Note
+    [compressed momentum of sharded parameters]): int8/int4 of a 1-D parameter the sharding cuts."""
+    return momentum_dtype in QUANTIZED and len(view.spec.shape) < 2 and bool(view.cut_dims)
+
+
+def _check_sharding(momentum_dtype: str, view: ShardView, name: str) -> None:
+    later = [d for d in view.cut_dims if d > 0]
+    if later:
+        raise NotImplementedError(
+            f"{name}: momentum_dtype={momentum_dtype!r} needs a sharding along dim 0 only (whole rows in each shard: "
+            f"int8/int4 chunks run along rows, bf16 rounding bits along the flattened tensor), but its placements "
+            f"split dim {later[0]} of {tuple(view.spec.shape)}; shard it along dim 0 (fully_shard's default), or give it "
+            "momentum_dtype='float32' in a param group of its own"
+        )
+
+
+def create_sharded(momentum_dtype: str | None, param: Tensor, view: ShardView, name: str,
+                   key: str = EXP_AVG) -> dict[str, Tensor]:
+    """Zero momentum for the DTensor ``param``, placed as Note [compressed momentum of sharded
+    parameters] says."""
+    if momentum_dtype in (None, "float32"):
+        return create(momentum_dtype, param, key)  # (zeros_like a DTensor: placed like it)
+    _check_sharding(momentum_dtype, view, name)
+    if momentum_dtype not in QUANTIZED:
+        return create(momentum_dtype, param, key)
+    device = local_tensor(param).device
+    whole = dict(zip(keys(key)[1:], codec(momentum_dtype).storage(tuple(param.shape), "meta")))
+    if kept_whole(momentum_dtype, view):
+        return {k: replicated_like(param, torch.zeros_like(meta, device=device)) for k, meta in whole.items()}
+
+    def here(meta: Tensor) -> tuple[int, ...]:  # this rank's rows (an empty shard keeps the other dims)
+        return (view.box[0][1], *meta.shape[1:]) if view.cut_dims else tuple(meta.shape)
+
+    return {k: split_rows_like(param, torch.zeros(here(meta), dtype=meta.dtype, device=device), tuple(meta.shape))
+            for k, meta in whole.items()}
+
+
+def place_loaded(momentum_dtype: str | None, loaded: dict[str, Tensor], param: Tensor, view: ShardView) -> dict[str, Tensor]:
+    """Loaded int8/int4 codes and scales of the DTensor ``param`` in the form a step keeps them:
+    whole (one-process) tensors placed as `create_sharded` places them; DTensors (DCP loaded them
+    into this optimizer's own) as they are."""
+    if momentum_dtype not in QUANTIZED:
+        return loaded
+    whole = kept_whole(momentum_dtype, view)
+    return {
+        k: value if is_dtensor(value) else
+        replicated_like(param, value) if whole else
+        split_rows_like(param, (view.local_rows(value) if view.cut_dims else value).clone(), tuple(value.shape))
+        for k, value in loaded.items()
+    }
+
+
+def stored_shard(momentum_dtype: str, state: dict, name: str, view: ShardView, key: str = EXP_AVG) -> StoredMomentum:
+    """A shard's compressed momentum as a step takes it: its elements draw the rounding bits of
+    their place in the whole tensor."""
+    return dataclasses.replace(stored(momentum_dtype, state, name, key), offset=view.flat_start())
 

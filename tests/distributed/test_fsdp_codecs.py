@@ -1,0 +1,163 @@
+"""Compressed momentum (``momentum_dtype`` bfloat16/int8/int4) under FSDP2, and DCP checkpoints
+that reshard it (Note [compressed momentum of sharded parameters] in `blockopt.optim.momentum`).
+
+Every state tensor of a sharded parameter's momentum is, globally, the one-process tensor, and a
+shard's elements draw the rounding bits of their place in the whole: so FSDP2 writes the same
+codes as one process (the gradients agree to rounding, far below a rounding threshold here), and
+a DCP checkpoint loads at another world size with the very same codes. Two spawns (2 ranks, then
+3); the one-process references and the 2 -> 1 resume run here.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import blockopt
+from blockopt.distributed.shard import _shard_view
+from blockopt.distributed.zero import read_partitions
+from blockopt.kernels.codecs import StoredMomentum, codec, rounding_key
+from blockopt.optim import momentum
+from blockopt.partition import make_spec
+
+from . import _codecs_worker as worker
+from .conftest import load, run_world
+
+pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
+
+CODECS = ("bfloat16", "int8", "int4")
+TOLERANCE = 1e-12  # parameters: gradients summed in another order
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("codecs")
+    references = {dt: worker.one_process(out, dt) for dt in CODECS}  # (also their checkpoints, at 1 process)
+    run_world(2, out, [("train", {"momentum_dtype": dt}) for dt in CODECS]
+              + [("resume", {"momentum_dtype": dt, "saved_world": 1}) for dt in CODECS]
+              + [("resume", {"momentum_dtype": "int8", "saved_world": 2})]
+              + [("load_whole", {"momentum_dtype": dt}) for dt in ("int8", "int4")], entry=worker.main)
+    run_world(3, out, [("resume", {"momentum_dtype": dt, "saved_world": 2}) for dt in ("int8", "int4")], entry=worker.main)
+    return out, references
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Every momentum tensor (codes, scales, bf16 exp_avg) and step count, bit for bit."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key in a[name]:
+            assert a[name][key].dtype == b[name][key].dtype, (name, key)
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+def assert_close_params(a: dict, b: dict, tolerance: float = TOLERANCE) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() <= tolerance, name
+
+
+@pytest.mark.parametrize("momentum_dtype", CODECS)
+def test_fsdp_steps_like_one_process(runs, momentum_dtype):
+    out, references = runs
+    reference = references[momentum_dtype]
+    result = load(out, f"train_{momentum_dtype}_w2")
+    for at in ("split", "end"):
+        assert_close_params(result[at]["params"], reference[at]["params"])
+        assert_same_state(result[at]["state"], reference[at]["state"])
+    other = load(out, f"train_{momentum_dtype}_w2", 1)
+    assert_close_params(other["end"]["params"], result["end"]["params"], 0.0)
+    assert_same_state(other["end"]["state"], result["end"]["state"])
+    # the cut blocks' sums, and (int8/int4) the vectors' momenta gathered whole: one all-reduce each
+    assert result["all_reduce_calls"] == (1 if momentum_dtype == "bfloat16" else 2)
+
+
+def test_dcp_resume_at_the_same_world_size_is_bit_identical(runs):
+    out, _ = runs
+    uninterrupted = load(out, "train_int8_w2")
+    resumed = load(out, "resume_int8_w2_to_w2")
+    assert_same_state(resumed["loaded"]["state"], uninterrupted["split"]["state"])
+    assert_close_params(resumed["end"]["params"], uninterrupted["end"]["params"], 0.0)
+    assert_same_state(resumed["end"]["state"], uninterrupted["end"]["state"])
+
+
+@pytest.mark.parametrize("momentum_dtype", CODECS)
+def test_dcp_one_process_checkpoint_resumes_at_world2(runs, momentum_dtype):
+    out, references = runs
+    reference = references[momentum_dtype]
+    resumed = load(out, f"resume_{momentum_dtype}_w1_to_w2")
+    assert_same_state(resumed["loaded"]["state"], reference["split"]["state"])
+    assert_close_params(resumed["end"]["params"], reference["end"]["params"])
+    assert_same_state(resumed["end"]["state"], reference["end"]["state"])
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "int4"])
+def test_one_process_state_dict_loads_at_world2(runs, momentum_dtype):
+    """``opt.load_state_dict`` of whole codes and scales (no DCP) places them as a step keeps them."""
+    out, references = runs
+    reference = references[momentum_dtype]
+    resumed = load(out, f"load_whole_{momentum_dtype}_w2")
+    assert_same_state(resumed["loaded"]["state"], reference["split"]["state"])
+    assert_close_params(resumed["end"]["params"], reference["end"]["params"])
+    assert_same_state(resumed["end"]["state"], reference["end"]["state"])
+
+
+@pytest.mark.parametrize("momentum_dtype", CODECS)
+def test_dcp_world2_checkpoint_resumes_in_one_process(runs, momentum_dtype):
+    out, references = runs
+    worker.scenario_resume(0, 1, out, momentum_dtype=momentum_dtype, saved_world=2)
+    resumed = load(out, f"resume_{momentum_dtype}_w2_to_w1")
+    assert_same_state(resumed["loaded"]["state"], load(out, f"train_{momentum_dtype}_w2")["split"]["state"])
+    assert_close_params(resumed["end"]["params"], references[momentum_dtype]["end"]["params"])
+    assert_same_state(resumed["end"]["state"], references[momentum_dtype]["end"]["state"])
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "int4"])
+def test_dcp_world2_checkpoint_resumes_at_world3(runs, momentum_dtype):
+    """Other shard boundaries (rows 2/2/1, the vector in thirds, empty shards): the same codes."""
+    out, references = runs
+    resumed = load(out, f"resume_{momentum_dtype}_w2_to_w3")
+    assert_same_state(resumed["loaded"]["state"], load(out, f"train_{momentum_dtype}_w2")["split"]["state"])
+    assert_close_params(resumed["end"]["params"], references[momentum_dtype]["end"]["params"])
+    assert_same_state(resumed["end"]["state"], references[momentum_dtype]["end"]["state"])
+
+
+# ---- in this process ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CODECS)
+def test_a_shard_draws_the_bits_of_its_place_in_the_whole(name):
+    """Rows 3..6 of a (7, 301) tensor, encoded as a shard with its offset, are the whole
+    tensor's encoding cut at those rows; without the offset they are not."""
+    x = torch.randn(7, 301, generator=torch.Generator().manual_seed(0))
+    key = rounding_key(0, 5, 123)
+    whole = codec(name).encode(x, key)
+    rows = slice(3, 7)
+    for offset, same in ((3 * 301, True), (0, False)):
+        shard = StoredMomentum(name, tuple(torch.zeros_like(t[rows]) for t in whole), salt=123, offset=offset)
+        shard.encode_(x[rows], 5)
+        assert all(torch.equal(s, w[rows]) for s, w in zip(shard.stored, whole)) == same
+
+
+def test_unsharded_bits_are_unchanged():
+    stored = StoredMomentum("int8", (), salt=7, seed=3)
+    assert stored.key(11) == rounding_key(3, 11, 7)
+
+
+def test_a_sharding_that_cuts_rows_is_refused():
+    """Shard(1) of a matrix cuts its rows (int8/int4 chunks, bf16 bits along the flattened tensor)."""
+    from torch.distributed.tensor import Shard
+
+    spec = make_spec("w", (4, 6), "rows", "test")
+    view = _shard_view(spec, (Shard(1),), (0,), (2,), None, (4, 3))
+    for momentum_dtype in CODECS:
+        with pytest.raises(NotImplementedError, match=rf"w: momentum_dtype='{momentum_dtype}' needs a sharding along dim 0"):
+            momentum.create_sharded(momentum_dtype, torch.zeros(4, 6), view, "w")
+
+
+@pytest.mark.parametrize("momentum_dtype", ["int8", "int4"])
+def test_zero_refuses_quantized_momentum(momentum_dtype):
+    opt = blockopt.AdamMini(worker.Odd(), rules=worker.RULES, momentum_dtype=momentum_dtype)
+    stage2 = SimpleNamespace(round_robin_bit16_groups=[])  # what DeepSpeed's ZeRO 1/2 optimizer is known by
+    with pytest.raises(NotImplementedError, match=rf"momentum_dtype='{momentum_dtype}' under DeepSpeed ZeRO"):
+        read_partitions(stage2, opt)
