@@ -62,6 +62,7 @@ def plan_report(plan) -> str:
 
 @dataclass
 class AdamMiniBatch(SecondMomentBatch):
+    LIKE_PARAM = ("exp_avgs",)
     exp_avgs: list[Tensor | StoredMomentum] = field(default_factory=list)
 
 
@@ -95,12 +96,18 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
             is non-finite), ``"ignore"``. See `blockopt.optim.nonfinite`. (Default: "warn")
         momentum_dtype (str or None): how the first moment is stored between steps: ``None`` (the
             parameter's dtype), ``"float32"``, ``"bfloat16"`` (stochastic rounding), ``"int8"``
-            or ``"int4"`` (companded codes with a float32 scale per 256 elements, stochastic
+            or ``"int4"`` (companded codes with a float32 scale per 256 elements of a row, stochastic
             rounding); per param group. See `blockopt.optim.momentum`. (Default: None)
+        param_rounding (str): how bf16/fp16 parameters are written: ``"nearest"``,
+            ``"stochastic"`` (bf16 only; unbiased) or ``"kahan"`` (a compensation tensor in the
+            parameter's dtype keeps what rounding dropped), for training without float32 master
+            weights; per param group. float32/float64 parameters are written the same under every
+            setting. See `blockopt.optim.param_rounding`. (Default: "nearest")
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its
     dtype or ``momentum_dtype``; for int8/int4, ``exp_avg_codes`` and ``exp_avg_scales``
-    instead), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters).
+    instead), ``exp_avg_sq`` (``(n_blocks,)``, float32 even for bf16/fp16 parameters);
+    ``param_compensation`` (like a bf16/fp16 parameter) under ``param_rounding="kahan"``.
     """
 
     HYPERPARAMETERS = ADAM_HYPERPARAMETERS
@@ -108,7 +115,7 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ,)
     _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn",
-                       "momentum_dtype": None}
+                       "momentum_dtype": None, "param_rounding": "nearest"}
 
     def __init__(
         self,
@@ -134,11 +141,13 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         model_sharding: bool | None = None,
         verbose: bool = False,
         momentum_dtype: str | None = None,
+        param_rounding: str = "nearest",
     ):
         params = official_params(params, named_parameters, model_sharding, verbose)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,
             maximize=maximize, implementation=implementation, nonfinite=nonfinite, momentum_dtype=momentum_dtype,
+            param_rounding=param_rounding,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)

@@ -177,6 +177,7 @@ def _check_policy(policy, where: str) -> None:
 
 @dataclass
 class AdaPMBatch(SecondMomentBatch):
+    LIKE_PARAM = ("momenta",)
     momenta: list[Momentum] = field(default_factory=list)  # per tensor, by its policy (see `adapm`)
 
 
@@ -217,7 +218,10 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         nonfinite (str): ``"warn"``, ``"skip_tensor"``, ``"skip_step"`` or ``"ignore"``, as for
             `AdamMini`. (Default: "warn")
         momentum_dtype (str or None): how ``full`` momenta are stored between steps, as for
-            `AdamMini` (the low-rank factors stay in float32). (Default: None)
+            `AdamMini`; under ``"bfloat16"``, ``"int8"`` or ``"int4"`` the low-rank factors are
+            kept in bfloat16 with stochastic rounding (Note [compressed low-rank factors]). (Default: None)
+        param_rounding (str): how bf16/fp16 parameters are written (``"nearest"``,
+            ``"stochastic"``, ``"kahan"``), as for `AdamMini`. (Default: "nearest")
 
     ``rank``, ``fit_iters``, ``fit_lr`` and ``residual_clip`` may differ per param group;
     ``momentum`` and ``second_moment`` shape the state, so they are fixed per optimizer.
@@ -226,7 +230,8 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
     parameter, in its dtype or ``momentum_dtype``; ``exp_avg_codes``/``exp_avg_scales`` for int8/int4); ``exp_avg_l`` ``(m, r)`` and ``exp_avg_r`` ``(r, n)`` (``lowrank``:
     float32, float64 for float64 parameters; ``L`` has orthonormal columns); ``exp_avg_sq``
     (``(n_blocks,)``, or ``(numel,)`` with ``second_moment="adam"``; float32 or float64).
-    ``opt.policies`` maps every parameter name to the policy it gets.
+    ``opt.policies`` maps every parameter name to the policy it gets. ``param_compensation`` (like
+    a bf16/fp16 parameter) under ``param_rounding="kahan"``.
     """
 
     HYPERPARAMETERS = {
@@ -242,7 +247,8 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
     _STAT_KEYS = (EXP_AVG_SQ, EXP_AVG_L, EXP_AVG_R)
     _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "rank": 8, "fit_iters": 2,
-                       "fit_lr": 1.0, "residual_clip": 1.0, "nonfinite": "warn", "momentum_dtype": None}
+                       "fit_lr": 1.0, "residual_clip": 1.0, "nonfinite": "warn", "momentum_dtype": None,
+                       "param_rounding": "nearest"}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "momentum": dict(DEFAULT_MOMENTUM), "second_moment": "adam-mini", "seed": 0}
 
     def __init__(
@@ -273,6 +279,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         implementation: str = "auto",
         nonfinite: str = "warn",
         momentum_dtype: str | None = None,
+        param_rounding: str = "nearest",
     ):
         validate(self.HYPERPARAMETERS, {"second_moment": second_moment, "seed": seed})
         self.momentum = resolve_momentum(momentum)
@@ -282,6 +289,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, fit_iters=fit_iters,
             fit_lr=fit_lr, residual_clip=residual_clip, decay_1d=decay_1d, maximize=maximize,
             implementation=implementation, nonfinite=nonfinite, momentum_dtype=momentum_dtype,
+            param_rounding=param_rounding,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         super().__init__(params, defaults, plan=plan, partition_options=options)
@@ -368,8 +376,9 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             if policy == "lowrank":
                 m, n = matrix_shape(p.shape)
                 r = self._rank(batch.group, p.shape)
-                left = torch.zeros(m, r, dtype=stat_dtype(p), device=p.device)
-                right = self._initial_right_factor(name, r, n, p)
+                dtype = self._factor_dtype(batch.group, p)
+                left = torch.zeros(m, r, dtype=dtype, device=p.device)
+                right = self._initial_right_factor(name, r, n, p).to(dtype)
                 if is_dtensor(p):  # Note [sharded low-rank momentum]
                     left, right = rows_like(p, left, layout), replicated_like(p, right)
                 state[EXP_AVG_L], state[EXP_AVG_R] = left, right
@@ -377,7 +386,11 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         if policy == "full":
             batch.momenta.append(self._keep_momentum(batch, name, p, state, plain))
         elif policy == "lowrank":
-            batch.momenta.append((local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R])))
+            factors = (local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R]))
+            if factors[0].dtype != stat_dtype(p):  # Note [compressed low-rank factors]
+                factors = tuple(StoredMomentum("bfloat16", (f,), storage.salt(f"{name}:{key}"))
+                                for f, key in zip(factors, (EXP_AVG_L, EXP_AVG_R)))
+            batch.momenta.append(factors)
         else:
             batch.momenta.append(None)
         batch.exp_avg_sqs.append(state[EXP_AVG_SQ])
@@ -385,6 +398,20 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
 
     def _reduce(self, batches: list[AdaPMBatch], collectives: Collectives) -> None:
         reduce_block_sq_sums(batches, collectives)
+
+    # Note [compressed low-rank factors]: under a compressed ``momentum_dtype`` (bfloat16, int8,
+    # int4) a low-rank tensor's factors are the rest of its first moment, and at float32 they
+    # would be most of AdaPM's state. They are kept in bfloat16 with stochastic rounding (the
+    # step fits them in float32, then encodes), never in int codes: L has orthonormal columns
+    # and R carries the scale, which 8 bits per entry would blur.
+    @staticmethod
+    def _factor_dtype(group: dict, p: Tensor) -> torch.dtype:
+        return stat_dtype(p) if group["momentum_dtype"] in (None, "float32") else torch.bfloat16
+
+    def _stat_storage_dtype(self, p: Tensor, key: str) -> torch.dtype:
+        if key in (EXP_AVG_L, EXP_AVG_R):  # (from a float32 checkpoint: rounded to nearest once)
+            return self._factor_dtype(self._group_of(p), p)
+        return super()._stat_storage_dtype(p, key)
 
     def _update(self, batch: AdaPMBatch, collectives: Collectives) -> None:
         group = batch.group
@@ -535,6 +562,9 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
     step_t += 1
     step = _count(step_t)
     work = v.dtype
+    stored = (L, R) if isinstance(L, StoredMomentum) else None  # Note [compressed low-rank factors]
+    if stored is not None:
+        L, R = (f.decode(tuple(f.stored[0].shape), work) for f in stored)
     m, n = L.shape[0], R.shape[1]
     # The step's one parameter-sized temporary: the gradient in the statistics dtype (the fit reads
     # it), then the residual, then the update direction.
@@ -557,6 +587,10 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
             else correction.addmm_(L_new, R_new, alpha=1 / (1 - beta1**step))
     else:
         u = torch.mm(L_new, R_new, out=D).mul_(1 / (1 - beta1**step))
-    L.copy_(L_new)
-    R.copy_(R_new)
+    if stored is None:
+        L.copy_(L_new)
+        R.copy_(R_new)
+    else:
+        for factor, new in zip(stored, (L_new, R_new)):
+            factor.encode_(new, int(step_t))
     _apply(p, u.view(p.shape), denom, lr=lr, wd=wd, scratch=True)

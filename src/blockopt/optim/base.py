@@ -39,7 +39,7 @@ from ..distributed import (
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
 from ..validation import Rule, validate
-from . import nonfinite
+from . import nonfinite, param_rounding
 from .checkpoint import align_state_dict, check_fits
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
 from .state import stat_dtype
@@ -48,7 +48,12 @@ from .state import stat_dtype
 @dataclass
 class ParamBatch:
     """One param group's parameters that have a gradient, gathered for a step: parallel lists
-    (local shards for DTensors). Optimizers extend it with their state lists."""
+    (local shards for DTensors). Optimizers extend it with their state lists; every list field
+    has one entry per tensor (so a batch can be cut into parts)."""
+
+    # the state lists whose tensors are kept like the parameter, in its dtype (a first moment): a
+    # step on float32 copies of bf16/fp16 parameters (`param_rounding`) takes float32 copies of these too
+    LIKE_PARAM: ClassVar[tuple[str, ...]] = ()
 
     group: dict
     names: list[str] = field(default_factory=list)
@@ -135,7 +140,10 @@ class BlockwiseOptimizer(Optimizer):
             collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
             self._reduce(batches, collectives)
             for batch in batches:
-                self._update(batch, collectives)
+                if batch.group.get("param_rounding", "nearest") == "nearest":
+                    self._update(batch, collectives)
+                else:
+                    param_rounding.update(self, batch, collectives)
             self._watch_statistics(batches)
         return loss
 
@@ -290,6 +298,7 @@ class BlockwiseOptimizer(Optimizer):
             return super().load_state_dict(state_dict)
         state_dict, pairs = align_state_dict(self.param_groups, state_dict)
         state_dict = self._convert_loaded(state_dict, pairs)
+        state_dict = param_rounding.loaded(state_dict, self.param_groups)
         self._validate_state_dict(state_dict, pairs)
         super().load_state_dict(state_dict)
         self._restore_loaded(state_dict, pairs)
@@ -302,7 +311,7 @@ class BlockwiseOptimizer(Optimizer):
             state, layout = self.state[p], self._layout(name, p)
             for key in self._STAT_KEYS:
                 if isinstance(saved.get(key), torch.Tensor):
-                    value = saved[key].to(device=p.device, dtype=stat_dtype(p), copy=True)
+                    value = saved[key].to(device=p.device, dtype=self._stat_storage_dtype(p, key), copy=True)
                     state[key] = self._place_loaded_stat(p, key, value, layout)
             if is_dtensor(p):
                 for key, value in list(state.items()):
@@ -319,6 +328,10 @@ class BlockwiseOptimizer(Optimizer):
         """After torch's load, which casts every floating state tensor to its parameter's dtype
         (and integer ones to floats): what a subclass must put back exactly (default: nothing
         beyond the block statistics)."""
+
+    def _stat_storage_dtype(self, p: Tensor, key: str) -> torch.dtype:
+        """The dtype a statistic of ``p`` is kept in (a loaded one is cast to it)."""
+        return stat_dtype(p)
 
     def _place_loaded_stat(self, p: Tensor, key: str, value: Tensor, layout) -> Tensor:
         """A loaded statistic in the form the step keeps: global block statistics are cut to the

@@ -11,7 +11,8 @@ ratio, computed once, from the parameter's first gradient :math:`g^{(0)}`, and t
         \qquad s_b = \mathrm{gsnr}_b \ \text{ or, with normalize, } \ \mathrm{gsnr}_b / \max_{b'} \mathrm{gsnr}_{b'}
 
 With the defaults (one block per tensor, no normalisation) this is exactly the ``sgd-sai`` 1.0.3
-package. Only ``m`` (like the parameter) and one scalar per block are kept: half of AdamW's state.
+package. Only ``m`` (like the parameter) and one scalar per block are kept: half of AdamW's state,
+and less with ``momentum_dtype`` (``m`` in bf16 or int8/int4 codes, `blockopt.optim.momentum`).
 The module runs past 400 lines for its notes: where and why it departs from the package.
 """
 
@@ -26,28 +27,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..distributed import SINGLE_PROCESS, Collectives, local_tensor
+from ..distributed import SINGLE_PROCESS, Collectives
 from ..kernels import block_numel, expand
+from ..kernels.codecs import StoredMomentum
 from ..partition import BlockSpec, PartitionWarning, Plan
 from ..validation import boolean, choice, real, validate
+from . import momentum as storage
+from . import param_rounding
+from .adam_family import MomentumStorage
 from .base import BlockwiseOptimizer, ParamBatch
 from .nonfinite import NONFINITE
-from .state import GSNR, MOMENTUM_BUFFER, stat_dtype
+from .state import GSNR, MOMENTUM_BUFFER, STEP, stat_dtype
 
 BLOCKS = ("tensor", "plan")
 
 _TENSOR_REASON = "SGD-SaI blocks='tensor': one block per tensor, as in sgd-sai 1.0.3"
+_BUFFER_KEYS = storage.keys(MOMENTUM_BUFFER)  # momentum_buffer, or its codes and scales
 
 
 @dataclass
 class SGDSaIBatch(ParamBatch):
-    momentum_buffers: list[Tensor | None] = field(default_factory=list)  # None while momentum == 0
+    LIKE_PARAM = ("momentum_buffers",)
+    momentum_buffers: list[Tensor | StoredMomentum | None] = field(default_factory=list)  # None while momentum == 0
     gsnrs: list[Tensor] = field(default_factory=list)
     new_gsnr: list[bool] = field(default_factory=list)  # this step is the parameter's first with a gradient
     new_momentum: list[bool] = field(default_factory=list)  # its buffer starts at m = g
+    steps: list[Tensor | None] = field(default_factory=list)  # counted only where rounding keys need them
 
 
-class SGDSaI(BlockwiseOptimizer):
+class SGDSaI(MomentumStorage, BlockwiseOptimizer):
     r"""SGD-SaI: SGD with momentum whose per-block step sizes are set once, by the gradient SNR.
 
     Args:
@@ -82,6 +90,17 @@ class SGDSaI(BlockwiseOptimizer):
             `blockopt.partition` (they matter for ``blocks="plan"``).
         nonfinite (str): ``"warn"``, ``"skip_tensor"``, ``"skip_step"`` or ``"ignore"``, as for
             `blockopt.AdamMini`; the watched statistic is the gsnr. (Default: "warn")
+        momentum_dtype (str or None): how the momentum buffer is stored between steps: ``None``
+            (the parameter's dtype), ``"float32"``, ``"bfloat16"`` (stochastic rounding),
+            ``"int8"`` or ``"int4"`` (companded codes, a float32 scale per 256 elements of a row,
+            stochastic rounding), as for `blockopt.AdamMini`; per param group. Each step decodes
+            m, updates it and encodes it again, a tensor at a time. See `blockopt.optim.momentum`.
+            (Default: None)
+        param_rounding (str): how bf16/fp16 parameters are written: ``"nearest"``,
+            ``"stochastic"`` (bf16 only; unbiased) or ``"kahan"`` (a compensation tensor keeps what
+            rounding dropped), for training without float32 master weights; per param group.
+            float32/float64 parameters are written the same under every setting. See
+            `blockopt.optim.param_rounding`. (Default: "nearest")
 
     Note [degenerate blocks]: the unbiased std of a 1-element block is undefined; the package
     turns it into 0, so the block steps with ``|g|/eps`` (about 1e8 times too far). Here such a
@@ -102,9 +121,13 @@ class SGDSaI(BlockwiseOptimizer):
     ``add_param_group``, get theirs from their own first gradient (the package raises there).
 
     State per parameter: ``gsnr`` (``(n_blocks,)``, float32 for float32/bf16/fp16 parameters,
-    float64 for float64 ones) and ``momentum_buffer`` (like the parameter, in its dtype; absent
-    while ``momentum == 0``). The keys are the package's, and a ``sgd_sai.SGD_sai`` state dict
-    loads (its scalar gsnr becomes ``(1,)``).
+    float64 for float64 ones) and ``momentum_buffer`` (like the parameter, in its dtype or
+    ``momentum_dtype``; ``momentum_buffer_codes`` and ``momentum_buffer_scales`` for int8/int4;
+    absent while ``momentum == 0``). Where rounding is keyed by the step count (a bf16/int8/int4
+    momentum, ``param_rounding="stochastic"``), ``step`` (float32 scalar tensor, counted from the
+    first step that needs it); under ``param_rounding="kahan"``, ``param_compensation`` (like a
+    bf16/fp16 parameter). The keys are the package's, and a ``sgd_sai.SGD_sai`` state dict loads
+    (its scalar gsnr becomes ``(1,)``; into any ``momentum_dtype``).
     """
 
     HYPERPARAMETERS = {
@@ -120,12 +143,17 @@ class SGDSaI(BlockwiseOptimizer):
         "nonfinite": choice(*NONFINITE),
         "blocks": choice(*BLOCKS, hint="'tensor' is one block per parameter tensor (the sgd-sai package), "
                                        "'plan' uses the blocks of blockopt.partition"),
+        "momentum_dtype": choice(*storage.MOMENTUM_DTYPES,
+                                 hint="how the momentum buffer is stored; see blockopt.optim.momentum"),
+        "param_rounding": param_rounding.RULE,
     }
     _Batch = SGDSaIBatch
     _STATISTICS, _STATISTICS_KEY = "gsnrs", GSNR
     _STAT_KEYS = (GSNR,)
-    _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None, "nonfinite": "warn"}
+    _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None, "nonfinite": "warn",
+                       "momentum_dtype": None, "param_rounding": "nearest"}
     _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor"}
+    _MOMENTUM_KEY = MOMENTUM_BUFFER
 
     def __init__(
         self,
@@ -148,12 +176,15 @@ class SGDSaI(BlockwiseOptimizer):
         value: str | None = None,
         conv: str | None = None,
         nonfinite: str = "warn",
+        momentum_dtype: str | None = None,
+        param_rounding: str = "nearest",
     ):
         validate(self.HYPERPARAMETERS, {"blocks": blocks})
         self._blocks = blocks
         defaults = dict(
             lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize,
             decay_1d=decay_1d, maximize=maximize, gsnr_max=None, nonfinite=nonfinite,
+            momentum_dtype=momentum_dtype, param_rounding=param_rounding,
         )
         options = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, rules=rules, value=value, conv=conv)
         with self._quiet_partition():
@@ -200,14 +231,24 @@ class SGDSaI(BlockwiseOptimizer):
         return {GSNR: (self.block_spec(name).n_blocks,)}
 
     def _validate_state_dict(self, state_dict, pairs) -> None:
+        """The base checks, then the momentum buffer's storage where there is one (already
+        converted to this optimizer's ``momentum_dtype``)."""
         super()._validate_state_dict(state_dict, pairs)
         for saved_id, p, name in pairs:
-            buf = (state_dict["state"].get(saved_id) or {}).get(MOMENTUM_BUFFER)
-            if isinstance(buf, Tensor) and tuple(buf.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"state {MOMENTUM_BUFFER!r} of {name!r} has shape {tuple(buf.shape)}, expected "
-                    f"{tuple(p.shape)}: it comes from another model"
-                )
+            saved = state_dict["state"].get(saved_id) or {}
+            if not any(key in saved for key in _BUFFER_KEYS):
+                continue
+            expected = storage.state_shapes(self._group_of(p)["momentum_dtype"], tuple(p.shape), MOMENTUM_BUFFER)
+            for key, shape in expected.items():
+                value = saved.get(key)
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"the state of {name!r} has no {key!r} (it has {sorted(saved)}): it was saved by "
+                                     "another optimizer")
+                if tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"state {key!r} of {name!r} has shape {tuple(value.shape)}, expected {shape}: it comes from "
+                        "another model"
+                    )
 
     def load_state_dict(self, state_dict) -> None:
         """Load state (atomic: a state dict from another model or block layout changes nothing).
@@ -226,17 +267,19 @@ class SGDSaI(BlockwiseOptimizer):
 
     # ---- the step --------------------------------------------------------------------------
     def _gather_state(self, batch: SGDSaIBatch, name, p, layout, state, plain) -> None:
+        group = batch.group
         first = GSNR not in state
         if first:  # one value per block meeting this rank's shard (all blocks when not sharded)
             state[GSNR] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
         fresh_m = False
-        if batch.group["momentum"] != 0:
-            if MOMENTUM_BUFFER not in state:
-                state[MOMENTUM_BUFFER] = torch.empty_like(p, memory_format=torch.preserve_format)
-                fresh_m = True
-            batch.momentum_buffers.append(local_tensor(state[MOMENTUM_BUFFER]))
+        if group["momentum"] != 0:
+            fresh_m = not any(key in state for key in _BUFFER_KEYS)
+            batch.momentum_buffers.append(self._keep_momentum(batch, name, p, state, plain))
         else:
             batch.momentum_buffers.append(None)
+        if STEP not in state and _counts_steps(group, p):
+            state[STEP] = torch.tensor(0.0, dtype=torch.float32)
+        batch.steps.append(state.get(STEP))
         batch.gsnrs.append(state[GSNR])
         batch.new_gsnr.append(first)
         batch.new_momentum.append(fresh_m)
@@ -263,8 +306,15 @@ class SGDSaI(BlockwiseOptimizer):
             batch.params, batch.grads, batch.momentum_buffers, batch.gsnrs, batch.layouts,
             scale=step_scale(self._lr(group), group["normalize"], group["gsnr_max"]), lr=self._lr(group),
             momentum=group["momentum"], weight_decays=batch.weight_decays, maximize=group["maximize"],
-            new_momentum=batch.new_momentum,
+            new_momentum=batch.new_momentum, steps=batch.steps,
         )
+
+
+def _counts_steps(group: dict, param: Tensor) -> bool:
+    """Whether ``param``'s rounding is keyed by the step count (Note [seeded rounding] in
+    `blockopt.kernels.codecs`): a compressed momentum buffer, or a stochastically rounded parameter."""
+    compressed = group["momentum"] != 0 and group["momentum_dtype"] not in (None, "float32")
+    return compressed or param_rounding.needs_steps(group, param)
 
 
 def _scalar_gsnr_as_block(saved):
@@ -368,6 +418,7 @@ def sgd_sai(
     normalize: bool = False,
     gsnr_max: float | None = None,
     collectives: Collectives = SINGLE_PROCESS,
+    steps: Sequence[Tensor | None] | None = None,
 ) -> float | None:
     """Functional SGD-SaI over lists of tensors (all updated in place); one param group.
 
@@ -377,7 +428,8 @@ def sgd_sai(
 
     Args:
         params, grads: the tensors (local shards under FSDP).
-        momentum_buffers: like ``params``; ``None`` entries step without momentum (``m = g``).
+        momentum_buffers: like ``params``, or a `StoredMomentum` (a compressed buffer, decoded
+            and encoded again by the step); ``None`` entries step without momentum (``m = g``).
         gsnrs: ``(n_blocks,)`` tensors in the statistics dtype; those flagged in ``new_gsnr`` are
             filled from this step's gradient first.
         specs: `BlockSpec`s, or `ShardView`s of sharded parameters (only ``block_sum``,
@@ -387,6 +439,8 @@ def sgd_sai(
             of ``gsnrs`` (across ranks).
         collectives: a `blockopt.distributed.Collectives` for sharded tensors: one block-sum
             reduction at a step that computes gsnrs, one MAX when the maximum is computed.
+        steps: step counts (scalar tensors, incremented here), needed where a buffer is a
+            `StoredMomentum` (its rounding key); ``None`` entries are not counted.
 
     Returns:
         The ``gsnr_max`` used when ``normalize`` (None if every gsnr was 0), else None.
@@ -402,22 +456,29 @@ def sgd_sai(
         gsnr_max = gsnr_max if gsnr_max > 0 else None
     sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, scale=step_scale(lr, normalize, gsnr_max), lr=lr,
                    momentum=momentum, weight_decays=weight_decays, maximize=maximize,
-                   new_momentum=[False] * n if new_momentum is None else new_momentum)
+                   new_momentum=[False] * n if new_momentum is None else new_momentum, steps=steps)
     return gsnr_max if normalize else None
 
 
 def sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, *, scale: float, lr: float, momentum: float,
-                   weight_decays, maximize: bool, new_momentum) -> None:
+                   weight_decays, maximize: bool, new_momentum, steps=None) -> None:
     """``m <- g`` (fresh) or ``mu m + (1 - mu) g``; ``p <- p (1 - lr wd) - scale gsnr_b m``, in the
-    statistics dtype, rounded once into each tensor."""
-    for p, g, m, gsnr, spec, wd, fresh in zip(params, grads, momentum_buffers, gsnrs, specs, weight_decays, new_momentum):
+    statistics dtype, rounded once into each tensor. A compressed buffer (`StoredMomentum`) is
+    decoded for its tensor's update and encoded with the key of the step count it reaches."""
+    steps = [None] * len(params) if steps is None else steps
+    for p, g, m, gsnr, spec, wd, fresh, step_t in zip(params, grads, momentum_buffers, gsnrs, specs, weight_decays,
+                                                       new_momentum, steps):
+        if step_t is not None:
+            step_t += 1
         work = gsnr.dtype  # float32 for bf16/fp16 parameters, their own dtype otherwise
         g = g.to(work)
         if maximize:
             g = -g
         p_w = p.to(work)  # the tensor itself when the dtypes match
         direction = g
-        if m is not None:
+        if isinstance(m, StoredMomentum):
+            direction = _step_stored(m, g, step_t, tuple(p.shape), momentum=momentum, fresh=fresh)
+        elif m is not None:
             m_w = m.to(work)
             if fresh:
                 m_w.copy_(g)
@@ -431,3 +492,15 @@ def sgd_sai_update(params, grads, momentum_buffers, gsnrs, specs, *, scale: floa
         p_w.addcmul_(expand(spec, gsnr * scale), direction, value=-1)
         if p_w is not p:
             p.copy_(p_w)
+
+
+# (the rounding key is read from the step count as a number: a compiled step runs this eagerly,
+# rather than recompiling for every new count)
+@torch.compiler.disable
+def _step_stored(m: StoredMomentum, g: Tensor, step_t: Tensor, shape: tuple[int, ...], *, momentum: float,
+                 fresh: bool) -> Tensor:
+    """A compressed buffer's new m (decoded in ``g``'s dtype, updated, and encoded again with the
+    key of the step count ``step_t`` has reached); the unrounded m is returned for the update."""
+    m_w = g.clone() if fresh else m.decode(shape, g.dtype).mul_(momentum).add_(g, alpha=1 - momentum)
+    m.encode_(m_w, int(step_t))
+    return m_w

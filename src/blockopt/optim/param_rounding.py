@@ -1,0 +1,187 @@
+r"""``param_rounding=``: how a step writes bf16/fp16 parameters, for training without float32 weights.
+
+A step computes a low-precision parameter's update in float32 and rounds the result into the
+parameter. Rounded to nearest, an update smaller than half the spacing of bf16 values around
+:math:`p` (:math:`2^{-9}|p|`) is lost whole, so a long run of small updates (a late learning
+rate, a small gradient) leaves the weights where they were. Two ways keep it, per param group:
+
+================  ==================================================================================
+``"nearest"``     (default) round to nearest: what every step did before this setting
+``"stochastic"``  round up with probability (the distance to the lower value) / (the gap): the
+                  parameter is exact in expectation (`kernels.codecs.BFloat16Rounding`, bf16 only)
+``"kahan"``       compensated (Kahan) summation: ``param_compensation``, a tensor in the
+                  parameter's dtype, keeps what the rounding dropped, and the next step adds it
+                  back, so ``p + param_compensation`` carries about twice the parameter's bits
+================  ==================================================================================
+
+float32 and float64 parameters are written exactly as before under every setting (no state, no
+extra work). Under ``"kahan"`` the step works on :math:`w = p + c` and splits its float32 result
+:math:`w'` into :math:`p \leftarrow \operatorname{round}(w')` and
+:math:`c \leftarrow \operatorname{round}(w' - p)`; the gradient is still taken at :math:`p`.
+
+Note [a float32 step on low-precision parameters]: rather than teach every implementation of
+every optimizer two more ways to write a parameter, `update` runs the optimizer's own update
+(``_update``, any ``implementation``) on float32 copies of a slice of its low-precision
+parameters, their gradients and the state kept in their dtype (``LIKE_PARAM``, e.g. a bf16
+``exp_avg``, written back rounded to nearest as before), and then writes the parameters back
+with the group's rounding. The copies are made a slice at a time (at most the largest tensor,
+or 4M elements), like compressed momenta (`kernels.adam_mini.decoded`). The float32 update is
+the one the step computes for a bf16 parameter anyway, so ``"kahan"``'s first step writes
+exactly what ``"nearest"`` writes.
+
+Note [seeded parameter rounding]: ``"stochastic"`` draws its bits from (the step count the
+update reaches, ``crc32("param:" + name)``), as compressed momenta do from (the step count, the
+name's crc32): a run is reproducible, a resume bit-identical, and a parameter's bits differ
+from its momentum's. There is no generator state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import fields, replace
+
+import torch
+from torch import Tensor
+
+from ..distributed import is_dtensor, local_tensor
+from ..kernels.adam_mini.decoded import slices
+from ..kernels.codecs import ROUNDING_SEED, codec, rounding_key
+from ..validation import choice
+
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
+PARAM_COMPENSATION = "param_compensation"  # "kahan": what rounding dropped, like the parameter, in its dtype
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+RULE = choice(*PARAM_ROUNDINGS, hint="how bf16/fp16 parameters are written; see blockopt.optim.param_rounding")
+
+
+def salt(name: str) -> int:
+    """A parameter's share of its rounding key, distinct from its momentum's (``crc32(name)``)."""
+    return zlib.crc32(f"param:{name}".encode())
+
+
+def needs_steps(group: dict, param: Tensor) -> bool:
+    """Whether ``param`` (of ``group``) needs a step count for its rounding keys."""
+    return group["param_rounding"] == "stochastic" and param.dtype in LOW_PRECISION
+
+
+def update(optimizer, batch, collectives) -> None:
+    """``optimizer._update(batch, collectives)``, with the batch's bf16/fp16 parameters stepped in
+    float32 and written with the group's ``param_rounding`` (Note [a float32 step on
+    low-precision parameters]). ``batch.steps`` must hold each parameter's step count for
+    ``"stochastic"``: the update increments it, and the new count keys the rounding."""
+    low = [i for i, p in enumerate(batch.params) if p.dtype in LOW_PRECISION]
+    if low:
+        _update_rounded(optimizer, batch, low, collectives)
+    else:
+        optimizer._update(batch, collectives)
+
+
+@torch.compiler.disable  # (keys are read from step counts as numbers: a compiled step runs this eagerly)
+def _update_rounded(optimizer, batch, low: list[int], collectives) -> None:
+    mode = batch.group["param_rounding"]
+    compensations = _compensations(optimizer, batch, low, mode)
+    taken = set(low)
+    rest = [i for i in range(len(batch.params)) if i not in taken]
+    if rest:
+        optimizer._update(_pick(batch, rest), collectives)
+    for part in slices([batch.params[i].numel() for i in low]):
+        index = [low[j] for j in part]
+        _step_in_float32(optimizer, batch, index, [compensations[i] for i in index], mode, collectives)
+
+
+def _step_in_float32(optimizer, batch, index: list[int], compensations: list[Tensor | None], mode: str,
+                     collectives) -> None:
+    sub = _pick(batch, index)
+    params = sub.params
+    if mode == "kahan":
+        sub.params = [p.to(torch.float32) + c for p, c in zip(params, compensations)]
+    else:
+        sub.params = [p.to(torch.float32) for p in params]
+    sub.grads = [g.to(torch.float32) for g in sub.grads]
+    kept = []  # (the state tensor, its float32 copy)
+    for name in type(batch).LIKE_PARAM:
+        tensors = getattr(sub, name)
+        for j, t in enumerate(tensors):
+            if isinstance(t, Tensor) and t.dtype in LOW_PRECISION:
+                tensors[j] = t.to(torch.float32)
+                kept.append((t, tensors[j]))
+    optimizer._update(sub, collectives)
+    for t, copy in kept:
+        t.copy_(copy)
+    for j, (p, w) in enumerate(zip(params, sub.params)):
+        if mode == "stochastic":
+            key = rounding_key(ROUNDING_SEED, int(sub.steps[j]), salt(sub.names[j]))
+            p.copy_(codec("bfloat16").encode(w, key)[0])
+        else:  # "kahan": p + c is w, to about twice p's bits
+            rounded = w.to(p.dtype)
+            compensations[j].copy_(w.sub_(rounded))
+            p.copy_(rounded)
+
+
+def _compensations(optimizer, batch, low: list[int], mode: str) -> dict[int, Tensor | None]:
+    """Each low-precision position's ``param_compensation`` ("kahan": created at zero on first
+    use), after checking that the setting can be honoured for it."""
+    group = batch.group
+    by_name = dict(zip(group["param_names"], group["params"]))
+    out = {}
+    for i in low:
+        name, p = batch.names[i], by_name.get(batch.names[i])
+        if p is None:  # DeepSpeed ZeRO steps pieces of its flat partitions
+            raise NotImplementedError(
+                f"{name}: param_rounding={mode!r} under DeepSpeed ZeRO with {batch.params[i].dtype} partitions is not "
+                "supported; let DeepSpeed keep float32 master weights (its bf16/fp16 modes do), or use "
+                "param_rounding='nearest'"
+            )
+        if mode == "stochastic" and is_dtensor(p):  # (its bits follow local indices: every shard would draw the same)
+            raise NotImplementedError(
+                f"{name}: param_rounding='stochastic' with sharded (DTensor) parameters is not supported yet; use "
+                "param_rounding='kahan' with FSDP2"
+            )
+        if mode == "stochastic" and p.dtype != torch.bfloat16:
+            raise ValueError(
+                f"param_rounding must be 'nearest' or 'kahan' for {p.dtype} parameters, got 'stochastic' ({name}): "
+                "stochastic rounding is implemented for bfloat16; use param_rounding='kahan' for float16"
+            )
+        out[i] = None
+        if mode == "kahan":
+            state = optimizer.state[p]
+            if PARAM_COMPENSATION not in state:  # (placed like a sharded parameter)
+                state[PARAM_COMPENSATION] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out[i] = local_tensor(state[PARAM_COMPENSATION])
+    return out
+
+
+def _pick(batch, index: list[int]):
+    """The batch restricted to positions ``index``: every list field of a `ParamBatch` is per tensor."""
+    n = len(batch.params)
+    picked = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, list) and len(value) == n:
+            picked[f.name] = [value[i] for i in index]
+    return replace(batch, **picked)
+
+
+def loaded(state_dict: dict, groups: list[dict]) -> dict:
+    """A state dict (aligned to ``groups``) in the form the live settings keep: the saved
+    ``param_compensation`` of a ``"kahan"`` group's low-precision parameter kept (its shape
+    checked), dropped elsewhere; a ``"kahan"`` parameter saved without one starts at zero. The
+    live ``param_rounding`` stays (like ``momentum_dtype``, it decides the state)."""
+    state = dict(state_dict["state"])
+    for saved_group, group in zip(state_dict["param_groups"], groups):
+        kahan = group.get("param_rounding") == "kahan"
+        for saved_id, p, name in zip(saved_group["params"], group["params"], group["param_names"]):
+            saved = state.get(saved_id)
+            if not saved or PARAM_COMPENSATION not in saved:
+                continue
+            if not (kahan and p.dtype in LOW_PRECISION):
+                state[saved_id] = {k: v for k, v in saved.items() if k != PARAM_COMPENSATION}
+            elif tuple(saved[PARAM_COMPENSATION].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state {PARAM_COMPENSATION!r} of {name!r} has shape {tuple(saved[PARAM_COMPENSATION].shape)}, "
+                    f"expected {tuple(p.shape)}: it comes from another model"
+                )
+    param_groups = [{**g, "param_rounding": live["param_rounding"]} if "param_rounding" in live else g
+                    for g, live in zip(state_dict["param_groups"], groups)]
+    return {**state_dict, "state": state, "param_groups": param_groups}
