@@ -229,3 +229,18 @@ def test_adapm_int8_state_is_under_003x_adamw_on_the_default_comparison_model():
         opt.step()
         ratios.append(blockopt.state_bytes(opt))
     assert ratios[0] / ratios[1] <= 0.03, ratios
+
+def test_float32_momentum_with_float64_parameters_steps_alike_in_every_implementation():
+    """m kept in float32 for float64 parameters: the batched step computes in float64 on a copy of m
+    (it once lerped float32 m with float64 gradients and failed)."""
+    data = batches(3)
+    results = {}
+    for implementation in ("reference", "batched", "fused"):
+        model = make_tiny(torch.float64)
+        opt = blockopt.AdamMini(model, lr=1e-2, momentum_dtype="float32", implementation=implementation)
+        train(model, opt, data)
+        assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
+        results[implementation] = [p.detach().clone() for p in model.parameters()]
+    for implementation in ("batched", "fused"):
+        for a, b in zip(results[implementation], results["reference"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -55,11 +55,12 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, steps, specs, sq_sums, weight_
     step_sizes = [-lr / bc for bc in bias_correction1]
 
     work = stat_dtype(params[0])
-    if params[0].dtype == work:
+    if params[0].dtype == work and all(m.dtype == work for m in exp_avgs):
         _elementwise(params, grads, exp_avgs, denoms, step_sizes, weight_decays, lr=lr, beta1=beta1, maximize=maximize)
         return
-    # Low precision: compute in float32 and round once, a chunk of tensors at a time so the float32
-    # copies never outgrow the largest tensor of the group.
+    # Low precision (or a first moment kept in another dtype, momentum_dtype="float32" with float64
+    # parameters): compute in the statistics dtype and round once, a chunk of tensors at a time so
+    # the copies never outgrow the largest tensor of the group.
     budget = max(p.numel() for p in params)
     for chunk in _chunks([p.numel() for p in params], budget):
         p_w, g_w, m_w = ([xs[i].to(work) for i in chunk] for xs in (params, grads, exp_avgs))
