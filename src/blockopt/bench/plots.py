@@ -200,7 +200,7 @@ def plot_memory_pareto(
     """Memory against quality: one point per optimizer at its optimizer-state bytes (x, log scale)
     and mean final validation loss (y), whiskers spanning the seeds' min to max. The staircase
     joins the optimizers no other beats on both axes (the Pareto front: lower-left is better)."""
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(9.5, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     labels = list(state_bytes)
@@ -208,8 +208,9 @@ def plot_memory_pareto(
     for i, label in enumerate(labels):
         losses = val_losses[label]
         x, y = state_bytes[label] / 2**20, sum(losses) / len(losses)
-        ax.errorbar([x], [y], yerr=[[y - min(losses)], [max(losses) - y]], fmt="o", capsize=3, color=f"C{i % 10}",
-                    label=label)
+        # past ten optimizers the colours repeat, so the marker changes with each round of them
+        ax.errorbar([x], [y], yerr=[[y - min(losses)], [max(losses) - y]], fmt="osD^v"[i // 10 % 5], capsize=3,
+                    color=f"C{i % 10}", label=label)
         points.append((x, y))
     front = pareto_front(points)
     if len(front) > 1:
@@ -219,7 +220,7 @@ def plot_memory_pareto(
     ax.set(xlabel="optimizer state (MiB, log scale)", ylabel="final validation loss",
            title=title or "memory against quality (lower left is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # (beside the points, never on them)
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
