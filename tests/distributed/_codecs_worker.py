@@ -12,7 +12,6 @@ gradient of the whole batch. Results (full parameters, full momentum state) go t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn as nn
 
 import blockopt
 from blockopt.distributed import AllReduceCounter, shard_like
+
+from . import _worker
 
 GLOBAL_BATCH = 6
 WIDTH = 301
@@ -169,12 +170,5 @@ def one_process(out: Path, momentum_dtype: str) -> dict:
 
 def main(rank: int, world: int, store: str, out: str, plan: list[tuple[str, dict]]) -> None:
     """Entry point of a spawned rank: run every scenario of ``plan`` in order."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        for name, kwargs in plan:
-            SCENARIOS[name](rank, world, Path(out), **kwargs)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _worker.join_gloo(rank, world, store)
+    _worker.run_plan(SCENARIOS, rank, world, out, plan)

@@ -173,14 +173,24 @@ SCENARIOS = {
 }
 
 
-def main(rank: int, world: int, store: str, out: str, plan: list[tuple[str, dict]]) -> None:
-    """Entry point of a spawned rank: run every scenario of ``plan`` in order."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+def run_plan(scenarios: dict, rank: int, world: int, out: str, plan: list[tuple[str, dict]]) -> None:
+    """Run every scenario of ``plan`` in order (all ranks in step), then leave the process group."""
     try:
         for name, kwargs in plan:
-            SCENARIOS[name](rank, world, Path(out), **kwargs)
+            scenarios[name](rank, world, Path(out), **kwargs)
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def join_gloo(rank: int, world: int, store: str) -> None:
+    """Join the localhost gloo group through the file ``store``, one thread per rank."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def main(rank: int, world: int, store: str, out: str, plan: list[tuple[str, dict]]) -> None:
+    """Entry point of a spawned rank: run every scenario of ``plan`` in order."""
+    join_gloo(rank, world, store)
+    run_plan(SCENARIOS, rank, world, out, plan)

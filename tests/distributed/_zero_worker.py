@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import blockopt
 import blockopt.hf
@@ -243,9 +242,4 @@ def main(rank: int, world: int, port: int, out: str, plan: list[tuple[str, dict]
 
     deepspeed.utils.logger.setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        for name, kwargs in plan:
-            SCENARIOS[name](rank, world, Path(out), **kwargs)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _worker.run_plan(SCENARIOS, rank, world, out, plan)
