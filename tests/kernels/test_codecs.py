@@ -107,6 +107,21 @@ def test_bfloat16_rounding_brackets_and_keeps_bf16_values_and_specials():
     assert out[0] == float("inf") and out[1] == -float("inf") and out[2].isnan() and (out[3:] == 0).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_chunk_too_small_for_its_reciprocal_rounds_as_any_other(bits):
+    """Where ``L**2 / scale`` overflows (a momentum decayed for thousands of steps), ``|x|`` is
+    divided by the scale instead (Note [finding the level]): still within a level, the maximum
+    exact, unbiased."""
+    c = ChunkQuantized(bits=bits)
+    x = heavy_tailed(c.chunk, seed=2) * 1e-39  # (subnormal)
+    assert math.isinf(float(torch.tensor(float(c.levels**2)) / x.abs().max()))
+    n = 2000
+    y = c.decode(c.encode(x.repeat(n), rounding_key(0, 1, 0)), (n * c.chunk,)).reshape(n, c.chunk)
+    gap = float(x.abs().max()) * (2 * c.levels - 1) / c.levels**2  # the widest gap, the top one
+    assert float((y[0] - x).abs().max()) <= gap and y[0][x.abs().argmax()] == x[x.abs().argmax()]
+    assert float((y.mean(0) - x).abs().max()) < 3 * gap / math.sqrt(n)
+
+
 def test_a_zero_chunk_decodes_to_zeros():
     c = ChunkQuantized(bits=8, chunk=64)
     x = torch.cat([torch.zeros(64), heavy_tailed(64)])

@@ -24,6 +24,19 @@ large entries set the scale, most are far smaller), and ``power=2`` spends the l
 values are: the smallest non-zero level is ``scale / L**2`` instead of ``scale / L``. Both are a
 multiply to decode, with no lookup table, so the fused kernels can do them in registers.
 
+Note [finding the level]: `ChunkQuantized.encode` finds, for each ``|x|``, the levels around it
+with as few operations per element as the fused kernels can run, which is what an int8 step costs:
+``a = |x| * (L**power / scale)``, a reciprocal per chunk instead of a division per element (where
+it overflows, for a scale below ``L**power / 3.4e38``, ``|x| / scale * L**power``), the chunk's
+maximum put on the top level exactly, so ``a <= L**power``; ``k = floor(a ** (1 / power))``; and level ``k + 1``
+taken when ``u * gap < a - k**power`` (``gap = (k + 1)**power - k**power``), a multiply in place
+of dividing by the gap. It stays unbiased: ``a - k**power`` and ``gap`` are exact (integers, and a
+float minus an integer below it), so the only roundings are those of ``a`` and of ``u * gap``, both
+relative ~2**-24, as in the division they replace; ``u`` is a multiple of ``2**-24``, so the level
+above comes with probability ``(a - k**power) / gap`` up to ``2**-24``. Where a square root rounds
+up to the integer just above ``a`` (``a`` within an ulp below ``k**2``), ``a - k**2 < 0`` and the
+code is ``k``: an error of an ulp of ``a``, the size of ``a``'s own rounding.
+
 Note [seeded rounding]: the random bits come from a counter-based hash of (key, element index),
 the key mixed from (seed, step, salt), instead of from a generator. There is no generator state
 to checkpoint (a resumed run draws the same bits, because the step is part of the state), every
@@ -184,17 +197,19 @@ class ChunkQuantized:
         shape = tuple(x.shape)
         rows, width = rows_of(shape)
         chunks = self._chunks(x.to(torch.float32), shape)
-        scales = chunks.abs().amax(dim=2)
-        L = self.levels
-        # |x| in level units: level k sits at k**power
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        a = (chunks.abs() / safe[..., None]).clamp(max=1.0) * float(L**self.power)
-        k = a.pow(1.0 / self.power).floor().clamp(max=L - 1)
-        k = torch.where(k.pow(self.power) > a, k - 1, k)  # a root rounded up past a level
+        magnitude = chunks.abs()
+        scales = magnitude.amax(dim=2)
+        # |x| in level units, level k at k**power (Note [finding the level])
+        top = float(self.levels**self.power)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))[..., None]
+        inv = torch.full_like(safe, top) / safe
+        a = torch.where(torch.isfinite(inv), magnitude * inv, magnitude / safe * top)
+        a = torch.where(magnitude == safe, top, a)
+        k = (a.sqrt() if self.power == 2 else a).floor()
         lo = k.pow(self.power)
-        up = (a - lo) / ((k + 1).pow(self.power) - lo)  # probability of the level above
+        gap = (k + 1).pow(self.power) - lo
         u = self._chunks(uniforms(key, rows * width, x.device), shape) if self.stochastic else 0.5
-        q = (k + (u < up).to(k.dtype)) * chunks.sign()
+        q = (k + (u * gap < a - lo).to(k.dtype)) * chunks.sign()  # level k + 1 with probability (a - lo) / gap
         q = q.reshape(rows, chunks.shape[1] * self.chunk)[:, :width].to(torch.int8)
         codes_shape, scales_shape = self.shapes(shape)
         return self._pack(q).reshape(codes_shape), scales.reshape(scales_shape)

@@ -28,7 +28,7 @@ it, and its CUDA kernel once nvcc contracts it: the gpu test checks), divisions 
 are correctly rounded (``div_rn``, ``sqrt_rn``; a GPU's default ``/`` and ``sqrt`` are
 approximate), and `codec_kernel` is compiled without
 floating-point contraction (``enable_fp_fusion=False``: a product followed by a sum, as in
-``|x| / scale * L**2 - k**2``, would otherwise round once instead of twice). The random bits are
+``|x| * (L**2 / scale) - k**2``, would otherwise round once instead of twice). The random bits are
 `codecs.random_bits`: murmur3's finalizer on uint32, of the element's index in the flattened
 tensor and the tensor's rounding key for this step. Only finite values are stored bit for bit: a
 nan or inf in m stays non-finite (in bf16, or as its chunk's scale), but not in the same bits.
@@ -238,23 +238,27 @@ def _dequantize(q, scale, LEVELS: tl.constexpr, POWER: tl.constexpr):
 
 @triton.jit
 def _quantize(x, uniform, LEVELS: tl.constexpr, POWER: tl.constexpr):
-    """The codes of a chunk ``x`` (a 2-D tile) and its scale, rounded up with probability ``up``
-    against ``uniform`` (`ChunkQuantized.encode`, op for op)."""
+    """The codes of a chunk ``x`` (a 2-D tile) and its scale, a level up where ``uniform * gap``
+    falls below ``a - lo`` (`ChunkQuantized.encode`, op for op: Note [finding the level])."""
     magnitude = tl.abs(x)
     scale = tl.max(tl.max(magnitude, axis=1), axis=0)
     # a nan makes the scale nan, as torch's amax does (a GPU's max skips it): the chunk decodes to nan
     scale = tl.where(tl.sum(tl.sum((x != x).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
     safe = tl.where(scale > 0, scale, 1.0)
-    a = tl.minimum(tl.div_rn(magnitude, safe), 1.0) * (LEVELS ** POWER)  # |x| in level units
+    top = tl.full([], LEVELS ** POWER, tl.float32)
+    inv = tl.div_rn(top, safe)
+    if inv < float("inf"):  # |x| in level units, by the chunk's reciprocal
+        a = magnitude * inv
+    else:  # a scale so small that the reciprocal overflows
+        a = tl.div_rn(magnitude, safe) * top
+    a = tl.where(magnitude == safe, top, a)  # the chunk's maximum on the top level exactly
     if POWER == 2:
         k = tl.floor(tl.sqrt_rn(a))
     else:
         k = tl.floor(a)
-    k = tl.minimum(k, LEVELS - 1)
-    k = tl.where(_power(k, POWER) > a, k - 1, k)  # a root rounded up past a level
     lo = _power(k, POWER)
-    up = tl.div_rn(a - lo, _power(k + 1, POWER) - lo)
-    level = k + (uniform < up).to(tl.float32)
+    gap = _power(k + 1, POWER) - lo
+    level = k + (uniform * gap < a - lo).to(tl.float32)
     return tl.where(x < 0, -level, level).to(tl.int32), scale
 
 

@@ -282,6 +282,14 @@ void random_bits(uint32_t key, int64_t first, int64_t n, uint32_t* out) {
   for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) out[j] = mix32(start + j * kGolden);
 }
 
+// codecs.uniforms of the same elements: (bits >> 8) / 2^24.
+void uniforms(uint32_t key, int64_t first, int64_t n, float* out) {
+  const uint32_t start = static_cast<uint32_t>(first) * kGolden + key;
+  for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) {
+    out[j] = static_cast<float>(static_cast<int32_t>(mix32(start + j * kGolden) >> 8)) * 0x1p-24f;
+  }
+}
+
 // A compressed first moment, laid out by rows of `width` elements (Note [chunks by row]).
 struct Stored {
   Codec codec = kPlain;
@@ -324,22 +332,22 @@ struct Stored {
   // Encodes `m` (elements [x, x + n), column c of row r) with the codec's stochastic rounding.
   void encode(int64_t r, int64_t c, int64_t n, const float* m) const {
     const int64_t x = r * width + c;
-    alignas(64) uint32_t bits[kCodecChunk];
-    random_bits(key, x, n, bits);
     if (codec == kBFloat16) {
-      // Add the top 16 random bits below the bf16 part and truncate; inf and nan convert as they are.
+      alignas(64) uint32_t bits[kCodecChunk];
+      random_bits(key, x, n, bits);
+      // Add the top 16 random bits below the bf16 part and truncate (an inf's lower half is 0: it
+      // stays inf); a nan is c10's nan, as it converts.
       auto* dst = static_cast<uint16_t*>(data) + x;
       for (int64_t j = 0; j < n; ++j) {
         const auto value = c10::bit_cast<uint32_t>(m[j]);
-        const bool finite = (value & 0x7F800000u) != 0x7F800000u;
-        dst[j] = finite ? static_cast<uint16_t>((value + (bits[j] >> 16)) >> 16) : c10::BFloat16(m[j]).x;
+        dst[j] = std::isnan(m[j]) ? uint16_t(0x7FC0) : static_cast<uint16_t>((value + (bits[j] >> 16)) >> 16);
       }
       return;
     }
-    alignas(64) float u[kCodecChunk];  // codecs.uniforms: (bits >> 8) / 2^24
-    for (int64_t j = 0; j < n; ++j) u[j] = static_cast<float>(static_cast<int32_t>(bits[j] >> 8)) * 0x1p-24f;
+    alignas(64) float u[kCodecChunk];
+    uniforms(key, x, n, u);
     const int levels = codec == kInt8 ? 127 : 7;
-    alignas(64) float q[kCodecChunk];
+    alignas(64) int32_t q[kCodecChunk];
     const float scale = quantize(m, u, n, levels, q);
     scales[r * chunks_per_row + c / kCodecChunk] = scale;
     if (codec == kInt8) {
@@ -349,31 +357,38 @@ struct Stored {
     }
     auto* dst = static_cast<uint8_t*>(data) + r * row_bytes + c / 2;
     for (int64_t j = 0; j < n / 2; ++j) {  // two codes a byte, the lower nibble first
-      dst[j] = static_cast<uint8_t>((static_cast<int>(q[2 * j]) + 8) | ((static_cast<int>(q[2 * j + 1]) + 8) << 4));
+      dst[j] = static_cast<uint8_t>((q[2 * j] + 8) | ((q[2 * j + 1] + 8) << 4));
     }
-    if (n % 2) dst[n / 2] = static_cast<uint8_t>((static_cast<int>(q[n - 1]) + 8) | (8 << 4));  // a row's odd end
+    if (n % 2) dst[n / 2] = static_cast<uint8_t>((q[n - 1] + 8) | (8 << 4));  // a row's odd end
   }
 
-  // ChunkQuantized.encode of one chunk: the codes into q (as floats), returns the scale.
-  static float quantize(const float* m, const float* u, int64_t n, int levels, float* q) {
+  // ChunkQuantized.encode of one chunk (Note [finding the level] in codecs.py): its codes into q,
+  // returns its scale.
+  static float quantize(const float* m, const float* u, int64_t n, int levels, int32_t* q) {
     using Vec = Vectorized<float>;
     Vec absmax(0.0f);
     for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
       absmax = at::vec::maximum(absmax, Vec::loadu(m + j, count).abs());  // (a short load pads with 0)
     });
     const float scale = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, absmax);
-    const Vec safe(scale > 0 ? scale : 1.0f), top(static_cast<float>(levels * levels)), below_top(levels - 1),
-        one(1.0f), zero(0.0f);
-    for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
-      const Vec x = Vec::loadu(m + j, count);
-      const Vec a = at::vec::minimum(x.abs() / safe, one) * top;  // |x| in level units: level k at k^2
-      Vec k = at::vec::minimum(a.sqrt().floor(), below_top);
-      k = Vec::blendv(k, k - one, k * k > a);  // a root rounded up past its level
-      const Vec low = k * k, next = k + one;
-      const Vec up = (a - low) / (next * next - low);  // the probability of the level above
-      const Vec level = k + (Vec::loadu(u + j, count) < up & one);
-      Vec::blendv(level, zero - level, x < zero).store(q + j, count);  // (k = 0 at x = 0)
-    });
+    const float top = static_cast<float>(levels * levels), safe = scale > 0 ? scale : 1.0f, inv = top / safe;
+    const Vec top_level(top), safe_scale(safe), one(1.0f), sign_bit(-0.0f);
+    auto encode_as = [&](auto&& level_units) {
+      for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
+        const Vec x = Vec::loadu(m + j, count), magnitude = x.abs();
+        // |x| in level units (level k at k^2), the chunk's maximum on the top level exactly
+        const Vec a = Vec::blendv(level_units(magnitude), top_level, magnitude == safe_scale);
+        const Vec k = a.sqrt().floor(), low = k * k;
+        // up to level k + 1 with probability (a - k^2) / (2k + 1)
+        const Vec level = k + ((Vec::loadu(u + j, count) * (k + k + one) < a - low) & one);
+        at::vec::convert_to_int_of_same_size(level ^ (x & sign_bit)).store(q + j, count);  // with x's sign
+      });
+    };
+    if (std::isfinite(inv)) {
+      encode_as([reciprocal = Vec(inv)](Vec magnitude) { return magnitude * reciprocal; });
+    } else {  // a scale so small that top / scale overflows
+      encode_as([&](Vec magnitude) { return magnitude / safe_scale * top_level; });
+    }
     return scale;
   }
 };
