@@ -76,9 +76,15 @@ def create(momentum_dtype: str | None, param: Tensor, key: str = EXP_AVG) -> dic
     return {codes_key: codes, scales_key: scales}
 
 
+_SALTS: dict[str, int] = {}  # name -> salt: a compiled step reads a dict (dynamo cannot trace zlib)
+
+
 def salt(name: str) -> int:
     """A parameter's share of its rounding key: stable across runs, processes and resumes."""
-    return zlib.crc32(name.encode())
+    value = _SALTS.get(name)
+    if value is None:
+        value = _SALTS[name] = zlib.crc32(name.encode())
+    return value
 
 
 def stored(momentum_dtype: str, state: dict, name: str, key: str = EXP_AVG) -> StoredMomentum:
