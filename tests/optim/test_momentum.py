@@ -244,3 +244,18 @@ def test_float32_momentum_with_float64_parameters_steps_alike_in_every_implement
     for implementation in ("batched", "fused"):
         for a, b in zip(results[implementation], results["reference"]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("before", "after"), [("int8", "int4"), ("int8", None), (None, "int8"), ("float32", "bfloat16"),
+                                               ("bfloat16", "int8")])
+def test_a_group_setting_changed_after_state_exists_raises_instead_of_misreading(before, after):
+    model = make_tiny(torch.float32)
+    opt = blockopt.AdamMini(model, lr=1e-2, momentum_dtype=before)
+    train(model, opt, batches(1))
+    snapshot = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["momentum_dtype"] = after
+    with pytest.raises(ValueError, match=rf"momentum_dtype={after!r}.*state holds.*load it into an optimizer"):
+        train(model, opt, batches(1))
+    opt.param_groups[0]["momentum_dtype"] = before  # nothing was half-stepped: the state is as it was
+    for (_, a), (_, b) in zip(opt.state_dict()["state"].items(), snapshot["state"].items()):
+        assert all(torch.equal(a[k], b[k]) for k in b)

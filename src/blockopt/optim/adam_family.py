@@ -74,6 +74,8 @@ class MomentumStorage:
         layout = batch.layouts[-1]  # (the base class appended p's)
         if not any(k in state for k in momentum.keys(key)):
             state.update(momentum.create(dtype, p, key) if plain else momentum.create_sharded(dtype, p, layout, name, key))
+        else:  # (the plain case's every step returned above)
+            momentum.check_kept(dtype, state, name, key)
         if dtype in (None, "float32"):
             return local_tensor(state[key])
         if not isinstance(layout, ShardView):

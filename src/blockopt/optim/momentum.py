@@ -48,6 +48,26 @@ def keys(plain: str = EXP_AVG) -> tuple[str, str, str]:
     return plain, f"{plain}_codes", f"{plain}_scales"
 
 
+def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EXP_AVG) -> None:
+    """Raise if ``state`` holds the momentum in another storage than ``momentum_dtype`` (a param
+    group's setting changed after its state was created): a step would misread it."""
+    plain, codes_key, _ = keys(key)
+    if momentum_dtype in QUANTIZED:
+        codes = state.get(codes_key)
+        fits = codes is not None and codes.dtype == (torch.int8 if momentum_dtype == "int8" else torch.uint8)
+    elif momentum_dtype == "bfloat16":
+        fits = plain in state and state[plain].dtype == torch.bfloat16
+    else:
+        fits = plain in state
+    if not fits:
+        held = saved_dtype(state, None, key) if codes_key in state else f"{state[plain].dtype} {plain}"
+        raise ValueError(
+            f"{name}: its param group now says momentum_dtype={momentum_dtype!r}, but its state holds {held}; "
+            f"a group's momentum_dtype can't change between steps: save opt.state_dict() and load it into "
+            "an optimizer built with the new setting (it converts)"
+        )
+
+
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
     """The dtype of an ``exp_avg`` tensor, or None for quantized storage."""
     if momentum_dtype is None:
