@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,21 @@ if not dist.is_available():  # pragma: no cover
 def run_world(world: int, out: Path, plan: list[tuple[str, dict]], entry=_worker.main) -> None:
     """Spawn ``world`` processes that run the scenarios of ``plan`` (see `_worker.main`; another
     worker module's ``main`` as ``entry``)."""
-    store = out / f"store_w{world}_{len(list(out.iterdir()))}"
-    torch.multiprocessing.start_processes(
-        entry, args=(world, str(store), str(out), plan), nprocs=world, join=True, start_method="spawn"
-    )
+    for attempt in (1, 2):
+        store = out / f"store_w{world}_{len(list(out.iterdir()))}"
+        try:
+            torch.multiprocessing.start_processes(
+                entry, args=(world, str(store), str(out), plan), nprocs=world, join=True, start_method="spawn"
+            )
+            return
+        except torch.multiprocessing.ProcessExitedException as error:
+            # Known flake: once in a full CI run a rank of the 3-rank DCP world died with SIGABRT
+            # ("terminate called without an active exception", gloo teardown), never alone in 6
+            # reruns. A rank that raises exits with code 1, not a signal, and is never retried;
+            # every result is still checked by the tests after the rerun.
+            if attempt == 2 or error.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"a rank died with SIGABRT; rerunning the {world}-rank world once", RuntimeWarning)
 
 
 def load(out: Path, name: str, rank: int = 0) -> dict:
