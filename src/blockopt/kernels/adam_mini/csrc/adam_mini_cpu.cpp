@@ -282,13 +282,42 @@ void random_bits(uint32_t key, int64_t first, int64_t n, uint32_t* out) {
   for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) out[j] = mix32(start + j * kGolden);
 }
 
-// codecs.uniforms of the same elements: (bits >> 8) / 2^24.
-void uniforms(uint32_t key, int64_t first, int64_t n, float* out) {
-  const uint32_t start = static_cast<uint32_t>(first) * kGolden + key;
-  for (uint32_t j = 0; j < static_cast<uint32_t>(n); ++j) {
-    out[j] = static_cast<float>(static_cast<int32_t>(mix32(start + j * kGolden) >> 8)) * 0x1p-24f;
+// codecs.uniforms of elements first, first + 1, ... as packs of Vectorized<float>::size():
+// (bits >> 8) / 2^24. next() returns the next pack's.
+class Uniforms {
+ public:
+  static constexpr int kSize = Vectorized<float>::size();
+  Uniforms(uint32_t key, int64_t first) : input_(static_cast<uint32_t>(first) * kGolden + key) {
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(kSize == 8, "one float lane per 32-bit hash lane");
+    lanes_ = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(input_)),
+                              _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(kGolden)));
+#endif
   }
-}
+  Vectorized<float> next() {
+#if defined(CPU_CAPABILITY_AVX2)
+    // mix32 on 8 lanes (uint32 arithmetic: mullo wraps, srli shifts in zeros)
+    __m256i h = lanes_;
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0x85EBCA6Bu)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(0xC2B2AE35u)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    lanes_ = _mm256_add_epi32(lanes_, _mm256_set1_epi32(static_cast<int32_t>(kSize * kGolden)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+#else
+    alignas(64) float u[kSize];
+    for (int j = 0; j < kSize; ++j, input_ += kGolden) u[j] = static_cast<float>(mix32(input_) >> 8) * 0x1p-24f;
+    return Vectorized<float>::loadu(u);
+#endif
+  }
+
+ private:
+  uint32_t input_;  // the hash input of the next element: index * golden + key
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i lanes_;
+#endif
+};
 
 // A compressed first moment, laid out by rows of `width` elements (Note [chunks by row]).
 struct Stored {
@@ -344,11 +373,9 @@ struct Stored {
       }
       return;
     }
-    alignas(64) float u[kCodecChunk];
-    uniforms(key, x, n, u);
     const int levels = codec == kInt8 ? 127 : 7;
     alignas(64) int32_t q[kCodecChunk];
-    const float scale = quantize(m, u, n, levels, q);
+    const float scale = quantize(m, Uniforms(key, x), n, levels, q);
     scales[r * chunks_per_row + c / kCodecChunk] = scale;
     if (codec == kInt8) {
       auto* dst = static_cast<int8_t*>(data) + x;
@@ -364,7 +391,7 @@ struct Stored {
 
   // ChunkQuantized.encode of one chunk (Note [finding the level] in codecs.py): its codes into q,
   // returns its scale.
-  static float quantize(const float* m, const float* u, int64_t n, int levels, int32_t* q) {
+  static float quantize(const float* m, Uniforms uniforms, int64_t n, int levels, int32_t* q) {
     using Vec = Vectorized<float>;
     Vec absmax(0.0f);
     for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
@@ -380,7 +407,7 @@ struct Stored {
         const Vec a = Vec::blendv(level_units(magnitude), top_level, magnitude == safe_scale);
         const Vec k = a.sqrt().floor(), low = k * k;
         // up to level k + 1 with probability (a - k^2) / (2k + 1)
-        const Vec level = k + ((Vec::loadu(u + j, count) * (k + k + one) < a - low) & one);
+        const Vec level = k + ((uniforms.next() * (k + k + one) < a - low) & one);
         at::vec::convert_to_int_of_same_size(level ^ (x & sign_bit)).store(q + j, count);  // with x's sign
       });
     };
