@@ -1,7 +1,7 @@
 """momentum_dtype=: compressed first moment storage (optim/momentum.py, Note [compressed momentum]).
 
 Against a float64 loop of Adam-mini whose m is passed through the codec after every step; resume
-bit-identical with every storage; checkpoints that load across storages; true state bytes."""
+bit-identical with every storage (AdamMini and SGDSaI); checkpoints that load across storages; true state bytes."""
 
 from __future__ import annotations
 
@@ -104,19 +104,19 @@ def test_int8_state_is_under_014x_adamw_and_int4_under_008x():
 
 
 @pytest.mark.parametrize("dtype", ALL)
-def test_resume_is_bit_identical(dtype):
+@pytest.mark.parametrize(("optimizer", "lr"), [(blockopt.AdamMini, 1e-2), (blockopt.SGDSaI, 1e-3)], ids=["AdamMini", "SGDSaI"])
+def test_resume_is_bit_identical(optimizer, lr, dtype):
     data = batches(8)
     full_model = make_tiny(torch.float32)
-    full = blockopt.AdamMini(full_model, lr=1e-2, momentum_dtype=dtype)
-    train(full_model, full, data)
+    train(full_model, optimizer(full_model, lr=lr, momentum_dtype=dtype), data)
 
     model = make_tiny(torch.float32)
-    first = blockopt.AdamMini(model, lr=1e-2, momentum_dtype=dtype)
+    first = optimizer(model, lr=lr, momentum_dtype=dtype)
     train(model, first, data[:4])
-    saved = copy.deepcopy(first.state_dict())
-    resumed = blockopt.AdamMini(model, lr=1e-2, momentum_dtype=dtype)
-    resumed.load_state_dict(saved)
+    resumed = optimizer(model, lr=lr, momentum_dtype=dtype)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     for p in model.parameters():  # the storage comes back exactly, dtypes included
+        assert set(resumed.state[p]) == set(first.state[p])
         for key, value in first.state[p].items():
             assert resumed.state[p][key].dtype == value.dtype and torch.equal(resumed.state[p][key], value), key
     train(model, resumed, data[4:])

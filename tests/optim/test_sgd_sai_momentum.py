@@ -1,7 +1,7 @@
 """SGDSaI's momentum_dtype: its buffer stored as AdamMini's first moment is (optim/momentum.py).
 
-Against a float64 loop of SGD-SaI whose m is passed through the codec after every step; resume
-bit-identical with every storage; checkpoints that load across storages; true state bytes."""
+Against a float64 loop of SGD-SaI whose m is passed through the codec after every step;
+checkpoints that load across storages; true state bytes. (Resume bit-identical: tests/optim/test_momentum.py.)"""
 
 from __future__ import annotations
 
@@ -93,26 +93,6 @@ def test_storage_and_true_state_bytes(dtype):
         assert set(state) == {"gsnr", *expected, *(["step"] if counted else [])}
         total += 4 * opt.block_spec(name).n_blocks + sum(nbytes for _, nbytes in expected.values()) + 4 * counted
     assert blockopt.state_bytes(opt) == total
-
-
-@pytest.mark.parametrize("dtype", ALL)
-def test_resume_is_bit_identical(dtype):
-    data = batches(8)
-    full_model = make_tiny(torch.float32)
-    train(full_model, blockopt.SGDSaI(full_model, lr=1e-3, momentum_dtype=dtype), data)
-
-    model = make_tiny(torch.float32)
-    first = blockopt.SGDSaI(model, lr=1e-3, momentum_dtype=dtype)
-    train(model, first, data[:4])
-    resumed = blockopt.SGDSaI(model, lr=1e-3, momentum_dtype=dtype)
-    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    for p in model.parameters():  # the storage comes back exactly, dtypes included
-        assert set(resumed.state[p]) == set(first.state[p])
-        for key, value in first.state[p].items():
-            assert resumed.state[p][key].dtype == value.dtype and torch.equal(resumed.state[p][key], value), key
-    train(model, resumed, data[4:])
-    for a, b in zip(model.parameters(), full_model.parameters()):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("source", ALL)
