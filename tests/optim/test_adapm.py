@@ -622,22 +622,6 @@ def test_block_sums_are_reduced_once_with_every_tensors_block_sums():
     assert max_param_diff(a, b) <= 1e-12
 
 
-@pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    if dist.is_initialized():
-        yield
-        return
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _sharded(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
