@@ -30,6 +30,9 @@ OPTIMIZERS = {
     "adapm": lambda model: blockopt.AdaPM(model, **HYPER, momentum="full"),
     "adapm-lowrank": lambda model: blockopt.AdaPM(model, **HYPER, rank=2),
     "adamw": lambda model: torch.optim.AdamW(model.parameters(), **HYPER),
+    # compressed first moments: bf16 pieces draw the rounding bits of their place in the parameter
+    "adam-mini-bf16m": lambda model: blockopt.AdamMini(model, **HYPER, momentum_dtype="bfloat16"),
+    "adam-mini-int8m": lambda model: blockopt.AdamMini(model, **HYPER, momentum_dtype="int8"),
 }
 
 
