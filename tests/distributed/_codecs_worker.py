@@ -6,20 +6,23 @@ parameters]: a matrix with uneven row shards and rows of two chunks (one short, 
 for int4's bytes), a vector of three chunks whose shard boundaries fall inside chunks, and tensors
 smaller than the world (ranks with empty shards). Rank ``r`` of ``w`` takes rows
 ``r*B/w .. (r+1)*B/w`` of a fixed global batch, so FSDP's averaged gradient is the one-process
-gradient of the whole batch. Results (full parameters, full momentum state) go to
-``out/<name>.rank<r>.pt``.
+gradient of the whole batch; the bf16 runs of ``param_rounding="stochastic"`` set the same
+gradients directly at every world size (`exact_gradients`). Results (full parameters, full
+momentum state) go to ``out/<name>.rank<r>.pt``.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import blockopt
-from blockopt.distributed import AllReduceCounter, shard_like
+from blockopt.distributed import AllReduceCounter, is_dtensor, shard_like
 
 from . import _worker
 
@@ -147,7 +150,66 @@ def scenario_load_whole(rank, world, out: Path, momentum_dtype: str) -> None:
     torch.save({"loaded": loaded, "end": snapshot(model, opt)}, out / f"load_whole_{momentum_dtype}_w{world}.rank{rank}.pt")
 
 
-SCENARIOS = {"train": scenario_train, "resume": scenario_resume, "load_whole": scenario_load_whole}
+# ---- param_rounding="stochastic" on bf16 parameters ------------------------------------------
+ROUNDING_STEPS = 3
+
+
+def exact_gradients(steps: int = ROUNDING_STEPS) -> list[dict[str, torch.Tensor]]:
+    """Per step, a bf16 gradient for each of `Odd`'s parameters, set directly (no backward), so
+    every world size steps the very same gradients. Multiples of 1/64 below 2 in magnitude: their
+    squares' block sums are exact in float32 in any order, so the cut blocks' sums summed across
+    ranks equal one process's and the float32 update is the same at every world size."""
+    g = torch.Generator().manual_seed(2)
+    shapes = {n: p.shape for n, p in Odd().named_parameters()}
+    return [{n: (torch.randint(-127, 128, shape, generator=g) / 64).bfloat16() for n, shape in shapes.items()}
+            for _ in range(steps)]
+
+
+def rounding_run(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``ROUNDING_STEPS`` steps of bf16 `Odd` with stochastic parameter rounding; its full bf16
+    parameters. (One implementation at every world size: "auto" would take the C++ kernel in one
+    process and the batched step where blocks are cut, which may differ in the update's last bit.)"""
+    opt = blockopt.AdamMini(model, **HYPER, rules=RULES, param_rounding="stochastic", implementation="reference")
+    for grads in exact_gradients():
+        for name, p in model.named_parameters():
+            p.grad = shard_like(grads[name], p) if is_dtensor(p) else grads[name].clone()
+        opt.step()
+    return {n: whole(p).detach().clone() for n, p in model.named_parameters()}
+
+
+def scenario_stochastic(rank, world, out: Path, local_bits: bool = False) -> None:
+    """`rounding_run` under FSDP; ``local_bits``: every shard draws the bits of its local indices
+    (what the shard's offset prevents: the test must tell the two apart)."""
+    from blockopt.optim import param_rounding
+
+    with mock.patch.object(param_rounding, "_rounding_offset", lambda layout, name: 0) if local_bits else nullcontext():
+        params = rounding_run(fsdp(Odd().bfloat16(), world))
+    torch.save(params, out / f"stochastic{'_local_bits' if local_bits else ''}_w{world}.rank{rank}.pt")
+
+
+def scenario_convert(rank, world, out: Path, saved_dtype: str, live_dtype: str, saved_world: int) -> None:
+    """A DCP checkpoint saved with ``saved_dtype`` at ``saved_world`` ranks, resumed with
+    ``live_dtype`` at ``world`` ranks (1 and no process group: one process): DCP loads it into an
+    optimizer with the checkpoint's setting, whose ``state_dict()`` the live optimizer loads (and converts)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = fsdp(Odd(), world) if dist.is_initialized() else Odd()
+    reader = optimizer(model, saved_dtype)
+    model_sd, optim_sd = get_state_dict(model, reader)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=checkpoint(out, saved_dtype, saved_world))
+    set_state_dict(model, reader, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    opt = optimizer(model, live_dtype)
+    opt.load_state_dict(reader.state_dict())
+    loaded = snapshot(model, opt)
+    train(model, opt, batches()[SPLIT:], rank, world)
+    name = f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}"
+    torch.save({"loaded": loaded, "end": snapshot(model, opt)}, out / f"{name}.rank{rank}.pt")
+
+
+SCENARIOS = {"train": scenario_train, "resume": scenario_resume, "load_whole": scenario_load_whole,
+             "stochastic": scenario_stochastic, "convert": scenario_convert}
 
 
 def one_process(out: Path, momentum_dtype: str) -> dict:

@@ -4,8 +4,11 @@ that reshard it (Note [compressed momentum of sharded parameters] in `blockopt.o
 Every state tensor of a sharded parameter's momentum is, globally, the one-process tensor, and a
 shard's elements draw the rounding bits of their place in the whole: so FSDP2 writes the same
 codes as one process (the gradients agree to rounding, far below a rounding threshold here), and
-a DCP checkpoint loads at another world size with the very same codes. Two spawns (2 ranks, then
-3); the one-process references and the 2 -> 1 resume run here.
+a DCP checkpoint loads at another world size with the very same codes, or, through an optimizer
+with its own setting, converts to another ``momentum_dtype`` as one process converts it. bf16
+parameters with ``param_rounding="stochastic"`` draw their bits the same way (Note [seeded
+parameter rounding]). Two spawns (2 ranks, then 3); the one-process references, the 2 -> 1
+resume and the one-process conversions run here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import blockopt
 from blockopt.distributed.shard import _shard_view
 from blockopt.distributed.zero import read_partitions
 from blockopt.kernels.codecs import StoredMomentum, codec, rounding_key
-from blockopt.optim import momentum
+from blockopt.optim import momentum, param_rounding
 from blockopt.partition import make_spec
 
 from . import _codecs_worker as worker
@@ -31,15 +34,23 @@ CODECS = ("bfloat16", "int8", "int4")
 TOLERANCE = 1e-12  # parameters: gradients summed in another order
 
 
+# DCP checkpoints resumed with another momentum_dtype: (saved, live, saved at world, resumed at world)
+CONVERSIONS = [("int8", "bfloat16", 2, 2), ("float32", "int8", 1, 2), ("float32", "int8", 1, 3)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("codecs")
-    references = {dt: worker.one_process(out, dt) for dt in CODECS}  # (also their checkpoints, at 1 process)
+    references = {dt: worker.one_process(out, dt) for dt in (*CODECS, "float32")}  # (also their checkpoints, at 1 process)
+    converts = {w: [("convert", dict(zip(("saved_dtype", "live_dtype", "saved_world"), c[:3]))) for c in CONVERSIONS if c[3] == w]
+                for w in (2, 3)}
     run_world(2, out, [("train", {"momentum_dtype": dt}) for dt in CODECS]
               + [("resume", {"momentum_dtype": dt, "saved_world": 1}) for dt in CODECS]
               + [("resume", {"momentum_dtype": "int8", "saved_world": 2})]
-              + [("load_whole", {"momentum_dtype": dt}) for dt in ("int8", "int4")], entry=worker.main)
-    run_world(3, out, [("resume", {"momentum_dtype": dt, "saved_world": 2}) for dt in ("int8", "int4")], entry=worker.main)
+              + [("load_whole", {"momentum_dtype": dt}) for dt in ("int8", "int4")]
+              + [("stochastic", {}), ("stochastic", {"local_bits": True})] + converts[2], entry=worker.main)
+    run_world(3, out, [("resume", {"momentum_dtype": dt, "saved_world": 2}) for dt in ("int8", "int4")]
+              + [("stochastic", {})] + converts[3], entry=worker.main)
     return out, references
 
 
@@ -124,7 +135,98 @@ def test_dcp_world2_checkpoint_resumes_at_world3(runs, momentum_dtype):
     assert_same_state(resumed["end"]["state"], references[momentum_dtype]["end"]["state"])
 
 
+@pytest.mark.parametrize("saved_dtype, live_dtype, saved_world, world", CONVERSIONS)
+def test_dcp_checkpoint_converts_to_another_momentum_dtype(runs, saved_dtype, live_dtype, saved_world, world):
+    """A DCP checkpoint loaded into an optimizer with its own momentum_dtype, whose state_dict()
+    the live one loads: the same state as one process's conversion of the same checkpoint (its
+    DCP load, and opt.load_state_dict of its torch.save'd state dict), and the same run after."""
+    out, _ = runs
+    worker.scenario_convert(0, 1, out, saved_dtype, live_dtype, saved_world)
+    reference = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w1")
+    whole = torch.load(out / f"whole_{saved_dtype}.pt", weights_only=False)
+    model = worker.Odd()
+    opt = worker.optimizer(model, live_dtype)
+    opt.load_state_dict(whole["optim"])
+    assert_same_state(reference["loaded"]["state"], worker.snapshot(model, opt)["state"])
+    result = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}")
+    assert_same_state(result["loaded"]["state"], reference["loaded"]["state"])
+    assert_close_params(result["end"]["params"], reference["end"]["params"])
+    assert_same_state(result["end"]["state"], reference["end"]["state"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp_stochastic_parameter_rounding_writes_one_process_bits(runs, world):
+    """bf16 parameters with param_rounding="stochastic" and the same gradients at every world size
+    (uneven rows, a vector cut inside, empty shards at 3 ranks): the gathered parameters are one
+    process's, bit for bit. Had each shard drawn the bits of its local indices, they would not be."""
+    out, _ = runs
+    reference = worker.rounding_run(worker.Odd().bfloat16())
+    result = load(out, f"stochastic_w{world}")
+    assert all(torch.equal(result[name], reference[name]) for name in reference)
+    local_bits = load(out, "stochastic_local_bits_w2")
+    assert not all(torch.equal(local_bits[name], reference[name]) for name in reference)
+
+
 # ---- in this process ------------------------------------------------------------------------
+def _dcp_load(model, opt, checkpoint_id) -> None:
+    """The get/load/set path of docs/distributed.md."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def test_dcp_load_into_another_momentum_storage_is_refused(runs):
+    """DCP fills the live optimizer's tensors: float32 m loaded into "bfloat16" storage arrives
+    rounded to nearest, not converted. Refused, naming the tensor, both settings and the fix; the
+    live setting stays."""
+    out, _ = runs
+    model = worker.Odd()
+    opt = worker.optimizer(model, "bfloat16")
+    with pytest.raises(ValueError, match=r"w: its checkpoint was saved with momentum_dtype='float32', but the momentum "
+                                         r"arrived in this optimizer's momentum_dtype='bfloat16' storage \(torch.bfloat16 "
+                                         r"exp_avg\).*built with momentum_dtype='float32', then load its state_dict\(\)"):
+        _dcp_load(model, opt, worker.checkpoint(out, "float32", 1))
+    assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16"]
+
+
+def test_dcp_load_of_int8_codes_into_int4_bytes_is_refused(tmp_path):
+    """Rows of one element have int8 codes and int4 bytes of one shape, so DCP casts the one
+    into the other without a word (the bytes would decode as garbage): refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def column():
+        torch.manual_seed(0)
+        return torch.nn.ParameterDict({"weight": torch.nn.Parameter(torch.randn(4, 1)), "bias": torch.nn.Parameter(torch.randn(1))})
+
+    model = column()
+    opt = blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int8")
+    for _ in range(2):
+        opt.zero_grad()
+        (model["weight"].sum() * model["bias"]).square().backward()
+        opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "int8"))
+    model = column()
+    with pytest.raises(ValueError, match=r"bias: its checkpoint was saved with momentum_dtype='int8', but the momentum "
+                                         r"arrived in this optimizer's momentum_dtype='int4' storage \(torch.uint8 exp_avg_codes\)"):
+        _dcp_load(model, blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int4"), str(tmp_path / "int8"))
+
+
+def test_stochastic_parameter_rounding_refuses_a_sharding_that_cuts_rows():
+    """Shard(1) of a matrix: a shard is not one run of the flattened parameter, whose bits it draws."""
+    from torch.distributed.tensor import Shard
+
+    view = _shard_view(make_spec("w", (4, 6), "rows", "test"), (Shard(1),), (0,), (2,), None, (4, 3))
+    with pytest.raises(NotImplementedError, match=r"w: param_rounding='stochastic' needs a sharding along dim 0 only.*"
+                                                  r"split dim 1 of \(4, 6\).*or use param_rounding='kahan'"):
+        param_rounding._rounding_offset(view, "w")
+
+
 @pytest.mark.parametrize("name", CODECS)
 def test_a_shard_draws_the_bits_of_its_place_in_the_whole(name):
     """Rows 3..6 of a (7, 301) tensor, encoded as a shard with its offset, are the whole
@@ -161,3 +263,13 @@ def test_zero_refuses_quantized_momentum(momentum_dtype):
     stage2 = SimpleNamespace(round_robin_bit16_groups=[])  # what DeepSpeed's ZeRO 1/2 optimizer is known by
     with pytest.raises(NotImplementedError, match=rf"momentum_dtype='{momentum_dtype}' under DeepSpeed ZeRO"):
         read_partitions(stage2, opt)
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_zero_pieces_refuse_parameter_rounding(mode):
+    """A bf16 ZeRO piece (not a parameter of the group: DeepSpeed's flat partitions) is refused."""
+    opt = blockopt.AdamMini(worker.Odd().bfloat16(), rules=worker.RULES, param_rounding=mode)
+    piece = opt._Batch(opt.param_groups[0], names=["w"], params=[torch.zeros(3, dtype=torch.bfloat16)])
+    piece.group = {**piece.group, "param_names": []}
+    with pytest.raises(NotImplementedError, match=rf"w: param_rounding='{mode}' under DeepSpeed ZeRO with torch.bfloat16"):
+        param_rounding._writes(opt, piece, [0], mode)

@@ -119,7 +119,8 @@ class MomentumStorage:
             target = self._group_of(p)["momentum_dtype"]
             if source != target:
                 state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
-                                                   source=source, target=target, key=self._MOMENTUM_KEY)
+                                                   source=source, target=target, key=self._MOMENTUM_KEY,
+                                                   param=p, layout=self._layout(name, p))
         # the live momentum_dtype is a storage choice, like `implementation`: it stays
         groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
                   for g, live in zip(state_dict["param_groups"], self.param_groups)]

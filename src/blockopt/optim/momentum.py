@@ -30,7 +30,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, split_rows_like
+from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, shard_like, split_rows_like
 from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
 from .state import EXP_AVG
 
@@ -139,29 +139,65 @@ def saved_dtype(saved: dict, declared: str | None, key: str = EXP_AVG) -> str | 
 
 
 def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torch.dtype, source: str | None,
-            target: str | None, key: str = EXP_AVG) -> dict:
+            target: str | None, key: str = EXP_AVG, param: Tensor | None = None,
+            layout: ShardView | None = None) -> dict:
     """A saved entry's momentum moved from ``source`` storage to ``target`` storage (other keys
     unchanged). Quantized sources are decoded; quantized targets are encoded as the next step
-    would encode (the saved step's rounding key)."""
+    would encode (the saved step's rounding key). For a sharded (DTensor) ``param`` (``layout``:
+    its `ShardView`; ignored otherwise) the result is placed as this optimizer keeps it (Note
+    [compressed momentum of sharded parameters])."""
     plain, codes_key, scales_key = kept = keys(key)
     if not any(k in saved for k in kept):
         return saved
+    _check_held(saved, name, source, target, key)
+    sharded = param is not None and is_dtensor(param)
+    if sharded and target not in (None, "float32"):
+        _check_sharding(target, layout, name)
     out = {k: v for k, v in saved.items() if k not in kept}
+    whole = {k: v.full_tensor() if is_dtensor(v) else v for k, v in saved.items() if k in kept}
     if source in QUANTIZED:
-        m = codec(source).decode((saved[codes_key], saved[scales_key]), shape)
+        m = codec(source).decode((whole[codes_key], whole[scales_key]), shape)
     else:
-        m = saved[plain].to(torch.float32)
+        m = whole[plain].to(torch.float32)
+    converted = {}
+    key_at_step = rounding_key(ROUNDING_SEED, int(saved.get("step", 0)), salt(name))
     if target in QUANTIZED:
-        step = int(saved["step"]) if "step" in saved else 0
-        codes, scales = codec(target).encode(m, rounding_key(ROUNDING_SEED, step, salt(name)))
-        out[codes_key], out[scales_key] = codes, scales
+        converted[codes_key], converted[scales_key] = codec(target).encode(m, key_at_step)
     elif target == "bfloat16" and source != "bfloat16":
-        step = int(saved["step"]) if "step" in saved else 0
-        out[plain] = codec("bfloat16").encode(m, rounding_key(ROUNDING_SEED, step, salt(name)))[0].reshape(shape)
+        converted[plain] = codec("bfloat16").encode(m, key_at_step)[0].reshape(shape)
     else:
         dtype = param_dtype if target is None else getattr(torch, target)
-        out[plain] = (saved[plain] if source not in QUANTIZED else m).to(dtype)
-    return out
+        converted[plain] = (whole[plain] if source not in QUANTIZED else m).to(dtype)
+    if sharded:
+        converted = place_loaded(target, converted, param, layout) if target in QUANTIZED else \
+            {k: shard_like(v, param) for k, v in converted.items()}
+    return {**out, **converted}
+
+
+def _check_held(saved: dict, name: str, source: str | None, target: str | None, key: str) -> None:
+    """Refuse an entry whose tensors are not in the storage its param group says it was saved in
+    (``source``), unless they hold exactly what converting it to ``target`` gives.
+
+    A DCP load (``dcp.load`` into the tensors of ``get_state_dict``) fills this optimizer's own
+    tensors, cast to their dtype, while the param groups it loads say what the checkpoint was
+    saved with: ``"float32"`` m loaded into a ``"bfloat16"`` optimizer arrives rounded to nearest,
+    not stochastically as `convert` rounds it, and int8 codes cast into int4 bytes (where the two
+    have one shape: rows of one element) are garbage. A cast into ``None``/``"float32"`` storage
+    is the conversion itself (`convert` casts), and is kept."""
+    plain, codes_key, _ = keys(key)
+    expected = {"float32": (plain, torch.float32), "bfloat16": (plain, torch.bfloat16),
+                "int8": (codes_key, torch.int8), "int4": (codes_key, torch.uint8)}.get(source)
+    if expected is None or (expected[0] in saved and saved[expected[0]].dtype == expected[1]):
+        return
+    if source not in QUANTIZED and target in (None, "float32") and plain in saved:
+        return
+    held = next(f"{saved[k].dtype} {k}" for k in keys(key) if k in saved)
+    raise ValueError(
+        f"{name}: its checkpoint was saved with momentum_dtype={source!r}, but the momentum arrived in this optimizer's "
+        f"momentum_dtype={target!r} storage ({held}), cast, not converted: a DCP load fills the live optimizer's own "
+        f"tensors. Load the checkpoint into an optimizer built with momentum_dtype={source!r}, then load its "
+        f"state_dict() into one built with {target!r} (load_state_dict converts, also with sharded parameters)"
+    )
 
 
 # ---- sharded parameters ------------------------------------------------------------------
@@ -180,6 +216,10 @@ def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torc
 #   rank (replicated DTensors; vectors are small): the step updates this rank's part of the
 #   decoded m, and after the step the parts are gathered (one all-reduce for all such tensors)
 #   and every rank encodes the whole m, as one process would.
+# * Loading a state dict saved with another ``momentum_dtype`` (`convert`): a DTensor momentum is
+#   gathered whole, a tensor at a time, converted as one process converts it, and cut back to
+#   this rank's part; so a DCP checkpoint converts exactly, loaded first into an optimizer with
+#   the checkpoint's ``momentum_dtype`` (DCP loads into the live storage: `_check_held`).
 # Shardings along a later dim of a matrix (rows cut) are refused.
 def kept_whole(momentum_dtype: str | None, view: ShardView) -> bool:
     """Whether a sharded parameter's compressed momentum is kept whole on every rank (Note

@@ -32,7 +32,12 @@ exactly what ``"nearest"`` writes.
 Note [seeded parameter rounding]: ``"stochastic"`` draws its bits from (the step count the
 update reaches, ``crc32("param:" + name)``), as compressed momenta do from (the step count, the
 name's crc32): a run is reproducible, a resume bit-identical, and a parameter's bits differ
-from its momentum's. There is no generator state to checkpoint.
+from its momentum's. There is no generator state to checkpoint. Each element draws the bits of
+its place in the whole parameter: a shard of a sharded (DTensor) parameter offsets its key by
+its first element's flat index (`StoredMomentum.offset`, as compressed momenta of shards do), so
+FSDP2 at any world size writes the parameters one process writes from the same float32 update.
+That needs each shard to be one contiguous run of the flattened parameter (FSDP2's
+``Shard(0)``); a sharding along a later dim is refused.
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor
 
-from ..distributed import is_dtensor, local_tensor
+from ..distributed import ShardView, local_tensor
 from ..kernels.adam_mini.decoded import slices
-from ..kernels.codecs import ROUNDING_SEED, codec, rounding_key
+from ..kernels.codecs import ROUNDING_SEED, StoredMomentum
 from ..validation import choice
 
 PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
@@ -80,22 +85,21 @@ def update(optimizer, batch, collectives) -> None:
 @torch.compiler.disable  # (keys are read from step counts as numbers: a compiled step runs this eagerly)
 def _update_rounded(optimizer, batch, low: list[int], collectives) -> None:
     mode = batch.group["param_rounding"]
-    compensations = _compensations(optimizer, batch, low, mode)
+    writes = _writes(optimizer, batch, low, mode)
     taken = set(low)
     rest = [i for i in range(len(batch.params)) if i not in taken]
     if rest:
         optimizer._update(_pick(batch, rest), collectives)
     for part in slices([batch.params[i].numel() for i in low]):
         index = [low[j] for j in part]
-        _step_in_float32(optimizer, batch, index, [compensations[i] for i in index], mode, collectives)
+        _step_in_float32(optimizer, batch, index, [writes[i] for i in index], mode, collectives)
 
 
-def _step_in_float32(optimizer, batch, index: list[int], compensations: list[Tensor | None], mode: str,
-                     collectives) -> None:
+def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | int], mode: str, collectives) -> None:
     sub = _pick(batch, index)
     params = sub.params
     if mode == "kahan":
-        sub.params = [p.to(torch.float32) + c for p, c in zip(params, compensations)]
+        sub.params = [p.to(torch.float32) + c for p, c in zip(params, writes)]
     else:
         sub.params = [p.to(torch.float32) for p in params]
     sub.grads = [g.to(torch.float32) for g in sub.grads]
@@ -110,18 +114,18 @@ def _step_in_float32(optimizer, batch, index: list[int], compensations: list[Ten
     for t, copy in kept:
         t.copy_(copy)
     for j, (p, w) in enumerate(zip(params, sub.params)):
-        if mode == "stochastic":
-            key = rounding_key(ROUNDING_SEED, int(sub.steps[j]), salt(sub.names[j]))
-            p.copy_(codec("bfloat16").encode(w, key)[0])
+        if mode == "stochastic":  # (p stored as a codec stores m: element i draws the bits of element offset + i)
+            StoredMomentum("bfloat16", (p,), salt(sub.names[j]), ROUNDING_SEED, offset=writes[j]).encode_(w, int(sub.steps[j]))
         else:  # "kahan": p + c is w, to about twice p's bits
             rounded = w.to(p.dtype)
-            compensations[j].copy_(w.sub_(rounded))
+            writes[j].copy_(w.sub_(rounded))
             p.copy_(rounded)
 
 
-def _compensations(optimizer, batch, low: list[int], mode: str) -> dict[int, Tensor | None]:
-    """Each low-precision position's ``param_compensation`` ("kahan": created at zero on first
-    use), after checking that the setting can be honoured for it."""
+def _writes(optimizer, batch, low: list[int], mode: str) -> dict[int, Tensor | int]:
+    """What writing each low-precision position needs, after checking that the setting can be
+    honoured for it: under "kahan" its ``param_compensation`` (created at zero on first use),
+    under "stochastic" its rounding offset (Note [seeded parameter rounding])."""
     group = batch.group
     by_name = dict(zip(group["param_names"], group["params"]))
     out = {}
@@ -133,23 +137,34 @@ def _compensations(optimizer, batch, low: list[int], mode: str) -> dict[int, Ten
                 "supported; let DeepSpeed keep float32 master weights (its bf16/fp16 modes do), or use "
                 "param_rounding='nearest'"
             )
-        if mode == "stochastic" and is_dtensor(p):  # (its bits follow local indices: every shard would draw the same)
-            raise NotImplementedError(
-                f"{name}: param_rounding='stochastic' with sharded (DTensor) parameters is not supported yet; use "
-                "param_rounding='kahan' with FSDP2"
-            )
-        if mode == "stochastic" and p.dtype != torch.bfloat16:
-            raise ValueError(
-                f"param_rounding must be 'nearest' or 'kahan' for {p.dtype} parameters, got 'stochastic' ({name}): "
-                "stochastic rounding is implemented for bfloat16; use param_rounding='kahan' for float16"
-            )
-        out[i] = None
-        if mode == "kahan":
+        if mode == "stochastic":
+            if p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"param_rounding must be 'nearest' or 'kahan' for {p.dtype} parameters, got 'stochastic' ({name}): "
+                    "stochastic rounding is implemented for bfloat16; use param_rounding='kahan' for float16"
+                )
+            out[i] = _rounding_offset(batch.layouts[i], name)
+        else:
             state = optimizer.state[p]
             if PARAM_COMPENSATION not in state:  # (placed like a sharded parameter)
                 state[PARAM_COMPENSATION] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out[i] = local_tensor(state[PARAM_COMPENSATION])
     return out
+
+
+def _rounding_offset(layout, name: str) -> int:
+    """Where the stepped tensor starts in its flattened whole parameter: 0, or a shard's first
+    element's flat index (Note [seeded parameter rounding])."""
+    if not isinstance(layout, ShardView):
+        return 0
+    start = layout.flat_start()
+    if start is None:
+        raise NotImplementedError(
+            f"{name}: param_rounding='stochastic' needs a sharding along dim 0 only (each shard one run of the "
+            f"flattened parameter, whose rounding bits it draws), but its placements split dim {max(layout.cut_dims)} of "
+            f"{tuple(layout.spec.shape)}; shard it along dim 0 (fully_shard's default), or use param_rounding='kahan'"
+        )
+    return start
 
 
 def _pick(batch, index: list[int]):
