@@ -187,24 +187,28 @@ def scenario_stochastic(rank, world, out: Path, local_bits: bool = False) -> Non
     torch.save(params, out / f"stochastic{'_local_bits' if local_bits else ''}_w{world}.rank{rank}.pt")
 
 
-def scenario_convert(rank, world, out: Path, saved_dtype: str, live_dtype: str, saved_world: int) -> None:
+def scenario_convert(rank, world, out: Path, saved_dtype: str, live_dtype: str, saved_world: int,
+                     planner: bool = False) -> None:
     """A DCP checkpoint saved with ``saved_dtype`` at ``saved_world`` ranks, resumed with
-    ``live_dtype`` at ``world`` ranks (1 and no process group: one process): DCP loads it into an
+    ``live_dtype`` at ``world`` ranks (1 and no process group: one process). ``planner``: DCP loads
+    it straight into the live optimizer through `ConvertingLoadPlanner`; otherwise into an
     optimizer with the checkpoint's setting, whose ``state_dict()`` the live optimizer loads (and converts)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model = fsdp(Odd(), world) if dist.is_initialized() else Odd()
-    reader = optimizer(model, saved_dtype)
+    opt = reader = optimizer(model, live_dtype if planner else saved_dtype)
     model_sd, optim_sd = get_state_dict(model, reader)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=checkpoint(out, saved_dtype, saved_world))
+    dcp.load(state, checkpoint_id=checkpoint(out, saved_dtype, saved_world),
+             planner=blockopt.distributed.ConvertingLoadPlanner() if planner else None)
     set_state_dict(model, reader, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    opt = optimizer(model, live_dtype)
-    opt.load_state_dict(reader.state_dict())
+    if not planner:
+        opt = optimizer(model, live_dtype)
+        opt.load_state_dict(reader.state_dict())
     loaded = snapshot(model, opt)
     train(model, opt, batches()[SPLIT:], rank, world)
-    name = f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}"
+    name = f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}" + ("_planner" if planner else "")
     torch.save({"loaded": loaded, "end": snapshot(model, opt)}, out / f"{name}.rank{rank}.pt")
 
 

@@ -42,7 +42,8 @@ CONVERSIONS = [("int8", "bfloat16", 2, 2), ("float32", "int8", 1, 2), ("float32"
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("codecs")
     references = {dt: worker.one_process(out, dt) for dt in (*CODECS, "float32")}  # (also their checkpoints, at 1 process)
-    converts = {w: [("convert", dict(zip(("saved_dtype", "live_dtype", "saved_world"), c[:3]))) for c in CONVERSIONS if c[3] == w]
+    converts = {w: [("convert", {**dict(zip(("saved_dtype", "live_dtype", "saved_world"), c[:3])), "planner": planner})
+                    for c in CONVERSIONS if c[3] == w for planner in (False, True)]
                 for w in (2, 3)}
     run_world(2, out, [("train", {"momentum_dtype": dt}) for dt in CODECS]
               + [("resume", {"momentum_dtype": dt, "saved_world": 1}) for dt in CODECS]
@@ -135,11 +136,13 @@ def test_dcp_world2_checkpoint_resumes_at_world3(runs, momentum_dtype):
     assert_same_state(resumed["end"]["state"], references[momentum_dtype]["end"]["state"])
 
 
+@pytest.mark.parametrize("planner", [False, True], ids=["through-reader", "ConvertingLoadPlanner"])
 @pytest.mark.parametrize("saved_dtype, live_dtype, saved_world, world", CONVERSIONS)
-def test_dcp_checkpoint_converts_to_another_momentum_dtype(runs, saved_dtype, live_dtype, saved_world, world):
-    """A DCP checkpoint loaded into an optimizer with its own momentum_dtype, whose state_dict()
-    the live one loads: the same state as one process's conversion of the same checkpoint (its
-    DCP load, and opt.load_state_dict of its torch.save'd state dict), and the same run after."""
+def test_dcp_checkpoint_converts_to_another_momentum_dtype(runs, saved_dtype, live_dtype, saved_world, world, planner):
+    """A DCP checkpoint loaded straight into the live optimizer through `ConvertingLoadPlanner`, or
+    into an optimizer with its own momentum_dtype whose state_dict() the live one loads: the same
+    state as one process's conversion of the same checkpoint (its DCP load, and
+    opt.load_state_dict of its torch.save'd state dict), and the same run after."""
     out, _ = runs
     worker.scenario_convert(0, 1, out, saved_dtype, live_dtype, saved_world)
     reference = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w1")
@@ -148,7 +151,11 @@ def test_dcp_checkpoint_converts_to_another_momentum_dtype(runs, saved_dtype, li
     opt = worker.optimizer(model, live_dtype)
     opt.load_state_dict(whole["optim"])
     assert_same_state(reference["loaded"]["state"], worker.snapshot(model, opt)["state"])
-    result = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}")
+    if planner:
+        worker.scenario_convert(0, 1, out, saved_dtype, live_dtype, saved_world, planner=True)
+        one = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w1_planner")
+        assert_same_state(one["loaded"]["state"], reference["loaded"]["state"])
+    result = load(out, f"convert_{saved_dtype}_w{saved_world}_to_{live_dtype}_w{world}" + ("_planner" if planner else ""))
     assert_same_state(result["loaded"]["state"], reference["loaded"]["state"])
     assert_close_params(result["end"]["params"], reference["end"]["params"])
     assert_same_state(result["end"]["state"], reference["end"]["state"])
@@ -179,6 +186,25 @@ def _dcp_load(model, opt, checkpoint_id) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+@pytest.mark.parametrize("momentum_dtype", ["int8", "bfloat16"])
+def test_the_converting_planner_loads_a_checkpoint_of_the_same_setting_in_place(runs, momentum_dtype):
+    """Entries stored as the live ones are loaded into the live tensors, as DCP's own planner loads them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    out, _ = runs
+    plain_model, planned_model = worker.Odd(), worker.Odd()
+    plain, planned = worker.optimizer(plain_model, momentum_dtype), worker.optimizer(planned_model, momentum_dtype)
+    _dcp_load(plain_model, plain, worker.checkpoint(out, momentum_dtype, 1))
+    model_sd, optim_sd = get_state_dict(planned_model, planned)
+    live = [t for entry in optim_sd["state"].values() for t in entry.values()]
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=worker.checkpoint(out, momentum_dtype, 1), planner=blockopt.distributed.ConvertingLoadPlanner())
+    assert all(a is b for a, b in zip(live, (t for entry in state["optim"]["state"].values() for t in entry.values())))
+    set_state_dict(planned_model, planned, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert_same_state(worker.snapshot(planned_model, planned)["state"], worker.snapshot(plain_model, plain)["state"])
+
+
 def test_dcp_load_into_another_momentum_storage_is_refused(runs):
     """DCP fills the live optimizer's tensors: float32 m loaded into "bfloat16" storage arrives
     rounded to nearest, not converted. Refused, naming the tensor, both settings and the fix; the
@@ -188,16 +214,17 @@ def test_dcp_load_into_another_momentum_storage_is_refused(runs):
     opt = worker.optimizer(model, "bfloat16")
     with pytest.raises(ValueError, match=r"w: its checkpoint was saved with momentum_dtype='float32', but the momentum "
                                          r"arrived in this optimizer's momentum_dtype='bfloat16' storage \(torch.bfloat16 "
-                                         r"exp_avg\).*built with momentum_dtype='float32', then load its state_dict\(\)"):
+                                         r"exp_avg\).*build the optimizer again and pass planner=blockopt.distributed.ConvertingLoadPlanner\(\)"):
         _dcp_load(model, opt, worker.checkpoint(out, "float32", 1))
     assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16"]
 
 
-def test_dcp_load_of_int8_codes_into_int4_bytes_is_refused(tmp_path):
+def test_dcp_load_of_int8_codes_into_int4_bytes_is_refused_and_the_planner_converts_them(tmp_path):
     """Rows of one element have int8 codes and int4 bytes of one shape, so DCP casts the one
-    into the other without a word (the bytes would decode as garbage): refused."""
+    into the other without a word (the bytes would decode as garbage): refused. Through
+    `ConvertingLoadPlanner` they load as int8 and convert as a one-process state dict does."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     def column():
         torch.manual_seed(0)
@@ -215,6 +242,17 @@ def test_dcp_load_of_int8_codes_into_int4_bytes_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"bias: its checkpoint was saved with momentum_dtype='int8', but the momentum "
                                          r"arrived in this optimizer's momentum_dtype='int4' storage \(torch.uint8 exp_avg_codes\)"):
         _dcp_load(model, blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int4"), str(tmp_path / "int8"))
+
+    expected = blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int4")
+    expected.load_state_dict(opt.state_dict())
+    live = blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int4")
+    model_sd, optim_sd = get_state_dict(model, live)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(tmp_path / "int8"), planner=blockopt.distributed.ConvertingLoadPlanner())
+    set_state_dict(model, live, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for p in model.parameters():
+        assert live.state[p].keys() == expected.state[p].keys()
+        assert all(torch.equal(live.state[p][k], expected.state[p][k]) for k in expected.state[p]), live.state[p]
 
 
 def test_stochastic_parameter_rounding_refuses_a_sharding_that_cuts_rows():

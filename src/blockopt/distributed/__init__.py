@@ -18,8 +18,16 @@ from .shard import ShardView, is_dtensor, local_tensor, shard_box, shard_view
 from .zero import ZeroCollectives, ZeroPartitions, flat_boxes, zero_partitions
 
 __all__ = [
-    "AllReduceCounter", "BlockSumReducer", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
+    "AllReduceCounter", "BlockSumReducer", "ConvertingLoadPlanner", "Collectives", "RowShards", "SINGLE_PROCESS", "ShardView", "ShardedCollectives", "collectives_for",
     "gather_block_stats", "gather_shards", "is_dtensor", "local_tensor", "replicated_like", "rows_like", "shard_box", "shard_like",
     "shard_view", "split_rows_like",
     "ZeroCollectives", "ZeroPartitions", "flat_boxes", "zero_partitions",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ConvertingLoadPlanner":  # (imports torch.distributed.checkpoint, which takes a while: on first use)
+        from .checkpoint import ConvertingLoadPlanner
+
+        return ConvertingLoadPlanner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

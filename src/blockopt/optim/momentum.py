@@ -195,8 +195,9 @@ def _check_held(saved: dict, name: str, source: str | None, target: str | None, 
     raise ValueError(
         f"{name}: its checkpoint was saved with momentum_dtype={source!r}, but the momentum arrived in this optimizer's "
         f"momentum_dtype={target!r} storage ({held}), cast, not converted: a DCP load fills the live optimizer's own "
-        f"tensors. Load the checkpoint into an optimizer built with momentum_dtype={source!r}, then load its "
-        f"state_dict() into one built with {target!r} (load_state_dict converts, also with sharded parameters)"
+        f"tensors, whose values are now the cast ones: build the optimizer again and pass "
+        f"planner=blockopt.distributed.ConvertingLoadPlanner() to dcp.load, which loads the saved tensors as saved "
+        f"for load_state_dict to convert"
     )
 
 
