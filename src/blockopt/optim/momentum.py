@@ -52,20 +52,25 @@ def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EX
     """Raise if ``state`` holds the momentum in another storage than ``momentum_dtype`` (a param
     group's setting changed after its state was created): a step would misread it."""
     plain, codes_key, _ = keys(key)
-    if momentum_dtype in QUANTIZED:
-        codes = state.get(codes_key)
-        fits = codes is not None and codes.dtype == (torch.int8 if momentum_dtype == "int8" else torch.uint8)
-    elif momentum_dtype == "bfloat16":
-        fits = plain in state and state[plain].dtype == torch.bfloat16
-    else:
-        fits = plain in state
-    if not fits:
+    if not holds(momentum_dtype, state, key):
         held = saved_dtype(state, None, key) if codes_key in state else f"{state[plain].dtype} {plain}"
         raise ValueError(
             f"{name}: its param group now says momentum_dtype={momentum_dtype!r}, but its state holds {held}; "
             f"a group's momentum_dtype can't change between steps: save opt.state_dict() and load it into "
             "an optimizer built with the new setting (it converts)"
         )
+
+
+def holds(momentum_dtype: str | None, state: dict, key: str = EXP_AVG) -> bool:
+    """Whether ``state`` keeps its momentum in the storage ``momentum_dtype`` makes (``None``: a
+    plain tensor of any dtype, the parameter's)."""
+    plain, codes_key, _ = keys(key)
+    if momentum_dtype in QUANTIZED:
+        codes = state.get(codes_key)
+        return codes is not None and codes.dtype == (torch.int8 if momentum_dtype == "int8" else torch.uint8)
+    if plain not in state:
+        return False
+    return momentum_dtype is None or state[plain].dtype == getattr(torch, momentum_dtype)
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
@@ -184,10 +189,8 @@ def _check_held(saved: dict, name: str, source: str | None, target: str | None, 
     not stochastically as `convert` rounds it, and int8 codes cast into int4 bytes (where the two
     have one shape: rows of one element) are garbage. A cast into ``None``/``"float32"`` storage
     is the conversion itself (`convert` casts), and is kept."""
-    plain, codes_key, _ = keys(key)
-    expected = {"float32": (plain, torch.float32), "bfloat16": (plain, torch.bfloat16),
-                "int8": (codes_key, torch.int8), "int4": (codes_key, torch.uint8)}.get(source)
-    if expected is None or (expected[0] in saved and saved[expected[0]].dtype == expected[1]):
+    plain = keys(key)[0]
+    if holds(source, saved, key):
         return
     if source not in QUANTIZED and target in (None, "float32") and plain in saved:
         return
