@@ -13,7 +13,8 @@ comes back in the checkpoint's storage. ``set_state_dict`` then hands it to the 
 ``load_state_dict``, which converts it to the live storage exactly as it converts a one-process
 state dict (a sharded parameter's part cut back out; ``docs/compressed-state.md``). Entries that
 match load in place, as with DCP's own planner. The swapped tensors are whole on every rank, one
-entry's worth each, until ``load_state_dict`` converts and drops them.
+entry's worth each, until ``load_state_dict`` converts and drops them. It is for optimizers whose
+``load_state_dict`` converts (blockopt's): torch's own would keep a whole tensor for a shard.
 """
 
 from __future__ import annotations
