@@ -24,6 +24,8 @@ from blockopt.validation import boolean, check, choice, integer, pair, real, val
     (1, boolean(), TypeError, "lr must be True or False, got 1"),
     (1, choice(True, False), ValueError, "lr must be one of True, False, got 1"),  # 1 == True, but not a bool
     ("x", choice("a", "b", hint="pick one"), ValueError, "lr must be one of 'a', 'b', got 'x': pick one"),
+    (torch.float16, choice("a", aliases={torch.float32: "a"}), ValueError,
+     r"lr must be one of 'a' \(or torch.float32 for 'a'\), got torch.float16"),
     (0.9, pair(real(0, 1)), TypeError, r"lr must be a pair, each a number in \[0, 1\], got 0.9"),
     ((0.9,), pair(real(0, 1)), ValueError, r"lr must be a pair, each a number in \[0, 1\], got \(0.9,\)"),
     ((0.9, 2.0), pair(real(0, 1)), ValueError, r"lr\[1\] must be a number in \[0, 1\], got 2.0"),
@@ -49,3 +51,11 @@ def test_validate_checks_only_the_names_in_its_table():
     validate(table, {"lr": 1e-3, "rank": 2, "unknown": object()})
     with pytest.raises(ValueError, match="rank must be an int >= 1, got 0"):
         validate(table, {"lr": 1e-3, "rank": 0})
+
+
+def test_validate_puts_the_option_in_place_of_its_alias():
+    table = {"dtype": choice(None, "bfloat16", aliases={torch.bfloat16: "bfloat16"}), "lr": real(0)}
+    given = {"dtype": torch.bfloat16, "lr": 1e-3, "other": 1}
+    assert validate(table, given) == {"dtype": "bfloat16", "lr": 1e-3, "other": 1}
+    assert given["dtype"] is torch.bfloat16  # the caller's dict is left as it was
+    assert validate(table, {"dtype": None})["dtype"] is None

@@ -32,6 +32,7 @@ class Rule:
     high_open: bool = False
     optional: bool = False  # None is allowed
     options: tuple = ()  # for "choice"
+    aliases: tuple = ()  # for "choice": (alias, option) pairs, accepted and replaced by the option
     item: Rule | None = None  # for "pair"
     hint: str = ""  # what to do instead, appended to the message
     tensor: bool = False  # a 1-element tensor is accepted too (a learning rate, as torch.optim takes it)
@@ -42,6 +43,8 @@ class Rule:
             text = "True or False"
         elif self.kind == "choice":
             text = "one of " + ", ".join(repr(o) for o in self.options)
+            if self.aliases:
+                text += " (or " + ", ".join(f"{_name(a)} for {o!r}" for a, o in self.aliases) + ")"
         elif self.kind == "pair":
             text = f"a pair, each {self.item.description}"
         else:
@@ -75,8 +78,10 @@ def boolean() -> Rule:
     return Rule("bool")
 
 
-def choice(*options, hint: str = "") -> Rule:
-    return Rule("choice", options=tuple(options), hint=hint)
+def choice(*options, hint: str = "", aliases: Mapping[Any, Any] | None = None) -> Rule:
+    """One of ``options`` (equal and of the same type); an ``aliases`` key stands for its value
+    (``torch.bfloat16`` for ``"bfloat16"``), which `validate` puts in its place."""
+    return Rule("choice", options=tuple(options), hint=hint, aliases=tuple((aliases or {}).items()))
 
 
 def pair(item: Rule) -> Rule:
@@ -98,7 +103,7 @@ def check(name: str, value: Any, rule: Rule) -> None:
             check(f"{name}[{i}]", item, rule.item)
         return
     if kind == "choice":
-        if not any(value == option and type(value) is type(option) for option in rule.options):
+        if _same_as_any(value, rule.options) is None and _same_as_any(value, [a for a, _ in rule.aliases]) is None:
             raise _error(ValueError, name, value, rule)
         return
     if kind == "bool":
@@ -110,12 +115,26 @@ def check(name: str, value: Any, rule: Rule) -> None:
         raise _error(ValueError, name, value, rule)
 
 
-def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> None:
-    """Check every entry of ``values`` that ``table`` has a rule for."""
+def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every entry of ``values`` that ``table`` has a rule for; returns ``values`` with every
+    alias replaced by the option it stands for."""
+    out = dict(values)
     for name, value in values.items():
         rule = table.get(name)
         if rule is not None:
             check(name, value, rule)
+            if rule.kind == "choice" and (i := _same_as_any(value, [a for a, _ in rule.aliases])) is not None:
+                out[name] = rule.aliases[i][1]
+    return out
+
+
+def _same_as_any(value: Any, candidates) -> int | None:
+    """The index of the first candidate equal to ``value`` and of its type."""
+    return next((i for i, c in enumerate(candidates) if type(value) is type(c) and value == c), None)
+
+
+def _name(value: Any) -> str:
+    return str(value) if isinstance(value, torch.dtype) else repr(value)
 
 
 def _error(kind: type[Exception], name: str, value: Any, rule: Rule, got: str | None = None) -> Exception:

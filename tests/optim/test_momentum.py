@@ -166,6 +166,24 @@ def test_momentum_dtype_per_group_and_bad_values():
         opt.add_param_group({"params": [("extra", torch.nn.Parameter(torch.zeros(3)))], "momentum_dtype": "int2"})
 
 
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+def test_a_torch_dtype_stands_for_its_name(make):
+    """momentum_dtype=torch.bfloat16 is "bfloat16": groups, and so state dicts, keep the name."""
+    model = make_tiny(torch.float32)
+    matrices = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+    vectors = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]
+    opt = make(matrices, momentum_dtype=torch.bfloat16)
+    opt.add_param_group({"params": vectors, "momentum_dtype": torch.float32})
+    assert [g["momentum_dtype"] for g in opt.param_groups] == ["bfloat16", "float32"]
+    train(model, opt, batches(1))
+    assert [g["momentum_dtype"] for g in opt.state_dict()["param_groups"]] == ["bfloat16", "float32"]
+    key = "momentum_buffer" if make is blockopt.SGDSaI else "exp_avg"
+    assert {opt.state[p][key].dtype for _, p in vectors} == {torch.float32}
+    assert opt.defaults["momentum_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"momentum_dtype must be .*torch.bfloat16 for 'bfloat16'.*got torch.float16"):
+        make(model, momentum_dtype=torch.float16)
+
+
 # ---- AdaPM: its full momenta take the same storage ----------------------------------------
 def test_adapm_with_full_momentum_everywhere_is_adam_mini_with_the_same_storage():
     data = batches(6)

@@ -21,7 +21,7 @@ from ..kernels.codecs import StoredMomentum
 from ..validation import boolean, choice, pair, real
 from . import momentum, param_rounding
 from .base import ParamBatch
-from .momentum import MOMENTUM_DTYPES
+from .momentum import MOMENTUM_DTYPE_ALIASES, MOMENTUM_DTYPES
 from .state import EXP_AVG, STEP, stat_dtype
 from .nonfinite import NONFINITE
 
@@ -34,7 +34,8 @@ ADAM_HYPERPARAMETERS = {
     "maximize": boolean(),
     "implementation": choice(*IMPLEMENTATIONS),
     "nonfinite": choice(*NONFINITE),
-    "momentum_dtype": choice(*MOMENTUM_DTYPES, hint="how the first moment is stored; see blockopt.optim.momentum"),
+    "momentum_dtype": choice(*MOMENTUM_DTYPES, aliases=MOMENTUM_DTYPE_ALIASES,
+                             hint="how the first moment is stored; see blockopt.optim.momentum"),
     "param_rounding": param_rounding.RULE,
 }
 

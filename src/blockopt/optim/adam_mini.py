@@ -97,7 +97,8 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         momentum_dtype (str or None): how the first moment is stored between steps: ``None`` (the
             parameter's dtype), ``"float32"``, ``"bfloat16"`` (stochastic rounding), ``"int8"``
             or ``"int4"`` (companded codes with a float32 scale per 256 elements of a row, stochastic
-            rounding); per param group. See `blockopt.optim.momentum`. (Default: None)
+            rounding); per param group (``torch.float32`` and ``torch.bfloat16`` stand for their
+            names). See `blockopt.optim.momentum`. (Default: None)
         param_rounding (str): how bf16/fp16 parameters are written: ``"nearest"``,
             ``"stochastic"`` (bf16 only; unbiased) or ``"kahan"`` (a compensation tensor in the
             parameter's dtype keeps what rounding dropped), for training without float32 master

@@ -85,7 +85,7 @@ class BlockwiseOptimizer(Optimizer):
     _OPTIONS: ClassVar[dict[str, Any]] = {"_partition_options": {}, "_unnamed": False}
 
     def __init__(self, params, defaults: dict[str, Any], *, plan: Plan | None = None, partition_options: dict | None = None):
-        validate(self.HYPERPARAMETERS, defaults)
+        defaults = validate(self.HYPERPARAMETERS, defaults)
         defaults = {k: tuple(v) if k in self.HYPERPARAMETERS and self.HYPERPARAMETERS[k].kind == "pair" else v
                     for k, v in defaults.items()}
         self._partition_options = {k: v for k, v in (partition_options or {}).items() if v is not None}
@@ -100,7 +100,7 @@ class BlockwiseOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
         unless the plan already covers them."""
-        validate(self.HYPERPARAMETERS, param_group)
+        param_group = validate(self.HYPERPARAMETERS, param_group)
         offset = sum(len(g["params"]) for g in self.param_groups)
         group = name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)

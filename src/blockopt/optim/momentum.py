@@ -34,9 +34,11 @@ from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, 
 from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
 from .state import EXP_AVG
 
-EXP_AVG_CODES = "exp_avg_codes"  # int8/int4 momentum: the codes (flat; int4 packs two a byte)
-EXP_AVG_SCALES = "exp_avg_scales"  # int8/int4 momentum: one float32 scale per chunk of the flattened tensor
+EXP_AVG_CODES = "exp_avg_codes"  # int8/int4 momentum: the codes (int4 packs two a byte along each row)
+EXP_AVG_SCALES = "exp_avg_scales"  # int8/int4 momentum: one float32 scale per chunk of a row
 MOMENTUM_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
+# torch dtypes accepted for the names above (a group keeps the name, so state dicts hold strings)
+MOMENTUM_DTYPE_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 QUANTIZED = ("int8", "int4")
 KEYS = (EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES)
 

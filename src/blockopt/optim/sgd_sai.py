@@ -143,7 +143,7 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
         "nonfinite": choice(*NONFINITE),
         "blocks": choice(*BLOCKS, hint="'tensor' is one block per parameter tensor (the sgd-sai package), "
                                        "'plan' uses the blocks of blockopt.partition"),
-        "momentum_dtype": choice(*storage.MOMENTUM_DTYPES,
+        "momentum_dtype": choice(*storage.MOMENTUM_DTYPES, aliases=storage.MOMENTUM_DTYPE_ALIASES,
                                  hint="how the momentum buffer is stored; see blockopt.optim.momentum"),
         "param_rounding": param_rounding.RULE,
     }
