@@ -35,13 +35,13 @@ class Sink(transformers.TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def trainer(tmp_path):
-    """The recipe: a Trainer with `create_optimizer`'s optimizer, and the callback."""
+def trainer(tmp_path, args=None, **overrides):
+    """The recipe: a Trainer with `create_optimizer`'s optimizer (``overrides`` passed on), and the callback."""
     model = tiny_gpt2()
-    args = training_args(tmp_path)
+    args = args or training_args(tmp_path)
     sink = Sink()
     t = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[sink],
-                             optimizers=(create_optimizer(model, args), None))
+                             optimizers=(create_optimizer(model, args, **overrides), None))
     t.add_callback(blockopt.hf.BlockoptCallback(t))
     return t, model, sink
 
@@ -70,6 +70,19 @@ def test_trainer_runs_logs_and_resumes_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert_same_parameters(model, model2)
     assert metrics_logged(sink2.logs)[0]["optimizer/state_bytes"] == logged["optimizer/state_bytes"]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_trainer_resumes_compressed_momentum_exactly(tmp_path, bf16):
+    """int8 codes and scales go through the Trainer's optimizer.pt and back: the resumed run draws
+    the same rounding bits (the step count is in the state) and ends bit for bit the same."""
+    full, model, _ = trainer(tmp_path, training_args(tmp_path / "full", bf16=bf16), momentum_dtype="int8")
+    full.train()
+    saved = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    assert all(v["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in v for v in saved["state"].values())
+    resumed, model2, _ = trainer(tmp_path, training_args(tmp_path / "resumed", bf16=bf16), momentum_dtype="int8")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert_same_parameters(model, model2)
 
 
 def test_create_optimizer_maps_training_arguments(tmp_path):
