@@ -97,7 +97,7 @@ def _segment_table(spec: BlockSpec):
     return table
 
 
-def _runs(spec: BlockSpec, box: Box) -> tuple[list[int], list[int]]:
+def block_runs(spec: BlockSpec, box: Box) -> tuple[list[int], list[int]]:
     """Global block ids met by ``box`` and the number of local units of each, in local order."""
     dims = spec.block_dims
     if any(size == 0 for _, size in box):
@@ -137,7 +137,7 @@ def _runs(spec: BlockSpec, box: Box) -> tuple[list[int], list[int]]:
     return ids.tolist(), lengths.tolist()
 
 
-def _as_segments(lengths: list[int]) -> tuple[tuple[int, int], ...]:
+def as_segments(lengths: list[int]) -> tuple[tuple[int, int], ...]:
     """Run lengths -> ``(n_units, units_per_block)`` segments (equal neighbours merged)."""
     segments: list[list[int]] = []
     for length in lengths:
@@ -148,7 +148,8 @@ def _as_segments(lengths: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((units, per_block) for units, per_block in segments)
 
 
-def _ranges(ids: list[int]) -> tuple[tuple[int, int], ...]:
+def id_ranges(ids: list[int]) -> tuple[tuple[int, int], ...]:
+    """Block ids -> consecutive ``(start, stop)`` ranges."""
     out: list[list[int]] = []
     for i in ids:
         if out and out[-1][1] == i:
@@ -158,7 +159,8 @@ def _ranges(ids: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in out)
 
 
-def _global_block_sizes(spec: BlockSpec) -> list[int]:
+def global_block_sizes(spec: BlockSpec) -> list[int]:
+    """The size of each of the whole tensor's blocks, in block-id order."""
     return [size for (units, per_block), size in zip(spec.segments, spec.block_sizes) for _ in range(units // per_block)]
 
 
@@ -263,9 +265,9 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
             f"{spec.name}: local shard shape {tuple(local_shape)} is not the torch.chunk shard {tuple(s for _, s in box)} "
             "of its placements; blockopt supports even-or-chunked Shard(d) layouts (as fully_shard makes them)"
         )
-    ids, lengths = _runs(spec, box)
+    ids, lengths = block_runs(spec, box)
     cut, owner = _cut_blocks(spec, tuple(placements), tuple(mesh_shape), reduce_dims)
-    sizes = _global_block_sizes(spec)
+    sizes = global_block_sizes(spec)
     global_sizes: Tensor | float
     if len(set(sizes)) <= 1:
         global_sizes = float(sizes[0]) if sizes else 1.0
@@ -276,7 +278,7 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
     local = BlockSpec(
         name=spec.name, shape=tuple(local_shape), rule=spec.rule, reason=spec.reason, role=spec.role,
         block_dims=tuple(range(len(local_shape))) if empty else spec.block_dims,
-        segments=((0, 1),) if empty else _as_segments(lengths), n_heads=spec.n_heads,
+        segments=((0, 1),) if empty else as_segments(lengths), n_heads=spec.n_heads,
     )
     here = coordinate_key(coordinate, reduce_dims)
     cut_dims = sorted({p.dim % max(len(spec.shape), 1) for p, n in zip(placements, mesh_shape) if isinstance(p, Shard) and n > 1})
@@ -284,7 +286,7 @@ def _shard_view(spec, placements, coordinate, mesh_shape, mesh, local_shape) -> 
     return ShardView(
         spec=spec,
         local=local,
-        ranges=_ranges(ids),
+        ranges=id_ranges(ids),
         shared=torch.tensor(shared, dtype=torch.int64),
         shared_ids=torch.tensor([ids[j] for j in shared], dtype=torch.int64),
         shared_union=torch.tensor(sorted(cut), dtype=torch.int64),
@@ -306,14 +308,14 @@ def _cut_blocks(spec, placements, mesh_shape, reduce_dims):
     """Blocks held in part by more than one shard, and the owner (lowest shard) of each.
 
     Computed from the placements alone (no communication), the same on every rank."""
-    sizes = _global_block_sizes(spec)
+    sizes = global_block_sizes(spec)
     holders: dict[int, list[tuple[int, ...]]] = {}
     for key in itertools.product(*(range(mesh_shape[d]) for d in reduce_dims)):
         coordinate = [0] * len(mesh_shape)
         for d, c in zip(reduce_dims, key):
             coordinate[d] = c
         box = shard_box(spec.shape, placements, tuple(coordinate), mesh_shape)
-        ids, lengths = _runs(spec, box)
+        ids, lengths = block_runs(spec, box)
         per_unit = math.prod(size for d, (_, size) in enumerate(box) if d not in spec.block_dims)
         for i, length in zip(ids, lengths):
             if length * per_unit < sizes[i]:

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..partition import BlockSpec
 from .collectives import Collectives
-from .shard import Box, ShardView, _as_segments, _global_block_sizes, _ranges, _runs
+from .shard import Box, ShardView, as_segments, block_runs, global_block_sizes, id_ranges
 
 PIECES = "pieces"  # the state key of a flat partition: one dict per piece
 LABELS = ("param", "box", "blocks")  # what names a piece in its state dict (the rest is the optimizer's)
@@ -130,7 +130,7 @@ class FlatPartition:
                 raise RuntimeError(f"{name}: the ZeRO partitions hold {sum(b - a for a, b in ranges)} of its {spec.numel} elements")
             for r, held in enumerate(boxes):
                 self.holders[r] += len(held)
-            runs = {(r, j): _runs(spec, box) for r, held in enumerate(boxes) for j, box in enumerate(held)}
+            runs = {(r, j): block_runs(spec, box) for r, held in enumerate(boxes) for j, box in enumerate(held)}
             met: dict[int, list[tuple[int, int]]] = {}
             for key, (ids, _) in runs.items():
                 for i in ids:
@@ -153,15 +153,15 @@ def _box_view(spec: BlockSpec, box: Box, run: tuple[list[int], list[int]], cut: 
               owned: list[bool]) -> ShardView:
     """The `ShardView` of ``spec`` over one box (as FSDP's; the process group is `ZeroCollectives`')."""
     ids, lengths = run
-    sizes = _global_block_sizes(spec)
+    sizes = global_block_sizes(spec)
     global_sizes = float(sizes[0]) if len(set(sizes)) == 1 else torch.tensor([float(sizes[i]) for i in ids], dtype=torch.float64)
     shared = [j for j, i in enumerate(ids) if i in cut_set]
     local = BlockSpec(
         name=spec.name, shape=tuple(size for _, size in box), rule=spec.rule, reason=spec.reason, role=spec.role,
-        block_dims=spec.block_dims, segments=_as_segments(lengths), n_heads=spec.n_heads,
+        block_dims=spec.block_dims, segments=as_segments(lengths), n_heads=spec.n_heads,
     )
     return ShardView(
-        spec=spec, local=local, ranges=_ranges(ids), shared=torch.tensor(shared, dtype=torch.int64),
+        spec=spec, local=local, ranges=id_ranges(ids), shared=torch.tensor(shared, dtype=torch.int64),
         shared_ids=torch.tensor([ids[j] for j in shared], dtype=torch.int64), shared_union=cut,
         owned=torch.tensor(owned, dtype=torch.bool), global_sizes=global_sizes, mesh=None, reduce_mesh_dims=(), box=box,
     )
