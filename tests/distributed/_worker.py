@@ -52,6 +52,9 @@ MODELS = {"llama": llama, "gpt2": gpt2}
 OPTIMIZERS = {
     "adam-mini": lambda model, implementation="auto": blockopt.AdamMini(model, **HYPER, implementation=implementation),
     "adapm": lambda model, implementation="auto": blockopt.AdaPM(model, **HYPER, rank=2, implementation=implementation),
+    # bf16 full momenta and factors: every shard must draw the rounding bits one process draws
+    "adapm-bf16m": lambda model, implementation="auto": blockopt.AdaPM(
+        model, **HYPER, rank=2, implementation=implementation, momentum_dtype="bfloat16"),
 }
 
 

@@ -388,8 +388,12 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         elif policy == "lowrank":
             factors = (local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R]))
             if factors[0].dtype != stat_dtype(p):  # Note [compressed low-rank factors]
-                factors = tuple(StoredMomentum("bfloat16", (f,), storage.salt(f"{name}:{key}"))
-                                for f, key in zip(factors, (EXP_AVG_L, EXP_AVG_R)))
+                # a shard's rows of L draw the bits of their place in the whole L, as one process
+                # would (Note [sharded low-rank momentum]); R is whole on every rank
+                first_row = layout.box[0][0] if isinstance(layout, ShardView) and layout.box else 0
+                offsets = (first_row * factors[0].shape[1], 0)
+                factors = tuple(StoredMomentum("bfloat16", (f,), storage.salt(f"{name}:{key}"), offset=offset)
+                                for f, key, offset in zip(factors, (EXP_AVG_L, EXP_AVG_R), offsets))
             batch.momenta.append(factors)
         else:
             batch.momenta.append(None)

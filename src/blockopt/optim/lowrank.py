@@ -32,7 +32,9 @@ Note [sharded low-rank momentum]
     computed on the gathered ``m x r`` factor (bit-identical to the unsharded one, so every rank
     gets the one-process ``Q``), and :math:`Q_L^\top T`, a sum over rows. Those are two all-reduces
     per fit iteration, plus one scalar each for the clip's two Frobenius norms. Shardings along
-    other dims raise `NotImplementedError`.
+    other dims raise `NotImplementedError`. Factors kept in bf16 (a compressed
+    ``momentum_dtype``) round as one process would: a shard's rows of ``L`` draw the bits of
+    their place in the whole ``L``, and every rank rounds the whole ``R`` alike.
 """
 
 from __future__ import annotations
