@@ -55,6 +55,10 @@ OPTIMIZERS = {
     # bf16 full momenta and factors: every shard must draw the rounding bits one process draws
     "adapm-bf16m": lambda model, implementation="auto": blockopt.AdaPM(
         model, **HYPER, rank=2, implementation=implementation, momentum_dtype="bfloat16"),
+    # (SGD-SaI has one implementation)
+    "sgd-sai": lambda model, implementation="auto": blockopt.SGDSaI(model, lr=1e-3, momentum=0.9, weight_decay=0.1),
+    "sgd-sai-int8m": lambda model, implementation="auto": blockopt.SGDSaI(
+        model, lr=1e-3, momentum=0.9, weight_decay=0.1, momentum_dtype="int8"),
 }
 
 

@@ -1,4 +1,4 @@
-"""AdamMini (and AdaPM) under FSDP2 and DDP (gloo, CPU, several processes) equals one process.
+"""AdamMini (and AdaPM, SGD-SaI) under FSDP2 and DDP (gloo, CPU, several processes) equals one process.
 
 Two spawns cover everything (start-up dominates on a small CI machine): 3 ranks train both models
 under FSDP2 and save checkpoints with DCP; 2 ranks train both models under FSDP2 and DDP and resume
@@ -16,6 +16,7 @@ from .conftest import load, run_world, single_process
 pytestmark = pytest.mark.distributed
 
 SPLIT = 4  # checkpoint after this many steps, resume for the rest
+SGD_SAI = ("sgd-sai", "sgd-sai-int8m")  # SGD-SaI, and with its momentum buffer in int8 codes
 MODELS = ("gpt2", "llama")
 # transformers' GPT-2 has a key bias, whose gradient is zero up to rounding: Adam turns that noise
 # into steps of size ~lr, so its entries agree only to ~1e-12 between any two reduction orders.
@@ -26,14 +27,13 @@ TOLERANCE = {"gpt2": 1e-9, "llama": 1e-12}
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     adapm = {"model_name": "llama", "optimizer": "adapm"}
-    adapm_bf16 = {"model_name": "llama", "optimizer": "adapm-bf16m"}
+    others = [("fsdp", {"model_name": "llama", "optimizer": o}) for o in ("adapm-bf16m", *SGD_SAI)]
     run_world(3, out, [("fsdp", {"model_name": m}) for m in MODELS]
               + [("checkpoint_save", {"model_name": m, "split": SPLIT}) for m in MODELS]
-              + [("fsdp", adapm), ("checkpoint_save", {**adapm, "split": SPLIT}), ("fsdp", adapm_bf16)])
+              + [("fsdp", adapm), ("checkpoint_save", {**adapm, "split": SPLIT})] + others)
     run_world(2, out, [("fsdp", {"model_name": m}) for m in MODELS] + [("ddp", {"model_name": "llama"})]
               + [("checkpoint_resume", {"model_name": m, "split": SPLIT, "saved_world": 3}) for m in MODELS]
-              + [("fsdp", adapm), ("checkpoint_resume", {**adapm, "split": SPLIT, "saved_world": 3}),
-                 ("fsdp", adapm_bf16)])
+              + [("fsdp", adapm), ("checkpoint_resume", {**adapm, "split": SPLIT, "saved_world": 3})] + others)
     return out
 
 
@@ -174,3 +174,13 @@ def test_adapm_checkpoint_world3_resumes_at_world2_and_in_one_process(runs, adap
     _worker.scenario_checkpoint_resume(0, 1, runs, model_name="llama", split=SPLIT, saved_world=3, optimizer="adapm")
     assert max_difference(load(runs, "resume_llama_adapm_w3_to_w1")["params"], adapm_reference) <= 1e-10
 
+
+
+# ---- SGD-SaI: its gsnr and its (compressed) momentum buffer, sharded ---------------------------
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("optimizer", SGD_SAI)
+def test_sgd_sai_fsdp_equals_one_process(runs, optimizer, world):
+    result = load(runs, f"fsdp_llama_{optimizer}_w{world}")
+    assert max_difference(result["params"], single_process("llama", optimizer=optimizer)) <= 1e-12
+    for rank in range(1, world):
+        assert max_difference(load(runs, f"fsdp_llama_{optimizer}_w{world}", rank)["params"], result["params"]) == 0
