@@ -144,14 +144,19 @@ def test_adapm_fsdp_equals_one_process(runs, adapm_reference, world):
         assert max_difference(load(runs, f"fsdp_llama_adapm_w{world}", rank)["params"], result["params"]) == 0
 
 
+@pytest.fixture(scope="module")
+def other_references():
+    """One-process runs of the optimizers below, each computed once."""
+    return {o: single_process("llama", optimizer=o) for o in ("adapm-bf16m", *SGD_SAI)}
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_adapm_bf16_momenta_and_factors_round_as_one_process(runs, world):
+def test_adapm_bf16_momenta_and_factors_round_as_one_process(runs, other_references, adapm_reference, world):
     """Full momenta and low-rank factors in bf16: a shard's rows of L draw the rounding bits of
     their place in the whole L, so the run is one process's (with local bits it ended 0.17-0.2 away)."""
-    reference = single_process("llama", optimizer="adapm-bf16m")
     result = load(runs, f"fsdp_llama_adapm-bf16m_w{world}")
-    assert max_difference(result["params"], reference) <= 1e-10
-    assert max_difference(result["params"], single_process("llama", optimizer="adapm")) > 1e-6  # bf16 did round
+    assert max_difference(result["params"], other_references["adapm-bf16m"]) <= 1e-10
+    assert max_difference(result["params"], adapm_reference) > 1e-6  # bf16 did round
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -175,12 +180,11 @@ def test_adapm_checkpoint_world3_resumes_at_world2_and_in_one_process(runs, adap
     assert max_difference(load(runs, "resume_llama_adapm_w3_to_w1")["params"], adapm_reference) <= 1e-10
 
 
-
 # ---- SGD-SaI: its gsnr and its (compressed) momentum buffer, sharded ---------------------------
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("optimizer", SGD_SAI)
-def test_sgd_sai_fsdp_equals_one_process(runs, optimizer, world):
+def test_sgd_sai_fsdp_equals_one_process(runs, other_references, optimizer, world):
     result = load(runs, f"fsdp_llama_{optimizer}_w{world}")
-    assert max_difference(result["params"], single_process("llama", optimizer=optimizer)) <= 1e-12
+    assert max_difference(result["params"], other_references[optimizer]) <= 1e-12
     for rank in range(1, world):
         assert max_difference(load(runs, f"fsdp_llama_{optimizer}_w{world}", rank)["params"], result["params"]) == 0

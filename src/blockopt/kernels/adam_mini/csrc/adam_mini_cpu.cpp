@@ -50,9 +50,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <memory>
 #include <thread>
