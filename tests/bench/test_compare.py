@@ -197,6 +197,32 @@ class Interrupt(Exception):
     pass
 
 
+def test_each_seed_gives_an_optimizers_own_randomness_its_seed(monkeypatch):
+    """blockopt's optimizers take a ``seed`` (rounding bits, AdaPM's initial factors): each run
+    builds them with the run's seed, so the spread over seeds includes that randomness, unless the
+    spec sets one; optimizers without a ``seed`` get none."""
+    import blockopt
+
+    built = []
+    for cls in (blockopt.AdamMini, blockopt.AdaPM):
+        init = cls.__init__
+
+        def recording(self, *args, __init=init, __cls=cls, **kwargs):
+            __init(self, *args, **kwargs)
+            built.append((__cls.__name__, kwargs.get("momentum_dtype"), self.seed))
+
+        monkeypatch.setattr(cls, "__init__", recording)
+    settings = {**TINY, "steps": 1, "eval_every": 1}
+    result = compare(["adamw", "adam-mini:momentum_dtype=int8", "adapm", "adapm:seed=7"], seeds=(3, 4), progress=False,
+                     **settings)
+    # (each spec is first built once on a probe model, before any run: bad settings fail early)
+    assert built[-6:] == [("AdamMini", "int8", 3), ("AdaPM", None, 3), ("AdaPM", None, 7),
+                          ("AdamMini", "int8", 4), ("AdaPM", None, 4), ("AdaPM", None, 7)], built
+    # the recorded settings stay the spec's (the seed is the run's own)
+    optimizers = result.to_dict()["optimizers"]
+    assert "seed" not in optimizers["adapm"]["hyperparameters"] and optimizers["adapm:seed=7"]["hyperparameters"]["seed"] == 7
+
+
 def test_an_interrupted_comparison_resumes_to_the_same_numbers(saved, tmp_path):
     result, _ = saved
 

@@ -390,7 +390,8 @@ CASES = [
     (dict(residual_clip=-1.0), ValueError, r"residual_clip must be a number >= 0 or None, got -1.0"),
     (dict(second_moment="adafactor"), ValueError, r"second_moment must be one of 'adam-mini', 'adam', got 'adafactor'"),
     (dict(implementation="magic"), ValueError, r"implementation must be one of"),
-    (dict(seed=-1), ValueError, r"seed must be an int >= 0, got -1"),
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 4294967295\], got -1"),
+    (dict(seed=2**32), ValueError, r"seed must be an int in \[0, 4294967295\], got 4294967296: the seed of"),
 ]
 
 

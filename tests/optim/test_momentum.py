@@ -6,6 +6,7 @@ bit-identical with every storage (AdamMini and SGDSaI); checkpoints that load ac
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ COMPRESSED = ["bfloat16", "int8", "int4"]
 ALL = [None, "float32", *COMPRESSED]
 
 
-def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8):
+def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, seed=0):
     """Adam-mini written out in float64 (one block statistic per block of the plan), m stored
     through the codec between steps with the rounding key a step uses."""
     plan = blockopt.partition(model)
@@ -39,19 +40,21 @@ def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8):
                 v[name] = betas[1] * v[name] + (1 - betas[1]) * block_means
                 denom = spec.expand((v[name] / (1 - betas[1] ** t)).sqrt() + eps)
                 p -= lr / (1 - betas[0] ** t) * m / denom
-                stored[name] = codec(dtype).encode(m, rounding_key(momentum.ROUNDING_SEED, t, momentum.salt(name)))
+                stored[name] = codec(dtype).encode(m, rounding_key(seed, t, momentum.salt(name)))
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 - 5])
 @pytest.mark.parametrize("implementation", ["reference", "batched", "fused"])
 @pytest.mark.parametrize("dtype", COMPRESSED)
-def test_compressed_momentum_matches_a_float64_loop(dtype, implementation):
+def test_compressed_momentum_matches_a_float64_loop(dtype, implementation, seed):
     data = batches(8)
     # no attention biases: the key bias's true gradient is zero, its computed one rounding noise
     # that Adam divides by ~eps (see test_adam_mini_math.py)
     ours_model, ref_model = make_tiny(bias=False), make_tiny(bias=False)
-    opt = blockopt.AdamMini(ours_model, lr=1e-2, betas=(0.9, 0.95), momentum_dtype=dtype, implementation=implementation)
+    opt = blockopt.AdamMini(ours_model, lr=1e-2, betas=(0.9, 0.95), momentum_dtype=dtype, implementation=implementation,
+                            seed=seed)
     train(ours_model, opt, data)
-    reference_run(ref_model, data, dtype=dtype)
+    reference_run(ref_model, data, dtype=dtype, seed=seed)
     for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
     assert max((a - b).abs().max() for a, b in zip(ours_model.parameters(), make_tiny(bias=False).parameters())) > 1e-3
@@ -108,12 +111,12 @@ def test_int8_state_is_under_014x_adamw_and_int4_under_008x():
 def test_resume_is_bit_identical(optimizer, lr, dtype):
     data = batches(8)
     full_model = make_tiny(torch.float32)
-    train(full_model, optimizer(full_model, lr=lr, momentum_dtype=dtype), data)
+    train(full_model, optimizer(full_model, lr=lr, momentum_dtype=dtype, seed=3), data)
 
     model = make_tiny(torch.float32)
-    first = optimizer(model, lr=lr, momentum_dtype=dtype)
+    first = optimizer(model, lr=lr, momentum_dtype=dtype, seed=3)
     train(model, first, data[:4])
-    resumed = optimizer(model, lr=lr, momentum_dtype=dtype)
+    resumed = optimizer(model, lr=lr, momentum_dtype=dtype, seed=3)
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     for p in model.parameters():  # the storage comes back exactly, dtypes included
         assert set(resumed.state[p]) == set(first.state[p])
@@ -164,6 +167,40 @@ def test_momentum_dtype_per_group_and_bad_values():
         blockopt.AdamMini(model, momentum_dtype="fp8")
     with pytest.raises(ValueError, match="momentum_dtype"):
         opt.add_param_group({"params": [("extra", torch.nn.Parameter(torch.zeros(3)))], "momentum_dtype": "int2"})
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_seed_chooses_the_rounding_bits(make, dtype, monkeypatch):
+    """Runs that share a ``seed`` draw the same rounding bits, other seeds other bits: the same
+    gradient step, stored with seeds 0, 0 and 1, writes codes equal, then different, in every
+    compressed tensor (AdaPM's low-rank factors included); the seed survives a pickle."""
+    if make is blockopt.AdaPM:  # its seed also draws the initial factors: hold those, so only the rounding differs
+        draw = blockopt.AdaPM._initial_right_factor
+
+        def seed_zero_draw(self, *args):
+            seed, self.seed = self.seed, 0
+            try:
+                return draw(self, *args)
+            finally:
+                self.seed = seed
+
+        monkeypatch.setattr(blockopt.AdaPM, "_initial_right_factor", seed_zero_draw)
+    stored = {}
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        model = make_tiny(torch.float32)
+        opt = make(model, lr=1e-2, momentum_dtype=dtype, seed=seed)
+        train(model, opt, batches(1))
+        stored[run] = {(name, key): v.clone() for name, p in model.named_parameters() for key, v in opt.state[p].items()
+                       if v.dtype in (torch.bfloat16, torch.int8)}
+    assert stored["a"] and stored["a"].keys() == stored["c"].keys()
+    assert all(torch.equal(stored["a"][k], stored["b"][k]) for k in stored["a"])
+    large = [k for k, v in stored["a"].items() if v.numel() >= 64]
+    assert large and all(not torch.equal(stored["a"][k], stored["c"][k]) for k in large), large
+    assert pickle.loads(pickle.dumps(opt)).seed == 1
+    for bad in (-1, 2**32, 1.5, True):
+        with pytest.raises((TypeError, ValueError), match=r"seed must be an int in \[0, 4294967295\], got"):
+            make(model, seed=bad)
 
 
 @pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)

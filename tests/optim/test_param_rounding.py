@@ -112,6 +112,16 @@ def test_one_step_writes_the_float32_result_rounded(optimizer):
         key = rounding_key(ROUNDING_SEED, 1, param_rounding.salt(name))
         assert torch.equal(r, BFloat16Rounding().encode(w, key)[0]), name
         assert not torch.equal(w, init[name].float()), name  # the step moved it
+    # another seed: the same step, rounded with the bits of that seed's keys
+    seed = 2**32 - 3
+    master = dict(master_run(lambda params: make(params, seed=seed), 1).named_parameters())
+    seeded, _ = pure_run(make, 1, param_rounding="stochastic", seed=seed)
+    differs = 0
+    for (name, r), before in zip(seeded.named_parameters(), stochastic.parameters()):
+        w = master[name].detach()
+        assert torch.equal(r, BFloat16Rounding().encode(w, rounding_key(seed, 1, param_rounding.salt(name)))[0]), name
+        differs += not torch.equal(r, before)
+    assert differs
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -32,7 +32,7 @@ from .corpus import TokenSplit, check_long_enough, load_corpus, split_ids
 from .environment import environment, record_load_end
 from .loop import TrainConfig
 from .modelspec import ModelSpec, as_model_spec
-from .peers import OptimizerSpec
+from .peers import OptimizerSpec, Peer
 from .results import json_ready
 from .tokenizer import tokenize_corpus
 from .train import RunResult, count_params, train_run
@@ -283,6 +283,16 @@ def _run_line(record: RunRecord) -> str:
     )
 
 
+def seeded(peer: Peer, hyperparameters: dict, seed: int) -> dict:
+    """The run's hyperparameters, with ``seed`` (an optimizer's own randomness: blockopt's rounding
+    bits, AdaPM's initial factors) set to the run's seed where the peer takes one and the spec
+    left it unset: otherwise every seed of a comparison would draw that randomness alike, and
+    the spread over seeds would leave it out."""
+    if "seed" in peer.accepted_keys and hyperparameters.get("seed") is None:
+        return {**hyperparameters, "seed": seed}
+    return hyperparameters
+
+
 def _run_one(
     s: OptimizerSpec, seed: int, spec: ModelSpec, data: TokenSplit, loop: TrainConfig, hyperparameters: dict,
     fingerprint: dict, *, device: str, folder: Path | None, checkpoint_every: int | None, resume: bool,
@@ -304,6 +314,7 @@ def _run_one(
         if resume:
             load_checkpoint(folder, fingerprint)  # a mismatch fails here, before any work
     peer = s.peer
+    hyperparameters = seeded(peer, hyperparameters, seed)
     step_callback = None if callback is None else (lambda step, loss: callback(s.label, seed, step, loss))
     result = train_run(
         spec, lambda model: peer.build(model, hyperparameters), data, loop, seed=seed, device=device,

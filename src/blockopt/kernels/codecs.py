@@ -38,7 +38,8 @@ up to the integer just above ``a`` (``a`` within an ulp below ``k**2``), ``a - k
 code is ``k``: an error of an ulp of ``a``, the size of ``a``'s own rounding.
 
 Note [seeded rounding]: the random bits come from a counter-based hash of (key, element index),
-the key mixed from (seed, step, salt), instead of from a generator. There is no generator state
+the key mixed from (seed, step, salt), instead of from a generator; the seed is the optimizer's
+``seed`` option (runs that share it share their rounding noise). There is no generator state
 to checkpoint (a resumed run draws the same bits, because the step is part of the state), every
 implementation draws the same bits for the same element, and tensors don't depend on the order
 in which they are encoded.
@@ -240,7 +241,7 @@ class ChunkQuantized:
 
 
 # ---- momentum stored through a codec, as a step sees it ------------------------------------
-ROUNDING_SEED = 0  # the seed of every optimizer's rounding keys (the step and the tensor vary them)
+ROUNDING_SEED = 0  # an optimizer's default ``seed``, its share of every rounding key (the step and the tensor vary them)
 
 
 @dataclass(frozen=True, eq=False)

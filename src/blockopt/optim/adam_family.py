@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..distributed import Collectives, ShardView, is_dtensor, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
-from ..kernels.codecs import StoredMomentum
+from ..kernels.codecs import ROUNDING_SEED, StoredMomentum
 from ..validation import boolean, choice, pair, real
 from . import momentum, param_rounding
 from .base import ParamBatch
@@ -37,6 +37,7 @@ ADAM_HYPERPARAMETERS = {
     "momentum_dtype": choice(*MOMENTUM_DTYPES, aliases=MOMENTUM_DTYPE_ALIASES,
                              hint="how the first moment is stored; see blockopt.optim.momentum"),
     "param_rounding": param_rounding.RULE,
+    "seed": momentum.SEED,  # optimizer-wide, not a group setting
 }
 
 
@@ -60,6 +61,7 @@ class MomentumStorage:
     that load across storages. SGDSaI uses it too, for its ``momentum_buffer``."""
 
     _MOMENTUM_KEY = EXP_AVG  # the state key of the momentum (its codes and scales: `momentum.keys`)
+    seed: int = ROUNDING_SEED  # the optimizer's ``seed``: its rounding bits (Note [seeded rounding])
 
     def _group_of(self, param: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is param for q in g["params"]))
@@ -80,10 +82,11 @@ class MomentumStorage:
         if dtype in (None, "float32"):
             return local_tensor(state[key])
         if not isinstance(layout, ShardView):
-            return momentum.stored(dtype, state, name, key)
+            return momentum.stored(dtype, state, name, key, seed=self.seed)
         if momentum.kept_whole(dtype, layout):
-            return self._part_of_whole(momentum.stored(dtype, state, name, key), layout, state, local_tensor(p))
-        return momentum.stored_shard(dtype, state, name, layout, key)  # (FSDP2's shards, ZeRO's pieces)
+            whole = momentum.stored(dtype, state, name, key, seed=self.seed)
+            return self._part_of_whole(whole, layout, state, local_tensor(p))
+        return momentum.stored_shard(dtype, state, name, layout, key, seed=self.seed)  # (FSDP2's shards, ZeRO's pieces)
 
     # Note [compressed momentum of sharded parameters] in `blockopt.optim.momentum`: a momentum
     # kept whole on every rank is stepped in parts, and encoded whole after the step.
@@ -121,7 +124,7 @@ class MomentumStorage:
             if source != target:
                 state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
                                                    source=source, target=target, key=self._MOMENTUM_KEY,
-                                                   param=p, layout=self._layout(name, p))
+                                                   param=p, layout=self._layout(name, p), seed=self.seed)
         # the live momentum_dtype is a storage choice, like `implementation`: it stays
         groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
                   for g, live in zip(state_dict["param_groups"], self.param_groups)]

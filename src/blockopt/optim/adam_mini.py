@@ -24,7 +24,7 @@ from ..distributed import Collectives
 from ..kernels.adam_mini import adam_mini
 from ..kernels.codecs import StoredMomentum
 from ..partition import Plan
-from ..validation import boolean, check
+from ..validation import boolean, check, validate
 from ..partition.report import plan_rows, rows_table
 from . import momentum
 from .adam_family import ADAM_HYPERPARAMETERS, MomentumStorage, SecondMomentBatch, reduce_block_sq_sums
@@ -104,6 +104,12 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
             parameter's dtype keeps what rounding dropped), for training without float32 master
             weights; per param group. float32/float64 parameters are written the same under every
             setting. See `blockopt.optim.param_rounding`. (Default: "nearest")
+        seed (int): the seed of the stochastic rounding's random bits (``momentum_dtype``
+            ``"bfloat16"``/``"int8"``/``"int4"``, ``param_rounding="stochastic"``), in
+            ``[0, 2**32)``. The bits are a hash of (seed, step, the parameter's name, the
+            element), so a run and its resume draw the same bits. Give every rank the same seed,
+            and independent runs (the seeds of an experiment) different ones: runs that share it
+            share their rounding noise. (Default: 0)
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg`` (like the parameter, in its
     dtype or ``momentum_dtype``; for int8/int4, ``exp_avg_codes`` and ``exp_avg_scales``
@@ -117,6 +123,7 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
     _STAT_KEYS = (EXP_AVG_SQ,)
     _GROUP_DEFAULTS = {"decay_1d": False, "maximize": False, "implementation": "auto", "nonfinite": "warn",
                        "momentum_dtype": None, "param_rounding": "nearest"}
+    _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "seed": 0}
 
     def __init__(
         self,
@@ -143,7 +150,10 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         verbose: bool = False,
         momentum_dtype: str | None = None,
         param_rounding: str = "nearest",
+        seed: int = 0,
     ):
+        validate(self.HYPERPARAMETERS, {"seed": seed})
+        self.seed = seed
         params = official_params(params, named_parameters, model_sharding, verbose)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d,

@@ -208,7 +208,8 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             (Default: 1.0)
         residual_clip (float | None): the residual correction's Frobenius norm is clipped to this
             times the gradient's; 0 disables the correction, ``None`` the clip. (Default: 1.0)
-        seed (int): seeds the initial right factors (with each parameter's name). (Default: 0)
+        seed (int): seeds the initial right factors (with each parameter's name) and, as in
+            `AdamMini`, the stochastic rounding's bits. (Default: 0)
         decay_1d (bool): also decay 1-D parameters. (Default: False)
         maximize (bool): maximise the objective instead. (Default: False)
         plan, n_heads, n_kv_heads, head_dim, dim, rules, value, conv: as for `AdamMini`.
@@ -241,7 +242,6 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         "fit_lr": real(0, 1, low_open=True, hint="1 is alternating least squares; 0 would never move the factors"),
         "residual_clip": real(0, optional=True),
         "second_moment": choice(*SECOND_MOMENTS),
-        "seed": integer(0),
     }
     _Batch = AdaPMBatch
     _STATISTICS, _STATISTICS_KEY = "exp_avg_sqs", EXP_AVG_SQ
@@ -392,7 +392,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                 # would (Note [sharded low-rank momentum]); R is whole on every rank
                 first_row = layout.box[0][0] if isinstance(layout, ShardView) and layout.box else 0
                 offsets = (first_row * factors[0].shape[1], 0)
-                factors = tuple(StoredMomentum("bfloat16", (f,), storage.salt(f"{name}:{key}"), offset=offset)
+                factors = tuple(StoredMomentum("bfloat16", (f,), storage.salt(f"{name}:{key}"), self.seed, offset=offset)
                                 for f, key, offset in zip(factors, (EXP_AVG_L, EXP_AVG_R), offsets))
             batch.momenta.append(factors)
         else:

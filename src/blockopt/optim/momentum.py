@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, shard_like, split_rows_like
 from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
+from ..validation import integer
 from .state import EXP_AVG
 
 EXP_AVG_CODES = "exp_avg_codes"  # int8/int4 momentum: the codes (int4 packs two a byte along each row)
@@ -41,6 +42,11 @@ MOMENTUM_DTYPES = (None, "float32", "bfloat16", "int8", "int4")
 MOMENTUM_DTYPE_ALIASES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 QUANTIZED = ("int8", "int4")
 KEYS = (EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES)
+
+
+# Note [seeded rounding] in `blockopt.kernels.codecs`: an optimizer's ``seed`` is a 32-bit key share
+SEED = integer(0, 2**32 - 1, hint="the seed of the stochastic rounding's bits (and AdaPM's initial factors): "
+                                  "give every rank the same one, and independent runs different ones")
 
 
 def keys(plain: str = EXP_AVG) -> tuple[str, str, str]:
@@ -114,14 +120,15 @@ def salt(name: str) -> int:
     return value
 
 
-def stored(momentum_dtype: str, state: dict, name: str, key: str = EXP_AVG) -> StoredMomentum:
-    """A compressed momentum's storage as a step takes it (local tensors, updated in place)."""
+def stored(momentum_dtype: str, state: dict, name: str, key: str = EXP_AVG, *, seed: int = ROUNDING_SEED) -> StoredMomentum:
+    """A compressed momentum's storage as a step takes it (local tensors, updated in place);
+    ``seed``: the optimizer's (its rounding bits)."""
     plain, codes_key, scales_key = keys(key)
     if momentum_dtype == "bfloat16":
         tensors = (local_tensor(state[plain]),)
     else:
         tensors = (local_tensor(state[codes_key]), local_tensor(state[scales_key]))
-    return StoredMomentum(momentum_dtype, tensors, salt(name), ROUNDING_SEED)
+    return StoredMomentum(momentum_dtype, tensors, salt(name), seed)
 
 
 def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...], key: str = EXP_AVG) -> Tensor:
@@ -147,10 +154,10 @@ def saved_dtype(saved: dict, declared: str | None, key: str = EXP_AVG) -> str | 
 
 def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torch.dtype, source: str | None,
             target: str | None, key: str = EXP_AVG, param: Tensor | None = None,
-            layout: ShardView | None = None) -> dict:
+            layout: ShardView | None = None, seed: int = ROUNDING_SEED) -> dict:
     """A saved entry's momentum moved from ``source`` storage to ``target`` storage (other keys
     unchanged). Quantized sources are decoded; quantized targets are encoded as the next step
-    would encode (the saved step's rounding key). For a sharded (DTensor) ``param`` (``layout``:
+    would encode (the saved step's rounding key, with the optimizer's ``seed``). For a sharded (DTensor) ``param`` (``layout``:
     its `ShardView`; ignored otherwise) the result is placed as this optimizer keeps it (Note
     [compressed momentum of sharded parameters])."""
     plain, codes_key, scales_key = kept = keys(key)
@@ -167,7 +174,7 @@ def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torc
     else:
         m = whole[plain].to(torch.float32)
     converted = {}
-    key_at_step = rounding_key(ROUNDING_SEED, int(saved.get("step", 0)), salt(name))
+    key_at_step = rounding_key(seed, int(saved.get("step", 0)), salt(name))
     if target in QUANTIZED:
         converted[codes_key], converted[scales_key] = codec(target).encode(m, key_at_step)
     elif target == "bfloat16" and source != "bfloat16":
@@ -280,8 +287,9 @@ def place_loaded(momentum_dtype: str | None, loaded: dict[str, Tensor], param: T
     }
 
 
-def stored_shard(momentum_dtype: str, state: dict, name: str, view: ShardView, key: str = EXP_AVG) -> StoredMomentum:
+def stored_shard(momentum_dtype: str, state: dict, name: str, view: ShardView, key: str = EXP_AVG, *,
+                 seed: int = ROUNDING_SEED) -> StoredMomentum:
     """A shard's compressed momentum as a step takes it: its elements draw the rounding bits of
     their place in the whole tensor."""
-    return dataclasses.replace(stored(momentum_dtype, state, name, key), offset=view.flat_start())
+    return dataclasses.replace(stored(momentum_dtype, state, name, key, seed=seed), offset=view.flat_start())
 

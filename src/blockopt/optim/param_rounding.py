@@ -115,7 +115,8 @@ def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | i
         t.copy_(copy)
     for j, (p, w) in enumerate(zip(params, sub.params)):
         if mode == "stochastic":  # (p stored as a codec stores m: element i draws the bits of element offset + i)
-            StoredMomentum("bfloat16", (p,), salt(sub.names[j]), ROUNDING_SEED, offset=writes[j]).encode_(w, int(sub.steps[j]))
+            seed = optimizer.seed  # (its rounding bits: AdamMini and the others take a seed)
+            StoredMomentum("bfloat16", (p,), salt(sub.names[j]), seed, offset=writes[j]).encode_(w, int(sub.steps[j]))
         else:  # "kahan": p + c is w, to about twice p's bits
             rounded = w.to(p.dtype)
             writes[j].copy_(w.sub_(rounded))

@@ -101,6 +101,8 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
             rounding dropped), for training without float32 master weights; per param group.
             float32/float64 parameters are written the same under every setting. See
             `blockopt.optim.param_rounding`. (Default: "nearest")
+        seed (int): the seed of the stochastic rounding's random bits, as for `AdamMini`.
+            (Default: 0)
 
     Note [degenerate blocks]: the unbiased std of a 1-element block is undefined; the package
     turns it into 0, so the block steps with ``|g|/eps`` (about 1e8 times too far). Here such a
@@ -146,13 +148,14 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
         "momentum_dtype": choice(*storage.MOMENTUM_DTYPES, aliases=storage.MOMENTUM_DTYPE_ALIASES,
                                  hint="how the momentum buffer is stored; see blockopt.optim.momentum"),
         "param_rounding": param_rounding.RULE,
+        "seed": storage.SEED,  # optimizer-wide, not a group setting
     }
     _Batch = SGDSaIBatch
     _STATISTICS, _STATISTICS_KEY = "gsnrs", GSNR
     _STAT_KEYS = (GSNR,)
     _GROUP_DEFAULTS = {"normalize": False, "decay_1d": True, "maximize": False, "gsnr_max": None, "nonfinite": "warn",
                        "momentum_dtype": None, "param_rounding": "nearest"}
-    _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor"}
+    _OPTIONS = {**BlockwiseOptimizer._OPTIONS, "_blocks": "tensor", "seed": 0}
     _MOMENTUM_KEY = MOMENTUM_BUFFER
 
     def __init__(
@@ -178,9 +181,11 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
         nonfinite: str = "warn",
         momentum_dtype: str | None = None,
         param_rounding: str = "nearest",
+        seed: int = 0,
     ):
-        validate(self.HYPERPARAMETERS, {"blocks": blocks})
+        validate(self.HYPERPARAMETERS, {"blocks": blocks, "seed": seed})
         self._blocks = blocks
+        self.seed = seed
         defaults = dict(
             lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, normalize=normalize,
             decay_1d=decay_1d, maximize=maximize, gsnr_max=None, nonfinite=nonfinite,

@@ -105,7 +105,7 @@ def _adamw(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
 def _adam_mini(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     return blockopt.AdamMini(
         model, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"],
-        **_optional(hp, "implementation", "value", "decay_1d", "momentum_dtype"),
+        **_optional(hp, "implementation", "value", "decay_1d", "momentum_dtype", "seed"),
     )
 
 
@@ -241,7 +241,7 @@ register_optimizer(
 register_optimizer(
     "adam-mini", _adam_mini,
     description="blockopt.AdamMini: one second moment per block of the detected partition",
-    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d", "momentum_dtype"),
+    defaults={"implementation": "auto"}, extra_keys=("value", "decay_1d", "momentum_dtype", "seed"),
     rules=blockopt.AdamMini.HYPERPARAMETERS,
 )
 register_optimizer(
