@@ -275,10 +275,11 @@ OPTIMIZERS = {"adam-mini": AdamMini, "adapm": AdaPM, "sgd-sai": SGDSaI}
 
 def trainer_hyperparameters(training_args, name: str = "adam-mini") -> dict:
     """The keyword arguments of optimizer ``name`` that ``TrainingArguments`` sets: ``lr``
-    (``learning_rate``) and ``weight_decay`` for all; ``betas`` (``adam_beta1``, ``adam_beta2``)
-    and ``eps`` (``adam_epsilon``) for the Adam family only: SGD-SaI's ``momentum`` and ``eps``
-    mean other things, so they keep SGDSaI's defaults unless given."""
-    kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay)
+    (``learning_rate``), ``weight_decay`` and ``seed`` (the run's: the optimizer's rounding bits,
+    AdaPM's initial factors) for all; ``betas`` (``adam_beta1``, ``adam_beta2``) and ``eps``
+    (``adam_epsilon``) for the Adam family only: SGD-SaI's ``momentum`` and ``eps`` mean other
+    things, so they keep SGDSaI's defaults unless given."""
+    kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay, seed=training_args.seed)
     if _optimizer_class(name) is not SGDSaI:
         kwargs.update(betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
     return kwargs

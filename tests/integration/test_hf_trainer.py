@@ -88,16 +88,18 @@ def test_trainer_resumes_compressed_momentum_exactly(tmp_path, bf16):
 def test_create_optimizer_maps_training_arguments(tmp_path):
     model = tiny_gpt2()
     args = training_args(tmp_path, learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
-                         weight_decay=0.05)
+                         weight_decay=0.05, seed=17)
     opt = create_optimizer(model, args)
     assert type(opt) is blockopt.AdamMini
     assert {k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")} == dict(
         lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05)
+    assert opt.seed == 17  # the run's seed draws the rounding bits
     assert create_optimizer(model, args, lr=1e-2, rank=2, name="adapm").defaults["lr"] == 1e-2  # overrides win
     sgd = create_optimizer(model, args, "sgd-sai")
     assert type(sgd) is blockopt.SGDSaI
     assert (sgd.defaults["lr"], sgd.defaults["weight_decay"], sgd.defaults["momentum"]) == (3e-4, 0.05, 0.9)
-    assert trainer_hyperparameters(args, "sgd-sai") == dict(lr=3e-4, weight_decay=0.05)
+    assert trainer_hyperparameters(args, "sgd-sai") == dict(lr=3e-4, weight_decay=0.05, seed=17)
+    assert sgd.seed == 17 and create_optimizer(model, args, name="adapm", rank=2).seed == 17
     with pytest.raises(ValueError, match="name must be one of 'adam-mini', 'adapm', 'sgd-sai', got 'adam'"):
         create_optimizer(model, args, "adam")
 
@@ -115,7 +117,7 @@ def test_an_optimizer_class_gets_no_structure_and_says_so(tmp_path):
     assert shapes_only.plan.summary().n_blocks > structural.summary().n_blocks
 
     factory, kwargs = optimizer_cls_and_kwargs(args, weight_decay=0.0)
-    assert kwargs == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    assert kwargs == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0)
     as_factory = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
                                       optimizer_cls_and_kwargs=(factory, kwargs))
     assert as_factory.create_optimizer().plan == structural
