@@ -98,6 +98,24 @@ def test_group_hyperparameters_are_checked_too():
         blockopt.AdamMini([{"params": [nn.Parameter(torch.zeros(2))], "betas": (0.9, 1.0)}])
 
 
+@pytest.mark.parametrize(("make", "key", "value"), [(blockopt.AdamMini, "seed", 3), (blockopt.SGDSaI, "seed", 3),
+                                                     (blockopt.AdaPM, "second_moment", "adam")])
+def test_an_optimizer_wide_setting_in_a_param_group_is_refused_not_ignored(make, key, value):
+    """``seed`` (and AdaPM's ``second_moment``) hold for the whole optimizer: in a group they would
+    be kept and never read, so the group is refused, pointing at the constructor; a group added
+    later too, leaving the optimizer as it was."""
+    model = make_tiny()
+    matrices = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+    with pytest.raises(ValueError, match=rf"{key} is a setting of the whole optimizer, not of a param group: "
+                                         rf"pass {make.__name__}\(\.\.\., {key}={value!r}\) instead"):
+        make([{"params": matrices, key: value}])
+    opt = make(matrices)
+    vectors = [(n, p) for n, p in model.named_parameters() if p.ndim < 2]
+    with pytest.raises(ValueError, match=f"{key} is a setting of the whole optimizer"):
+        opt.add_param_group({"params": vectors, key: value})
+    assert len(opt.param_groups) == 1
+
+
 def test_plan_from_another_model():
     plan = blockopt.partition(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="plan has parameters the model lacks|not in the plan|shape"):

@@ -100,6 +100,12 @@ class BlockwiseOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
         unless the plan already covers them."""
+        # an optimizer-wide setting (a rule without a group default: ``seed``, AdaPM's
+        # ``second_moment``) would sit in the group unread
+        for key in param_group:
+            if key in self.HYPERPARAMETERS and key not in self.defaults:
+                raise ValueError(f"{key} is a setting of the whole optimizer, not of a param group: pass "
+                                 f"{type(self).__name__}(..., {key}={param_group[key]!r}) instead")
         param_group = validate(self.HYPERPARAMETERS, param_group)
         offset = sum(len(g["params"]) for g in self.param_groups)
         group = name_group(dict(param_group), itertools.count(offset), where="new param group")
