@@ -282,6 +282,8 @@ def test_bad_names_and_settings_fail_before_training(tmp_path):
         compare(["adamw:lr=-1"], callback=no_training, **TINY)
     with pytest.raises(ValueError, match="listed twice"):
         compare(["adamw", "adamw"], **TINY)
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\*\*32\), got \[4294967296\]"):  # an optimizer's seed
+        compare(["adam-mini:momentum_dtype=int8"], seeds=(0, 2**32), callback=no_training, **TINY)
     with pytest.raises(ValueError, match="exceeds the model's maximum sequence length 64"):
         compare(["adamw"], **{**TINY, "seq_len": 128})
     with pytest.raises(TypeError, match="unknown compare setting 'stepz'"):

@@ -95,7 +95,7 @@ def distance(model, master, init) -> float:
 def test_one_step_writes_the_float32_result_rounded(optimizer):
     """The update is the master's float32 one: "kahan" writes it rounded to nearest (what
     "nearest" writes) and keeps the rest in the compensation; "stochastic" rounds it with the
-    parameter's own key (step 1, crc32("param:" + name))."""
+    parameter's own key (seed, step 1, crc32("param:" + name)), at the default seed and another."""
     make = OPTIMIZERS[optimizer]
     master = dict(master_run(make, 1).named_parameters())
     nearest, _ = pure_run(make, 1, param_rounding="nearest")

@@ -70,6 +70,9 @@ class CompareConfig:
         set_("seeds", tuple(int(seed) for seed in self.seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
+        bad = [seed for seed in self.seeds if not 0 <= seed < 2**32]
+        if bad:  # a run's seed is also its optimizers' own (their `seed` option: 32 bits), checked before any run
+            raise ValueError(f"seeds must be in [0, 2**32), got {bad}")
         if not isinstance(self.loop, TrainConfig):
             raise TypeError(f"loop must be a TrainConfig, got {type(self.loop).__name__}")
         validate(_RULES, {name: getattr(self, name) for name in _RULES})

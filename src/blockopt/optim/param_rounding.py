@@ -29,9 +29,9 @@ or 4M elements), like compressed momenta (`kernels.adam_mini.decoded`). The floa
 the one the step computes for a bf16 parameter anyway, so ``"kahan"``'s first step writes
 exactly what ``"nearest"`` writes.
 
-Note [seeded parameter rounding]: ``"stochastic"`` draws its bits from (the step count the
-update reaches, ``crc32("param:" + name)``), as compressed momenta do from (the step count, the
-name's crc32): a run is reproducible, a resume bit-identical, and a parameter's bits differ
+Note [seeded parameter rounding]: ``"stochastic"`` draws its bits from (the optimizer's ``seed``,
+the step count the update reaches, ``crc32("param:" + name)``), as compressed momenta do from
+(the seed, the step count, the name's crc32): a run is reproducible, a resume bit-identical, and a parameter's bits differ
 from its momentum's. There is no generator state to checkpoint. Each element draws the bits of
 its place in the whole parameter: a shard of a sharded (DTensor) parameter offsets its key by
 its first element's flat index (`StoredMomentum.offset`, as compressed momenta of shards do), so
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..distributed import ShardView, local_tensor
 from ..kernels.adam_mini.decoded import slices
-from ..kernels.codecs import ROUNDING_SEED, StoredMomentum
+from ..kernels.codecs import StoredMomentum
 from ..validation import choice
 
 PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
@@ -115,8 +115,7 @@ def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | i
         t.copy_(copy)
     for j, (p, w) in enumerate(zip(params, sub.params)):
         if mode == "stochastic":  # (p stored as a codec stores m: element i draws the bits of element offset + i)
-            seed = optimizer.seed  # (its rounding bits: AdamMini and the others take a seed)
-            StoredMomentum("bfloat16", (p,), salt(sub.names[j]), seed, offset=writes[j]).encode_(w, int(sub.steps[j]))
+            StoredMomentum("bfloat16", (p,), salt(sub.names[j]), optimizer.seed, offset=writes[j]).encode_(w, int(sub.steps[j]))
         else:  # "kahan": p + c is w, to about twice p's bits
             rounded = w.to(p.dtype)
             writes[j].copy_(w.sub_(rounded))
