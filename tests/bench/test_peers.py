@@ -177,3 +177,23 @@ def test_a_registered_peer_is_usable_by_name():
         assert optimizer.param_groups[0]["momentum"] == 0.7 and optimizer.param_groups[0]["lr"] == 1e-3
     finally:
         unregister_optimizer("test-sgd")
+
+
+@pytest.mark.parametrize("name", ["adam-mini-blockwise-lr", "adapm-blockwise-lr"])
+def test_blockwise_lr_peers_take_their_optimizers_options(name):
+    """The blockwise-LR peers are their optimizer on `blockwise_lr` groups: each tensor's LR is its
+    block type's, and the optimizer's own options (compressed momentum, seed, partition) apply."""
+    from blockopt.param_groups import blockwise_lr
+
+    model = build_model("llama-tiny", seed=0)
+    ratios = {"embedding": 10, "qk": 2}
+    spec = f"{name}:ratios={ratios},momentum_dtype=int8,seed=5,rules={{'*.up_proj.weight': 'whole'}}"
+    optimizer = build_optimizer(spec, model, SHARED)
+    assert optimizer.seed == 5
+    assert {group["momentum_dtype"] for group in optimizer.param_groups} == {"int8"}
+    # the partition option reached the plan
+    assert all(optimizer.plan[n].n_blocks == 1 for n, _ in model.named_parameters() if n.endswith("up_proj.weight"))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {id(p): group["lr"] for group in blockwise_lr(optimizer.plan, 1e-3, ratios, params=model) for p in group["params"]}
+    assert lr_of == expected and len(set(expected.values())) > 1
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in _steps(model, optimizer))

@@ -298,14 +298,24 @@ def _adamw_blockwise(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"])
 
 
-def _adam_mini_blockwise(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
-    # The plan of the whole model, so heads are detected from structure (param groups alone
-    # carry names, not the attention geometry).
-    plan = blockopt.partition(model)
-    groups = blockwise_lr(plan, lr=hp["lr"], ratios=hp.get("ratios"), params=model)
-    return blockopt.AdamMini(
-        groups, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"], plan=plan,
-    )
+_PARTITION_KEYS = ("n_heads", "n_kv_heads", "head_dim", "dim", "rules", "value", "conv")
+
+
+def _blockwise_peer_factory(cls: type) -> OptimizerFactory:
+    """``cls`` (a blockopt optimizer) on `blockwise_lr` groups: one LR per block type, every other
+    option the class's own. The plan is of the whole model, so heads are detected from structure
+    (param groups alone carry names, not the attention geometry); partition options build it."""
+
+    def factory(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
+        kwargs = {key: value for key, value in hp.items() if value is not None}
+        ratios = kwargs.pop("ratios", None)
+        if "betas" in kwargs:
+            kwargs["betas"] = _betas(kwargs["betas"])
+        plan = blockopt.partition(model, **{key: kwargs.pop(key) for key in _PARTITION_KEYS if key in kwargs})
+        groups = blockwise_lr(plan, lr=kwargs["lr"], ratios=ratios, params=model)
+        return cls(groups, plan=plan, **kwargs)
+
+    return factory
 
 
 _sgd_sai_keys = _signature_keys(blockopt.SGDSaI)
@@ -331,9 +341,15 @@ register_optimizer(
     description="AdamW with blockopt.blockwise_lr groups (per block type LR: Emb 10x, QK 8x, FFN 6x, VO 4x)",
     defaults={"ratios": None},
 )
-register_optimizer(
-    "adam-mini-blockwise-lr", _adam_mini_blockwise,
-    description="Adam-mini with blockopt.blockwise_lr groups (per block type LR)",
-    defaults={"ratios": None},
-)
+for _name, _cls in (("adam-mini-blockwise-lr", blockopt.AdamMini), ("adapm-blockwise-lr", blockopt.AdaPM)):
+    _keys = _signature_keys(_cls)
+    register_optimizer(
+        _name, _blockwise_peer_factory(_cls),
+        description=f"{_cls.__name__} with blockopt.blockwise_lr groups (per block type LR; "
+                    f"its other options as {_name.removesuffix('-blockwise-lr')}'s)",
+        shared=tuple(k for k in SHARED_KEYS if k in _keys),
+        defaults={"ratios": None},
+        extra_keys=tuple(k for k in _keys if k not in SHARED_KEYS and k not in ("verbose", "model_sharding")),
+        rules=_cls.HYPERPARAMETERS,
+    )
 register_family(PYTORCH_OPTIMIZER_PREFIX, pytorch_optimizer_peer, "any pytorch-optimizer optimizer")
