@@ -197,3 +197,25 @@ def test_blockwise_lr_peers_take_their_optimizers_options(name):
     expected = {id(p): group["lr"] for group in blockwise_lr(optimizer.plan, 1e-3, ratios, params=model) for p in group["params"]}
     assert lr_of == expected and len(set(expected.values())) > 1
     assert all(torch.isfinite(torch.tensor(loss)) for loss in _steps(model, optimizer))
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd-sai", "adamw-8bit-bnb", "adamw-4bit-torchao"])
+def test_torch_style_peers_take_a_blockwise_lr_table(name):
+    """``ratios`` gives any torch-style peer `blockwise_lr`'s groups (LR per block type, decay
+    split by dims); without it the peer keeps `decay_groups`."""
+    from blockopt.param_groups import blockwise_lr
+
+    if not get_peer(name).available:
+        pytest.skip(f"{name} needs {', '.join(get_peer(name).requires)}")
+    model = build_model("llama-tiny", seed=0)
+    ratios = {"embedding": 10, "qk": 2}
+    plain = build_optimizer(name, model, SHARED)
+    table = build_optimizer(f"{name}:ratios={ratios}", model, SHARED)
+    lr = float(plain.param_groups[0]["lr"])  # the peer's own LR where it keeps one (adafactor, lion, sgd-sai)
+    assert len({float(group["lr"]) for group in plain.param_groups}) == 1
+    expected = {id(p): (group["lr"], group["weight_decay"])
+                for group in blockwise_lr(model, lr=lr, ratios=ratios, weight_decay=0.1) for p in group["params"]}
+    got = {id(p): (float(group["lr"]), group["weight_decay"]) for group in table.param_groups for p in group["params"]}
+    assert got.keys() == expected.keys() and len({round(v[0], 9) for v in got.values()}) > 2
+    for key, (lr_got, decay) in got.items():  # (torchao keeps its LRs as float32 tensors)
+        assert lr_got == pytest.approx(expected[key][0], rel=1e-6) and decay == expected[key][1]

@@ -42,6 +42,16 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def param_groups(model: nn.Module, hp: Mapping) -> list[dict]:
+    """A torch-style peer's param groups: `decay_groups`, or, when the run sets ``ratios`` (a
+    blockwise-LR table: ``{block type: multiplier}``, `blockopt.param_groups.DEFAULT_RATIOS` for
+    the types it leaves out), one group per block type with ``lr * ratio`` (`blockwise_lr`),
+    split the same way for weight decay. So any peer can run with the same per-block LRs."""
+    if hp.get("ratios") is None:
+        return decay_groups(model, hp["weight_decay"])
+    return blockwise_lr(model, lr=hp["lr"], ratios=hp["ratios"], weight_decay=hp["weight_decay"])
+
+
 def attention_geometry(model: nn.Module) -> dict[str, int]:
     """``dim``, ``n_heads``, ``n_kv_heads`` of a bench model or a wrapped Hugging Face model (what
     the official Adam-mini needs to split query/key heads)."""
@@ -96,9 +106,8 @@ def adamw(
 
 
 def _adamw(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
-    return adamw(
-        model, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"],
-        **_optional(hp, "foreach", "fused"),
+    return torch.optim.AdamW(
+        param_groups(model, hp), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"], **_optional(hp, "foreach", "fused"),
     )
 
 
@@ -131,7 +140,7 @@ def _adam_mini_official(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
 
 def _adafactor(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(
-        decay_groups(model, hp["weight_decay"]), lr=hp["lr"], **_optional(hp, "beta2_decay", "d", "eps"),
+        param_groups(model, hp), lr=hp["lr"], **_optional(hp, "beta2_decay", "d", "eps"),
     )
 
 
@@ -139,7 +148,7 @@ def _sgd_sai(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     from sgd_sai import SGD_sai
 
     optimizer = SGD_sai(
-        decay_groups(model, hp["weight_decay"]), lr=hp["lr"], momentum=hp["momentum"], eps=hp["eps"],
+        param_groups(model, hp), lr=hp["lr"], momentum=hp["momentum"], eps=hp["eps"],
     )
 
     # Note [sgd-sai resume]: the package computes each tensor's step size (gsnr) at its first step
@@ -163,7 +172,7 @@ def _sgd_sai(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
 def _lion(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     from pytorch_optimizer import Lion
 
-    return Lion(decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]))
+    return Lion(param_groups(model, hp), lr=hp["lr"], betas=_betas(hp["betas"]))
 
 
 def _torchao(class_name: str) -> OptimizerFactory:
@@ -174,7 +183,7 @@ def _torchao(class_name: str) -> OptimizerFactory:
         import torchao.optim
 
         cls = getattr(torchao.optim, class_name)
-        return cls(decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
+        return cls(param_groups(model, hp), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
                    **_optional(hp, "block_size"))
 
     return factory
@@ -184,7 +193,7 @@ def _adamw_8bit_bnb(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
     import bitsandbytes
 
     return bitsandbytes.optim.AdamW8bit(
-        decay_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
+        param_groups(model, hp), lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"],
         **_optional(hp, "min_8bit_size", "block_wise"),
     )
 
@@ -236,7 +245,7 @@ def pytorch_optimizer_peer(name: str) -> Peer:
 register_optimizer(
     "adamw", _adamw,
     description="torch.optim.AdamW; weight decay on tensors with >= 2 dims only",
-    defaults={"foreach": None, "fused": None},
+    defaults={"foreach": None, "fused": None}, extra_keys=("ratios",),
 )
 register_optimizer(
     "adam-mini", _adam_mini,
@@ -252,17 +261,17 @@ register_optimizer(
 register_optimizer(
     "adafactor", _adafactor,
     description="torch.optim.Adafactor (factored second moment; its lr scales the relative step)",
-    shared=("lr", "weight_decay"), defaults={"lr": 5e-2}, extra_keys=("beta2_decay", "d", "eps"),
+    shared=("lr", "weight_decay"), defaults={"lr": 5e-2}, extra_keys=("beta2_decay", "d", "eps", "ratios"),
 )
 register_optimizer(
     "sgd-sai", _sgd_sai, requires="sgd-sai",
     description="SGD-SaI package (authors' code): momentum SGD, per-tensor step size fixed by the first gradient's SNR",
-    shared=("lr", "eps", "weight_decay"), defaults={"lr": 1e-2, "momentum": 0.9},
+    shared=("lr", "eps", "weight_decay"), defaults={"lr": 1e-2, "momentum": 0.9}, extra_keys=("ratios",),
 )
 register_optimizer(
     "lion", _lion, requires="pytorch-optimizer",
     description="Lion (pytorch-optimizer): sign of interpolated momentum; takes a smaller LR than AdamW",
-    shared=("lr", "weight_decay"), defaults={"lr": 1e-3, "betas": (0.9, 0.99)},
+    shared=("lr", "weight_decay"), defaults={"lr": 1e-3, "betas": (0.9, 0.99)}, extra_keys=("ratios",),
 )
 
 # Low-bit state (issue #31's peers). torchao keeps tensors under 4096 elements in float32 and
@@ -273,12 +282,12 @@ for _name, _class, _bits in (("adamw-8bit-torchao", "AdamW8bit", "8-bit"), ("ada
     register_optimizer(
         _name, _torchao(_class), requires="torchao",
         description=f"torchao's {_class}: AdamW with both moments in {_bits} blocks (a torch.compile'd step)",
-        extra_keys=("block_size",),
+        extra_keys=("block_size", "ratios"),
     )
 register_optimizer(
     "adamw-8bit-bnb", _adamw_8bit_bnb, requires="bitsandbytes",
     description="bitsandbytes' AdamW8bit: both moments in blockwise dynamic 8-bit codes",
-    extra_keys=("min_8bit_size", "block_wise"),
+    extra_keys=("min_8bit_size", "block_wise", "ratios"),
 )
 
 
