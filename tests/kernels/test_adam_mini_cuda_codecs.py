@@ -271,3 +271,21 @@ def test_cuda_codes_are_the_decoded_references(dtype):
     for names in (["bfloat16"] * len(specs), ["int8"] * len(specs), ["int4"] * len(specs)):
         ours, ref = _run(specs, params, grads, names, kernels=True), _run(specs, params, grads, names, kernels=False)
         _assert_same_steps(specs, ours, ref, dtype)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_non_finite_gradient_gets_the_spare_code_as_in_the_decoded_path(interpreted, name):
+    """Note [non-finite momenta]: the kernels write the decoded path's codes and scales when m
+    holds inf and nan, and the same parameters end non-finite."""
+    specs = _specs()
+    params, grads = _problem(specs, torch.float32, 2)
+    for g, value in zip(grads[0], [float("inf"), float("nan"), -float("inf")] * len(specs)):
+        g.view(-1)[g.numel() // 3] = value
+    names = [name] * len(specs)
+    ours, ref = _run(specs, params, grads, names, kernels=True), _run(specs, params, grads, names, kernels=False)
+    for (p, m, _), (p_ref, m_ref, _) in zip(ours, ref, strict=True):
+        for a, b in zip(m, m_ref):
+            assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+            assert torch.isfinite(a[1]).all()  # the scales
+        assert all(torch.equal(torch.isfinite(a), torch.isfinite(b)) for a, b in zip(p, p_ref))
+        assert any(not torch.isfinite(a).all() for a in p)

@@ -153,3 +153,34 @@ def test_bad_settings_name_the_argument():
         ChunkQuantized(chunk=7)
     with pytest.raises(ValueError, match="codec must be one of 'bfloat16', 'int8', 'int4', got 'fp8'"):
         codec("fp8")
+
+
+@pytest.mark.parametrize("c", QUANTIZED, ids=lambda c: f"{c.name}-p{c.power}-chunk{c.chunk}")
+def test_a_non_finite_value_costs_its_own_element(c):
+    """Note [non-finite momenta]: an inf or nan gets the spare code, which decodes to nan, and its
+    chunk's scale and other codes are those of the chunk with the value 0: the rest of the chunk
+    (other blocks, maybe) decodes as if it were not there."""
+    x = heavy_tailed(3 * c.chunk + 5)
+    bad = torch.tensor([3, c.chunk + 1, c.chunk + 2, 3 * c.chunk + 4])
+    x_bad = x.clone()
+    x_bad[bad] = torch.tensor([float("inf"), -float("inf"), float("nan"), float("inf")])
+    x_zero = x.clone()
+    x_zero[bad] = 0.0
+    (codes, scales), (codes_zero, scales_zero) = c.encode(x_bad, 7), c.encode(x_zero, 7)
+    assert torch.equal(scales, scales_zero) and torch.isfinite(scales).all()
+    y, y_zero = c.decode((codes, scales), x.shape), c.decode((codes_zero, scales_zero), x.shape)
+    assert torch.equal(torch.isnan(y).nonzero().flatten(), bad)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[bad] = False
+    assert torch.equal(y[keep], y_zero[keep])
+    # a chunk of nothing but non-finite values: scale 0, every element nan
+    y_all = c.decode(c.encode(torch.full((c.chunk,), float("inf")), 1), (c.chunk,))
+    assert torch.isnan(y_all).all()
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_new_storage_decodes_to_zero(name):
+    """(int4's zero codes are 0x88 bytes: a 0 byte is two spare codes.)"""
+    c = codec(name)
+    for shape in [(7,), (3, 5), (2, 3, 300)]:
+        assert torch.equal(c.decode(c.storage(shape, "cpu"), shape), torch.zeros(shape))

@@ -212,3 +212,49 @@ def test_a_compiled_int8_fused_step_is_the_eager_step():
             assert torch.equal(value, eager.state[b][key]), f"{name} {key}"
     # one graph (the rounding salts are read from a cache, not hashed while tracing); explain steps once more
     assert torch._dynamo.explain(opt.step)().graph_break_count == 0
+
+
+# (optimizer, implementation, momentum_dtype): compressed momenta of float64 parameters, which the
+# fused kernel leaves to the decoded path (Note [compressed momentum in a compiled step])
+DECODED = [("AdamMini", "auto", "int8"), ("AdamMini", "batched", "int4"), ("AdamMini", "reference", "bfloat16"),
+           ("AdaPM", "auto", "int8"), ("SGDSaI", None, "int8")]
+
+
+@pytest.mark.parametrize(("name", "implementation", "momentum_dtype"), DECODED, ids=["-".join(map(str, c)) for c in DECODED])
+def test_a_compiled_step_of_decoded_compressed_momenta_is_the_eager_step(name, implementation, momentum_dtype):
+    """A compiled step used to leave such tensors untouched, without an error (a set difference
+    dynamo traced wrongly in the fused dispatch): every parameter must move as it does eagerly."""
+    _fused_kernel_or_skip(implementation)
+    data = batches(3)
+    eager_model, eager = _build(name, implementation, momentum_dtype=momentum_dtype)
+    model, opt = _build(name, implementation, momentum_dtype=momentum_dtype)
+    start = [p.detach().clone() for p in model.parameters()]
+    compiled_step = torch.compile(opt.step, backend=CompileCounterWithBackend("aot_eager"))
+    _train(eager_model, eager, data, eager.step)
+    _train(model, opt, data, compiled_step)
+    for (param_name, a), b, a0 in zip(model.named_parameters(), eager_model.parameters(), start):
+        assert not torch.equal(a, a0), f"{param_name} did not move"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=param_name)
+        assert float(opt.state[a]["step"]) == float(eager.state[b]["step"]) == len(data)
+
+
+def test_an_inductor_compiled_int8_adapm_step_builds_and_matches_eager():
+    """AdaPM with int8 momentum and bf16 low-rank factors, float32, through inductor: the codec's
+    encode failed to build there (and miscompiled int8 codes); it now runs eagerly inside the step.
+    (An MLP: the tiny transformer's attention key bias has a rounding-noise gradient, which Adam's
+    normalisation turns into full steps that float32 roundings decide.)"""
+    _fused_kernel_or_skip("auto")
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    data = [(torch.randn(32, 16), torch.randn(32, 8)) for _ in range(3)]
+    eager, opt = (blockopt.AdaPM(m, lr=1e-2, momentum_dtype="int8", rank=4) for m in models)
+    compiled_step = torch.compile(opt.step)
+    for model, step in ((models[0], eager.step), (models[1], compiled_step)):
+        for x, y in data:
+            model.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+    assert {"exp_avg_l", "exp_avg_r"} <= set(opt.state[models[1][0].weight])  # low-rank factors (bf16)
+    for (param_name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=param_name)

@@ -314,3 +314,123 @@ def test_a_group_setting_changed_after_state_exists_raises_instead_of_misreading
     opt.param_groups[0]["momentum_dtype"] = before  # nothing was half-stepped: the state is as it was
     for (_, a), (_, b) in zip(opt.state_dict()["state"].items(), snapshot["state"].items()):
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---- a saved momentum that does not fit is refused before it is converted --------------------
+def _one_tensor_optimizer(make, shape, momentum_dtype):
+    """An optimizer over one parameter ``conv.weight`` of ``shape`` (one block), after one step."""
+    p = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    opt = make([("conv.weight", p)], lr=1e-2, momentum_dtype=momentum_dtype, rules={"conv.weight": "whole"})
+    p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    return p, opt
+
+
+def _assert_refused_and_unchanged(opt, saved, match):
+    """Loading ``saved`` raises ValueError matching ``match`` and leaves ``opt`` exactly as it was."""
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, entry in before["state"].items():
+        assert after["state"][i].keys() == entry.keys()
+        for key, value in entry.items():
+            got = after["state"][i][key]
+            assert got.dtype == value.dtype and torch.equal(got, value), key
+
+
+def _shape_pattern(shape):
+    return "\\(" + ", ".join(map(str, shape)) + (",\\)" if len(shape) == 1 else "\\)")
+
+
+# the conversions that read a misfit momentum into one of the right shape (decoding codes, or
+# encoding bf16): each loaded silently with scales on the wrong chunks before it was checked first
+CONVERTING = [(s, t) for s in ("int8", "int4") for t in ALL if t != s] + [(None, "bfloat16"), ("float32", "bfloat16")]
+
+
+@pytest.mark.parametrize(("source", "target"), CONVERTING)
+def test_a_momentum_saved_for_another_shape_is_refused_when_the_load_converts(source, target):
+    """A (4, 3, 5, 5) conv weight's momentum loaded for a (2, 6, 5, 5) one (same numel, one block):
+    refused naming the parameter, the key and both shapes, whether or not the load converts."""
+    _, saver = _one_tensor_optimizer(blockopt.AdamMini, (4, 3, 5, 5), source)
+    _, loader = _one_tensor_optimizer(blockopt.AdamMini, (2, 6, 5, 5), target)
+    key, saved_shape = next(iter(momentum.state_shapes(source, (4, 3, 5, 5)).items()))
+    expected = momentum.state_shapes(source, (2, 6, 5, 5))[key]
+    _assert_refused_and_unchanged(
+        loader, saver.state_dict(),
+        rf"state '{key}' of 'conv.weight' has shape {_shape_pattern(saved_shape)}, expected {_shape_pattern(expected)}")
+
+
+@pytest.mark.parametrize("make", [
+    blockopt.AdamMini,
+    lambda params, **kw: blockopt.AdaPM(params, momentum="full", **kw),
+    lambda params, **kw: blockopt.SGDSaI(params, momentum=0.9, **kw),
+], ids=["AdamMini", "AdaPM", "SGDSaI"])
+def test_int8_scales_of_another_shape_are_refused_by_every_optimizer_when_the_load_converts(make):
+    p, saver = _one_tensor_optimizer(make, (3, 7), "int8")
+    saved = copy.deepcopy(saver.state_dict())
+    key = next(k for k in saved["state"][0] if k.endswith("_scales"))  # exp_avg_scales, momentum_buffer_scales
+    saved["state"][0][key] = torch.ones(3, 2)
+    for target in ("float32", "bfloat16", "int4"):
+        _, loader = _one_tensor_optimizer(make, (3, 7), target)
+        _assert_refused_and_unchanged(loader, saved, rf"state '{key}' of 'conv.weight' has shape \(3, 2\), expected \(3, 1\)")
+
+
+def test_codes_of_another_size_and_missing_scales_are_refused_naming_the_parameter_and_key():
+    _, saver = _one_tensor_optimizer(blockopt.AdamMini, (3, 7), "int8")
+    _, loader = _one_tensor_optimizer(blockopt.AdamMini, (3, 7), "float32")
+    saved = copy.deepcopy(saver.state_dict())
+    saved["state"][0]["exp_avg_codes"] = torch.zeros(3, 8, dtype=torch.int8)  # (it raised a bare reshape error)
+    _assert_refused_and_unchanged(loader, saved, r"state 'exp_avg_codes' of 'conv.weight' has shape \(3, 8\), expected \(3, 7\)")
+    saved = copy.deepcopy(saver.state_dict())
+    del saved["state"][0]["exp_avg_scales"]  # (it raised a bare KeyError)
+    _, loader = _one_tensor_optimizer(blockopt.AdamMini, (3, 7), "int4")
+    _assert_refused_and_unchanged(
+        loader, saved, r"the state of 'conv.weight' has no 'exp_avg_scales' tensor .*momentum_dtype='int8', as saved, "
+                       r"keeps exp_avg_codes \(3, 7\) and exp_avg_scales \(3, 1\)")
+
+
+@pytest.mark.parametrize(("momentum_dtype", "key", "dtype", "expected"), [
+    ("float32", "exp_avg", torch.int32, "a floating dtype"),  # (it loaded, and rounded m at every step)
+    (None, "exp_avg", torch.int64, "a floating dtype"),
+    ("int8", "exp_avg_codes", torch.uint8, "torch.int8"),  # (these loaded, and failed at the next step)
+    ("int8", "exp_avg_codes", torch.int16, "torch.int8"),
+    ("int8", "exp_avg_codes", torch.float32, "torch.int8"),
+    ("int4", "exp_avg_codes", torch.int8, "torch.uint8"),
+    ("int8", "exp_avg_scales", torch.float64, "torch.float32"),
+])
+def test_a_momentum_of_the_wrong_dtype_is_refused_at_load(momentum_dtype, key, dtype, expected):
+    _, saver = _one_tensor_optimizer(blockopt.AdamMini, (3, 7), momentum_dtype)
+    saved = copy.deepcopy(saver.state_dict())
+    saved["state"][0][key] = saved["state"][0][key].to(dtype)
+    _, loader = _one_tensor_optimizer(blockopt.AdamMini, (3, 7), momentum_dtype)
+    _assert_refused_and_unchanged(loader, saved, rf"state '{key}' of 'conv.weight' is {dtype}, expected {expected}")
+
+
+@pytest.mark.parametrize("implementation", ["reference", "batched", "fused"])
+@pytest.mark.parametrize("dtype", COMPRESSED)
+def test_an_inf_gradient_costs_what_it_costs_with_float32_momentum(dtype, implementation):
+    """One inf in a gradient: the parameters that end non-finite are the float32-momentum run's,
+    in every storage (an int chunk holds 256 elements of many blocks; Note [non-finite momenta])."""
+    if implementation == "fused" and not blockopt.kernels.adam_mini.cpu.available():
+        pytest.skip("the fused CPU kernel could not be built here")
+
+    def run(momentum_dtype):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(40, 300))]
+        names = ["bias", "weight"]  # per coordinate, and rows of 300 (two chunks a row)
+        opt = blockopt.AdamMini(list(zip(names, params)), lr=1e-2, momentum_dtype=momentum_dtype,
+                                implementation=implementation, nonfinite="ignore")
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+                if t == 0:
+                    p.grad.view(-1)[5] = float("inf")
+            opt.step()
+        return [~torch.isfinite(p) for p in params]
+
+    expected = run("float32")
+    assert [int(bad.sum()) for bad in expected] == [1, 1]  # inf / inf; the rest of its block is frozen (m / inf)
+    assert all(torch.equal(a, b) for a, b in zip(run(dtype), expected))

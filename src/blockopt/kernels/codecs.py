@@ -37,6 +37,13 @@ above comes with probability ``(a - k**power) / gap`` up to ``2**-24``. Where a 
 up to the integer just above ``a`` (``a`` within an ulp below ``k**2``), ``a - k**2 < 0`` and the
 code is ``k``: an error of an ulp of ``a``, the size of ``a``'s own rounding.
 
+Note [non-finite momenta]: an inf or nan in m (from an inf gradient, say) is stored as the spare
+code ``-L - 1`` (-128 in int8, -8 in int4: the symmetric codes leave it free), which decodes to nan,
+and the chunk's scale is the maximum of its *finite* values. So a non-finite value costs its own
+element, as in float32 m (where it stays inf or nan and turns its block's update into nan), and
+never the chunk's other elements, which may belong to other blocks: a scale of inf would decode
+their zero codes to ``0 * inf = nan``. bf16 keeps inf and nan as they are.
+
 Note [seeded rounding]: the random bits come from a counter-based hash of (key, element index),
 the key mixed from (seed, step, salt), instead of from a generator; the seed is the optimizer's
 ``seed`` option (runs that share it share their rounding noise). There is no generator state
@@ -171,6 +178,11 @@ class ChunkQuantized:
         """L: codes run over ``[-L, L]``."""
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def spare(self) -> int:
+        """The code of a non-finite value, ``-L - 1`` (Note [non-finite momenta])."""
+        return -self.levels - 1
+
     def shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of the codes and the scales of a tensor of ``shape``."""
         rows, width = rows_of(shape)
@@ -179,10 +191,17 @@ class ChunkQuantized:
             return (width if self.bits == 8 else -(-width // 2),), (n_chunks,)
         return (tuple(shape) if self.bits == 8 else (rows, -(-width // 2))), (rows, n_chunks)
 
+    @property
+    def zero_byte(self) -> int:
+        """A byte of zero codes: 0 in int8, two nibbles ``0 + 8`` in int4 (a 0 byte is the spare code)."""
+        return 0 if self.bits == 8 else 0x88
+
     def storage(self, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
+        """Zero momentum: zero codes (`zero_byte`) and zero scales."""
         codes, scales = self.shapes(tuple(shape))
         dtype = torch.int8 if self.bits == 8 else torch.uint8
-        return torch.zeros(codes, dtype=dtype, device=device), torch.zeros(scales, dtype=torch.float32, device=device)
+        return (torch.full(codes, self.zero_byte, dtype=dtype, device=device),
+                torch.zeros(scales, dtype=torch.float32, device=device))
 
     def bytes_per_element(self) -> float:
         """At rows whose width is a multiple of ``chunk`` (short chunks cost more)."""
@@ -198,7 +217,8 @@ class ChunkQuantized:
         shape = tuple(x.shape)
         rows, width = rows_of(shape)
         chunks = self._chunks(x.to(torch.float32), shape)
-        magnitude = chunks.abs()
+        finite = torch.isfinite(chunks)  # Note [non-finite momenta]
+        magnitude = torch.where(finite, chunks.abs(), 0.0)
         scales = magnitude.amax(dim=2)
         # |x| in level units, level k at k**power (Note [finding the level])
         top = float(self.levels**self.power)
@@ -211,6 +231,7 @@ class ChunkQuantized:
         gap = (k + 1).pow(self.power) - lo
         u = self._chunks(uniforms(key, rows * width, x.device), shape) if self.stochastic else 0.5
         q = (k + (u * gap < a - lo).to(k.dtype)) * chunks.sign()  # level k + 1 with probability (a - lo) / gap
+        q = torch.where(finite, q, float(self.spare))
         q = q.reshape(rows, chunks.shape[1] * self.chunk)[:, :width].to(torch.int8)
         codes_shape, scales_shape = self.shapes(shape)
         return self._pack(q).reshape(codes_shape), scales.reshape(scales_shape)
@@ -218,7 +239,8 @@ class ChunkQuantized:
     def decode(self, stored: tuple[Tensor, ...], shape: tuple[int, ...]) -> Tensor:
         codes, scales = stored
         rows, width = rows_of(tuple(shape))
-        q = self._unpack(codes.reshape(rows, codes.numel() // max(rows, 1)), width).to(torch.float32) / self.levels
+        q = self._unpack(codes.reshape(rows, codes.numel() // max(rows, 1)), width)
+        q = torch.where(q == self.spare, float("nan"), q.to(torch.float32) / self.levels)
         values = q.abs().pow(self.power) * q.sign() if self.power != 1 else q
         values = self._chunks(values, shape) * scales.reshape(rows, -1 if rows else 0)[..., None]
         return values.reshape(rows, values.shape[1] * self.chunk)[:, :width].reshape(shape)
@@ -228,7 +250,7 @@ class ChunkQuantized:
         lower nibble first; an odd row ends with a zero code)."""
         if self.bits == 8:
             return q
-        nibbles = (q + 8).to(torch.uint8)  # -7..7 -> 1..15
+        nibbles = (q + 8).to(torch.uint8)  # -7..7 -> 1..15 (the spare code -8 -> 0)
         if nibbles.shape[1] % 2:
             nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
         return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
@@ -272,9 +294,10 @@ class StoredMomentum:
     def decode(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         return codec(self.codec).decode(self.stored, shape).to(dtype)
 
-    def encode_(self, m: Tensor, step: int) -> None:
-        """Store ``m`` (rounded as this codec rounds at ``step``) in place."""
-        for out, new in zip(self.stored, codec(self.codec).encode(m, self.key(step))):
+    @torch.compiler.disable  # a compiled step encodes eagerly (inductor miscompiled the int8 encode)
+    def encode_(self, m: Tensor, step: int | Tensor) -> None:
+        """Store ``m`` (rounded as this codec rounds at ``step``, a number or a step count) in place."""
+        for out, new in zip(self.stored, codec(self.codec).encode(m, self.key(int(step)))):
             out.copy_(new.reshape(out.shape))
 
 

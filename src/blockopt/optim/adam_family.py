@@ -121,6 +121,8 @@ class MomentumStorage:
                 continue
             source = momentum.saved_dtype(saved, declared.get(saved_id), self._MOMENTUM_KEY)
             target = self._group_of(p)["momentum_dtype"]
+            # as saved, before a conversion makes a misfit the right shape
+            momentum.check_saved(saved, name, tuple(p.shape), source, target, self._MOMENTUM_KEY)
             if source != target:
                 state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
                                                    source=source, target=target, key=self._MOMENTUM_KEY,

@@ -596,5 +596,5 @@ def _lowrank_step(p, g, L, R, v, step_t, spec, sq_sum, *, lr, beta1, beta2, eps,
         R.copy_(R_new)
     else:
         for factor, new in zip(stored, (L_new, R_new)):
-            factor.encode_(new, int(step_t))
+            factor.encode_(new, step_t)
     _apply(p, u.view(p.shape), denom, lr=lr, wd=wd, scratch=True)

@@ -294,7 +294,8 @@ class BlockwiseOptimizer(Optimizer):
 
         Entries are matched to parameters by name, or by position where the names differ
         (Note [which saved entry is which parameter]); each must hold what this optimizer keeps,
-        in the shapes its plan gives. For sharded (DTensor) parameters, plain full-size tensors
+        in the shapes its plan gives (a momentum first as it was saved, before it is converted to
+        this optimizer's ``momentum_dtype``). For sharded (DTensor) parameters, plain full-size tensors
         (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
         block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
         """

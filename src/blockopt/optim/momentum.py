@@ -152,6 +152,37 @@ def saved_dtype(saved: dict, declared: str | None, key: str = EXP_AVG) -> str | 
     return declared if declared in (None, "float32", "bfloat16") else None
 
 
+def check_saved(saved: dict, name: str, shape: tuple[int, ...], source: str | None, target: str | None,
+                key: str = EXP_AVG) -> None:
+    """Refuse a saved momentum that is not what ``source`` storage (the one it was saved with:
+    `saved_dtype`) keeps for this optimizer's parameter of ``shape``: a key missing, or a tensor of
+    another shape or dtype, named with the key. Run before `convert` reads it: codes saved for a
+    parameter of another shape (same numel) decode with their scales on the wrong chunks into an
+    m of the right shape, which no later check could tell from a good one."""
+    plain, codes_key, scales_key = keys(key)
+    if not any(k in saved for k in (plain, codes_key, scales_key)):
+        return
+    if source != target:
+        _check_held(saved, name, source, target, key)  # (a DCP cast: its message says what to do)
+    if source in QUANTIZED:
+        codes, scales = codec(source).storage(tuple(shape), "meta")
+        expected = {codes_key: (tuple(codes.shape), codes.dtype), scales_key: (tuple(scales.shape), scales.dtype)}
+    else:  # any floating dtype: m may be cast on load (None storage follows the parameter's dtype)
+        expected = {plain: (tuple(shape), None)}
+    kept = " and ".join(f"{k} {s}" for k, (s, _) in expected.items())
+    why = f"momentum_dtype={source!r}, as saved, keeps {kept} for a parameter of shape {tuple(shape)}"
+    for k, (want_shape, want_dtype) in expected.items():
+        value = saved.get(k)
+        if not isinstance(value, Tensor):
+            raise ValueError(f"the state of {name!r} has no {k!r} tensor (it has {sorted(saved)}): {why}")
+        if tuple(value.shape) != want_shape:
+            raise ValueError(f"state {k!r} of {name!r} has shape {tuple(value.shape)}, expected {want_shape} ({why}): "
+                             "it was saved for a parameter of another shape or another model; build both the same way")
+        if (value.dtype != want_dtype) if want_dtype is not None else not value.dtype.is_floating_point:
+            raise ValueError(f"state {k!r} of {name!r} is {value.dtype}, expected {want_dtype or 'a floating dtype'} "
+                             f"({why}): the checkpoint was not written by this storage")
+
+
 def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torch.dtype, source: str | None,
             target: str | None, key: str = EXP_AVG, param: Tensor | None = None,
             layout: ShardView | None = None, seed: int = ROUNDING_SEED) -> dict:
@@ -261,14 +292,16 @@ def create_sharded(momentum_dtype: str | None, param: Tensor, view: ShardView, n
     if momentum_dtype not in QUANTIZED:
         return create(momentum_dtype, param, key)
     device = local_tensor(param).device
-    whole = dict(zip(keys(key)[1:], codec(momentum_dtype).storage(tuple(param.shape), "meta")))
+    codes_key, scales_key = keys(key)[1:]
+    whole = dict(zip((codes_key, scales_key), codec(momentum_dtype).storage(tuple(param.shape), "meta")))
+    fill = {codes_key: codec(momentum_dtype).zero_byte, scales_key: 0}  # zero momentum (an int4 0 byte is not)
     if kept_whole(momentum_dtype, view):
-        return {k: replicated_like(param, torch.zeros_like(meta, device=device)) for k, meta in whole.items()}
+        return {k: replicated_like(param, torch.full_like(meta, fill[k], device=device)) for k, meta in whole.items()}
 
     def here(meta: Tensor) -> tuple[int, ...]:  # this rank's rows (an empty shard keeps the other dims)
         return (view.box[0][1], *meta.shape[1:]) if view.cut_dims else tuple(meta.shape)
 
-    return {k: split_rows_like(param, torch.zeros(here(meta), dtype=meta.dtype, device=device), tuple(meta.shape))
+    return {k: split_rows_like(param, torch.full(here(meta), fill[k], dtype=meta.dtype, device=device), tuple(meta.shape))
             for k, meta in whole.items()}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from ..codecs import StoredMomentum
@@ -55,6 +56,16 @@ def step_with_decoded(step: Callable, params, grads, exp_avgs, exp_avg_sqs, step
     plain = [i for i in range(len(params)) if i not in taken]
     if plain:
         run(plain, [exp_avgs[i] for i in plain])
+    _step_stored(run, params, exp_avgs, steps, stored)
+
+
+# Note [compressed momentum in a compiled step]: a compiled step runs the decode, the step and the
+# encode of compressed momenta eagerly, as one piece: inductor miscompiled the int8 encode (codes
+# off by up to 254) or failed to build it, so `StoredMomentum.encode_` is never traced anyway, and
+# the rounding keys are read from the step counts as numbers. The fused kernels are custom ops and
+# compile as such.
+@torch.compiler.disable
+def _step_stored(run: Callable, params, exp_avgs, steps, stored: list[int]) -> None:
     for part in slices([params[i].numel() for i in stored]):
         index = [stored[j] for j in part]
         decoded = [exp_avgs[i].decode(tuple(params[i].shape), stat_dtype(params[i])) for i in index]

@@ -38,8 +38,10 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
                 pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps), pick(layouts), lr=lr,
                 beta1=beta1, beta2=beta2, eps=eps, weight_decays=pick(weight_decays), maximize=maximize,
             )
-            taken = set(take).difference(take[j] for j in skipped)
-            left = [i for i in left if i not in taken]
+            # (not `set(take).difference(<generator>)`: dynamo traced that as `set(take)`, so a
+            # compiled step dropped the tensors the kernel left, silently)
+            left_over = [take[j] for j in skipped]
+            left = [i for i in left if i not in take or i in left_over]
     if left:
         def pick(xs):
             return [xs[i] for i in left]

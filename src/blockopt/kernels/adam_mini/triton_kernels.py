@@ -31,7 +31,8 @@ floating-point contraction (``enable_fp_fusion=False``: a product followed by a 
 ``|x| * (L**2 / scale) - k**2``, would otherwise round once instead of twice). The random bits are
 `codecs.random_bits`: murmur3's finalizer on uint32, of the element's index in the flattened
 tensor and the tensor's rounding key for this step. Only finite values are stored bit for bit: a
-nan or inf in m stays non-finite (in bf16, or as its chunk's scale), but not in the same bits.
+nan or inf in m stays non-finite (in bf16, or as the spare code: Note [non-finite momenta] in
+`codecs`), but not in the same bits.
 
 When interpreted (``TRITON_INTERPRET=1``, set before this module is imported), the same kernels
 run on CPU tensors: that is how the tests check them without a GPU.
@@ -233,17 +234,18 @@ def _dequantize(q, scale, LEVELS: tl.constexpr, POWER: tl.constexpr):
     """``scale * sign(q) * (|q| / L) ** power`` (`ChunkQuantized.decode`, op for op)."""
     level = tl.div_rn(q.to(tl.float32), LEVELS * 1.0)
     magnitude = _power(tl.abs(level), POWER)
-    return tl.where(level < 0, -magnitude, magnitude) * scale
+    value = tl.where(level < 0, -magnitude, magnitude) * scale
+    return tl.where(q == -LEVELS - 1, float("nan"), value)  # the spare code: a non-finite value
 
 
 @triton.jit
 def _quantize(x, uniform, LEVELS: tl.constexpr, POWER: tl.constexpr):
     """The codes of a chunk ``x`` (a 2-D tile) and its scale, a level up where ``uniform * gap``
     falls below ``a - lo`` (`ChunkQuantized.encode`, op for op: Note [finding the level])."""
-    magnitude = tl.abs(x)
+    # the scale of the finite values; a non-finite one gets the spare code (Note [non-finite momenta])
+    finite = tl.abs(x) < float("inf")  # (false for nan)
+    magnitude = tl.where(finite, tl.abs(x), 0.0)
     scale = tl.max(tl.max(magnitude, axis=1), axis=0)
-    # a nan makes the scale nan, as torch's amax does (a GPU's max skips it): the chunk decodes to nan
-    scale = tl.where(tl.sum(tl.sum((x != x).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
     safe = tl.where(scale > 0, scale, 1.0)
     top = tl.full([], LEVELS ** POWER, tl.float32)
     inv = tl.div_rn(top, safe)
@@ -259,7 +261,7 @@ def _quantize(x, uniform, LEVELS: tl.constexpr, POWER: tl.constexpr):
     lo = _power(k, POWER)
     gap = _power(k + 1, POWER) - lo
     level = k + (uniform * gap < a - lo).to(tl.float32)
-    return tl.where(x < 0, -level, level).to(tl.int32), scale
+    return tl.where(finite, tl.where(x < 0, -level, level), -LEVELS - 1.0).to(tl.int32), scale
 
 
 @triton.jit

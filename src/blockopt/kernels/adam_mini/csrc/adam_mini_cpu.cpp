@@ -53,6 +53,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <memory>
 #include <thread>
@@ -257,6 +258,8 @@ void update_coordinates(scalar_t* p, const scalar_t* g, m_t* m, at::opmath_type<
 // is the one the Python codec runs (division where it divides, no fma), so the bits agree.
 enum Codec : int64_t { kPlain = 0, kBFloat16 = 1, kInt8 = 2, kInt4 = 3 };
 constexpr int64_t kCodecChunk = 256;
+// What an int code's spare value -L - 1 decodes to (Note [non-finite momenta] in codecs.py).
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // murmur3's 32-bit finalizer
 inline uint32_t mix32(uint32_t h) {
@@ -341,7 +344,7 @@ struct Stored {
       const auto* q = static_cast<const int8_t*>(data) + r * width + c;
       for (int64_t j = 0; j < n; ++j) {
         const float t = static_cast<float>(q[j]) / 127.0f;
-        m[j] = std::copysign(t * t, t) * scale;
+        m[j] = q[j] == -128 ? kNaN : std::copysign(t * t, t) * scale;  // -128: a non-finite value
       }
       return;
     }
@@ -358,7 +361,9 @@ struct Stored {
       const __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(word)), shifts),
                                                _mm256_set1_epi32(0xF));
       const Vec t = Vec(_mm256_cvtepi32_ps(_mm256_sub_epi32(nibbles, _mm256_set1_epi32(8)))) / seven;
-      ((t * t | (t & sign_bit)) * vscale).store(m + j);  // level(): t * t with t's sign, times the scale
+      const Vec spare(_mm256_castsi256_ps(_mm256_cmpeq_epi32(nibbles, _mm256_setzero_si256())));  // code -8
+      // level(): t * t with t's sign, times the scale
+      Vec::blendv((t * t | (t & sign_bit)) * vscale, Vec(kNaN), spare).store(m + j);
     }
 #endif
     for (; j + 2 <= n; j += 2) {  // two codes a byte, the lower nibble first
@@ -371,7 +376,7 @@ struct Stored {
   // An int4 code's value, from its nibble (q + 8).
   static float level(int nibble, float scale) {
     const float t = static_cast<float>(nibble - 8) / 7.0f;
-    return std::copysign(t * t, t) * scale;
+    return nibble == 0 ? kNaN : std::copysign(t * t, t) * scale;  // code -8: a non-finite value
   }
 
   // Encodes `m` (elements [x, x + n), column c of row r) with the codec's stochastic rounding.
@@ -420,25 +425,30 @@ struct Stored {
   }
 
   // ChunkQuantized.encode of one chunk (Note [finding the level] in codecs.py): its codes into q,
-  // returns its scale.
+  // returns its scale. A non-finite value gets the spare code -L - 1, and the scale is the maximum
+  // of the finite values (Note [non-finite momenta]).
   static float quantize(const float* m, Uniforms uniforms, int64_t n, int levels, int32_t* q) {
     using Vec = Vectorized<float>;
+    const Vec infinity(std::numeric_limits<float>::infinity());
+    // |x| where finite, else 0 (a nan compares false)
+    auto finite_magnitude = [&](Vec x) { return x.abs() & (x.abs() < infinity); };
     Vec absmax(0.0f);
     for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
-      absmax = at::vec::maximum(absmax, Vec::loadu(m + j, count).abs());  // (a short load pads with 0)
+      absmax = at::vec::maximum(absmax, finite_magnitude(Vec::loadu(m + j, count)));  // (a short load pads with 0)
     });
     const float scale = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, absmax);
     const float top = static_cast<float>(levels * levels), safe = scale > 0 ? scale : 1.0f, inv = top / safe;
-    const Vec top_level(top), safe_scale(safe), one(1.0f), sign_bit(-0.0f);
+    const Vec top_level(top), safe_scale(safe), one(1.0f), sign_bit(-0.0f), spare(static_cast<float>(-levels - 1));
     auto encode_as = [&](auto&& level_units) {
       for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
-        const Vec x = Vec::loadu(m + j, count), magnitude = x.abs();
+        const Vec x = Vec::loadu(m + j, count), magnitude = finite_magnitude(x);
         // |x| in level units (level k at k^2), the chunk's maximum on the top level exactly
         const Vec a = Vec::blendv(level_units(magnitude), top_level, magnitude == safe_scale);
         const Vec k = a.sqrt().floor(), low = k * k;
         // up to level k + 1 with probability (a - k^2) / (2k + 1)
         const Vec level = k + ((uniforms.next() * (k + k + one) < a - low) & one);
-        at::vec::convert_to_int_of_same_size(level ^ (x & sign_bit)).store(q + j, count);  // with x's sign
+        const Vec code = Vec::blendv(spare, level ^ (x & sign_bit), x.abs() < infinity);  // with x's sign
+        at::vec::convert_to_int_of_same_size(code).store(q + j, count);
       });
     };
     if (std::isfinite(inv)) {
