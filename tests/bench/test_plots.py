@@ -58,3 +58,19 @@ def test_pareto_front_keeps_what_nothing_beats_on_both_axes(tmp_path):
     path = plot_memory_pareto({"adamw": 8e6, "adam-mini": 4e6, LONG: 1e6},
                               {"adamw": [4.0, 4.1], "adam-mini": [4.05], LONG: [4.3, 4.2]}, tmp_path / "pareto.png")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_pareto_legend_wraps_long_specs_and_the_title_fits(tmp_path, monkeypatch):
+    """A spec with a ratio table is wrapped in the legend; the title is the figure's, which the
+    layout keeps inside the image (an axes title beside a wide legend was cut off)."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_memory_pareto({"adamw": 8e6, LONG: 1e6}, {"adamw": [4.0], LONG: [4.3]}, tmp_path / "pareto.png", title="T" * 60)
+    fig = saved[0]
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert max(len(line) for text in texts for line in text.split("\n")) <= 48 and any("\n" in t for t in texts)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert fig._suptitle.get_text() == "T" * 60 and box.x0 >= 0 and box.x1 <= fig.bbox.width

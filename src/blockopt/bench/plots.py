@@ -210,15 +210,16 @@ def plot_memory_pareto(
         x, y = state_bytes[label] / 2**20, sum(losses) / len(losses)
         # past ten optimizers the colours repeat, so the marker changes with each round of them
         ax.errorbar([x], [y], yerr=[[y - min(losses)], [max(losses) - y]], fmt="osD^v"[i // 10 % 5], capsize=3,
-                    color=f"C{i % 10}", label=label)
+                    color=f"C{i % 10}", label=_wrap(label, 48))
         points.append((x, y))
     front = pareto_front(points)
     if len(front) > 1:
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle=":", linewidth=1,
                 label="Pareto front")
     ax.set_xscale("log")
-    ax.set(xlabel="optimizer state (MiB, log scale)", ylabel="final validation loss",
-           title=title or "memory against quality (lower left is better)")
+    ax.set(xlabel="optimizer state (MiB, log scale)", ylabel="final validation loss")
+    # (the figure's title, not the axes': the layout then keeps it whole beside a wide legend)
+    fig.suptitle(title or "memory against quality (lower left is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # (beside the points, never on them)
     path = Path(path)
