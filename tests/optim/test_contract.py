@@ -247,6 +247,30 @@ def test_state_dict_loads_across_equivalent_constructions(name, target):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lr", float("nan"), "lr must be"), ("betas", (1.5, 0.9), r"betas\[0\] must be"), ("eps", -1.0, "eps must be"),
+    ("implementation", "bogus", "implementation must be one of"),
+])
+def test_a_state_dict_with_a_bad_hyperparameter_is_refused_and_changes_nothing(name, key, value, message):
+    """The saved groups replace the live hyperparameters, so they are checked as the constructor
+    checks them (a saved ``lr=nan`` loaded and trained to nan)."""
+    model = MLP()
+    opt = OPTIMIZERS[name](model)
+    _train(model, opt, _data()[:1])
+    saved = copy.deepcopy(opt.state_dict())
+    if key not in saved["param_groups"][0]:
+        pytest.skip(f"{name} has no {key}")
+    saved["param_groups"][0][key] = value
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises((ValueError, TypeError), match=rf"param group 0 of the state dict: {message}"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, entry in before["state"].items() for k, v in entry.items()
+               if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_older_state_dict_with_python_number_steps_loads(name):
     """torch's older format kept ``step`` as a Python number; it loads and the run continues."""
     data = _data()

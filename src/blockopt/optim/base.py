@@ -299,6 +299,7 @@ class BlockwiseOptimizer(Optimizer):
         (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
         block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
         """
+        self._check_loaded_groups(state_dict)
         zero = zero_partitions(self)
         if zero is not None:  # DeepSpeed ZeRO: per flat partition, its pieces' state (distributed/zero.py)
             zero.check_loadable(self, state_dict)
@@ -325,6 +326,15 @@ class BlockwiseOptimizer(Optimizer):
                     if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
                         state[key] = shard_like(value, p)
+
+    def _check_loaded_groups(self, state_dict: dict) -> None:
+        """The saved groups' hyperparameters replace the live ones, so they are checked as the
+        constructor checks them (a saved ``lr=nan`` would otherwise train to nan silently)."""
+        for index, group in enumerate(state_dict.get("param_groups", ())):
+            try:
+                validate(self.HYPERPARAMETERS, {k: v for k, v in group.items() if k in self.defaults})
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param group {index} of the state dict: {error}") from None
 
     def _convert_loaded(self, state_dict: dict, pairs: list[tuple[Any, Tensor, str]]) -> dict:
         """The (aligned) state dict in the form this optimizer keeps, before it is checked: a
