@@ -97,6 +97,17 @@ def test_state_dict_from_another_plan_is_rejected_and_changes_nothing():
     assert _same_state(before, _snapshot(opt))
 
 
+def test_state_of_an_id_no_group_lists_is_rejected_and_changes_nothing():
+    """(torch keeps such an entry in ``opt.state`` under the bare id: state of no parameter.)"""
+    opt = _trained(make_tiny())
+    before = _snapshot(opt)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][999] = copy.deepcopy(saved["state"][0])
+    with pytest.raises(ValueError, match="holds state for id 999, which none of its param groups lists"):
+        opt.load_state_dict(saved)
+    assert _same_state(before, _snapshot(opt)) and all(isinstance(key, torch.Tensor) for key in opt.state)
+
+
 def test_state_dict_with_other_names_loads_by_position():
     """Note [which saved entry is which parameter]: a prefix (torch.compile's _orig_mod., DDP's
     module.) or unnamed parameters do not stop a state dict that fits from loading, as in torch."""

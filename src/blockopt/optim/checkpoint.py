@@ -51,6 +51,13 @@ def align_state_dict(groups: list[dict], state_dict: Any) -> tuple[dict, list[tu
             ids = [by_name[n] for n in names]
         aligned_groups.append({**saved, "params": ids, "param_names": names})
         pairs.extend(zip(ids, group["params"], names))
+    listed = {saved_id for saved_id, _, _ in pairs}
+    stray = [key for key in state_dict["state"] if key not in listed]
+    if stray:  # (torch would keep it in `state`, keyed by the id: state of no parameter)
+        raise ValueError(
+            f"the state dict holds state for id {stray[0]!r}, which none of its param groups lists: it is not "
+            "the state dict of an optimizer over these parameters (or it was edited)"
+        )
     state = {key: _current_format(value) for key, value in state_dict["state"].items()}
     return {**state_dict, "state": state, "param_groups": aligned_groups}, pairs
 
