@@ -19,8 +19,9 @@ probability ``(x - lo) / (hi - lo)``, so the decoded value is ``x`` in expectati
 spacing of the levels.
 
 Note [companded codes]: the integer codes ``q`` in ``[-L, L]`` stand for ``scale * sign(q) *
-(|q| / L) ** power`` (and ``-L - 1`` for a non-finite value: Note [non-finite momenta]). ``power=1`` is the linear code. A momentum chunk is heavy-tailed (a few
-large entries set the scale, most are far smaller), and ``power=2`` spends the levels where most
+(|q| / L) ** power`` (and ``-L - 1`` for a non-finite value: Note [non-finite momenta]).
+``power=1`` is the linear code. A momentum chunk is heavy-tailed (a few large entries set the
+scale, most are far smaller), and ``power=2`` spends the levels where most
 values are: the smallest non-zero level is ``scale / L**2`` instead of ``scale / L``. Both are a
 multiply to decode, with no lookup table, so the fused kernels can do them in registers.
 

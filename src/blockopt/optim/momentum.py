@@ -191,10 +191,9 @@ def convert(saved: dict, *, name: str, shape: tuple[int, ...], param_dtype: torc
     would encode (the saved step's rounding key, with the optimizer's ``seed``). For a sharded (DTensor) ``param`` (``layout``:
     its `ShardView`; ignored otherwise) the result is placed as this optimizer keeps it (Note
     [compressed momentum of sharded parameters])."""
-    plain, codes_key, scales_key = kept = keys(key)
+    plain, codes_key, scales_key = kept = keys(key)  # (the entry passed `check_saved`)
     if not any(k in saved for k in kept):
         return saved
-    _check_held(saved, name, source, target, key)
     sharded = param is not None and is_dtensor(param)
     if sharded and target not in (None, "float32"):
         _check_sharding(target, layout, name)

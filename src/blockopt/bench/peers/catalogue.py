@@ -303,8 +303,7 @@ def _class_peer_factory(cls: type) -> OptimizerFactory:
 
 
 def _adamw_blockwise(model: nn.Module, hp: Mapping) -> torch.optim.Optimizer:
-    groups = blockwise_lr(model, lr=hp["lr"], ratios=hp.get("ratios"), weight_decay=hp["weight_decay"])
-    return torch.optim.AdamW(groups, lr=hp["lr"], betas=_betas(hp["betas"]), eps=hp["eps"])
+    return _adamw(model, {**hp, "ratios": hp.get("ratios") or {}})  # (no ratios: the default table)
 
 
 _PARTITION_KEYS = ("n_heads", "n_kv_heads", "head_dim", "dim", "rules", "value", "conv")

@@ -40,8 +40,9 @@ def fused_adam_mini(params, grads, exp_avgs, exp_avg_sqs, steps, specs, *, lr, b
             )
             # (not `set(take).difference(<generator>)`: dynamo traced that as `set(take)`, so a
             # compiled step dropped the tensors the kernel left, silently)
-            left_over = [take[j] for j in skipped]
-            left = [i for i in left if i not in take or i in left_over]
+            left_over = {take[j] for j in skipped}
+            taken = {i for i in take if i not in left_over}
+            left = [i for i in left if i not in taken]
     if left:
         def pick(xs):
             return [xs[i] for i in left]

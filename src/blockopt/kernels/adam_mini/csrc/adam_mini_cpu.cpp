@@ -441,13 +441,13 @@ struct Stored {
     const Vec top_level(top), safe_scale(safe), one(1.0f), sign_bit(-0.0f), spare(static_cast<float>(-levels - 1));
     auto encode_as = [&](auto&& level_units) {
       for_each_pack<Vec::size()>(n, [&](int64_t j, auto count) {
-        const Vec x = Vec::loadu(m + j, count), magnitude = finite_magnitude(x);
+        const Vec x = Vec::loadu(m + j, count), finite = x.abs() < infinity, magnitude = x.abs() & finite;
         // |x| in level units (level k at k^2), the chunk's maximum on the top level exactly
         const Vec a = Vec::blendv(level_units(magnitude), top_level, magnitude == safe_scale);
         const Vec k = a.sqrt().floor(), low = k * k;
         // up to level k + 1 with probability (a - k^2) / (2k + 1)
         const Vec level = k + ((uniforms.next() * (k + k + one) < a - low) & one);
-        const Vec code = Vec::blendv(spare, level ^ (x & sign_bit), x.abs() < infinity);  // with x's sign
+        const Vec code = Vec::blendv(spare, level ^ (x & sign_bit), finite);  // with x's sign
         at::vec::convert_to_int_of_same_size(code).store(q + j, count);
       });
     };
