@@ -7,10 +7,12 @@ import torch
 
 from blockopt.bench import peers
 from blockopt.bench.models import build_model
+from blockopt.bench.modelspec import ModelSpecError, parse_overrides
 from blockopt.bench.peers import (
     PeerError,
     PeerUnavailableError,
     build_optimizer,
+    format_spec,
     get_peer,
     parse_optimizer_spec,
     register_optimizer,
@@ -134,6 +136,25 @@ def test_spec_parsing_values_and_labels():
     assert parse_optimizer_spec("adamw:fused=true").overrides["fused"] is True
     assert parse_optimizer_spec("po:adan:lr=1e-3").name == "po:adan"
     assert parse_optimizer_spec(" adamw ").label == "adamw"
+
+
+@pytest.mark.parametrize("written", ["none", "NONE", " none "])
+def test_a_lowercase_none_is_refused_not_read_as_python_none(written):
+    # AdaPM's momentum="none" is a policy, its momentum=None the defaults: reading one as the other
+    # ran AdaPM with the default policies under a label that said none
+    with pytest.raises(PeerError, match=r"ambiguous: write None .* or 'none'"):
+        parse_optimizer_spec(f"adapm:momentum={written}")
+    with pytest.raises(ModelSpecError, match="ambiguous"):
+        parse_overrides("n_layers=none")
+
+
+def test_none_and_the_text_none_are_both_writable_and_labelled_to_read_back():
+    assert parse_optimizer_spec("adapm:residual_clip=None").overrides["residual_clip"] is None
+    spec = parse_optimizer_spec("adapm:momentum='none',momentum_dtype=int8")
+    assert dict(spec.overrides) == {"momentum": "none", "momentum_dtype": "int8"}
+    for overrides in ({"momentum": "none"}, {"momentum": {"value": "none"}}, {"implementation": "fused"}):
+        label = format_spec("adapm", overrides)
+        assert dict(parse_optimizer_spec(label).overrides) == overrides, label
 
 
 def test_resolution_order_shared_then_defaults_then_overrides():

@@ -76,7 +76,7 @@ def parse_overrides(items: str | Iterable[str] | Mapping[str, Any] | None) -> di
         items = [items]
     overrides: dict[str, Any] = {}
     for text in items:
-        overrides.update(parse_assignments(text, lambda item: ModelSpecError(f"bad model override {item!r}: write key=value")))
+        overrides.update(parse_assignments(text, lambda item, fix: ModelSpecError(f"bad model override {item!r}: {fix}")))
     return overrides
 
 

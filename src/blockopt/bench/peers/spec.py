@@ -46,26 +46,39 @@ class OptimizerSpec:
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal (``1e-3``, ``0.9,0.99``, ``(0.9, 0.99)``, ``True``, ``None``), else the text."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false", "none"):
-        return {"true": True, "false": False, "none": None}[lowered]
+    """A Python literal (``1e-3``, ``0.9,0.99``, ``(0.9, 0.99)``, ``True``/``true``, ``None``), else
+    the text.
+
+    Raises:
+        ValueError: for ``none`` written otherwise than ``None``. Where ``"none"`` is also a value
+        (AdaPM's momentum policy, a ``nonfinite`` mode), reading it as Python's ``None`` (which
+        there means the defaults) would silently run something else: write ``None`` or ``'none'``.
+    """
+    stripped = text.strip()
+    lowered = stripped.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none" and stripped != "None":
+        raise ValueError(f"{stripped!r} is ambiguous: write None for no value, or 'none' (quoted) for the text")
     try:
-        return ast.literal_eval(text.strip())
+        return ast.literal_eval(stripped)
     except (ValueError, SyntaxError):
-        return text.strip()
+        return stripped
 
 
-def parse_assignments(text: str, bad_item: Callable[[str], Exception]) -> list[tuple[str, Any]]:
+def parse_assignments(text: str, bad_item: Callable[[str, str], Exception]) -> list[tuple[str, Any]]:
     """``"key=value,key=value"`` as ``(key, value)`` pairs in order; an item that is not
-    ``key=value`` raises ``bad_item(item)``."""
+    ``key=value``, or whose value is ambiguous, raises ``bad_item(item, what to write)``."""
     pairs = []
     for item in _ITEM_SPLIT.split(text):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not _KEY.fullmatch(key) or not value.strip():
-            raise bad_item(item)
-        pairs.append((key, parse_value(value)))
+            raise bad_item(item, "write key=value")
+        try:
+            pairs.append((key, parse_value(value)))
+        except ValueError as error:
+            raise bad_item(item, str(error)) from None
     return pairs
 
 
@@ -79,7 +92,17 @@ def format_spec(name: str, overrides: Mapping[str, Any]) -> str:
 def _format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value)) if len(value) > 1 else f"({value[0]},)"
+    if isinstance(value, str) and not _reads_back(value):  # "none", "1e-3", "true": quoted
+        return repr(value)
     return str(value)
+
+
+def _reads_back(text: str) -> bool:
+    """Whether `parse_value` reads ``text`` back as that very text."""
+    try:
+        return parse_value(text) == text
+    except ValueError:
+        return False
 
 
 def parse_optimizer_spec(text: str) -> OptimizerSpec:
@@ -91,7 +114,7 @@ def parse_optimizer_spec(text: str) -> OptimizerSpec:
     ``"po:adan:lr=1e-3"``.
     """
     text = text.strip()
-    bad = lambda item: PeerError(f"bad override {item!r} in {text!r}: write key=value")  # noqa: E731
+    bad = lambda item, fix="write key=value": PeerError(f"bad override {item!r} in {text!r}: {fix}")  # noqa: E731
     name, overrides_text = text, ""
     if "=" in text:
         head = text[: text.index("=")]
