@@ -108,6 +108,23 @@ def test_state_of_an_id_no_group_lists_is_rejected_and_changes_nothing():
     assert _same_state(before, _snapshot(opt)) and all(isinstance(key, torch.Tensor) for key in opt.state)
 
 
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM], ids=lambda c: c.__name__)
+def test_a_load_keeps_the_live_implementation_and_trains_on(make):
+    """``implementation`` is the machine's choice, like ``momentum_dtype`` the storage's: a checkpoint
+    saved by a reference run resumes on the implementation the loader was built with (torch's
+    load replaced it), and the other hyperparameters come from the checkpoint."""
+    model = make_tiny()
+    saver = make(model, lr=1e-2, implementation="reference")
+    train(model, saver, batches(2))
+    saved = saver.state_dict()
+    saved["param_groups"][0]["lr"] = 3e-3
+    loader = make(model, lr=1e-2, implementation="fused")
+    loader.load_state_dict(saved)
+    assert loader.param_groups[0]["implementation"] == "fused" and loader.param_groups[0]["lr"] == 3e-3
+    train(model, loader, batches(1))
+    assert all(int(loader.state[p]["step"]) == 3 for p in model.parameters() if loader.state[p])
+
+
 def test_state_dict_with_other_names_loads_by_position():
     """Note [which saved entry is which parameter]: a prefix (torch.compile's _orig_mod., DDP's
     module.) or unnamed parameters do not stop a state dict that fits from loading, as in torch."""

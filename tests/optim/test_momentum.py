@@ -316,6 +316,37 @@ def test_a_group_setting_changed_after_state_exists_raises_instead_of_misreading
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("param_dtype", "before", "after"), [
+    (torch.float32, "bfloat16", "float32"), (torch.float32, "bfloat16", None),
+    (torch.bfloat16, None, "float32"), (torch.bfloat16, "float32", None), (torch.float32, None, "int8"),
+])
+def test_a_plain_momentum_of_another_dtype_than_the_new_setting_raises_too(make, param_dtype, before, after):
+    """A float momentum in the wrong dtype once passed the every-step fast path: a bf16 m went on
+    being rounded (to nearest) under a setting that now said float32; AdaPM's low-rank factors
+    stayed in whatever dtype they were made in."""
+    model = make_tiny(param_dtype)
+    opt = make(model, lr=1e-2, momentum_dtype=before)
+    train(model, opt, batches(1))
+    snapshot = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["momentum_dtype"] = after
+    with pytest.raises(ValueError, match=rf"momentum_dtype={after!r}.*state holds.*load it into an optimizer"):
+        train(model, opt, batches(1))
+    opt.param_groups[0]["momentum_dtype"] = before
+    for (_, a), (_, b) in zip(opt.state_dict()["state"].items(), snapshot["state"].items()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_the_same_storage_under_another_name_is_no_change():
+    # float32 parameters: None and "float32" keep the same float32 exp_avg, so switching is allowed
+    model = make_tiny(torch.float32)
+    opt = blockopt.AdamMini(model, lr=1e-2, momentum_dtype=None)
+    train(model, opt, batches(1))
+    opt.param_groups[0]["momentum_dtype"] = "float32"
+    train(model, opt, batches(1))
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
+
+
 # ---- a saved momentum that does not fit is refused before it is converted --------------------
 def _one_tensor_optimizer(make, shape, momentum_dtype):
     """An optimizer over one parameter ``conv.weight`` of ``shape`` (one block), after one step."""

@@ -61,6 +61,7 @@ class MomentumStorage:
     that load across storages. SGDSaI uses it too, for its ``momentum_buffer``."""
 
     _MOMENTUM_KEY = EXP_AVG  # the state key of the momentum (its codes and scales: `momentum.keys`)
+    _LIVE_SETTINGS = ("momentum_dtype", "implementation")  # group settings a load leaves as they are
     seed: int = ROUNDING_SEED  # the optimizer's ``seed``: its rounding bits (Note [seeded rounding])
 
     def _group_of(self, param: Tensor) -> dict:
@@ -72,13 +73,13 @@ class MomentumStorage:
         dtype, key = batch.group["momentum_dtype"], self._MOMENTUM_KEY
         if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
             m = state.get(key)
-            if m is not None:
+            if m is not None and m.dtype == (p.dtype if dtype is None else torch.float32):
                 return m if plain else local_tensor(m)
         layout = batch.layouts[-1]  # (the base class appended p's)
         if not any(k in state for k in momentum.keys(key)):
             state.update(momentum.create(dtype, p, key) if plain else momentum.create_sharded(dtype, p, layout, name, key))
         else:  # (the plain case's every step returned above)
-            momentum.check_kept(dtype, state, name, key)
+            momentum.check_kept(dtype, state, name, key, param_dtype=p.dtype)
         if dtype in (None, "float32"):
             return local_tensor(state[key])
         if not isinstance(layout, ShardView):
@@ -127,8 +128,9 @@ class MomentumStorage:
                 state[saved_id] = momentum.convert(saved, name=name, shape=tuple(p.shape), param_dtype=p.dtype,
                                                    source=source, target=target, key=self._MOMENTUM_KEY,
                                                    param=p, layout=self._layout(name, p), seed=self.seed)
-        # the live momentum_dtype is a storage choice, like `implementation`: it stays
-        groups = [{**g, "momentum_dtype": live["momentum_dtype"]}
+        # the live momentum_dtype and implementation stay: choices of storage and of machine, not
+        # of the training run (a checkpoint of a CPU run resumes on the fused kernel it is built with)
+        groups = [{**g, **{key: live[key] for key in self._LIVE_SETTINGS if key in live}}
                   for g, live in zip(state_dict["param_groups"], self.param_groups)]
         return {**state_dict, "state": state, "param_groups": groups}
 

@@ -387,7 +387,14 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             batch.momenta.append(self._keep_momentum(batch, name, p, state, plain))
         elif policy == "lowrank":
             factors = (local_tensor(state[EXP_AVG_L]), local_tensor(state[EXP_AVG_R]))
-            if factors[0].dtype != stat_dtype(p):  # Note [compressed low-rank factors]
+            kept = self._factor_dtype(batch.group, p)
+            if factors[0].dtype != kept:  # as check_kept says for full momenta
+                raise ValueError(
+                    f"{name}: its param group now says momentum_dtype={batch.group['momentum_dtype']!r}, whose low-rank "
+                    f"factors are {kept}, but its state holds {factors[0].dtype} factors; a group's momentum_dtype "
+                    "can't change between steps: save opt.state_dict() and load it into an optimizer built with the "
+                    "new setting (it converts)")
+            if kept != stat_dtype(p):  # Note [compressed low-rank factors]
                 # a shard's rows of L draw the bits of their place in the whole L, as one process
                 # would (Note [sharded low-rank momentum]); R is whole on every rank
                 first_row = layout.box[0][0] if isinstance(layout, ShardView) and layout.box else 0

@@ -56,11 +56,13 @@ def keys(plain: str = EXP_AVG) -> tuple[str, str, str]:
     return plain, f"{plain}_codes", f"{plain}_scales"
 
 
-def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EXP_AVG) -> None:
+def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EXP_AVG, *,
+               param_dtype: torch.dtype | None = None) -> None:
     """Raise if ``state`` holds the momentum in another storage than ``momentum_dtype`` (a param
-    group's setting changed after its state was created): a step would misread it."""
+    group's setting changed after its state was created): a step would misread it, or keep
+    rounding it as before (a bf16 ``exp_avg`` under a setting now ``"float32"``)."""
     plain, codes_key, _ = keys(key)
-    if not holds(momentum_dtype, state, key):
+    if not holds(momentum_dtype, state, key, param_dtype=param_dtype):
         held = saved_dtype(state, None, key) if codes_key in state else f"{state[plain].dtype} {plain}"
         raise ValueError(
             f"{name}: its param group now says momentum_dtype={momentum_dtype!r}, but its state holds {held}; "
@@ -69,16 +71,18 @@ def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EX
         )
 
 
-def holds(momentum_dtype: str | None, state: dict, key: str = EXP_AVG) -> bool:
+def holds(momentum_dtype: str | None, state: dict, key: str = EXP_AVG, *, param_dtype: torch.dtype | None = None) -> bool:
     """Whether ``state`` keeps its momentum in the storage ``momentum_dtype`` makes (``None``: a
-    plain tensor of any dtype, the parameter's)."""
+    plain tensor in ``param_dtype``, or of any dtype when that is not given)."""
     plain, codes_key, _ = keys(key)
     if momentum_dtype in QUANTIZED:
         codes = state.get(codes_key)
         return codes is not None and codes.dtype == (torch.int8 if momentum_dtype == "int8" else torch.uint8)
     if plain not in state:
         return False
-    return momentum_dtype is None or state[plain].dtype == getattr(torch, momentum_dtype)
+    if momentum_dtype is None:
+        return param_dtype is None or state[plain].dtype == param_dtype
+    return state[plain].dtype == getattr(torch, momentum_dtype)
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
