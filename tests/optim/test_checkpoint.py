@@ -125,6 +125,28 @@ def test_a_load_keeps_the_live_implementation_and_trains_on(make):
     assert all(int(loader.state[p]["step"]) == 3 for p in model.parameters() if loader.state[p])
 
 
+def test_a_state_dict_split_into_other_groups_is_refused_and_changes_nothing():
+    """The same names split otherwise (two same-shaped parameters swapped between groups): by
+    position each would take the other's state, silently."""
+    model = make_tiny()
+    named = dict(model.named_parameters())
+    a, b = "block.norm1.weight", "block.norm2.weight"
+    rest = [n for n in named if n not in (a, b)]
+
+    def build(first, second):
+        return blockopt.AdamMini([{"params": [(n, named[n]) for n in rest + [first]]},
+                                  {"params": [(second, named[second])], "lr": 3e-3}], lr=1e-2)
+
+    saver = build(a, b)
+    train(model, saver, batches(2))
+    loader = build(b, a)
+    train(model, loader, batches(1))
+    before = _snapshot(loader)
+    with pytest.raises(ValueError, match=rf"{b!r} is in param group 0 here but was saved in param group 1"):
+        loader.load_state_dict(saver.state_dict())
+    assert _same_state(before, _snapshot(loader))
+
+
 def test_state_dict_with_other_names_loads_by_position():
     """Note [which saved entry is which parameter]: a prefix (torch.compile's _orig_mod., DDP's
     module.) or unnamed parameters do not stop a state dict that fits from loading, as in torch."""

@@ -6,7 +6,8 @@ position. Names are better where both sides have the same ones (a reordered para
 loads right), but the same parameters often carry other names: ``AdamMini(model)`` names them,
 ``AdamMini(model.parameters())`` calls them ``param.<i>``, and ``torch.compile`` or a DDP/FSDP
 wrapper adds ``_orig_mod.`` / ``module.`` prefixes. So within each param group: by name when the
-saved names are exactly this group's names in another order, by position otherwise. What decides
+saved names are exactly this group's names in another order, by position otherwise; a state dict
+whose names are this optimizer's but split into groups otherwise is refused. What decides
 whether an entry fits is its content: every key the optimizer keeps, with the shape this
 optimizer's plan gives it. A misfit is refused naming the first offending parameter, and nothing
 is changed.
@@ -36,6 +37,7 @@ def align_state_dict(groups: list[dict], state_dict: Any) -> tuple[dict, list[tu
             f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(groups)}: build the "
             "optimizer with the same param groups as the one that saved it"
         )
+    _refuse_regrouped(saved_groups, groups)
     aligned_groups, pairs = [], []
     for gi, (saved, group) in enumerate(zip(saved_groups, groups)):
         ids, names = list(saved["params"]), list(group["param_names"])
@@ -60,6 +62,23 @@ def align_state_dict(groups: list[dict], state_dict: Any) -> tuple[dict, list[tu
         )
     state = {key: _current_format(value) for key, value in state_dict["state"].items()}
     return {**state_dict, "state": state, "param_groups": aligned_groups}, pairs
+
+
+def _refuse_regrouped(saved_groups: list[dict], groups: list[dict]) -> None:
+    """Refuse a state dict whose names are this optimizer's, each once, split into param groups
+    otherwise: by position, a parameter moved to another group would take another's state, and a
+    group's settings (``momentum_dtype``, ``param_rounding``) say how its entries were saved."""
+    saved_of = {n: gi for gi, saved in enumerate(saved_groups) for n in (saved.get("param_names") or ())}
+    live_of = {n: gi for gi, group in enumerate(groups) for n in group["param_names"]}
+    if len(saved_of) != sum(len(saved.get("param_names") or ()) for saved in saved_groups) or saved_of.keys() != live_of.keys():
+        return  # other names (prefixes, unnamed parameters) or repeated ones: by position
+    moved = next((n for n in live_of if live_of[n] != saved_of[n]), None)
+    if moved is not None:
+        raise ValueError(
+            f"{moved!r} is in param group {live_of[moved]} here but was saved in param group {saved_of[moved]}: loading "
+            "by position would give parameters each other's state; build the optimizer with the same parameters in "
+            "each group as the one that saved it (the groups' settings may differ)"
+        )
 
 
 def _current_format(saved: Any) -> Any:
