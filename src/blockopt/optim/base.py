@@ -18,6 +18,22 @@ Subclasses define ``_Batch`` (a `ParamBatch` dataclass with their state lists), 
 
 The rest is here too: user input to named groups and a `Plan` (`named_params`), each parameter's
 layout (its `BlockSpec`, or a `ShardView` of this rank's shard), and exact, atomic checkpoints.
+
+Note [a step that raises changes nothing]: a step either runs whole or leaves the optimizer and
+the parameters exactly as they were (no state entry created, no step counted, no skip counted,
+no parameter moved), whichever group refuses and why (a sparse gradient, a ``momentum_dtype``
+changed after the state was made, a ``param_rounding`` a dtype can't take, ...). Two rules make it:
+
+* everything that can refuse runs before the first update: gathering every group (where the
+  state is created and the kept state checked), ``param_rounding``'s checks
+  (`param_rounding.prepare`) and ``_reduce``; the updates themselves do not refuse;
+* until then a step only adds state entries (``_gather_state`` creates what is missing and never
+  changes what is there), and each state dict it adds to is journaled with its length before
+  (one ``len`` per tensor and step; an entry only where something was added, a first step): on a
+  raise, the keys added since (a dict keeps insertion order: they are its last ones) and the
+  entries made empty are removed, and the skips counted undone. So a first-use entry that
+  exists is a filled one: SGD-SaI can take "no ``gsnr`` yet" to mean "this is the parameter's
+  first gradient".
 """
 
 from __future__ import annotations
@@ -36,13 +52,14 @@ from ..distributed import (
     Collectives, ShardedCollectives, ShardView, collectives_for, gather_block_stats, is_dtensor, local_tensor, shard_like,
     shard_view, zero_partitions,
 )
+from ..distributed.zero import PIECES
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
 from ..validation import Rule, validate
 from . import nonfinite, param_rounding
 from .checkpoint import align_state_dict, check_fits
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
-from .state import stat_dtype
+from .state import NONFINITE_SKIPS, stat_dtype
 
 
 @dataclass
@@ -133,25 +150,83 @@ class BlockwiseOptimizer(Optimizer):
         """Perform one optimisation step (``closure`` re-evaluates the loss, as in torch.optim).
 
         With sharded (DTensor) parameters, whatever the step needs from other ranks is gathered
-        for every group at once (Note [one all-reduce per step])."""
+        for every group at once (Note [one all-reduce per step]). A step that raises changes
+        nothing (Note [a step that raises changes nothing])."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        skip = nonfinite.to_skip(self) if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups) else ()
-        if not torch.compiler.is_compiling():  # (DeepSpeed steps its client eagerly)
-            zero_partitions(self)  # under DeepSpeed ZeRO the groups hold flat partitions: read them once
-        batches = [batch for batch in (self._gather(group, skip) for group in self.param_groups) if batch.params]
-        if batches:
+        if not torch.compiler.is_compiling():
+            self._check_changed_settings()
+        skip, journal = (), []  # (journal: the state dicts this step adds to, with their lengths before)
+        try:
+            if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups):
+                skip = nonfinite.to_skip(self)
+            if not torch.compiler.is_compiling():  # (DeepSpeed steps its client eagerly)
+                zero_partitions(self)  # under DeepSpeed ZeRO the groups hold flat partitions: read them once
+            batches = [batch for batch in (self._gather(group, skip, journal) for group in self.param_groups)
+                       if batch.params]
+            if not batches:
+                return loss
+            roundings = [param_rounding.prepare(self, batch, journal) for batch in batches]  # (None: as computed)
             collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
             self._reduce(batches, collectives)
-            for batch in batches:
-                if batch.group.get("param_rounding", "nearest") == "nearest":
-                    self._update(batch, collectives)
-                else:
-                    param_rounding.update(self, batch, collectives)
-            self._watch_statistics(batches)
+        except BaseException:
+            self._undo(journal, skip)
+            raise
+        # nothing below refuses: every group's update runs
+        for batch, rounding in zip(batches, roundings):
+            if rounding is None:
+                self._update(batch, collectives)
+            else:
+                param_rounding.apply(self, batch, collectives, rounding)
+        self._watch_statistics(batches)
         return loss
+
+    def _check_changed_settings(self) -> None:
+        """Group settings set by hand since the last step (``group["lr"] = ...``, as schedulers do)
+        are checked as the constructor checks them, before anything is stepped: a ``nan`` lr or a
+        ``param_rounding="Kahan"`` would otherwise train on silently. A few comparisons per group
+        and step; tensors (a tensor lr) are left to the step."""
+        checked = self.__dict__.setdefault("_checked_settings", {})
+        if len(checked) > 4 * len(self.param_groups):  # groups replaced (load_state_dict makes new ones)
+            checked.clear()
+        for index, group in enumerate(self.param_groups):
+            settings = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()
+                        if k in self.defaults and k != "params" and not isinstance(v, Tensor)}
+            seen = checked.get(id(group))
+            before = seen[1] if seen is not None and seen[0] is group else {}
+            if before == settings:
+                continue
+            changed = {k: v for k, v in settings.items() if k not in before or before[k] != v}
+            try:
+                normalised = validate(self.HYPERPARAMETERS, changed)  # (aliases: torch.bfloat16 -> "bfloat16")
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param group {index}: {error} (set in the group after construction)") from None
+            group.update(normalised)
+            checked[id(group)] = (group, {**settings, **normalised})
+
+    def _undo(self, journal: list[tuple[Any, dict, int]], skip) -> None:
+        """Put the state back as it was before a step that raised (Note [a step that raises
+        changes nothing]): the entries and keys ``journal`` says were added, the skips counted."""
+        all_state = self.state
+        for owner, state, length in reversed(journal):
+            for key in list(state)[length:]:  # (insertion order: the keys added since are the last ones)
+                del state[key]
+            if not state and owner is not None and all_state.get(owner) is state:
+                del all_state[owner]  # (an empty entry is what the step made: none)
+        if skip:  # `nonfinite.to_skip` counted one skip for each
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) in skip and p in all_state:
+                        state = all_state[p]
+                        count = state.get(NONFINITE_SKIPS, 0) - 1
+                        if count > 0:
+                            state[NONFINITE_SKIPS] = count
+                        else:
+                            state.pop(NONFINITE_SKIPS, None)
+                            if not state:  # (made by the count)
+                                del all_state[p]
 
     def _watch_statistics(self, batches: list[ParamBatch]) -> None:
         """nonfinite="warn": a bounded look at the block statistics (`nonfinite.StatisticsWatch`)."""
@@ -171,35 +246,59 @@ class BlockwiseOptimizer(Optimizer):
             sharded = self._sharded = ShardedCollectives()
         return collectives_for(layouts, sharded)
 
-    def _gather(self, group: dict, skip=()) -> ParamBatch:
+    def _gather(self, group: dict, skip=(), journal: list | None = None) -> ParamBatch:
         """The group's parameters with a gradient (less those in ``skip``, ids), their layouts and
-        weight decays, and (through ``_gather_state``) their state, created on first use."""
+        weight decays, and (through ``_gather_state``) their state, created on first use. Each
+        state dict it adds to is recorded in ``journal`` with its length before (Note [a step
+        that raises changes nothing])."""
         # Note: this loop runs every step for every tensor, so it reads each attribute once
         # (models with thousands of small tensors spend a good part of a step here).
+        journal = [] if journal is None else journal
+        all_state = self.state
         zero = self.__dict__.get("_zero")
         if zero is not None:  # DeepSpeed ZeRO: the group holds flat partitions, stepped as pieces
+            for flat in group["params"]:
+                if flat.grad is None or id(flat) in skip:
+                    continue
+                state = all_state[flat]
+                journal.append((flat, state, len(state)))
+                for piece_state in state.get(PIECES, ()):
+                    journal.append((None, piece_state, len(piece_state)))
             return zero.gather(self, group, skip)
         batch = self._Batch(group)
-        weight_decay, decay_1d, all_state = group["weight_decay"], group["decay_1d"], self.state
+        weight_decay, decay_1d = group["weight_decay"], group["decay_1d"]
         names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
         gather_state = self._gather_state
-        for name, p, layout in zip(group["param_names"], group["params"], self.layouts(group)):
-            grad = p.grad
-            if grad is None or (skip and id(p) in skip):
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
-            plain = type(p) is torch.nn.Parameter or type(p) is torch.Tensor  # else a DTensor: its local shard
-            names.append(name)
-            params.append(p if plain else local_tensor(p))
-            grads.append(grad if plain else local_tensor(grad))
-            layouts.append(layout)
-            decays.append(weight_decay if decay_1d or p.ndim >= 2 else 0.0)
-            gather_state(batch, name, p, layout, all_state[p], plain)
+        p = state = None
+        try:
+            for name, p, layout in zip(group["param_names"], group["params"], self.layouts(group)):
+                state = None
+                grad = p.grad
+                if grad is None or (skip and id(p) in skip):
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+                plain = type(p) is torch.nn.Parameter or type(p) is torch.Tensor  # else a DTensor: its local shard
+                names.append(name)
+                params.append(p if plain else local_tensor(p))
+                grads.append(grad if plain else local_tensor(grad))
+                layouts.append(layout)
+                decays.append(weight_decay if decay_1d or p.ndim >= 2 else 0.0)
+                state = all_state[p]
+                length = len(state)
+                gather_state(batch, name, p, layout, state, plain)
+                if len(state) != length:  # (a first step: only then is anything journaled)
+                    journal.append((p, state, length))
+        except BaseException:
+            if state is not None:  # the tensor being gathered
+                journal.append((p, state, length))
+            raise
         return batch
 
     def _gather_state(self, batch: ParamBatch, name: str, param: Tensor, layout, state: dict, plain: bool) -> None:
-        """Create ``param``'s state if ``state`` is empty; append its (local) state to ``batch``."""
+        """Create what ``param``'s state lacks; append its (local) state to ``batch``. It may add
+        entries to ``state`` and raise, but must not change the entries there (Note [a step that
+        raises changes nothing]): a step that raises removes the added ones."""
         raise NotImplementedError
 
     def _reduce(self, batches: list[ParamBatch], collectives: Collectives) -> None:

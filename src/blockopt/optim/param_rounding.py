@@ -43,7 +43,7 @@ That needs each shard to be one contiguous run of the flattened parameter (FSDP2
 from __future__ import annotations
 
 import zlib
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ from torch import Tensor
 from ..distributed import ShardView, local_tensor
 from ..kernels.adam_mini.decoded import slices
 from ..kernels.codecs import StoredMomentum
-from ..validation import choice
+from ..validation import check, choice
 
 PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
 PARAM_COMPENSATION = "param_compensation"  # "kahan": what rounding dropped, like the parameter, in its dtype
@@ -70,22 +70,66 @@ def needs_steps(group: dict, param: Tensor) -> bool:
     return group["param_rounding"] == "stochastic" and param.dtype in LOW_PRECISION
 
 
+def check_mode(mode) -> None:
+    """Raise (the constructor's ``ValueError``) unless ``mode`` is one of `PARAM_ROUNDINGS`: a
+    setting changed on a live group is never read as another."""
+    if type(mode) is not str or mode not in PARAM_ROUNDINGS:
+        check("param_rounding", mode, RULE)  # (raises: what the rule accepts is exactly those)
+
+
+def _check_rounds(mode) -> None:
+    """Raise unless ``mode`` is one that rounds the parameters: ``"stochastic"`` or ``"kahan"``."""
+    check_mode(mode)
+    if mode not in ("stochastic", "kahan"):
+        raise ValueError(f"param_rounding={mode!r} writes parameters as computed: only 'stochastic' and 'kahan' round")
+
+
+@dataclass
+class Rounding:
+    """What writing a batch's low-precision parameters needs, made by `prepare` before any update."""
+
+    mode: str  # "stochastic" or "kahan"
+    low: list[int]  # the positions of the batch's bf16/fp16 parameters
+    writes: dict[int, Tensor | int]  # per position: its compensation ("kahan") or rounding offset ("stochastic")
+
+
+def prepare(optimizer, batch, journal: list | None = None) -> Rounding | None:
+    """Check that the batch's ``param_rounding`` can be honoured, and make what writing its
+    parameters needs (a ``"kahan"`` compensation created at zero on first use); ``None`` where the
+    update writes the parameters as it computes them (``"nearest"``, or no bf16/fp16 parameter).
+    A step runs this for every batch before the first update, so a refusal leaves every group
+    as it was (Note [a step that raises changes nothing] in `blockopt.optim.base`): each state
+    dict a compensation is added to is first recorded in ``journal``, with its length."""
+    mode = batch.group.get("param_rounding", "nearest")
+    if mode == "nearest":
+        return None
+    check_mode(mode)
+    low = [i for i, p in enumerate(batch.params) if p.dtype in LOW_PRECISION]
+    if not low:
+        return None
+    return Rounding(mode, low, _writes(optimizer, batch, low, mode, journal))
+
+
 def update(optimizer, batch, collectives) -> None:
     """``optimizer._update(batch, collectives)``, with the batch's bf16/fp16 parameters stepped in
     float32 and written with the group's ``param_rounding`` (Note [a float32 step on
-    low-precision parameters]). ``batch.steps`` must hold each parameter's step count for
-    ``"stochastic"``: the update increments it, and the new count keys the rounding."""
-    low = [i for i, p in enumerate(batch.params) if p.dtype in LOW_PRECISION]
-    if low:
-        _update_rounded(optimizer, batch, low, collectives)
-    else:
+    low-precision parameters]): `prepare`, then `apply`. ``batch.steps`` must hold each
+    parameter's step count for ``"stochastic"``: the update increments it, and the new count keys
+    the rounding."""
+    apply(optimizer, batch, collectives, prepare(optimizer, batch))
+
+
+def apply(optimizer, batch, collectives, rounding: Rounding | None) -> None:
+    """The update of a batch that `prepare` (which refuses what can't be honoured) returned ``rounding`` for."""
+    if rounding is None:
         optimizer._update(batch, collectives)
+    else:
+        _update_rounded(optimizer, batch, rounding, collectives)
 
 
 @torch.compiler.disable  # (keys are read from step counts as numbers: a compiled step runs this eagerly)
-def _update_rounded(optimizer, batch, low: list[int], collectives) -> None:
-    mode = batch.group["param_rounding"]
-    writes = _writes(optimizer, batch, low, mode)
+def _update_rounded(optimizer, batch, rounding: Rounding, collectives) -> None:
+    low, writes, mode = rounding.low, rounding.writes, rounding.mode
     taken = set(low)
     rest = [i for i in range(len(batch.params)) if i not in taken]
     if rest:
@@ -98,9 +142,10 @@ def _update_rounded(optimizer, batch, low: list[int], collectives) -> None:
 def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | int], mode: str, collectives) -> None:
     sub = _pick(batch, index)
     params = sub.params
+    _check_rounds(mode)  # (`prepare` made sure)
     if mode == "kahan":
         sub.params = [p.to(torch.float32) + c for p, c in zip(params, writes)]
-    else:
+    elif mode == "stochastic":
         sub.params = [p.to(torch.float32) for p in params]
     sub.grads = [g.to(torch.float32) for g in sub.grads]
     kept = []  # (the state tensor, its float32 copy)
@@ -116,20 +161,22 @@ def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | i
     for j, (p, w) in enumerate(zip(params, sub.params)):
         if mode == "stochastic":  # (p stored as a codec stores m: element i draws the bits of element offset + i)
             StoredMomentum("bfloat16", (p,), salt(sub.names[j]), optimizer.seed, offset=writes[j]).encode_(w, int(sub.steps[j]))
-        else:  # "kahan": p + c is w, to about twice p's bits
+        elif mode == "kahan":  # p + c is w, to about twice p's bits
             rounded = w.to(p.dtype)
             writes[j].copy_(w.sub_(rounded))
             p.copy_(rounded)
 
 
-def _writes(optimizer, batch, low: list[int], mode: str) -> dict[int, Tensor | int]:
+def _writes(optimizer, batch, low: list[int], mode: str, journal: list | None = None) -> dict[int, Tensor | int]:
     """What writing each low-precision position needs, after checking that the setting can be
-    honoured for it: under "kahan" its ``param_compensation`` (created at zero on first use),
-    under "stochastic" its rounding offset (Note [seeded parameter rounding])."""
+    honoured for every one: under "kahan" its ``param_compensation`` (created at zero on first
+    use, once all are checked), under "stochastic" its rounding offset (Note [seeded parameter
+    rounding])."""
+    _check_rounds(mode)
     group = batch.group
     by_name = dict(zip(group["param_names"], group["params"]))
-    out = {}
-    for i in low:
+    out, found = {}, []
+    for i in low:  # (every check first)
         name, p = batch.names[i], by_name.get(batch.names[i])
         if p is None:  # DeepSpeed ZeRO steps pieces of its flat partitions
             raise NotImplementedError(
@@ -144,11 +191,15 @@ def _writes(optimizer, batch, low: list[int], mode: str) -> dict[int, Tensor | i
                     "stochastic rounding is implemented for bfloat16; use param_rounding='kahan' for float16"
                 )
             out[i] = _rounding_offset(batch.layouts[i], name)
-        else:
-            state = optimizer.state[p]
-            if PARAM_COMPENSATION not in state:  # (placed like a sharded parameter)
-                state[PARAM_COMPENSATION] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out[i] = local_tensor(state[PARAM_COMPENSATION])
+        elif mode == "kahan":
+            found.append((i, p))
+    for i, p in found:  # "kahan": every position checked, the compensations
+        state = optimizer.state[p]
+        if PARAM_COMPENSATION not in state:  # (placed like a sharded parameter)
+            if journal is not None:
+                journal.append((p, state, len(state)))
+            state[PARAM_COMPENSATION] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        out[i] = local_tensor(state[PARAM_COMPENSATION])
     return out
 
 
@@ -185,7 +236,9 @@ def loaded(state_dict: dict, groups: list[dict]) -> dict:
     live ``param_rounding`` stays (like ``momentum_dtype``, it decides the state)."""
     state = dict(state_dict["state"])
     for saved_group, group in zip(state_dict["param_groups"], groups):
-        kahan = group.get("param_rounding") == "kahan"
+        mode = group.get("param_rounding", "nearest")
+        check_mode(mode)
+        kahan = mode == "kahan"
         for saved_id, p, name in zip(saved_group["params"], group["params"], group["param_names"]):
             saved = state.get(saved_id)
             if not saved or PARAM_COMPENSATION not in saved:

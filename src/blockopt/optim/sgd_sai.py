@@ -273,6 +273,8 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
     # ---- the step --------------------------------------------------------------------------
     def _gather_state(self, batch: SGDSaIBatch, name, p, layout, state, plain) -> None:
         group = batch.group
+        # (a gsnr or buffer that exists was filled: a step that raises removes what it created,
+        # Note [a step that raises changes nothing] in `blockopt.optim.base`)
         first = GSNR not in state
         if first:  # one value per block meeting this rank's shard (all blocks when not sharded)
             state[GSNR] = torch.zeros(layout.n_blocks, dtype=stat_dtype(p), device=batch.params[-1].device)
