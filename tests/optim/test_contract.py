@@ -461,3 +461,42 @@ def test_skip_verdicts_are_agreed_across_ranks():
     after = _params(model)
     assert torch.equal(after[2], before[2]) and opt.state[model.fc2.weight][NONFINITE_SKIPS] == 1
     assert not torch.equal(after[0], before[0])
+
+
+# ---- settings changed by hand in a live param group ---------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lr", float("nan"), "lr must be a number >= 0, got nan"),
+    ("weight_decay", -1.0, "weight_decay must be"),
+    ("nonfinite", "Warn", "nonfinite must be one of"),
+    ("param_rounding", "Kahan", "param_rounding must be one of"),
+])
+def test_a_setting_changed_by_hand_is_checked_at_the_next_step_before_anything_moves(name, key, value, message):
+    """As torch's schedulers set ``lr``, a user may set any group setting between steps; an invalid
+    one (it trained on silently: a nan lr to nan, ``"Kahan"`` as nearest rounding) is refused with
+    the constructor's message, naming the group, and the step changes nothing."""
+    model = MLP()
+    opt = OPTIMIZERS[name](model)
+    _train(model, opt, _data(1))
+    params, state = _params(model), copy.deepcopy(opt.state_dict())
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"param group 0: {message}"):
+        _train(model, opt, _data(1))
+    _assert_same(_params(model), params)
+    assert all(int(opt.state[p]["step"]) == int(state["state"][i]["step"]) for i, p in enumerate(model.parameters())
+               if "step" in opt.state[p])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_valid_settings_changed_by_hand_take_effect_and_aliases_are_normalised(name):
+    model = MLP()
+    opt = OPTIMIZERS[name](model)
+    _train(model, opt, _data(1))
+    opt.param_groups[0]["lr"] = 0.0  # valid: the next step moves nothing
+    params = _params(model)
+    _train(model, opt, _data(1, seed=2))
+    _assert_same(_params(model), params)
+    if "momentum_dtype" in opt.param_groups[0]:
+        opt.param_groups[0]["momentum_dtype"] = torch.float32  # an alias, read as its name; float64
+        with pytest.raises(ValueError, match="now says momentum_dtype='float32'"):  # parameters: new storage
+            _train(model, opt, _data(1))
