@@ -145,8 +145,15 @@ def read(momentum_dtype: str | None, state: dict, shape: tuple[int, ...], key: s
 
 def saved_dtype(saved: dict, declared: str | None, key: str = EXP_AVG) -> str | None:
     """The ``momentum_dtype`` a saved entry was written with: its group's, checked against what it
-    holds (a checkpoint from before the setting has plain ``exp_avg``)."""
-    codes_key = keys(key)[1]
+    holds (a checkpoint from before the setting has plain ``exp_avg``).
+
+    An entry may hold both a plain tensor and codes: torch's ``set_state_dict`` with a full state
+    dict fills every key the live optimizer keeps, and which the saved entry lacks, with the live
+    optimizer's zero state. A group that says plain storage was saved plain: its codes are those
+    zeros (the conversion drops them)."""
+    plain, codes_key = keys(key)[:2]
+    if declared in (None, "float32", "bfloat16") and plain in saved:
+        return declared
     if codes_key in saved:
         codes = saved[codes_key]
         if declared in QUANTIZED:

@@ -235,6 +235,19 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
         # The momentum buffer is absent while momentum == 0, so only its shape is checked (below).
         return {GSNR: (self.block_spec(name).n_blocks,)}
 
+    def _convert_loaded(self, state_dict: dict, pairs) -> dict:
+        # A step count the saved settings keep none of is not the checkpoint's: torch's
+        # set_state_dict(full_state_dict=True) merges the live optimizer's own (zero-step) state
+        # into entries that lack its keys; left in, it would key the conversion's rounding.
+        saved_group = {pid: g for g in state_dict["param_groups"] for pid in g["params"]}
+        state = dict(state_dict["state"])
+        for saved_id, p, _ in pairs:
+            entry, group = state.get(saved_id), saved_group.get(saved_id)
+            if entry and STEP in entry and group is not None and "momentum_dtype" in group \
+                    and not _counts_steps({**self._group_of(p), **group}, p):
+                state[saved_id] = {k: v for k, v in entry.items() if k != STEP}
+        return super()._convert_loaded({**state_dict, "state": state}, pairs)
+
     def _validate_state_dict(self, state_dict, pairs) -> None:
         """The base checks, then the momentum buffer's storage where there is one (already
         converted to this optimizer's ``momentum_dtype``)."""
