@@ -337,6 +337,19 @@ def test_a_plain_momentum_of_another_dtype_than_the_new_setting_raises_too(make,
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_an_adapm_rank_changed_after_its_factors_exist_raises_and_changes_nothing():
+    """The factors keep the rank they were made at: a rank set by hand was silently ignored."""
+    model = make_tiny(torch.float32)
+    opt = blockopt.AdaPM(model, lr=1e-2, rank=2)
+    train(model, opt, batches(1))
+    snapshot = copy.deepcopy(opt.state_dict())
+    opt.param_groups[0]["rank"] = 4
+    with pytest.raises(ValueError, match=r"now says rank=4, but its low-rank momentum has rank 2"):
+        train(model, opt, batches(1))
+    for (_, a), (_, b) in zip(opt.state_dict()["state"].items(), snapshot["state"].items()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_the_same_storage_under_another_name_is_no_change():
     # float32 parameters: None and "float32" keep the same float32 exp_avg, so switching is allowed
     model = make_tiny(torch.float32)

@@ -394,6 +394,11 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                     f"factors are {kept}, but its state holds {factors[0].dtype} factors; a group's momentum_dtype "
                     "can't change between steps: save opt.state_dict() and load it into an optimizer built with the "
                     "new setting (it converts)")
+            if factors[1].shape[0] != self._rank(batch.group, p.shape):  # (the factors were made at another rank)
+                raise ValueError(
+                    f"{name}: its param group now says rank={batch.group['rank']}, but its low-rank momentum has rank "
+                    f"{factors[1].shape[0]}; a group's rank can't change between steps: build a new optimizer with it "
+                    "(the momentum starts again)")
             if kept != stat_dtype(p):  # Note [compressed low-rank factors]
                 # a shard's rows of L draw the bits of their place in the whole L, as one process
                 # would (Note [sharded low-rank momentum]); R is whole on every rank
