@@ -254,19 +254,19 @@ def test_an_unknown_param_rounding_on_a_live_group_is_refused_with_the_construct
     _assert_same(_snapshot(opt), before)
 
 
-def test_param_rounding_update_reads_each_mode_as_itself():
-    """`param_rounding.update` on a 'nearest' batch writes as computed (it used to make a Kahan
-    compensation); an unknown mode raises."""
+def test_param_rounding_reads_each_mode_as_itself():
+    """A 'nearest' batch is written as computed (it used to make a Kahan compensation); an
+    unknown mode raises."""
     p = torch.nn.Parameter(torch.ones(8, 16).bfloat16())
     q = torch.nn.Parameter(torch.ones(8, 16).bfloat16())
     opt, ref = blockopt.AdamMini([("w", p)], lr=1e-3), blockopt.AdamMini([("w", q)], lr=1e-3)
     p.grad = q.grad = torch.full((8, 16), 0.5).bfloat16()
     batch = opt._gather(opt.param_groups[0])
     with torch.no_grad():  # (as in a step)
-        param_rounding.update(opt, batch, None)
+        param_rounding.apply(opt, batch, None, param_rounding.prepare(opt, batch))
     ref.step()
     assert torch.equal(p, q) and param_rounding.PARAM_COMPENSATION not in opt.state[p]
     batch.group = {**batch.group, "param_rounding": "Kahan"}
     with pytest.raises(ValueError, match=r"param_rounding must be one of 'nearest', 'stochastic', 'kahan', got 'Kahan'"), \
             torch.no_grad():
-        param_rounding.update(opt, batch, None)
+        param_rounding.prepare(opt, batch)

@@ -193,16 +193,13 @@ class BlockwiseOptimizer(Optimizer):
             checked.clear()
         for index, group in enumerate(self.param_groups):
             settings = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()
-                        if k in self.defaults and k != "params" and not isinstance(v, Tensor)}
+                        if k in self.defaults and not isinstance(v, Tensor)}
             seen = checked.get(id(group))
             before = seen[1] if seen is not None and seen[0] is group else {}
             if before == settings:
                 continue
             changed = {k: v for k, v in settings.items() if k not in before or before[k] != v}
-            try:
-                normalised = validate(self.HYPERPARAMETERS, changed)  # (aliases: torch.bfloat16 -> "bfloat16")
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"param group {index}: {error} (set in the group after construction)") from None
+            normalised = self._validated(changed, f"param group {index}")  # (aliases: torch.bfloat16 -> "bfloat16")
             group.update(normalised)
             checked[id(group)] = (group, {**settings, **normalised})
 
@@ -430,10 +427,15 @@ class BlockwiseOptimizer(Optimizer):
         """The saved groups' hyperparameters replace the live ones, so they are checked as the
         constructor checks them (a saved ``lr=nan`` would otherwise train to nan silently)."""
         for index, group in enumerate(state_dict.get("param_groups", ())):
-            try:
-                validate(self.HYPERPARAMETERS, {k: v for k, v in group.items() if k in self.defaults})
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"param group {index} of the state dict: {error}") from None
+            self._validated({k: v for k, v in group.items() if k in self.defaults}, f"param group {index} of the state dict")
+
+    def _validated(self, settings: dict, where: str) -> dict:
+        """``settings`` checked as the constructor checks them (aliases replaced by their names);
+        an error names ``where`` they come from."""
+        try:
+            return validate(self.HYPERPARAMETERS, settings)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
 
     def _convert_loaded(self, state_dict: dict, pairs: list[tuple[Any, Tensor, str]]) -> dict:
         """The (aligned) state dict in the form this optimizer keeps, before it is checked: a

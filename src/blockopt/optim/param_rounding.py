@@ -110,17 +110,11 @@ def prepare(optimizer, batch, journal: list | None = None) -> Rounding | None:
     return Rounding(mode, low, _writes(optimizer, batch, low, mode, journal))
 
 
-def update(optimizer, batch, collectives) -> None:
-    """``optimizer._update(batch, collectives)``, with the batch's bf16/fp16 parameters stepped in
-    float32 and written with the group's ``param_rounding`` (Note [a float32 step on
-    low-precision parameters]): `prepare`, then `apply`. ``batch.steps`` must hold each
-    parameter's step count for ``"stochastic"``: the update increments it, and the new count keys
-    the rounding."""
-    apply(optimizer, batch, collectives, prepare(optimizer, batch))
-
-
 def apply(optimizer, batch, collectives, rounding: Rounding | None) -> None:
-    """The update of a batch that `prepare` (which refuses what can't be honoured) returned ``rounding`` for."""
+    """``optimizer._update(batch, collectives)``, with the batch's bf16/fp16 parameters stepped in
+    float32 and written as ``rounding`` (what `prepare` returned) says (Note [a float32 step on
+    low-precision parameters]). ``batch.steps`` must hold each parameter's step count for
+    ``"stochastic"``: the update increments it, and the new count keys the rounding."""
     if rounding is None:
         optimizer._update(batch, collectives)
     else:
@@ -142,7 +136,6 @@ def _update_rounded(optimizer, batch, rounding: Rounding, collectives) -> None:
 def _step_in_float32(optimizer, batch, index: list[int], writes: list[Tensor | int], mode: str, collectives) -> None:
     sub = _pick(batch, index)
     params = sub.params
-    _check_rounds(mode)  # (`prepare` made sure)
     if mode == "kahan":
         sub.params = [p.to(torch.float32) + c for p, c in zip(params, writes)]
     elif mode == "stochastic":

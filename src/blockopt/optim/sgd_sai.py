@@ -244,7 +244,7 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
         for saved_id, p, _ in pairs:
             entry, group = state.get(saved_id), saved_group.get(saved_id)
             if entry and STEP in entry and group is not None and "momentum_dtype" in group \
-                    and not _counts_steps({**self._group_of(p), **group}, p):
+                    and not _counts_steps({"param_rounding": "nearest", **group}, p):  # (saved before the setting: nearest)
                 state[saved_id] = {k: v for k, v in entry.items() if k != STEP}
         return super()._convert_loaded({**state_dict, "state": state}, pairs)
 
