@@ -500,3 +500,24 @@ def test_valid_settings_changed_by_hand_take_effect_and_aliases_are_normalised(n
         opt.param_groups[0]["momentum_dtype"] = torch.float32  # an alias, read as its name; float64
         with pytest.raises(ValueError, match="now says momentum_dtype='float32'"):  # parameters: new storage
             _train(model, opt, _data(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_group_of_a_parameter_follows_the_live_groups(name):
+    """The identity index behind per-parameter group lookups (used by loads) answers the group
+    that holds the parameter now: after groups are added, edited in place, or replaced by a load."""
+    model = MLP()
+    opt = OPTIMIZERS[name]([{"params": [model.fc1.weight, model.fc1.bias]}, {"params": [model.fc2.weight]}])
+    w1, b1, w2 = model.fc1.weight, model.fc1.bias, model.fc2.weight
+    assert opt._group_of(b1) is opt.param_groups[0] and opt._group_of(w2) is opt.param_groups[1]
+    opt.add_param_group({"params": [model.fc2.bias]})
+    assert opt._group_of(model.fc2.bias) is opt.param_groups[2]
+    g0, g1 = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    g0[1], g1[0] = g1[0], g0[1]  # two parameters swap groups by hand
+    assert opt._group_of(w2) is opt.param_groups[0] and opt._group_of(b1) is opt.param_groups[1]
+    old = list(opt.param_groups)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's load builds new group dicts
+    assert all(opt._group_of(p) is g for g in opt.param_groups for p in g["params"])
+    assert not any(opt._group_of(w1) is g for g in old)
+    with pytest.raises(KeyError, match="holds no such parameter"):
+        opt._group_of(torch.zeros(2))

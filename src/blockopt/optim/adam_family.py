@@ -64,9 +64,6 @@ class MomentumStorage:
     _LIVE_SETTINGS = ("momentum_dtype", "implementation")  # group settings a load leaves as they are
     seed: int = ROUNDING_SEED  # the optimizer's ``seed``: its rounding bits (Note [seeded rounding])
 
-    def _group_of(self, param: Tensor) -> dict:
-        return next(g for g in self.param_groups if any(q is param for q in g["params"]))
-
     def _keep_momentum(self, batch: ParamBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | StoredMomentum:
         """Create ``p``'s momentum on first use; what the update takes in place of ``exp_avg``:
         the tensor itself, or a `StoredMomentum` where it is compressed."""

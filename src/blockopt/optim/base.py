@@ -342,6 +342,21 @@ class BlockwiseOptimizer(Optimizer):
         subclass chooses otherwise, like SGD-SaI's one block per tensor)."""
         return self.plan[name]
 
+    def _group_of(self, param: Tensor) -> dict:
+        """The live param group holding ``param``. An index by identity, each answer checked
+        against the live groups (edited in place or replaced by a load: re-indexed, never misread):
+        a load asks once per parameter, and a scan per call was quadratic in the model's size."""
+        found = self.__dict__.get("_group_index", {}).get(id(param))
+        if found is not None:
+            group, index = found
+            live = any(g is group for g in self.param_groups)  # (torch's load makes new group dicts)
+            if live and index < len(group["params"]) and group["params"][index] is param:
+                return group
+        self._group_index = {id(q): (g, i) for g in self.param_groups for i, q in enumerate(g["params"])}
+        if id(param) not in self._group_index:
+            raise KeyError(f"{type(self).__name__} holds no such parameter (shape {tuple(param.shape)}) in its param groups")
+        return self._group_index[id(param)][0]
+
     def _layout(self, name: str, p: Tensor) -> BlockSpec | ShardView:
         spec = self.block_spec(name)
         if not is_dtensor(p):
