@@ -521,3 +521,25 @@ def test_the_group_of_a_parameter_follows_the_live_groups(name):
     assert not any(opt._group_of(w1) is g for g in old)
     with pytest.raises(KeyError, match="holds no such parameter"):
         opt._group_of(torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_optimizer_left_holding_parameters_nobody_trains_says_so_once(name):
+    """After a resume that replaced the model's parameters (PEFT adapters reloaded by the
+    Trainer), the optimizer built before holds tensors that never get a gradient again: every
+    step changed nothing, silently. A first step before any backward stays quiet, as in torch."""
+    model = MLP()
+    opt = OPTIMIZERS[name](model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # nothing yet: no state, no warning
+    _train(model, opt, _data(1))
+    for p in model.parameters():
+        p.grad = None
+    before = _params(model)
+    with pytest.warns(UserWarning, match=r"none of its 4 parameters has a gradient, though it holds state"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # said once
+    _assert_same(_params(model), before)

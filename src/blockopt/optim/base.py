@@ -167,6 +167,7 @@ class BlockwiseOptimizer(Optimizer):
             batches = [batch for batch in (self._gather(group, skip, journal) for group in self.param_groups)
                        if batch.params]
             if not batches:
+                self._warn_if_nothing_has_a_gradient()
                 return loss
             roundings = [param_rounding.prepare(self, batch, journal) for batch in batches]  # (None: as computed)
             collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
@@ -182,6 +183,24 @@ class BlockwiseOptimizer(Optimizer):
                 param_rounding.apply(self, batch, collectives, rounding)
         self._watch_statistics(batches)
         return loss
+
+    def _warn_if_nothing_has_a_gradient(self) -> None:
+        """A step by an optimizer that holds state (it has stepped, or loaded a checkpoint) finding
+        no gradient on any parameter it holds is almost always an optimizer left holding
+        parameters the model no longer trains: every later step would change nothing, silently.
+        Said once; a first step without gradients (before any backward) is left alone, as torch does."""
+        if self.__dict__.get("_warned_no_gradients") or not self.state or torch.compiler.is_compiling():
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(p.grad is not None for p in params):  # (all skipped as non-finite: nonfinite= says so)
+            return
+        self._warned_no_gradients = True
+        warnings.warn(
+            f"{type(self).__name__}.step(): none of its {len(params)} parameters has a gradient, though it holds "
+            "state from earlier steps or a checkpoint, so nothing moved. If the model's parameters were replaced "
+            "after the optimizer was built (e.g. PEFT adapters reloaded by the Trainer's resume_from_checkpoint, "
+            "load_state_dict(assign=True)), build the optimizer on the parameters the model trains now. "
+            "(Said once.)", UserWarning, stacklevel=3)
 
     def _check_changed_settings(self) -> None:
         """Group settings set by hand since the last step (``group["lr"] = ...``, as schedulers do)
