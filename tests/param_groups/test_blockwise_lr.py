@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -281,15 +282,30 @@ def test_adam_mini_takes_the_groups_with_their_plan():
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in groups]
 
 
-def test_adam_mini_takes_the_groups_alone():
-    # without plan= it partitions the groups' names (as for named_parameters): it still steps
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+def test_the_groups_alone_carry_the_model_plan(make):
+    """Without plan= the groups hand the optimizer the plan they were made from: planned again
+    from the names alone, query and key lost their heads (split per neuron, with a warning)."""
     model = build_model("llama-tiny")
-    with pytest.warns(blockopt.PartitionWarning, match="no n_heads given"):
-        opt = blockopt.AdamMini(blockopt.blockwise_lr(model, lr=BASE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = make(blockopt.blockwise_lr(model, lr=BASE))
+    assert opt.plan == blockopt.partition(model)
     x = _batch(model)
     model(x[:, :-1], x[:, 1:])[1].backward()
     opt.step()
-    assert opt.plan["layers.0.attn.q_proj.weight"].role == "query"
+    assert all(opt.state[p] for g in opt.param_groups for p in g["params"])
+
+
+def test_partition_options_or_a_bare_list_plan_the_names_again():
+    model = build_model("llama-tiny")
+    groups = blockopt.blockwise_lr(model, lr=BASE)
+    q = "layers.0.attn.q_proj.weight"
+    opt = blockopt.AdamMini(groups, n_heads=2, n_kv_heads=1)  # options asked for: they decide
+    assert opt.plan[q].n_blocks == 2
+    with pytest.warns(blockopt.PartitionWarning, match="no n_heads given"):
+        opt = blockopt.AdamMini(list(groups))  # (a copy into a plain list holds no plan)
+    assert opt.plan[q].role == "query" and opt.plan[q].n_blocks == model.config.dim
 
 
 def test_lambda_lr_keeps_the_ratios():

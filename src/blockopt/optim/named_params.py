@@ -4,7 +4,8 @@ Accepted: an ``nn.Module`` (its Plan is detected from its structure, every param
 Note [frozen parameters]), ``named_parameters()``,
 plain parameters (named ``param.<i>``; blocks then come from shapes only, with a warning), or
 param groups (dicts whose ``params`` are tensors or ``(name, tensor)`` pairs, or that carry
-``param_names``). Every group leaves with ``params`` and ``param_names`` of equal length, every
+``param_names``; a list of groups with a ``plan`` attribute, as `blockopt.blockwise_lr` returns, gives
+its plan). Every group leaves with ``params`` and ``param_names`` of equal length, every
 name unique, every parameter once, and every parameter covered by a spec of the right shape.
 """
 
@@ -40,6 +41,8 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
         check_real([(n, tensors[n]) for n in names], owner)
         return [{"params": [tensors[n] for n in names], "param_names": names}], plan, False
 
+    if plan is None and not partition_options and isinstance(getattr(params, "plan", None), Plan):
+        plan = params.plan  # groups that carry the plan of the model they came from (`blockopt.blockwise_lr`)
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list: pass model.parameters(), model.named_parameters() or the model")

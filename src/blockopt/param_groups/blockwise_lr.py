@@ -123,7 +123,7 @@ def blockwise_lr(
     params: nn.Module | Iterable[tuple[str, torch.Tensor]] | None = None,
     weight_decay: float | None = None,
     bias: str = "owner",
-) -> list[dict]:
+) -> ParamGroups:
     """Param groups with one learning rate per block type (sharpness-disparity multipliers).
 
     Args:
@@ -148,7 +148,8 @@ def blockwise_lr(
         A list of dicts, one per non-empty block type (two with ``weight_decay``), in the order
         of `BLOCK_TYPES`, each with ``params``, ``param_names``, ``lr``, ``lr_ratio`` (the
         multiplier), ``block_type`` and, with ``weight_decay``, ``weight_decay``. Every
-        trainable parameter is in exactly one group.
+        trainable parameter is in exactly one group. The list (a `ParamGroups`) also holds the
+        plan, which blockopt's optimizers take from it (so query and key keep their heads).
 
     Example::
 
@@ -181,7 +182,18 @@ def blockwise_lr(
             if weight_decay is not None:
                 group["weight_decay"] = float(weight_decay) if decays else 0.0
             groups.append(group)
-    return groups
+    return ParamGroups(groups, plan)
+
+
+class ParamGroups(list):
+    """Param groups (a plain ``list`` of dicts, for any optimizer) that remember the `Plan` they
+    were made from. blockopt's optimizers take that plan when given no ``plan=`` and no partition
+    options: planned again from the names alone, a model's attention weights would lose the heads
+    its structure showed (query and key split per neuron, with a warning)."""
+
+    def __init__(self, groups: Iterable[dict], plan: Plan):
+        super().__init__(groups)
+        self.plan = plan
 
 
 # ---- plumbing -------------------------------------------------------------------------------
