@@ -42,8 +42,26 @@ def test_audit_an_hf_config_scaled_down(capsys):
     assert main(["audit", "hf:llama", "--model-override", "hidden_size=32,intermediate_size=32,num_hidden_layers=1,"
                  "num_attention_heads=4,num_key_value_heads=2,vocab_size=64", *TINY[2:],
                  "--only", "*.k_proj.weight"]) == 0
-    out = capsys.readouterr().out
-    assert "model.model.layers.0.self_attn.k_proj.weight" in out and "heads(2)" in out
+    out = capsys.readouterr().out  # names as LlamaForCausalLM spells them (no wrapper's prefix)
+    assert "model.layers.0.self_attn.k_proj.weight" in out and "model.model." not in out and "heads(2)" in out
+
+
+@pytest.mark.hf
+def test_the_override_for_an_hf_model_applies_to_that_model(capsys):
+    """The printed rules= name the HF model's own tensors: with the bench wrapper's prefix they
+    matched no parameter of the user's model, and partition refused them."""
+    pytest.importorskip("transformers")
+    import blockopt
+    from blockopt.bench.modelspec import ModelSpec, parse_overrides
+
+    override = "hidden_size=32,num_attention_heads=4,num_hidden_layers=1,intermediate_size=64,vocab_size=64"
+    assert main(["audit", "hf:gpt_neox", "--model-override", override, *TINY[2:], "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["override"]["rules"] and not any(row["name"].startswith("model.") for row in data["tensors"])
+    hf_model = ModelSpec.parse("hf:gpt_neox", parse_overrides(override)).build(0).model  # the user's model
+    plan = blockopt.partition(hf_model, **data["override"])
+    flagged = [row["name"] for row in data["tensors"] if row["verdict"] != "agrees"]
+    assert any(plan[name].rule == "whole" for name in flagged)
 
 
 @pytest.mark.parametrize("argv, status, words", [

@@ -414,17 +414,21 @@ def _run_audit(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PartitionWarning)  # plan.warnings: printed below
         plan = partition(model, value=args.value)
+    # names as the user's own model spells them (an HF model without the bench's wrapper), in
+    # --only, the table and the rules= override alike
+    prefix = getattr(model, "NAME_PREFIX", "")
     names = list(plan)
     if args.only:
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in args.only)]
+        names = [n for n in names if any(fnmatch.fnmatchcase(n.removeprefix(prefix), g) for g in args.only)]
         if not names:
-            raise CommandError(f"--only {' '.join(args.only)} matches no tensor; tensors: {', '.join(list(plan)[:5])}, ...")
+            shown = ", ".join(n.removeprefix(prefix) for n in list(plan)[:5])
+            raise CommandError(f"--only {' '.join(args.only)} matches no tensor; tensors: {shown}, ...")
     seq_len = min(args.seq_len, spec.max_seq_len or args.seq_len)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, spec.vocab_size, (args.batch_size, seq_len + 1), generator=generator)
     log = (lambda line: print(line, file=sys.stderr)) if args.progress else None
     report = audit(model, (ids[:, :-1], ids[:, 1:]), plan, samples=args.samples, keep=args.keep, names=names,
-                   seed=args.seed, log=log)
+                   seed=args.seed, log=log).without_prefix(prefix)
     if args.format == "json":
         print(json.dumps({"model": spec.describe(), "n_params": n_params, "batch": [args.batch_size, seq_len],
                           **report.to_dict(), "plan_warnings": list(plan.warnings)}, indent=2, default=str))

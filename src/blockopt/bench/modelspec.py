@@ -45,6 +45,8 @@ class CausalLM(nn.Module):
     submodule (``self.model``), so the partition engine sees its structure.
     """
 
+    NAME_PREFIX = "model."  # what the wrapper adds to the HF model's parameter names
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

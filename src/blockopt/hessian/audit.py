@@ -53,7 +53,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -130,6 +130,11 @@ class AuditReport(Sequence[TensorAudit]):
             if r.name == name:
                 return r
         raise KeyError(f"{name!r} was not audited; audited: {[r.name for r in self._rows][:5]}...")
+
+    def without_prefix(self, prefix: str) -> AuditReport:
+        """The report with ``prefix`` taken off every tensor name: a wrapper's (the bench's
+        ``model.`` around an HF model), so the names and `override` are those of the wrapped model."""
+        return AuditReport([replace(r, name=r.name.removeprefix(prefix)) for r in self._rows], self.settings)
 
     def flagged(self) -> list[TensorAudit]:
         """The tensors whose plan is measurably worse than the measured rule."""
