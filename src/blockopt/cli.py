@@ -104,8 +104,8 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="train one model with several optimizers and seeds; table, JSON and plots",
         description="Train one model config with several optimizers and seeds on the same data order "
-        "(same init and batches per seed), print a table and write compare.json, loss_curves.png, "
-        "memory.png and throughput.png. Runs checkpoint themselves; --resume continues an interrupted "
+        "(same init and batches per seed), print a table and write compare.json, steps.csv, loss_curves.png, "
+        "memory.png, throughput.png and pareto.png. Runs checkpoint themselves; --resume continues an interrupted "
         "comparison to the same numbers. See docs/compare.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -455,6 +455,8 @@ def _config_argv(path: str, parser: argparse.ArgumentParser, given: argparse.Nam
             table = tomllib.load(file)
     except tomllib.TOMLDecodeError as error:
         raise CommandError(f"--config {path}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise CommandError(f"--config {path}: cannot read it ({error.strerror})") from None
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_IN_CONFIG}
     unknown = sorted(key for key in table if key.replace("-", "_") not in actions)
     if unknown:
@@ -536,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-_LISTING = re.compile(r"(?:[^\s,]+, ){9,}[^\s,]+")  # ten or more comma-separated words
+_LISTING = re.compile(r"(?:[^\s,()]+, ){9,}[^\s,()]+")  # ten or more comma-separated words
 
 
 def _message(error: BaseException) -> str:

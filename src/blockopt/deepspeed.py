@@ -47,6 +47,9 @@ def _optimizer_state_dict(saved: Any) -> dict | None:
 
 
 def _rank_files(checkpoint_dir: str, tag: str | None) -> list[str]:
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir!r} is not a folder: pass the folder DeepSpeed's "
+                                "save_checkpoint wrote (the one holding 'latest' and the step folders)")
     if tag is None:
         latest = os.path.join(checkpoint_dir, "latest")
         if not os.path.isfile(latest):

@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end(tmp_path):
          ["argument --out: '{tmp}/a-file' is a file, not a folder"]),
         (["compare", "--out", "{tmp}/a-file"], 2, ["argument --out: '{tmp}/a-file' is a file, not a folder"]),
         (["demo", "--steps", "0"], 2, ["argument --steps", "positive integer", "blockopt demo --help"]),
-        (["demo", "--steps", "ten"], 2, ["argument --steps", "'ten'"]),
+        (["demo", "--steps", "ten"], 2, ["argument --steps: must be an integer, got 'ten'"]),
         (["demo", "--seed", "1.5"], 2, ["argument --seed", "invalid int value"]),
         (["compare", "--corpus", "{tmp}/short.txt", "--seeds", "1", "--no-progress"], 1, ["short.txt' is too short"]),
         (["compare", "--max-bytes", "3000", "--seeds", "1", "--no-progress"], 1,
@@ -83,6 +83,9 @@ def test_demo_runs_end_to_end(tmp_path):
         (["compare", "--lr", "nan"], 1, ["lr must be a number > 0, got nan"]),
         (["compare", "--lr", "fast"], 2, ["argument --lr", "invalid float value: 'fast'"]),
         (["compare", "--betas", "0.9"], 2, ["argument --betas", "two numbers"]),
+        (["compare", "--betas", "0.9,x"], 2, ["argument --betas: write two numbers like 0.9,0.95; got '0.9,x'"]),
+        (["compare", "--config", "{tmp}/missing.toml"], 1, ["--config {tmp}/missing.toml: cannot read it (No such file"]),
+        (["compare", "--config", "{tmp}/unknown.toml"], 1, ["unknown key 'bogus' (known: baseline, batch-size", "more))"]),
         (["compare", "--betas", "1.5,0.9"], 1, ["betas[0] must be a number in [0, 1), got 1.5"]),
         (["compare", "--decay-fraction", "2"], 1, ["decay_fraction must be a number in [0, 1], got 2.0"]),
         (["compare", "--seq-len", "100000"], 1, ["seq_len=100000 exceeds the model's maximum"]),
@@ -99,6 +102,7 @@ def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypa
     (tmp_path / "short.txt").write_text("far shorter than one sequence")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "unknown.toml").write_text("bogus = 1\n")
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path) for a in argv]
     got, err = cli_failure(argv if "--out" in argv else [*argv, "--out", str(out)], capsys)
@@ -109,6 +113,11 @@ def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_zero_to_state_of_a_missing_folder_says_so(tmp_path, capsys):
+    status, err = cli_failure(["zero-to-state", str(tmp_path / "missing"), str(tmp_path / "state.pt")], capsys)
+    assert status == 1 and f"'{tmp_path / 'missing'}' is not a folder" in err
+
+
 def test_cuda_without_cuda_is_a_usage_error(capsys):
     status, err = cli_failure(["compare", "--device", "cuda:1"], capsys)
     assert status == 2 and "has no usable cuda device" in err

@@ -10,9 +10,16 @@ import argparse
 import os
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = int(text)
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -20,7 +27,7 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
@@ -31,7 +38,10 @@ def betas(text: str) -> tuple[float, float]:
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}")
-    return float(parts[0]), float(parts[1])
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}") from None
 
 
 def folder(text: str) -> str:

@@ -30,7 +30,7 @@ DEMO_OPTIMIZERS = (OptimizerSpec("adamw", label="AdamW"), OptimizerSpec("adam-mi
 
 
 def _table(results: dict[str, RunResult]) -> str:
-    header = ("optimizer", "final train loss", "final val loss", "optimizer state MB", "step ms", "tokens/s")
+    header = ("optimizer", "final train loss", "final val loss", "optimizer state MiB", "step ms", "tokens/s")
     rows = [header] + [
         (
             name,

@@ -296,7 +296,7 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
             specs.append(_named_experts(name, shape, why, ctx))
         else:
             if role in ("query", "key"):
-                ctx.warnings.append(f"{name}: no n_heads given, split per neuron")
+                ctx.warnings.append(f"{name}: no n_heads given, split per neuron (pass n_heads=/n_kv_heads=, or the model itself)")
             elif role == "other":
                 unsure.append(name)
             specs.append(make_spec(name, shape, "rows", f"{role} by {why}: per row", role=role))
