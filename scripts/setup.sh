@@ -3,7 +3,9 @@
 # build the fused CPU Adam-mini kernel (`blockopt build`).
 #   bash scripts/setup.sh [bench|test]
 # Environment: PYTHON (default python3), BLOCKOPT_VENV (default .venv),
-#   BLOCKOPT_TORCH (default torch==2.13.0; "skip" to keep a torch already in the venv).
+#   BLOCKOPT_TORCH (default torch==2.13.0; "skip" to keep a torch already in the venv),
+#   BLOCKOPT_TORCH_INDEX (an index to take torch from; where pip has no CPU wheel at hand, as on
+#   plain PyPI for Linux, https://download.pytorch.org/whl/cpu gives the CPU build).
 # Why torch first: an unpinned `torch` on a fresh machine pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [ "$torch_spec" != "skip" ]; then
-  "${pip[@]}" "$torch_spec"
+  "${pip[@]}" ${BLOCKOPT_TORCH_INDEX:+--index-url "$BLOCKOPT_TORCH_INDEX"} "$torch_spec"
 fi
 "${pip[@]}" -e ".[$extras]"
 
