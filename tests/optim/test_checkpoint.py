@@ -184,10 +184,17 @@ def test_state_dict_of_another_optimizer_is_rejected():
         opt.load_state_dict(adamw.state_dict())
 
 
-def test_garbage_is_rejected():
+@pytest.mark.parametrize("garbage", [{"foo": 1}, [1, 2], {"state": {}, "param_groups": 3},
+                                     {"state": [], "param_groups": []}, {"state": {}, "param_groups": [{"lr": 1.0}]}],
+                         ids=["keys", "list", "groups-not-a-list", "state-not-a-mapping", "group-without-params"])
+def test_garbage_is_rejected_and_changes_nothing(garbage):
     opt = _trained(make_tiny())
+    before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="not an optimizer state dict"):
-        opt.load_state_dict({"foo": 1})
+        opt.load_state_dict(garbage)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(a[k], before["state"][i][k]) for i, a in after["state"].items() for k in a)
 
 
 def test_load_state_dict_keeps_partition_options_for_new_groups():

@@ -398,6 +398,40 @@ def test_skip_tensor_leaves_only_that_tensor_and_counts(name):
     assert torch.isfinite(model.fc1.weight).all() and not torch.equal(model.fc1.weight, before[0])
 
 
+@pytest.mark.parametrize("momentum_dtype", [None, "int8"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_checkpoint_after_a_skipped_first_gradient_resumes_exactly(name, momentum_dtype):
+    """A parameter whose only gradient so far was skipped holds just its count of skips: its
+    checkpoint was refused as lacking the optimizer's state."""
+    model = MLP()
+    opt = OPTIMIZERS[name](model, nonfinite="skip_tensor", momentum_dtype=momentum_dtype)
+    _poison(model)
+    opt.step()
+    assert list(opt.state[model.fc1.weight]) == [NONFINITE_SKIPS]
+    twin = copy.deepcopy(model)
+    other = OPTIMIZERS[name](twin, nonfinite="skip_tensor", momentum_dtype=momentum_dtype)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.state[twin.fc1.weight][NONFINITE_SKIPS] == 1
+    _train(model, opt, _data(2))
+    _train(twin, other, _data(2))
+    _assert_same(_params(twin), _params(model))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skip_step_groups_stop_for_a_bad_gradient_in_a_skip_tensor_group(name):
+    """As documented: every gradient the step checks decides for the skip_step groups."""
+    model = MLP()
+    opt = OPTIMIZERS[name]([{"params": list(model.fc1.named_parameters(prefix="fc1")), "nonfinite": "skip_tensor"},
+                            {"params": list(model.fc2.named_parameters(prefix="fc2")), "nonfinite": "skip_step"}])
+    before = _params(model)
+    _poison(model)  # an inf in fc1.weight's gradient
+    opt.step()
+    after = _params(model)
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])  # fc1: the weight alone skipped
+    assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])  # fc2: the whole group skipped
+    assert opt.state[model.fc2.weight][NONFINITE_SKIPS] == 1
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_skip_step_leaves_every_tensor(name):
     model = MLP()

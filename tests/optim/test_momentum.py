@@ -507,3 +507,15 @@ def test_an_inf_gradient_costs_what_it_costs_with_float32_momentum(dtype, implem
     expected = run("float32")
     assert [int(bad.sum()) for bad in expected] == [1, 1]  # inf / inf; the rest of its block is frozen (m / inf)
     assert all(torch.equal(a, b) for a, b in zip(run(dtype), expected))
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+def test_a_model_cast_after_the_first_step_is_named_as_the_cause(make):
+    """``model.to(torch.bfloat16)`` between steps: the refusal said the setting changed, which the
+    user never touched."""
+    model = make_tiny(torch.float32)
+    opt = make(model, lr=1e-2)
+    train(model, opt, batches(1))
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"now torch.bfloat16\), but its state holds torch.float32 .*was cast after"):
+        train(model, opt, batches(1))

@@ -22,7 +22,7 @@ from ..validation import boolean, choice, pair, real
 from . import momentum, param_rounding
 from .base import ParamBatch
 from .momentum import MOMENTUM_DTYPE_ALIASES, MOMENTUM_DTYPES
-from .state import EXP_AVG, STEP, stat_dtype
+from .state import EXP_AVG, STEP, holds_state, stat_dtype
 from .nonfinite import NONFINITE
 
 ADAM_HYPERPARAMETERS = {
@@ -115,7 +115,7 @@ class MomentumStorage:
         state = dict(state_dict["state"])
         for saved_id, p, name in pairs:
             saved = state.get(saved_id)
-            if not saved:
+            if not holds_state(saved):
                 continue
             source = momentum.saved_dtype(saved, declared.get(saved_id), self._MOMENTUM_KEY)
             target = self._group_of(p)["momentum_dtype"]

@@ -122,7 +122,7 @@ from . import momentum as storage
 from .adam_family import ADAM_HYPERPARAMETERS, MomentumStorage, SecondMomentBatch, reduce_block_sq_sums
 from .base import BlockwiseOptimizer
 from .lowrank import fit_lowrank, frobenius_norm, matrix_shape
-from .state import EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, stat_dtype
+from .state import EXP_AVG_L, EXP_AVG_R, EXP_AVG_SQ, STEP, holds_state, stat_dtype
 
 POLICIES = ("none", "full", "lowrank")
 SECOND_MOMENTS = ("adam-mini", "adam")
@@ -347,13 +347,12 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         (every expected key, with its shape)."""
         for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            if not saved:
+            if not holds_state(saved):
                 continue
             kept, expected = _policy_of(saved), _policy_of(self._state_shapes(name, p))
             if kept != expected:
-                saved_policy = kept
                 raise ValueError(
-                    f"the state of {name!r} holds {saved_policy!r} momentum, but its policy here is {self.policy(name)!r} "
+                    f"the state of {name!r} holds {kept!r} momentum, but its policy here is {self.policy(name)!r} "
                     f"(role {self.plan[name].role!r}): it was saved with another momentum= setting, or from an optimizer "
                     "built another way (a module gives roles that bare parameters lack); build both the same way"
                 )

@@ -57,9 +57,9 @@ from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
 from ..validation import Rule, validate
 from . import nonfinite, param_rounding
-from .checkpoint import align_state_dict, check_fits
+from .checkpoint import align_state_dict, check_fits, check_structure
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
-from .state import NONFINITE_SKIPS, stat_dtype
+from .state import NONFINITE_SKIPS, holds_state, stat_dtype
 
 
 @dataclass
@@ -160,10 +160,10 @@ class BlockwiseOptimizer(Optimizer):
             self._check_changed_settings()
         skip, journal = (), []  # (journal: the state dicts this step adds to, with their lengths before)
         try:
-            if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups):
-                skip = nonfinite.to_skip(self)
             if not torch.compiler.is_compiling():  # (DeepSpeed steps its client eagerly)
                 zero_partitions(self)  # under DeepSpeed ZeRO the groups hold flat partitions: read them once
+            if any(g["nonfinite"] in nonfinite.SKIPPING for g in self.param_groups):
+                skip = nonfinite.to_skip(self)  # (after ZeRO is read: its ranks agree on skips from the first step)
             batches = [batch for batch in (self._gather(group, skip, journal) for group in self.param_groups)
                        if batch.params]
             if not batches:
@@ -429,6 +429,7 @@ class BlockwiseOptimizer(Optimizer):
         (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
         block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
         """
+        check_structure(state_dict)
         self._check_loaded_groups(state_dict)
         zero = zero_partitions(self)
         if zero is not None:  # DeepSpeed ZeRO: per flat partition, its pieces' state (distributed/zero.py)
@@ -497,7 +498,7 @@ class BlockwiseOptimizer(Optimizer):
         or holds it in another shape. Subclasses add their own checks."""
         for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            if saved:
+            if holds_state(saved):
                 check_fits(saved, name, p, self._state_shapes(name, p), self.block_spec(name))
 
     # ---- pickling / deepcopy ----------------------------------------------------------

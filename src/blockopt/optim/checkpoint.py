@@ -24,13 +24,23 @@ import torch
 from .state import EXP_AVG_SQ, STEP
 
 
+def check_structure(state_dict: Any) -> None:
+    """Refuse what is not an optimizer state dict at all, before any part of it is read."""
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state dict: expected a mapping with 'state' and 'param_groups'")
+    groups = state_dict["param_groups"]
+    if not isinstance(state_dict["state"], Mapping) or not isinstance(groups, (list, tuple)) \
+            or not all(isinstance(g, Mapping) and "params" in g for g in groups):
+        raise ValueError("not an optimizer state dict: 'state' must be a mapping and 'param_groups' a list of "
+                         "dicts, each with 'params'")
+
+
 def align_state_dict(groups: list[dict], state_dict: Any) -> tuple[dict, list[tuple[Any, torch.Tensor, str]]]:
     """``(aligned, pairs)``: ``state_dict`` with each group's saved ids in this optimizer's order
     and this optimizer's names (torch's loader then matches by position), old formats converted
     (a Python number ``step`` becomes a float32 tensor, as torch's own optimizers keep it), and
     the ``(saved id, parameter, name)`` pairs. Raises ``ValueError`` when the structure differs."""
-    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-        raise ValueError("not an optimizer state dict: expected a mapping with 'state' and 'param_groups'")
+    check_structure(state_dict)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(groups):
         raise ValueError(

@@ -63,6 +63,13 @@ def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EX
     rounding it as before (a bf16 ``exp_avg`` under a setting now ``"float32"``)."""
     plain, codes_key, _ = keys(key)
     if not holds(momentum_dtype, state, key, param_dtype=param_dtype):
+        if momentum_dtype is None and plain in state and param_dtype is not None:  # the parameter changed, not the setting
+            raise ValueError(
+                f"{name}: its param group says momentum_dtype=None (m in the parameter's dtype, now {param_dtype}), but "
+                f"its state holds {state[plain].dtype} {plain}: the parameter was cast after the optimizer made its state (e.g. model.to(torch.bfloat16)), or the group's momentum_dtype was changed by hand. Build "
+                "the optimizer after the cast, or save opt.state_dict() and load it into an optimizer built with the "
+                "model and setting you want (it converts)"
+            )
         held = saved_dtype(state, None, key) if codes_key in state else f"{state[plain].dtype} {plain}"
         raise ValueError(
             f"{name}: its param group now says momentum_dtype={momentum_dtype!r}, but its state holds {held}; "

@@ -17,6 +17,12 @@ NONFINITE_SKIPS = "nonfinite_skips"  # nonfinite='skip_tensor'/'skip_step': step
 EXP_AVG_R = "exp_avg_r"  # AdaPM: right factor R of the low-rank first moment L @ R, (rank, n), stat_dtype
 
 
+def holds_state(entry) -> bool:
+    """Whether a saved state entry holds what a step keeps: a parameter whose every gradient so
+    far was skipped as non-finite has only its count of skips, and loads as one with no state."""
+    return bool(entry) and any(key != NONFINITE_SKIPS for key in entry)
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     local = t.to_local() if hasattr(t, "to_local") else t  # DTensor: count this rank's shard
     if type(local) is not torch.Tensor and hasattr(local, "__tensor_flatten__"):
