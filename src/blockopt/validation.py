@@ -13,6 +13,8 @@ against it, so every entry point refuses the same values with the same words::
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -163,3 +165,16 @@ def _within(x: float, rule: Rule) -> bool:
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+_LIBRARIES = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that points
+    at the user's line: the first frame outside blockopt and torch, however many wrappers (torch's
+    ``no_grad``, optimizer hooks, a subclass's ``step``) lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level

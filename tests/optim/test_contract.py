@@ -353,8 +353,9 @@ def test_a_non_finite_block_statistic_warns_once_by_default(name):
     model = MLP()
     opt = OPTIMIZERS[name](model)
     _poison(model)
-    with pytest.warns(RuntimeWarning, match=r"'fc1.weight' is inf or nan, so every coordinate of those blocks"):
+    with pytest.warns(RuntimeWarning, match=r"'fc1.weight' is inf or nan, so every coordinate of those blocks") as record:
         opt.step()
+    assert record[0].filename == __file__  # the user's line
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         opt.step()  # once only
@@ -571,8 +572,9 @@ def test_an_optimizer_left_holding_parameters_nobody_trains_says_so_once(name):
     for p in model.parameters():
         p.grad = None
     before = _params(model)
-    with pytest.warns(UserWarning, match=r"none of its 4 parameters has a gradient, though it holds state"):
+    with pytest.warns(UserWarning, match=r"none of its 4 parameters has a gradient, though it holds state") as record:
         opt.step()
+    assert record[0].filename == __file__  # the user's line, past torch's wrappers of step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # said once

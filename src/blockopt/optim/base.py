@@ -55,7 +55,7 @@ from ..distributed import (
 from ..distributed.zero import PIECES
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
-from ..validation import Rule, validate
+from ..validation import Rule, caller_stacklevel, validate
 from . import nonfinite, param_rounding
 from .checkpoint import align_state_dict, check_fits, check_structure
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
@@ -135,7 +135,8 @@ class BlockwiseOptimizer(Optimizer):
         plan = self.plan
         if new:
             if unnamed:
-                warnings.warn("parameters added without names: blocks come from shapes only", PartitionWarning, stacklevel=2)
+                warnings.warn("parameters added without names: blocks come from shapes only", PartitionWarning,
+                              stacklevel=caller_stacklevel())
             plan = plan.merged(partition(all_trainable(new), **self._partition_options))
         for n, p in zip(group["param_names"], group["params"]):
             check_spec(plan, n, p)
@@ -200,7 +201,7 @@ class BlockwiseOptimizer(Optimizer):
             "state from earlier steps or a checkpoint, so nothing moved. If the model's parameters were replaced "
             "after the optimizer was built (e.g. PEFT adapters reloaded by the Trainer's resume_from_checkpoint, "
             "load_state_dict(assign=True)), build the optimizer on the parameters the model trains now. "
-            "(Said once.)", UserWarning, stacklevel=3)
+            "(Said once.)", UserWarning, stacklevel=caller_stacklevel())
 
     def _check_changed_settings(self) -> None:
         """Group settings set by hand since the last step (``group["lr"] = ...``, as schedulers do)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..partition import Plan, partition
 from ..partition.engine import PartitionWarning
+from ..validation import caller_stacklevel
 
 
 def named_groups(params, plan: Plan | None, partition_options: dict, owner: str) -> tuple[list[dict], Plan, bool]:
@@ -69,11 +70,11 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
                 "(matrices per row, vectors per coordinate). Pass the model, or model.named_parameters(), "
                 "so blocks follow its structure (heads, embeddings, norms); in transformers' Trainer: "
                 "optimizers=(blockopt.hf.create_optimizer(model, args), None) (docs/integrations.md).",
-                PartitionWarning, stacklevel=4,
+                PartitionWarning, stacklevel=caller_stacklevel(),
             )
         else:
             for w in caught:
-                warnings.warn(w.message, w.category, stacklevel=4)
+                warnings.warn(w.message, w.category, stacklevel=caller_stacklevel())
     for n, p in pairs:
         check_spec(plan, n, p)
     return groups, plan, unnamed

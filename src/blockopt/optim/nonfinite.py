@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from ..validation import caller_stacklevel
 from .state import NONFINITE_SKIPS
 
 NONFINITE = ("warn", "skip_tensor", "skip_step", "ignore")
@@ -130,17 +131,17 @@ class StatisticsWatch:
         bad = [name for name, t in window if not bool(torch.isfinite(t).all())]
         if bad:
             self.warned = True
-            _warn(owner, key, bad, stacklevel=5)
+            _warn(owner, key, bad)
 
 
-def _warn(owner: str, key: str, bad: list[str], stacklevel: int) -> None:
+def _warn(owner: str, key: str, bad: list[str]) -> None:
     shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     warnings.warn(
         f"{owner}: the block statistic {key!r} of {shown} is inf or nan, so every coordinate of those "
         "blocks has stopped training (a gradient held inf or nan). Pass nonfinite='skip_tensor' or "
         "'skip_step' to skip such gradients, or find where they overflow (e.g. fp16 without a GradScaler). "
         "This warning is shown once.",
-        RuntimeWarning, stacklevel=stacklevel,
+        RuntimeWarning, stacklevel=caller_stacklevel(),
     )
 
 
@@ -152,7 +153,7 @@ def warn_nonfinite(warned: torch.Tensor, bad: torch.Tensor, owner: str, key: str
     if warned.item() or not bad.any().item():
         return
     warned.fill_(True)
-    _warn(owner, key, [name for name, flag in zip(names.split("\n"), bad.tolist()) if flag], stacklevel=2)
+    _warn(owner, key, [name for name, flag in zip(names.split("\n"), bad.tolist()) if flag])
 
 
 @warn_nonfinite.register_fake

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from ..validation import boolean, choice, integer, validate
+from ..validation import boolean, caller_stacklevel, choice, integer, validate
 from .adapters import ADAPTERS, ATTENTION_CLASS
 from .context import Context
 from .experts import expert_output_dim, expert_rows_spec
@@ -96,7 +96,8 @@ def partition(
         ctx.warnings.append(f"no adapter recognised {', '.join(_collapse(unsure))}: one block per row")
     found = tuple(_collapse(ctx.warnings))
     if found:
-        warnings.warn("blockopt.partition fell back to safe layouts: " + "; ".join(found), PartitionWarning, stacklevel=2)
+        warnings.warn("blockopt.partition fell back to safe layouts: " + "; ".join(found), PartitionWarning,
+                      stacklevel=caller_stacklevel())
     return Plan(specs, found)
 
 
