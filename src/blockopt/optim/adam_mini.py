@@ -87,7 +87,7 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
             per-tensor loop), ``"batched"`` (``torch._foreach_*`` over groups of tensors),
             ``"fused"`` (per param group, one C++ kernel call for the CPU tensors, built on first
             use, and up to three Triton launches per dtype for the CUDA tensors; whatever no
-            kernel takes runs batched), ``"auto"`` (the fastest available: today ``"fused"``).
+            kernel takes runs batched), ``"auto"`` (the fastest available: ``"fused"`` wherever it runs).
             All compute the same update, to rounding. (Default: "auto")
         nonfinite (str): what a step does about inf/nan gradients: ``"warn"`` (once, when a block
             statistic turns inf or nan: the whole block then stops training), ``"skip_tensor"``

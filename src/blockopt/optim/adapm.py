@@ -47,9 +47,8 @@ forms :math:`T_t`. Only :math:`\Delta_t` (for the correction) is one transient :
 buffer, reused for the update, so a step holds at most one parameter-sized temporary at a time.
 
 The fit of the factors, and how they are kept under FSDP2, are in `blockopt.optim.lowrank`
-(Note [the fit: ...], Note [sharded low-rank momentum]). This module runs past 400 lines because
-no official code exists: the notes below record every choice the paper leaves open, next to the
-code they explain.
+(Note [the fit: ...], Note [sharded low-rank momentum]). No official code exists, so the notes
+below record every choice the paper leaves open, next to the code they explain.
 
 Note [what comes from the paper]
     No official code is public. From the paper: the policy per block type (none for the token
@@ -70,7 +69,7 @@ Note [bias correction: the residual estimates the momentum the factors lost]
     just as Adam's :math:`1/(1-\beta_1^t)` makes :math:`m_t` exact for a constant gradient; at
     the first step :math:`u_1 = g_1` exactly. Without the correction the low-rank momentum keeps
     only the gradient's rank-r part, a bias that never decays (on the demo Llama: +9% final
-    validation loss against AdamW, +2% with it). The estimate multiplies the residual's noise (and the momentum lost
+    validation loss against AdamW, +2% with it; benchmarks/studies/adapm). The estimate multiplies the residual's noise (and the momentum lost
     when the subspace turns) by :math:`1/(1-\beta_1)`, hence the clip: the correction never exceeds
     ``residual_clip`` times the current gradient in Frobenius norm (1 by default: for a constant
     gradient it is its out-of-subspace part, never larger than the gradient; on the demo Llama

@@ -365,7 +365,7 @@ class BlockwiseOptimizer(Optimizer):
     def _group_of(self, param: Tensor) -> dict:
         """The live param group holding ``param``. An index by identity, each answer checked
         against the live groups (edited in place or replaced by a load: re-indexed, never misread):
-        a load asks once per parameter, and a scan per call was quadratic in the model's size."""
+        a load asks once per parameter, and a scan per call would be quadratic in the model's size."""
         found = self.__dict__.get("_group_index", {}).get(id(param))
         if found is not None:
             group, index = found

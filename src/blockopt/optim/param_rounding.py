@@ -6,7 +6,7 @@ parameter. Rounded to nearest, an update smaller than half the spacing of bf16 v
 rate, a small gradient) leaves the weights where they were. Two ways keep it, per param group:
 
 ================  ==================================================================================
-``"nearest"``     (default) round to nearest: what every step did before this setting
+``"nearest"``     (default) round to nearest, as torch.optim writes a bf16/fp16 parameter
 ``"stochastic"``  round up with probability (the distance to the lower value) / (the gap): the
                   parameter is exact in expectation (`kernels.codecs.BFloat16Rounding`, bf16 only)
 ``"kahan"``       compensated (Kahan) summation: ``param_compensation``, a tensor in the
@@ -14,16 +14,16 @@ rate, a small gradient) leaves the weights where they were. Two ways keep it, pe
                   back, so ``p + param_compensation`` carries about twice the parameter's bits
 ================  ==================================================================================
 
-float32 and float64 parameters are written exactly as before under every setting (no state, no
-extra work). Under ``"kahan"`` the step works on :math:`w = p + c` and splits its float32 result
+float32 and float64 parameters are written as computed under every setting (no state, no extra
+work). Under ``"kahan"`` the step works on :math:`w = p + c` and splits its float32 result
 :math:`w'` into :math:`p \leftarrow \operatorname{round}(w')` and
 :math:`c \leftarrow \operatorname{round}(w' - p)`; the gradient is still taken at :math:`p`.
 
 Note [a float32 step on low-precision parameters]: rather than teach every implementation of
-every optimizer two more ways to write a parameter, `update` runs the optimizer's own update
+every optimizer two more ways to write a parameter, `apply` runs the optimizer's own update
 (``_update``, any ``implementation``) on float32 copies of a slice of its low-precision
 parameters, their gradients and the state kept in their dtype (``LIKE_PARAM``, e.g. a bf16
-``exp_avg``, written back rounded to nearest as before), and then writes the parameters back
+``exp_avg``, written back rounded to nearest), and then writes the parameters back
 with the group's rounding. The copies are made a slice at a time (at most the largest tensor,
 or 4M elements), like compressed momenta (`kernels.adam_mini.decoded`). The float32 update is
 the one the step computes for a bf16 parameter anyway, so ``"kahan"``'s first step writes
@@ -75,13 +75,6 @@ def check_mode(mode) -> None:
     setting changed on a live group is never read as another."""
     if type(mode) is not str or mode not in PARAM_ROUNDINGS:
         check("param_rounding", mode, RULE)  # (raises: what the rule accepts is exactly those)
-
-
-def _check_rounds(mode) -> None:
-    """Raise unless ``mode`` is one that rounds the parameters: ``"stochastic"`` or ``"kahan"``."""
-    check_mode(mode)
-    if mode not in ("stochastic", "kahan"):
-        raise ValueError(f"param_rounding={mode!r} writes parameters as computed: only 'stochastic' and 'kahan' round")
 
 
 @dataclass
@@ -164,10 +157,10 @@ def _writes(optimizer, batch, low: list[int], mode: str, journal: list | None = 
     """What writing each low-precision position needs, after checking that the setting can be
     honoured for every one: under "kahan" its ``param_compensation`` (created at zero on first
     use, once all are checked), under "stochastic" its rounding offset (Note [seeded parameter
-    rounding])."""
-    _check_rounds(mode)
+    rounding]). ``mode`` is one `prepare` checked."""
     group = batch.group
-    by_name = dict(zip(group["param_names"], group["params"]))
+    zero = optimizer.__dict__.get("_zero") is not None  # (its groups hold flat partitions, not the named tensors)
+    by_name = {} if zero else dict(zip(group["param_names"], group["params"]))
     out, found = {}, []
     for i in low:  # (every check first)
         name, p = batch.names[i], by_name.get(batch.names[i])

@@ -13,7 +13,7 @@ ratio, computed once, from the parameter's first gradient :math:`g^{(0)}`, and t
 With the defaults (one block per tensor, no normalisation) this is exactly the ``sgd-sai`` 1.0.3
 package. Only ``m`` (like the parameter) and one scalar per block are kept: half of AdamW's state,
 and less with ``momentum_dtype`` (``m`` in bf16 or int8/int4 codes, `blockopt.optim.momentum`).
-The module runs past 400 lines for its notes: where and why it departs from the package.
+Its notes say where and why it departs from the package.
 """
 
 from __future__ import annotations
@@ -321,10 +321,10 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
 
     def _update(self, batch: SGDSaIBatch, collectives: Collectives) -> None:
         """Phase 3: the update, with the gsnrs and maxima of phases 1 and 2."""
-        group = batch.group
+        group, lr = batch.group, self._lr(batch.group)  # (a tensor lr read once)
         sgd_sai_update(
             batch.params, batch.grads, batch.momentum_buffers, batch.gsnrs, batch.layouts,
-            scale=step_scale(self._lr(group), group["normalize"], group["gsnr_max"]), lr=self._lr(group),
+            scale=step_scale(lr, group["normalize"], group["gsnr_max"]), lr=lr,
             momentum=group["momentum"], weight_decays=batch.weight_decays, maximize=group["maximize"],
             new_momentum=batch.new_momentum, steps=batch.steps,
         )

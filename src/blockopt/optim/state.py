@@ -8,13 +8,13 @@ from ..kernels import stat_dtype  # noqa: F401  (re-exported: every optimizer ke
 
 # Per-parameter state keys (kept equal to torch.optim.AdamW's so stock tools recognise them).
 STEP = "step"  # float32 scalar tensor, as in torch.optim
-EXP_AVG = "exp_avg"  # first moment m: shaped like the parameter, in the parameter's dtype
+EXP_AVG = "exp_avg"  # first moment m: like the parameter, in its dtype or momentum_dtype (compressed: momentum.keys)
 EXP_AVG_SQ = "exp_avg_sq"  # Adam-mini: one value per block, shape (n_blocks,), float32 (float64 for float64 params)
 MOMENTUM_BUFFER = "momentum_buffer"  # SGD-SaI: momentum m, like the parameter (torch.optim.SGD's and sgd-sai's key)
 GSNR = "gsnr"  # SGD-SaI: per-block gradient signal-to-noise ratio, shape (n_blocks,), stat_dtype (sgd-sai's key)
 EXP_AVG_L = "exp_avg_l"  # AdaPM: left factor L of the low-rank first moment L @ R, (m, rank), stat_dtype
-NONFINITE_SKIPS = "nonfinite_skips"  # nonfinite='skip_tensor'/'skip_step': steps this parameter skipped (an int)
 EXP_AVG_R = "exp_avg_r"  # AdaPM: right factor R of the low-rank first moment L @ R, (rank, n), stat_dtype
+NONFINITE_SKIPS = "nonfinite_skips"  # nonfinite='skip_tensor'/'skip_step': steps this parameter skipped (an int)
 
 
 def holds_state(entry) -> bool:
