@@ -28,19 +28,32 @@ def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, s
     params = dict(model.named_parameters())
     stored = {name: None for name in params}
     v = {name: torch.zeros(plan[name].n_blocks, dtype=torch.float64) for name in params}
+    # int8/int4 keep bf16 where a code chunk would hold several blocks: written out, not asked of kept_as
+    kept = {name: "bfloat16" if dtype in ("int8", "int4") and _chunks_cross_blocks(plan[name]) else dtype for name in params}
     for t, idx in enumerate(data, start=1):
         model.zero_grad()
         lm_loss(model, idx).backward()
         with torch.no_grad():
             for name, p in params.items():
                 spec, g = plan[name], p.grad.double()
-                m = torch.zeros_like(g) if stored[name] is None else codec(dtype).decode(stored[name], tuple(p.shape)).double()
+                m = torch.zeros_like(g) if stored[name] is None else codec(kept[name]).decode(stored[name], tuple(p.shape)).double()
                 m = betas[0] * m + (1 - betas[0]) * g
                 block_means = spec.block_sum(g * g) / spec.block_numel(v[name])
                 v[name] = betas[1] * v[name] + (1 - betas[1]) * block_means
                 denom = spec.expand((v[name] / (1 - betas[1] ** t)).sqrt() + eps)
                 p -= lr / (1 - betas[0] ** t) * m / denom
-                stored[name] = codec(dtype).encode(m, rounding_key(seed, t, momentum.salt(name)))
+                stored[name] = codec(kept[name]).encode(m, rounding_key(seed, t, momentum.salt(name)))
+
+
+def _chunks_cross_blocks(spec, chunk: int = 256) -> bool:
+    """Whether some chunk of 256 elements of a row holds elements of two blocks, by brute force."""
+    index = spec.block_index().reshape(spec.shape[0] if len(spec.shape) >= 2 else 1, -1)
+    width = index.shape[1]
+    for start in range(0, width, chunk):
+        part = index[:, start:start + chunk]
+        if (part != part[:, :1]).any():
+            return True
+    return False
 
 
 @pytest.mark.parametrize("seed", [0, 2**32 - 5])
@@ -83,9 +96,10 @@ def test_storage_and_true_state_bytes(dtype):
     total = 0
     for name, p in model.named_parameters():
         r, n = (p.shape[0], p.numel() // p.shape[0]) if p.dim() >= 2 else (1, p.numel())  # rows of n elements
+        kept = "bfloat16" if dtype in ("int8", "int4") and _chunks_cross_blocks(opt.plan[name]) else dtype
         momentum_bytes = {None: 4 * p.numel(), "float32": 4 * p.numel(), "bfloat16": 2 * p.numel(),
                           "int8": p.numel() + 4 * r * -(-n // 256),
-                          "int4": r * -(-n // 2) + 4 * r * -(-n // 256)}[dtype]
+                          "int4": r * -(-n // 2) + 4 * r * -(-n // 256)}[kept]
         total += 4 + 4 * opt.plan[name].n_blocks + momentum_bytes
     assert blockopt.state_bytes(opt) == total
 
@@ -140,12 +154,13 @@ def test_checkpoints_load_across_storages(source, target):
     assert loader.param_groups[0]["momentum_dtype"] == target  # the live storage stays
     for name, p in model.named_parameters():
         src, dst = saver.state[p], loader.state[p]
-        assert set(dst) == {"step", "exp_avg_sq", *momentum.state_shapes(target, tuple(p.shape))}
-        m_src = momentum.read(source, src, tuple(p.shape)).float()
-        m_dst = momentum.read(target, dst, tuple(p.shape)).float()
+        kept_source, kept_target = (momentum.kept_as(d, loader.plan[name]) for d in (source, target))
+        assert set(dst) == {"step", "exp_avg_sq", *momentum.state_shapes(kept_target, tuple(p.shape))}
+        m_src = momentum.read(kept_source, src, tuple(p.shape)).float()
+        m_dst = momentum.read(kept_target, dst, tuple(p.shape)).float()
         # what the target can hold of the source's m: within the target codec's rounding
         scale = m_src.abs().max().clamp_min(1e-30)
-        tolerance = {None: 0, "float32": 0, "bfloat16": 2**-7, "int8": 2 / 127, "int4": 2 / 7 * 2}[target]
+        tolerance = {None: 0, "float32": 0, "bfloat16": 2**-7, "int8": 2 / 127, "int4": 2 / 7 * 2}[kept_target]
         assert float((m_dst - m_src).abs().max() / scale) <= tolerance + 1e-7, name
         assert torch.equal(dst["exp_avg_sq"], src["exp_avg_sq"])
     # the caller's dict is untouched (a failed or converting load changes nothing of it)
@@ -244,7 +259,8 @@ def test_adapm_compressed_full_momenta_resume_exactly_and_convert(dtype):
     for name, p in full_model.named_parameters():
         keys = set(full.state[p])
         if full.policy(name) == "full":
-            assert keys >= set(momentum.state_shapes(dtype, tuple(p.shape)))
+            kept = "bfloat16" if dtype in ("int8", "int4") and _chunks_cross_blocks(full.plan[name]) else dtype
+            assert keys >= set(momentum.state_shapes(kept, tuple(p.shape)))
         if full.policy(name) == "lowrank":  # Note [compressed low-rank factors]
             assert {full.state[p][k].dtype for k in ("exp_avg_l", "exp_avg_r")} == {torch.bfloat16}
 
@@ -519,3 +535,48 @@ def test_a_model_cast_after_the_first_step_is_named_as_the_cause(make):
     model.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"now torch.bfloat16\), but its state holds torch.float32 .*was cast after"):
         train(model, opt, batches(1))
+
+
+# ---- Note [int codes only where a chunk lies in one block] --------------------------------
+def _layouts():
+    from blockopt.partition import make_spec
+    specs = [make_spec("v", (300,), rule, "") for rule in ("coordinate", "whole")]
+    specs += [make_spec("w", shape, rule, "") for shape in ((8, 300), (300, 8), (1, 1), (5, 1), (4, 512))
+              for rule in ("rows", "cols", "coordinate", "whole")]
+    specs += [make_spec("q", (64, 48), "heads", "", n_heads=4), make_spec("c", (48, 64), "heads", "", n_heads=4, neuron_dim=1)]
+    specs += [make_spec("e", (4, 6, shape), "rows", "") for shape in (200, 256)]  # 3-D: rows of each expert
+    model = TinyTransformer()
+    specs += list(blockopt.partition(model).values())
+    return specs
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_int_codes_only_where_every_chunk_lies_in_one_block(dtype):
+    """`kept_as` against a brute-force look at each chunk's block indices, over rules and shapes."""
+    seen = set()
+    for spec in _layouts():
+        expected = "bfloat16" if _chunks_cross_blocks(spec) else dtype
+        assert momentum.kept_as(dtype, spec) == expected, (spec.name, spec.shape, spec.rule)
+        seen.add(expected)
+    assert seen == {dtype, "bfloat16"}
+    assert momentum.kept_as(None, _layouts()[0]) is None and momentum.kept_as("float32", _layouts()[0]) == "float32"
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_per_coordinate_tensor_steps_as_adam_does_under_int_codes(make, dtype):
+    """One gradient a million times the others in a bias (one block per coordinate): rounded in
+    a chunk scaled by the large one, the small m were divided by their own tiny sqrt(v) (steps of
+    55 lr with int8; int4 rounded them to 0). Each coordinate's step stays about lr, as Adam's."""
+    g = torch.full((256,), 1e-6)
+    g[0] = 1.0
+    bias = torch.nn.Parameter(torch.zeros(256))
+    opt = make([("fc.bias", bias)], lr=1e-3, momentum_dtype=dtype)
+    assert opt.plan["fc.bias"].rule == "coordinate"
+    for _ in range(20):
+        before = bias.detach().clone()
+        bias.grad = g.clone()
+        opt.step()
+        assert float((bias - before).abs().max()) <= 1.05e-3
+    assert float(bias[1:].abs().min()) >= 0.9 * 20 * 1e-3  # every small coordinate moved as Adam moves it
+    assert opt.state[bias]["exp_avg"].dtype == torch.bfloat16 and blockopt.state_bytes(opt) == 4 + 4 * 256 + 2 * 256

@@ -68,6 +68,8 @@ class MomentumStorage:
         """Create ``p``'s momentum on first use; what the update takes in place of ``exp_avg``:
         the tensor itself, or a `StoredMomentum` where it is compressed."""
         dtype, key = batch.group["momentum_dtype"], self._MOMENTUM_KEY
+        if dtype in momentum.QUANTIZED:  # (Note [int codes only where a chunk lies in one block])
+            dtype = momentum.kept_as(dtype, self.block_spec(name))
         if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
             m = state.get(key)
             if m is not None and m.dtype == (p.dtype if dtype is None else torch.float32):
@@ -117,8 +119,9 @@ class MomentumStorage:
             saved = state.get(saved_id)
             if not holds_state(saved):
                 continue
-            source = momentum.saved_dtype(saved, declared.get(saved_id), self._MOMENTUM_KEY)
-            target = self._group_of(p)["momentum_dtype"]
+            spec = self.block_spec(name)  # (int8/int4 settings keep some tensors in bf16: `momentum.kept_as`)
+            source = momentum.saved_dtype(saved, momentum.kept_as(declared.get(saved_id), spec), self._MOMENTUM_KEY)
+            target = momentum.kept_as(self._group_of(p)["momentum_dtype"], spec)
             # as saved, before a conversion makes a misfit the right shape
             momentum.check_saved(saved, name, tuple(p.shape), source, target, self._MOMENTUM_KEY)
             if source != target:
@@ -136,7 +139,7 @@ class MomentumStorage:
         # the storage goes back exactly as converted
         for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            dtype = self._group_of(p)["momentum_dtype"]
+            dtype = momentum.kept_as(self._group_of(p)["momentum_dtype"], self.block_spec(name))
             if not saved or dtype is None:
                 continue
             loaded = {key: saved[key].to(device=p.device, copy=True) for key in momentum.keys(self._MOMENTUM_KEY) if key in saved}

@@ -16,6 +16,18 @@ and encodes the new m back (the fused kernels in registers; `kernels.adam_mini.d
 but the codes is kept between steps. The rounding bits are drawn from (step, the parameter's name), so a run
 is reproducible and a resumed run bit-identical (`kernels.codecs`, Note [seeded rounding]).
 
+Note [int codes only where a chunk lies in one block]: the update divides m by the square root of
+its block's second moment, and an int code's error is a fraction of its chunk's largest |m| (one
+scale per 256 elements of a row). Where every chunk lies inside one block (rows, heads, embedding
+rows, whole tensors), that largest |m| is of the order of the block's own root second moment, so
+the error stays a small fraction of the step. Where a chunk holds several blocks (the
+per-coordinate rule: biases, other vectors; per-column blocks of an ``(in, out)`` weight), an
+element whose block has a second moment far below the chunk's largest |m|^2 is rounded to a level
+that can be many times its own denominator: on a 256-element bias with one gradient 1e6 times the
+others, single steps of 55 lr with int8, and int4 rounding those m to 0 so that they trained ~10x
+slower. Such tensors keep m in ``"bfloat16"`` (an error relative to each element) under
+``"int8"``/``"int4"`` (`kept_as`); they are usually a small part of the parameters.
+
 A checkpoint holds what the optimizer keeps (codes and scales, or ``exp_avg``) and its param
 groups the ``momentum_dtype`` it was saved with; loading into another ``momentum_dtype`` decodes
 and encodes again (`convert`): from a compressed checkpoint, m is what the codes said; into one,
@@ -25,13 +37,15 @@ m is rounded as a step would round it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import zlib
 
 import torch
 from torch import Tensor
 
 from ..distributed import ShardView, is_dtensor, local_tensor, replicated_like, shard_like, split_rows_like
-from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key
+from ..kernels.codecs import ROUNDING_SEED, StoredMomentum, codec, rounding_key, rows_of
 from ..validation import integer
 from .state import EXP_AVG
 
@@ -90,6 +104,55 @@ def holds(momentum_dtype: str | None, state: dict, key: str = EXP_AVG, *, param_
     if momentum_dtype is None:
         return param_dtype is None or state[plain].dtype == param_dtype
     return state[plain].dtype == getattr(torch, momentum_dtype)
+
+
+def kept_as(momentum_dtype: str | None, spec) -> str | None:
+    """The storage a tensor's momentum gets under its group's ``momentum_dtype``: the setting,
+    except int codes for a tensor whose chunks would hold several blocks, which keep ``"bfloat16"``
+    (Note [int codes only where a chunk lies in one block]); ``spec`` is its `BlockSpec`."""
+    if momentum_dtype not in QUANTIZED:
+        return momentum_dtype
+    share = _chunks_in_one_block if torch.compiler.is_compiling() else _cached_chunks_in_one_block
+    return momentum_dtype if share(tuple(spec.shape), tuple(spec.block_dims), tuple(spec.segments),
+                                   codec(momentum_dtype).chunk) else "bfloat16"
+
+
+def _chunks_in_one_block(shape: tuple[int, ...], block_dims: tuple[int, ...], segments: tuple[tuple[int, int], ...],
+                         chunk: int) -> bool:
+    """Whether every chunk of ``chunk`` elements of a row (`kernels.codecs.rows_of`) lies inside one
+    block of the layout: no block starts inside a chunk. Plain integers, so a traced step folds it."""
+    n_blocks = sum(units // per_block for units, per_block in segments)
+    rows, width = rows_of(shape)
+    if n_blocks <= 1 or width <= 1 or rows == 0:
+        return True
+    if not block_dims or list(block_dims) != list(range(block_dims[0], block_dims[-1] + 1)):
+        return False  # (blocks over dims that are not adjacent: not worked out, so not assumed)
+    first, last = block_dims[0], block_dims[-1] + 1
+    units, inner = math.prod(shape[first:last]), math.prod(shape[last:])
+    # a block starts at unit u of the flattened block dims: element u * inner of the tensor, or of
+    # each repeat of the units when dims before them make more than one repeat per row
+    if first == 0:
+        per_row = units // rows  # units in one row
+        if per_row == 1:
+            return True  # blocks of whole rows
+        def offset(u): return (u % per_row) * inner  # noqa: E306
+    else:
+        repeats = math.prod(shape[:first]) // rows
+        if repeats > 1 and (units * inner) % chunk:
+            return False
+        def offset(u): return u * inner  # noqa: E306
+    start = 0
+    for n_units, per_block in segments:
+        for u in range(start, start + n_units, per_block):
+            if offset(u) % chunk:
+                return False
+            if (per_block * inner) % chunk == 0 and (first != 0 or (per_row * inner) % chunk == 0):
+                break  # (every later start of this segment is a multiple of the chunk too)
+        start += n_units
+    return True
+
+
+_cached_chunks_in_one_block = functools.lru_cache(maxsize=None)(_chunks_in_one_block)
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
