@@ -580,3 +580,26 @@ def test_a_per_coordinate_tensor_steps_as_adam_does_under_int_codes(make, dtype)
         assert float((bias - before).abs().max()) <= 1.05e-3
     assert float(bias[1:].abs().min()) >= 0.9 * 20 * 1e-3  # every small coordinate moved as Adam moves it
     assert opt.state[bias]["exp_avg"].dtype == torch.bfloat16 and blockopt.state_bytes(opt) == 4 + 4 * 256 + 2 * 256
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.SGDSaI], ids=lambda c: c.__name__)
+def test_a_checkpoint_with_int_codes_on_a_per_coordinate_tensor_loads_converted(make, monkeypatch):
+    """Checkpoints from before `kept_as` hold int codes for every tensor: those of tensors that
+    now keep bf16 are decoded and kept as bf16, and the run steps on."""
+    model = make_tiny(torch.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(momentum, "kept_as", lambda dtype, spec: dtype)  # as it was saved
+        old = make(model, lr=1e-2, momentum_dtype="int8", **({"blocks": "plan"} if make is blockopt.SGDSaI else {}))
+        train(model, old, batches(2))
+    saved = copy.deepcopy(old.state_dict())
+    key = "momentum_buffer" if make is blockopt.SGDSaI else "exp_avg"
+    new = make(model, lr=1e-2, momentum_dtype="int8", **({"blocks": "plan"} if make is blockopt.SGDSaI else {}))
+    new.load_state_dict(saved)
+    moved = [name for name, p in model.named_parameters() if momentum.kept_as("int8", new.block_spec(name)) == "bfloat16"]
+    assert moved
+    for name, p in model.named_parameters():
+        if name in moved:
+            m_old = momentum.read("int8", old.state[p], tuple(p.shape), key)
+            assert new.state[p][key].dtype == torch.bfloat16
+            torch.testing.assert_close(new.state[p][key].float(), m_old.float(), rtol=2**-7, atol=0)
+    train(model, new, batches(1, seed=1))
