@@ -8,6 +8,7 @@ import torch
 
 import blockopt
 from blockopt.hf import create_optimizer, optimizer_cls_and_kwargs, trainer_hyperparameters
+from blockopt.optim.momentum import kept_as
 
 from .tiny import Tokens, assert_same_parameters, tiny_gpt2
 
@@ -79,7 +80,15 @@ def test_trainer_resumes_compressed_momentum_exactly(tmp_path, bf16):
     full, model, _ = trainer(tmp_path, training_args(tmp_path / "full", bf16=bf16), momentum_dtype="int8")
     full.train()
     saved = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=False)
-    assert all(v["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in v for v in saved["state"].values())
+    plan = full.optimizer.optimizer.plan
+    names = {pid: name for g in saved["param_groups"] for pid, name in zip(g["params"], g["param_names"])}
+    kept = {pid: kept_as("int8", plan[names[pid]]) for pid in saved["state"]}
+    assert set(kept.values()) == {"int8", "bfloat16"}  # GPT-2's Conv1D columns and biases keep bf16
+    for pid, entry in saved["state"].items():
+        if kept[pid] == "int8":
+            assert entry["exp_avg_codes"].dtype == torch.int8 and "exp_avg" not in entry
+        else:
+            assert entry["exp_avg"].dtype == torch.bfloat16 and "exp_avg_codes" not in entry
     resumed, model2, _ = trainer(tmp_path, training_args(tmp_path / "resumed", bf16=bf16), momentum_dtype="int8")
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert_same_parameters(model, model2)
