@@ -308,6 +308,17 @@ def test_partition_options_or_a_bare_list_plan_the_names_again():
     assert opt.plan[q].role == "query" and opt.plan[q].n_blocks == model.config.dim
 
 
+def test_a_group_added_to_the_list_is_planned_beside_the_carried_plan():
+    model = build_model("llama-tiny")
+    groups = blockopt.blockwise_lr(model, lr=BASE)
+    extra = torch.nn.Parameter(torch.zeros(3, 5))
+    groups.append({"params": [("extra.weight", extra)], "lr": BASE})
+    with pytest.warns(blockopt.PartitionWarning, match="extra.weight"):  # planned from its name and shape alone
+        opt = blockopt.AdamMini(groups)
+    assert opt.plan["extra.weight"].shape == (3, 5)
+    assert opt.plan["layers.0.attn.q_proj.weight"] == blockopt.partition(model)["layers.0.attn.q_proj.weight"]
+
+
 def test_lambda_lr_keeps_the_ratios():
     model = build_model("llama-tiny")
     opt = torch.optim.AdamW(blockopt.blockwise_lr(model, lr=BASE, weight_decay=0.1), betas=(0.9, 0.95))

@@ -64,12 +64,17 @@ class MomentumStorage:
     _LIVE_SETTINGS = ("momentum_dtype", "implementation")  # group settings a load leaves as they are
     seed: int = ROUNDING_SEED  # the optimizer's ``seed``: its rounding bits (Note [seeded rounding])
 
+    def _kept_as(self, momentum_dtype: str | None, name: str) -> str | None:
+        """`momentum.kept_as` for parameter ``name``: its storage under ``momentum_dtype`` (Note [int
+        codes only where a chunk lies in one block])."""
+        if momentum_dtype not in momentum.QUANTIZED:
+            return momentum_dtype
+        return momentum.kept_as(momentum_dtype, self.block_spec(name))
+
     def _keep_momentum(self, batch: ParamBatch, name: str, p: Tensor, state: dict, plain: bool) -> Tensor | StoredMomentum:
         """Create ``p``'s momentum on first use; what the update takes in place of ``exp_avg``:
         the tensor itself, or a `StoredMomentum` where it is compressed."""
-        dtype, key = batch.group["momentum_dtype"], self._MOMENTUM_KEY
-        if dtype in momentum.QUANTIZED:  # (Note [int codes only where a chunk lies in one block])
-            dtype = momentum.kept_as(dtype, self.block_spec(name))
+        dtype, key = self._kept_as(batch.group["momentum_dtype"], name), self._MOMENTUM_KEY
         if dtype is None or dtype == "float32":  # the common case, every step: keep it cheap
             m = state.get(key)
             if m is not None and m.dtype == (p.dtype if dtype is None else torch.float32):
@@ -119,9 +124,8 @@ class MomentumStorage:
             saved = state.get(saved_id)
             if not holds_state(saved):
                 continue
-            spec = self.block_spec(name)  # (int8/int4 settings keep some tensors in bf16: `momentum.kept_as`)
-            source = momentum.saved_dtype(saved, momentum.kept_as(declared.get(saved_id), spec), self._MOMENTUM_KEY)
-            target = momentum.kept_as(self._group_of(p)["momentum_dtype"], spec)
+            source = momentum.saved_dtype(saved, self._kept_as(declared.get(saved_id), name), self._MOMENTUM_KEY)
+            target = self._kept_as(self._group_of(p)["momentum_dtype"], name)
             # as saved, before a conversion makes a misfit the right shape
             momentum.check_saved(saved, name, tuple(p.shape), source, target, self._MOMENTUM_KEY)
             if source != target:
@@ -139,7 +143,7 @@ class MomentumStorage:
         # the storage goes back exactly as converted
         for saved_id, p, name in pairs:
             saved = state_dict["state"].get(saved_id)
-            dtype = momentum.kept_as(self._group_of(p)["momentum_dtype"], self.block_spec(name))
+            dtype = self._kept_as(self._group_of(p)["momentum_dtype"], name)
             if not saved or dtype is None:
                 continue
             loaded = {key: saved[key].to(device=p.device, copy=True) for key in momentum.keys(self._MOMENTUM_KEY) if key in saved}

@@ -177,8 +177,7 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
-        stored = momentum.state_shapes(momentum.kept_as(self._group_of(param)["momentum_dtype"], self.block_spec(name)),
-                                       tuple(param.shape))
+        stored = momentum.state_shapes(self._kept_as(self._group_of(param)["momentum_dtype"], name), tuple(param.shape))
         return {STEP: (), **stored, EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
 
     def _gather_state(self, batch: AdamMiniBatch, name, p, layout, state, plain) -> None:

@@ -333,8 +333,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         shapes = {STEP: (), EXP_AVG_SQ: (self.block_spec(name).n_blocks,)}
         policy = self.policy(name)
         if policy == "full":
-            shapes.update(storage.state_shapes(storage.kept_as(group["momentum_dtype"], self.block_spec(name)),
-                                               tuple(param.shape)))
+            shapes.update(storage.state_shapes(self._kept_as(group["momentum_dtype"], name), tuple(param.shape)))
         elif policy == "lowrank":
             m, n = matrix_shape(param.shape)
             r = self._rank(group, param.shape)

@@ -39,8 +39,8 @@ def align_state_dict(groups: list[dict], state_dict: Any) -> tuple[dict, list[tu
     """``(aligned, pairs)``: ``state_dict`` with each group's saved ids in this optimizer's order
     and this optimizer's names (torch's loader then matches by position), old formats converted
     (a Python number ``step`` becomes a float32 tensor, as torch's own optimizers keep it), and
-    the ``(saved id, parameter, name)`` pairs. Raises ``ValueError`` when the structure differs."""
-    check_structure(state_dict)
+    the ``(saved id, parameter, name)`` pairs. Raises ``ValueError`` when the structure differs
+    (of a state dict `check_structure` passed)."""
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(groups):
         raise ValueError(

@@ -77,10 +77,11 @@ def check_kept(momentum_dtype: str | None, state: dict, name: str, key: str = EX
     rounding it as before (a bf16 ``exp_avg`` under a setting now ``"float32"``)."""
     plain, codes_key, _ = keys(key)
     if not holds(momentum_dtype, state, key, param_dtype=param_dtype):
-        if momentum_dtype is None and plain in state and param_dtype is not None:  # the parameter changed, not the setting
+        if momentum_dtype is None and plain in state and param_dtype is not None:  # (a cast, or None set by hand)
             raise ValueError(
                 f"{name}: its param group says momentum_dtype=None (m in the parameter's dtype, now {param_dtype}), but "
-                f"its state holds {state[plain].dtype} {plain}: the parameter was cast after the optimizer made its state (e.g. model.to(torch.bfloat16)), or the group's momentum_dtype was changed by hand. Build "
+                f"its state holds {state[plain].dtype} {plain}: the parameter was cast after the optimizer made its "
+                "state (e.g. model.to(torch.bfloat16)), or the group's momentum_dtype was changed by hand. Build "
                 "the optimizer after the cast, or save opt.state_dict() and load it into an optimizer built with the "
                 "model and setting you want (it converts)"
             )
@@ -129,24 +130,19 @@ def _chunks_in_one_block(shape: tuple[int, ...], block_dims: tuple[int, ...], se
         return False  # (blocks over dims that are not adjacent: not worked out, so not assumed)
     first, last = block_dims[0], block_dims[-1] + 1
     units, inner = math.prod(shape[first:last]), math.prod(shape[last:])
-    # a block starts at unit u of the flattened block dims: element u * inner of the tensor, or of
-    # each repeat of the units when dims before them make more than one repeat per row
-    if first == 0:
-        per_row = units // rows  # units in one row
-        if per_row == 1:
-            return True  # blocks of whole rows
-        def offset(u): return (u % per_row) * inner  # noqa: E306
-    else:
-        repeats = math.prod(shape[:first]) // rows
-        if repeats > 1 and (units * inner) % chunk:
-            return False
-        def offset(u): return u * inner  # noqa: E306
+    # Block dims from dim 0 cut each row into per_row units; block dims after it repeat their
+    # whole unit range within each row. A block starts at offset (unit % per_row) * inner of its row.
+    per_row = units // rows if first == 0 else units
+    if first == 0 and per_row == 1:
+        return True  # blocks of whole rows
+    if first > 0 and math.prod(shape[:first]) > rows and (units * inner) % chunk:
+        return False  # (a row holds several repeats, and a repeat's end is a block start)
     start = 0
     for n_units, per_block in segments:
         for u in range(start, start + n_units, per_block):
-            if offset(u) % chunk:
+            if (u % per_row) * inner % chunk:
                 return False
-            if (per_block * inner) % chunk == 0 and (first != 0 or (per_row * inner) % chunk == 0):
+            if (per_block * inner) % chunk == 0 and (per_row * inner) % chunk == 0:
                 break  # (every later start of this segment is a multiple of the chunk too)
         start += n_units
     return True

@@ -42,8 +42,10 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
         check_real([(n, tensors[n]) for n in names], owner)
         return [{"params": [tensors[n] for n in names], "param_names": names}], plan, False
 
-    if plan is None and not partition_options and isinstance(getattr(params, "plan", None), Plan):
-        plan = params.plan  # groups that carry the plan of the model they came from (`blockopt.blockwise_lr`)
+    # groups that carry the plan of the model they came from (`blockopt.blockwise_lr`): it gives
+    # their tensors' blocks; tensors it lacks (a group added to the list) are planned from names
+    carried = getattr(params, "plan", None) if plan is None and not partition_options else None
+    carried = carried if isinstance(carried, Plan) else None
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list: pass model.parameters(), model.named_parameters() or the model")
@@ -61,9 +63,12 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
     check_real(pairs, owner)
     unnamed = check_naming([g.pop("_unnamed", False) for g in groups])
     if plan is None:
+        unplanned = [(n, p) for n, p in pairs if carried is None or n not in carried]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PartitionWarning)
-            plan = partition(all_trainable(pairs), **partition_options)
+            plan = partition(all_trainable(unplanned), **partition_options) if unplanned else carried
+        if unplanned and carried is not None:
+            plan = carried.merged(plan)
         if unnamed:
             warnings.warn(
                 f"{owner} got parameters without names, so blocks come from shapes only "

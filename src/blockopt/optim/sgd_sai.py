@@ -256,8 +256,8 @@ class SGDSaI(MomentumStorage, BlockwiseOptimizer):
             saved = state_dict["state"].get(saved_id) or {}
             if not any(key in saved for key in _BUFFER_KEYS):
                 continue
-            kept = storage.kept_as(self._group_of(p)["momentum_dtype"], self.block_spec(name))
-            expected = storage.state_shapes(kept, tuple(p.shape), MOMENTUM_BUFFER)
+            expected = storage.state_shapes(self._kept_as(self._group_of(p)["momentum_dtype"], name), tuple(p.shape),
+                                            MOMENTUM_BUFFER)
             for key, shape in expected.items():
                 value = saved.get(key)
                 if not isinstance(value, Tensor):
