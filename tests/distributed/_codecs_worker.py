@@ -117,6 +117,19 @@ def scenario_train(rank, world, out: Path, momentum_dtype: str) -> None:
     torch.save(result, out / f"train_{momentum_dtype}_w{world}.rank{rank}.pt")
 
 
+def scenario_compiled(rank, world, out: Path, momentum_dtype: str) -> None:
+    """The whole run under FSDP with ``torch.compile(opt.step)`` (Note [a compiled step of sharded
+    parameters]: it runs the eager step)."""
+    model = fsdp(Odd(), world)
+    opt = optimizer(model, momentum_dtype)
+    step = torch.compile(opt.step)
+    for x in batches():
+        opt.zero_grad(set_to_none=True)
+        model(local_rows(x, rank, world)).backward()
+        step()
+    torch.save({"end": snapshot(model, opt)}, out / f"compiled_{momentum_dtype}_w{world}.rank{rank}.pt")
+
+
 def scenario_resume(rank, world, out: Path, momentum_dtype: str, saved_world: int) -> None:
     """Load the checkpoint written at ``saved_world`` ranks (1: one process) into ``world``
     ranks (1 and no process group: one process) and finish the run."""
@@ -212,7 +225,7 @@ def scenario_convert(rank, world, out: Path, saved_dtype: str, live_dtype: str, 
     torch.save({"loaded": loaded, "end": snapshot(model, opt)}, out / f"{name}.rank{rank}.pt")
 
 
-SCENARIOS = {"train": scenario_train, "resume": scenario_resume, "load_whole": scenario_load_whole,
+SCENARIOS = {"train": scenario_train, "compiled": scenario_compiled, "resume": scenario_resume, "load_whole": scenario_load_whole,
              "stochastic": scenario_stochastic, "convert": scenario_convert}
 
 

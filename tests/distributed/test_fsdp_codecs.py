@@ -49,7 +49,8 @@ def runs(tmp_path_factory):
               + [("resume", {"momentum_dtype": dt, "saved_world": 1}) for dt in CODECS]
               + [("resume", {"momentum_dtype": "int8", "saved_world": 2})]
               + [("load_whole", {"momentum_dtype": dt}) for dt in ("int8", "int4")]
-              + [("stochastic", {}), ("stochastic", {"local_bits": True})] + converts[2], entry=worker.main)
+              + [("stochastic", {}), ("stochastic", {"local_bits": True})] + converts[2]
+              + [("compiled", {"momentum_dtype": "int8"})], entry=worker.main)
     run_world(3, out, [("resume", {"momentum_dtype": dt, "saved_world": 2}) for dt in ("int8", "int4")]
               + [("stochastic", {})] + converts[3], entry=worker.main)
     return out, references
@@ -69,6 +70,15 @@ def assert_close_params(a: dict, b: dict, tolerance: float = TOLERANCE) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= tolerance, name
+
+
+def test_a_compiled_step_of_sharded_parameters_is_the_eager_step(runs):
+    # dynamo cannot trace a DTensor step (it failed inside dynamo, or with suppress_errors left the
+    # int8 codes of the vectors kept whole unwritten): the compiled step runs it eagerly
+    out, _ = runs
+    eager, compiled = load(out, "train_int8_w2")["end"], load(out, "compiled_int8_w2")["end"]
+    assert_close_params(compiled["params"], eager["params"], 0.0)
+    assert_same_state(compiled["state"], eager["state"])
 
 
 @pytest.mark.parametrize("momentum_dtype", CODECS)

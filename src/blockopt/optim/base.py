@@ -153,6 +153,23 @@ class BlockwiseOptimizer(Optimizer):
         With sharded (DTensor) parameters, whatever the step needs from other ranks is gathered
         for every group at once (Note [one all-reduce per step]). A step that raises changes
         nothing (Note [a step that raises changes nothing])."""
+        if torch.compiler.is_compiling() and self._holds_dtensors():
+            return self._eager_step(closure)  # Note [a compiled step of sharded parameters]
+        return self._step(closure)
+
+    # Note [a compiled step of sharded parameters]: dynamo cannot trace the step of DTensor
+    # parameters (their shard layouts, the collectives, state kept whole on every rank), and a
+    # partial capture of it fails inside dynamo or, with ``suppress_errors``, leaves writes undone.
+    # So ``torch.compile(opt.step)`` with DTensors runs the step eagerly: one graph break, and the
+    # eager step's results. (DeepSpeed steps its client itself, eagerly.)
+    def _holds_dtensors(self) -> bool:
+        return any(is_dtensor(p) for group in self.param_groups for p in group["params"])
+
+    @torch.compiler.disable
+    def _eager_step(self, closure):
+        return self._step(closure)
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
