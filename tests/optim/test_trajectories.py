@@ -3,7 +3,8 @@
 The file ``data/trajectories.pt`` was written by `record` before the optimizers were restructured
 around one step template (issue 25), and checked bit for bit on the machine that wrote it. Here
 it is compared to 1e-12 (float64) and 1e-5 (float32): another CPU may round a reduction
-differently, but any change to the math shows up far above those tolerances.
+differently, but any change to the math shows up far above those tolerances. (Except the
+attention's key bias, whose gradient is rounding noise: `without_key_bias`.)
 
 Regenerate (only when the math changes on purpose, and say so in the commit)::
 
@@ -68,6 +69,17 @@ def trajectory(case: str) -> dict[str, torch.Tensor]:
     return {"losses": torch.stack(losses), **{n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
+def without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` less the attention's key bias (the middle third of ``in_proj_bias``). Softmax ignores
+    a key bias, so its gradient is zero up to rounding, and an Adam-type step (m / sqrt(v))
+    turns that noise into steps of ~lr: CPU-dependent (another machine's reductions round
+    otherwise: 4e-12 in float64, 4e-3 in float32), not the math."""
+    if not name.endswith("in_proj_bias"):
+        return t
+    third = t.numel() // 3
+    return torch.cat([t[:third], t[2 * third:]])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trajectory_is_unchanged(case):
     expected = torch.load(DATA)[case]
@@ -75,7 +87,8 @@ def test_trajectory_is_unchanged(case):
     assert got.keys() == expected.keys()
     tol = 1e-12 if expected["losses"].dtype == torch.float64 else 1e-5
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=tol, atol=tol, msg=lambda m: f"{case}/{name}: {m}")
+        torch.testing.assert_close(without_key_bias(name, got[name]), without_key_bias(name, expected[name]),
+                                   rtol=tol, atol=tol, msg=lambda m: f"{case}/{name}: {m}")
 
 
 def record() -> None:
