@@ -29,7 +29,7 @@ from blockopt.validation import boolean, check, choice, integer, pair, real, val
     (0.9, pair(real(0, 1)), TypeError, r"lr must be a pair, each a number in \[0, 1\], got 0.9"),
     ((0.9,), pair(real(0, 1)), ValueError, r"lr must be a pair, each a number in \[0, 1\], got \(0.9,\)"),
     ((0.9, 2.0), pair(real(0, 1)), ValueError, r"lr\[1\] must be a number in \[0, 1\], got 2.0"),
-    (torch.tensor(0.1), real(0), TypeError, r"lr must be a number >= 0, got tensor"),
+    (torch.tensor(0.1), real(0), TypeError, r"lr must be a number >= 0, got a tensor \(tensor\(0.1000\)\): pass a Python number"),
     (torch.ones(2), real(0, tensor=True), ValueError, r"got a tensor of shape \(2,\) \(a 1-element tensor is accepted\)"),
     (torch.tensor(-1.0), real(0, tensor=True), ValueError, r"lr must be a number >= 0, got tensor\(-1.\)"),
 ])

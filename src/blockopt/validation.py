@@ -149,6 +149,9 @@ def _as_number(name: str, value: Any, rule: Rule) -> float:
         if value.numel() != 1:
             raise _error(ValueError, name, value, rule, got=f"a tensor of shape {tuple(value.shape)} (a 1-element tensor is accepted)")
         value = value.item()
+    if isinstance(value, torch.Tensor):  # (torch's Adam takes tensor betas; here only the lr is read as one)
+        raise _error(TypeError, name, value, rule, got=f"a tensor ({value!r}): pass a Python number; of the "
+                     "settings only lr may be a tensor")
     wanted = Integral if rule.kind == "int" else Real
     if isinstance(value, bool) or not isinstance(value, wanted):
         raise _error(TypeError, name, value, rule, got=f"{value!r} ({type(value).__name__})")

@@ -73,6 +73,15 @@ def _assert_same(a, b, tol=0.0):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
+def _assert_same_state(a: dict, b: dict) -> None:
+    """Two ``state_dict()["state"]``: the same entries, keys and values, bit for bit."""
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys(), i
+        for key, value in a[i].items():
+            assert torch.equal(value, b[i][key]) if isinstance(value, torch.Tensor) else value == b[i][key], (i, key)
+
+
 # ---- steps ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_step_without_gradients_changes_nothing(name):
@@ -118,10 +127,39 @@ def test_tensor_lr_equals_float_lr(name, shape):
 @pytest.mark.parametrize("name", NAMES)
 def test_only_the_lr_may_be_a_tensor(name):
     """A tensor weight decay or eps would reach the step's float arithmetic: refused at once."""
-    with pytest.raises(TypeError, match=r"weight_decay must be a number >= 0, got tensor"):
+    with pytest.raises(TypeError, match=r"weight_decay must be a number >= 0, got a tensor \(tensor\(0.1000\)\): pass a Python number"):
         OPTIMIZERS[name](MLP(), weight_decay=torch.tensor(0.1))
     with pytest.raises(ValueError, match=r"lr must be a number >= 0, got a tensor of shape \(2,\)"):
         OPTIMIZERS[name](MLP(), lr=torch.ones(2))
+    key = "momentum" if name == "sgd-sai" else "betas"  # torch's Adam takes tensor betas
+    value = torch.tensor(0.9) if key == "momentum" else (torch.tensor(0.9), 0.95)
+    with pytest.raises(TypeError, match=rf"{key}(\[0\])? must be a number in \[0, 1\), got a tensor .*only lr may be a tensor"):
+        OPTIMIZERS[name](MLP(), **{key: value})
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_empty_param_groups_are_held_as_torch_holds_them(name, named):
+    """A no-decay group of a model without biases or norms is empty: torch.optim keeps it."""
+    data = _data()
+    ref, ours = MLP(), MLP()
+    params = (lambda m: list(m.named_parameters())) if named else (lambda m: list(m.parameters()))
+    ref_opt = OPTIMIZERS[name](params(ref))
+    _train(ref, ref_opt, data[:2])
+    opt = OPTIMIZERS[name]([{"params": [], "weight_decay": 0.0}, {"params": params(ours)}])
+    _train(ours, opt, data[:2])
+    _assert_same(_params(ours), _params(ref))
+    resumed = OPTIMIZERS[name]([{"params": [], "weight_decay": 0.0}, {"params": params(ours)}])
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    resumed.add_param_group({"params": []})
+    _train(ours, resumed, data[2:])
+    _train(ref, ref_opt, data[2:])
+    _assert_same(_params(ours), _params(ref))
+    assert len(resumed.param_groups) == 3 and resumed.param_groups[2]["params"] == []
+    # an optimizer of empty groups only takes parameters later, as torch's does
+    later = OPTIMIZERS[name]([{"params": []}])
+    later.add_param_group({"params": params(MLP())})
+    assert len(later.plan) == 4
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -170,6 +208,60 @@ def test_step_and_state_dict_hooks_run(name):
     _train(model, opt, _data(1))
     opt.load_state_dict(opt.state_dict())
     assert calls == ["pre", "post", "state_dict", "loaded"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_pre_hooks_run_first_and_what_they_return_is_checked_and_loaded(name):
+    model = MLP()
+    opt = OPTIMIZERS[name](model)
+    _train(model, opt, _data(1))
+    saved = copy.deepcopy(opt.state_dict())
+    stat = type(opt)._STAT_KEYS[0]
+    legacy = copy.deepcopy(saved)  # an older format, the statistic under another name
+    for entry in legacy["state"].values():
+        entry["old_" + stat] = entry.pop(stat)
+
+    def upgrade(o, sd):  # torch's docs: adapt a loaded dict in a pre hook
+        sd = copy.deepcopy(sd)
+        for entry in sd["state"].values():
+            entry[stat] = torch.full_like(entry.pop("old_" + stat), 7.0)
+        return sd
+
+    fresh = OPTIMIZERS[name](model)
+    handle = fresh.register_load_state_dict_pre_hook(upgrade)
+    fresh.load_state_dict(legacy)
+    assert all((fresh.state[p][stat] == 7).all() for p in model.parameters())
+    handle.remove()
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: {**sd, "param_groups": [
+        {**g, "lr": float("nan")} for g in sd["param_groups"]]})
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match="lr"):  # a hook's dict is checked as any other
+        fresh.load_state_dict(saved)
+    _assert_same_state(fresh.state_dict()["state"], before["state"])
+    assert fresh.state_dict()["param_groups"] == before["param_groups"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_post_hooks_see_the_loaded_state_and_their_changes_stay(name):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 300).to(torch.bfloat16))  # bf16: torch's load casts, blockopt restores
+    options = {} if name.startswith("sgd") else {"momentum_dtype": "int8"}
+    opt = OPTIMIZERS[name]([("w", w)], **options)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    stat = type(opt)._STAT_KEYS[0]
+    seen = {}
+
+    def post(o):
+        seen.update({k: v.dtype for k, v in o.state[w].items() if isinstance(v, torch.Tensor)})
+        o.state[w][stat].zero_()
+
+    opt.register_load_state_dict_post_hook(post)
+    opt.load_state_dict(saved)
+    assert seen == {k: v.dtype for k, v in opt.state[w].items() if isinstance(v, torch.Tensor)}
+    assert seen[stat] == torch.float32
+    assert (opt.state[w][stat] == 0).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -520,6 +612,30 @@ def test_a_setting_changed_by_hand_is_checked_at_the_next_step_before_anything_m
     _assert_same(_params(model), params)
     assert all(int(opt.state[p]["step"]) == int(state["state"][i]["step"]) for i, p in enumerate(model.parameters())
                if "step" in opt.state[p])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda lr: lr.fill_(float("nan")), r"lr must be a number >= 0, got tensor\(nan"),
+    (lambda lr: lr.fill_(-1e-3), r"lr must be a number >= 0, got tensor\(-0.001"),  # a LambdaLR past its horizon
+    (None, r"lr must be a number >= 0, got a tensor of shape \(2,\)"),
+], ids=["nan", "negative", "two-elements"])
+def test_a_tensor_lr_is_checked_at_every_step_before_anything_moves(name, change, message):
+    """A tensor lr is changed in place (a scheduler's ``fill_``), so it is checked at every step,
+    every group's before any group moves."""
+    model = MLP()
+    opt = OPTIMIZERS[name]([{"params": model.fc1.parameters(), "lr": torch.tensor(1e-2)},
+                            {"params": model.fc2.parameters(), "lr": torch.tensor(1e-2)}])
+    _train(model, opt, _data(1))
+    params, state = _params(model), copy.deepcopy(opt.state_dict())
+    if change is None:
+        opt.param_groups[1]["lr"] = torch.full((2,), 1e-2)
+    else:
+        change(opt.param_groups[1]["lr"])
+    with pytest.raises(ValueError, match=rf"param group 1: {message}"):
+        _train(model, opt, _data(1))
+    _assert_same(_params(model), params)
+    _assert_same_state(opt.state_dict()["state"], state["state"])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -39,6 +39,8 @@ changed after the state was made, a ``param_rounding`` a dtype can't take, ...).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
+from collections.abc import Mapping
 import itertools
 import warnings
 from dataclasses import dataclass, field
@@ -127,7 +129,9 @@ class BlockwiseOptimizer(Optimizer):
         offset = sum(len(g["params"]) for g in self.param_groups)
         group = name_group(dict(param_group), itertools.count(offset), where="new param group")
         unnamed = group.pop("_unnamed", False)
-        if "_unnamed" in self.__dict__:  # a group added by the user, not by torch's __init__
+        added = "_unnamed" in self.__dict__  # by the user, not by torch's __init__
+        first = added and not any(g["params"] for g in self.param_groups)  # (only empty groups so far)
+        if added and group["params"] and not first:
             check_naming([self._unnamed, unnamed])
         check_unique([group], self.param_groups)
         check_real(zip(group["param_names"], group["params"]), type(self).__name__)
@@ -144,6 +148,8 @@ class BlockwiseOptimizer(Optimizer):
         # DeepSpeed ZeRO later swaps the tensors for flat partitions: which one was which name (distributed/zero.py)
         self.__dict__.setdefault("_names_by_id", {}).update(zip(map(id, group["params"]), group["param_names"]))
         self.plan = plan
+        if first and group["params"]:  # the first parameters decide whether the optimizer names them
+            self._unnamed = unnamed
 
     # ---- the step template ------------------------------------------------------------
     @torch.no_grad()
@@ -224,11 +230,15 @@ class BlockwiseOptimizer(Optimizer):
         """Group settings set by hand since the last step (``group["lr"] = ...``, as schedulers do)
         are checked as the constructor checks them, before anything is stepped: a ``nan`` lr or a
         ``param_rounding="Kahan"`` would otherwise train on silently. A few comparisons per group
-        and step; tensors (a tensor lr) are left to the step."""
+        and step; a tensor setting (a tensor lr, changed in place by schedulers) is checked at every
+        step, as the step reads it at every step."""
         checked = self.__dict__.setdefault("_checked_settings", {})
         if len(checked) > 4 * len(self.param_groups):  # groups replaced (load_state_dict makes new ones)
             checked.clear()
         for index, group in enumerate(self.param_groups):
+            tensors = {k: v for k, v in group.items() if k in self.defaults and isinstance(v, Tensor)}
+            if tensors:
+                self._validated(tensors, f"param group {index}")
             settings = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()
                         if k in self.defaults and not isinstance(v, Tensor)}
             seen = checked.get(id(group))
@@ -311,7 +321,8 @@ class BlockwiseOptimizer(Optimizer):
                 if grad is None or (skip and id(p) in skip):
                     continue
                 if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name})")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({name}): build the "
+                                       "embedding with sparse=False, or give it torch.optim.SparseAdam of its own")
                 plain = type(p) is torch.nn.Parameter or type(p) is torch.Tensor  # else a DTensor: its local shard
                 names.append(name)
                 params.append(p if plain else local_tensor(p))
@@ -446,18 +457,23 @@ class BlockwiseOptimizer(Optimizer):
         this optimizer's ``momentum_dtype``). For sharded (DTensor) parameters, plain full-size tensors
         (from a single-process or full-state-dict checkpoint) are cut to this rank's shard, and
         block statistics in global form to the blocks meeting it: a checkpoint loads at any world size.
+
+        Hooks run in torch's order: ``register_load_state_dict_pre_hook`` hooks first (what they
+        return is what is checked and loaded), post hooks last (they see the loaded state).
         """
+        state_dict = self._run_load_pre_hooks(state_dict)
         check_structure(state_dict)
         self._check_loaded_groups(state_dict)
         zero = zero_partitions(self)
         if zero is not None:  # DeepSpeed ZeRO: per flat partition, its pieces' state (distributed/zero.py)
             zero.check_loadable(self, state_dict)
-            return super().load_state_dict(state_dict)
+            self._torch_load(state_dict)
+            return self._run_load_post_hooks()
         state_dict, pairs = align_state_dict(self.param_groups, state_dict)
         state_dict = self._convert_loaded(state_dict, pairs)
         state_dict = param_rounding.loaded(state_dict, self.param_groups)
         self._validate_state_dict(state_dict, pairs)
-        super().load_state_dict(state_dict)
+        self._torch_load(state_dict)
         self._restore_loaded(state_dict, pairs)
         # torch casts every floating state tensor to the parameter's dtype; block statistics
         # must stay float32 for bf16/fp16 params, so restore them from the saved values.
@@ -475,6 +491,32 @@ class BlockwiseOptimizer(Optimizer):
                     if key not in self._STAT_KEYS and isinstance(value, torch.Tensor) and not is_dtensor(value) \
                             and tuple(value.shape) == tuple(p.shape) and value.ndim > 0:
                         state[key] = shard_like(value, p)
+        self._run_load_post_hooks()
+
+    # torch's load runs the load hooks around its own part; blockopt's checks and conversions come
+    # before that part and its restoring of what torch casts after it, so the hooks run here.
+    def _run_load_pre_hooks(self, state_dict: Any) -> Any:
+        if not isinstance(state_dict, Mapping):
+            return state_dict  # (check_structure refuses it)
+        state_dict = dict(state_dict)  # (a shallow copy, as torch's load makes)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _run_load_post_hooks(self) -> None:
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _torch_load(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict`` without its hooks (they run in ours)."""
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
 
     def _check_loaded_groups(self, state_dict: dict) -> None:
         """The saved groups' hyperparameters replace the live ones, so they are checked as the

@@ -61,12 +61,12 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
 
     pairs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
     check_real(pairs, owner)
-    unnamed = check_naming([g.pop("_unnamed", False) for g in groups])
+    unnamed = check_naming([g.pop("_unnamed", False) for g in groups if g["params"]])  # (an empty group is either)
     if plan is None:
         unplanned = [(n, p) for n, p in pairs if carried is None or n not in carried]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PartitionWarning)
-            plan = partition(all_trainable(unplanned), **partition_options) if unplanned else carried
+            plan = partition(all_trainable(unplanned), **partition_options) if unplanned else carried or Plan([])
         if unplanned and carried is not None:
             plan = carried.merged(plan)
         if unnamed:
@@ -100,8 +100,9 @@ def name_group(group: dict, counter, where: str) -> dict:
     (and marking the group ``_unnamed``)."""
     ps = group["params"]
     ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-    if not ps:
-        raise ValueError(f"{where} has an empty 'params' list")
+    if not ps:  # (as torch.optim: a no-decay group of a model without biases or norms)
+        group.update(params=[], param_names=[])
+        return group
     tensors, names, kinds = [], [], set()
     given = group.get("param_names")
     if given is not None and len(given) != len(ps):
