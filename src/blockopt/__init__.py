@@ -12,4 +12,14 @@ from .partition import BlockSpec, PartitionWarning, Plan, partition, register_ad
 
 __version__ = "0.1.0"
 
+_LAZY_SUBMODULES = ("bench", "deepspeed")  # imported on first use: `blockopt.deepspeed.load_state(...)`
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'blockopt' has no attribute {name!r}")
+
 __all__ = ["AdaPM", "AdamMini", "Adam_mini", "BlockSpec", "PartitionWarning", "Plan", "audit", "blockwise_lr", "partition", "register_adapter", "SGDSaI", "sharpness_ratios", "state_bytes", "__version__"]

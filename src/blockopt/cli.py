@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib.util
 import json
 import os
@@ -460,8 +461,14 @@ def _config_argv(path: str, parser: argparse.ArgumentParser, given: argparse.Nam
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_IN_CONFIG}
     unknown = sorted(key for key in table if key.replace("-", "_") not in actions)
     if unknown:
-        known = ", ".join(sorted(dest.replace("_", "-") for dest in actions))
-        raise CommandError(f"--config {path}: unknown key {', '.join(map(repr, unknown))} (known: {known})")
+        keys = sorted(dest.replace("_", "-") for dest in actions)
+
+        def said(key: str) -> str:
+            close = difflib.get_close_matches(key.replace("_", "-"), keys, n=1)
+            return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+        raise CommandError(f"--config {path}: unknown key {', '.join(map(said, unknown))}; keys are the options of "
+                           "`blockopt compare --help`, without the dashes")
     words = []
     for key, value in table.items():
         action = actions[key.replace("-", "_")]

@@ -45,6 +45,16 @@ def test_ratios_from_a_report_feed_blockwise_lr():
         sharpness_ratios(report, measure="trace")  # the embedding's trace is negative
 
 
+def test_a_report_without_the_measure_says_which_it_has_and_how_to_measure_it():
+    # block_sharpness measures lambda_max and trace by default; sharpness_ratios reads gauss_newton
+    report = SharpnessReport([TypeSharpness("vo", 10, ("v",), lambda_max=2.0, trace_per_param=1.0),
+                              TypeSharpness("qk", 10, ("q",), lambda_max=8.0, trace_per_param=3.0)], settings={})
+    with pytest.raises(ValueError, match=r"no 'gauss_newton' values \(it measured lambda_max, trace\): pass "
+                                         r"measure='lambda_max', or .*logits_fn"):
+        sharpness_ratios(report)
+    assert sharpness_ratios(report, measure="lambda_max")["vo"] == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     ({}, ValueError, "non-empty"),
     ([("vo", 1.0)], ValueError, "non-empty mapping"),

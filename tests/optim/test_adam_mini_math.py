@@ -258,3 +258,21 @@ def test_official_keywords_are_accepted_and_checked(capsys):
         blockopt.AdamMini(model, verbose="yes")
     with pytest.raises(AttributeError, match=r"no 'wqk_names': blockopt plans blocks at construction.*rules="):
         opt.wqk_names.add("query")
+    with pytest.raises(AttributeError, match=r"no 'wqk_names': blockopt plans blocks at construction.*rules="):
+        opt.wqk_names = {"query"}  # (assigned, the set would sit unread)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.o_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+def test_the_official_call_prints_identical_layers_collapsed(capsys):
+    """``verbose=True`` with ``named_parameters=`` (no module: blocks from names) collapses the
+    layers as the table of a model does: the reasons do not carry the parameter's name."""
+    model = nn.Module()
+    model.layers = nn.ModuleList(_Block() for _ in range(3))
+    blockopt.AdamMini(named_parameters=model.named_parameters(), n_heads=2, verbose=True)
+    out = capsys.readouterr().out
+    assert "layers.{0..2}.q_proj.weight" in out and "layers.1." not in out

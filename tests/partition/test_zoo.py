@@ -1,4 +1,4 @@
-"""The partition of a zoo of architectures, tensor by tensor (DESIGN.md §2, Principle 1).
+"""The partition of a zoo of architectures, tensor by tensor (docs/partition.md: Principle 1).
 
 Every model is built from a tiny config (nothing is downloaded). For every trainable tensor the
 test writes down, from the config numbers alone, the block-index tensor Principle 1 asks for

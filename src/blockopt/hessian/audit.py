@@ -20,7 +20,7 @@ gains nothing (their cross terms are near zero): the head layout is the finest t
 mass, and a plan with heads of the wrong size is caught from either side:
 
 * **too coarse**: a finer candidate keeps the mass, so the plan's blocks merge Hessian blocks
-  that do not talk to each other (the direction that causes loss spikes, DESIGN.md section 2);
+  that do not talk to each other (the direction that causes loss spikes, docs/partition.md);
 * **too fine**: the plan's own blocks hold less than ``keep``: they cut dense blocks apart.
 
 Both are flagged only when measurable: with sampled columns, by more than ``z`` standard errors.

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ..partition import BLOCK_TYPES
 from ..validation import check, real
-from .sharpness import SharpnessReport
+from .sharpness import MEASURES, SharpnessReport
 
 
 def sharpness_ratios(
@@ -42,7 +42,15 @@ def sharpness_ratios(
         as ``blockwise_lr(..., ratios=...)``.
     """
     if isinstance(sharpness, SharpnessReport):
-        sharpness = sharpness.values_of(measure)
+        report, sharpness = sharpness, sharpness.values_of(measure)
+        if not sharpness:
+            held = [m for m in MEASURES if report.values_of(m)]
+            raise ValueError(
+                f"the SharpnessReport has no {measure!r} values (it measured {', '.join(held) or 'nothing'}): pass "
+                f"measure={held[0]!r}, or measure it with block_sharpness(..., measures=(..., 'gauss_newton'), "
+                "logits_fn=...) (block_sharpness measures lambda_max and trace by default)"
+                if held else "the SharpnessReport holds no values: measure at least one block type"
+            )
     if not isinstance(sharpness, Mapping) or not sharpness:
         raise ValueError("sharpness must be a non-empty mapping {block type: sharpness} or a SharpnessReport")
     check("power", power, real(0, low_open=True))

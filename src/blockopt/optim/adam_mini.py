@@ -165,16 +165,23 @@ class AdamMini(MomentumStorage, BlockwiseOptimizer):
         if verbose:
             print(plan_report(self.plan))
 
+    # Note [coming from adam-mini]: the official optimizer is tuned after construction by reading
+    # and assigning these name sets; here the plan is fixed at construction, so both say how.
     def __getattr__(self, name: str):
-        # Note [coming from adam-mini]: the official optimizer is tuned after construction by
-        # adding name fragments to these sets; here the plan is fixed at construction, so say how.
         if name in OFFICIAL_NAME_SETS:
-            raise AttributeError(
-                f"AdamMini has no {name!r}: blockopt plans blocks at construction, from the model's structure. "
-                "Pass the model itself (AdamMini(model)), or rules={'*your_layer*.weight': 'rows'} (see print(opt.plan)); "
-                "docs/coming-from-adam-mini.md"
-            )
+            raise AttributeError(self._no_name_sets(name))
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in OFFICIAL_NAME_SETS:  # (assigned, it would sit unread: the plan is made)
+            raise AttributeError(self._no_name_sets(name))
+        super().__setattr__(name, value)
+
+    @staticmethod
+    def _no_name_sets(name: str) -> str:
+        return (f"AdamMini has no {name!r}: blockopt plans blocks at construction, from the model's structure. "
+                "Pass the model itself (AdamMini(model)), or rules={'*your_layer*.weight': 'rows'} (see print(opt.plan)); "
+                "docs/coming-from-adam-mini.md")
 
     def _state_shapes(self, name: str, param: Tensor) -> dict[str, tuple[int, ...]]:
         stored = momentum.state_shapes(self._kept_as(self._group_of(param)["momentum_dtype"], name), tuple(param.shape))

@@ -281,7 +281,7 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
             continue
         shape = tuple(p.shape)
         role = _named_role(name, shape)
-        why = f"name '{name}' (no module given)"
+        why = "its name (no module given)"  # (the name is the row's: a reason without it lets identical layers collapse)
         if role == "bias" or len(shape) == 0:
             specs.append(make_spec(name, shape, "coordinate", f"bias by {why}: per-coordinate", role="bias"))
         elif role == "norm":
