@@ -550,6 +550,21 @@ def test_named_parameters_match_module_path(llama, llama_plan):
 
 
 @pytest.mark.hf
+def test_named_parameters_of_mlp_weights_of_unsaid_orientation_warn(gpt2, llama):
+    """GPT-2's ``mlp.c_fc`` is a Conv1D, (in, out), in transformers and an nn.Linear in nanoGPT: by
+    name alone its blocks are a guess (per row: per input neuron for the Conv1D), so it warns,
+    where Llama's gate/up/down_proj (nn.Linear by their names) plan silently."""
+    with pytest.warns(PartitionWarning, match=r"mlp\.c_fc\.weight \(x\d\), transformer\.h\.\*\.mlp\.c_proj\.weight.*"
+                                              r"do not say their orientation.*pass the model itself"):
+        plan = blockopt.partition(gpt2.named_parameters(), n_heads=4)
+    assert plan["transformer.h.0.mlp.c_fc.weight"].rule == "rows"
+    assert blockopt.partition(gpt2)["transformer.h.0.mlp.c_fc.weight"].rule == "cols"  # the model says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        blockopt.partition(llama.named_parameters(), n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.hf
 def test_named_parameters_without_heads_never_whole(llama):
     with pytest.warns(PartitionWarning, match="n_heads"):
         plan = blockopt.partition(llama.named_parameters())

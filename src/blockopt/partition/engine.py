@@ -251,6 +251,22 @@ _NAME_ROLES = (
 )
 
 
+# MLP layers whose names say nn.Linear, (out, in): per row is one block per output neuron. Other
+# names under an MLP (GPT-2's c_fc/c_proj are Conv1D, (in, out), in transformers, but nn.Linear
+# in nanoGPT) say nothing of the orientation: planned per row, with a warning.
+_LINEAR_FFN_NAMES = frozenset({
+    "gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3", "fc_in", "fc_out",
+    "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1", "gate_up_proj",
+    "gate", "router", "shared_expert_gate",  # MoE routers: nn.Linear (experts, hidden)
+})
+
+
+def _owner(name: str) -> str:
+    """The name of the module holding parameter ``name`` (``""`` at the top)."""
+    parts = name.lower().split(".")
+    return parts[-2] if len(parts) > 1 else ""
+
+
 def _named_role(name: str, shape: tuple[int, ...]) -> str:
     parts = name.lower().split(".")
     leaf, owners = parts[-1], parts[:-1]
@@ -269,7 +285,7 @@ def _named_role(name: str, shape: tuple[int, ...]) -> str:
 def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpec]:
     if not named:
         raise ValueError("named parameters are empty: pass model.named_parameters() of a model with parameters")
-    specs, seen = [], set()
+    specs, seen, unoriented = [], set(), []
     for item in named:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
             raise TypeError(f"expected (name, tensor) pairs such as model.named_parameters(), got {type(item).__name__}")
@@ -300,7 +316,15 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
                 ctx.warnings.append(f"{name}: no n_heads given, split per neuron (pass n_heads=/n_kv_heads=, or the model itself)")
             elif role == "other":
                 unsure.append(name)
+            elif role == "ffn" and len(shape) == 2 and _owner(name) not in _LINEAR_FFN_NAMES:
+                unoriented.append(name)
             specs.append(make_spec(name, shape, "rows", f"{role} by {why}: per row", role=role))
+    if unoriented:
+        ctx.warnings.append(
+            f"{', '.join(_collapse(unoriented))}: MLP weights whose names do not say their orientation, planned per "
+            "row as nn.Linear (out, in) stores them; a Conv1D (transformers' GPT-2) stores (in, out), whose blocks are "
+            "its columns: pass the model itself, or rules={'*.mlp.*.weight': 'cols'}"
+        )
     if not specs:
         raise ValueError("no trainable parameters (all have requires_grad=False)")
     return specs
