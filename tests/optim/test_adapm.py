@@ -324,7 +324,7 @@ def test_default_policies_follow_roles():
     for name, policy in opt.policies.items():
         role = opt.plan[name].role
         expected = DEFAULT_MOMENTUM[role]
-        if expected == "lowrank" and len(opt.plan[name].shape) < 2:
+        if expected == "lowrank" and len(opt.plan[name].shape) != 2:
             expected = "full"
         assert policy == expected, (name, role)
     paper = {"embedding": "none", "attn_out": "none", "value": "full", "query": "lowrank", "key": "lowrank", "ffn": "lowrank"}
@@ -338,6 +338,24 @@ def test_policy_overrides_and_one_dimensional_lowrank():
     assert roles["head"] == "lowrank" and roles["ffn"] == "full" and roles["query"] == "lowrank"
     assert roles["norm"] == "full"  # a vector can't be low-rank
     assert set(blockopt.AdaPM(model, momentum="none").policies.values()) == {"none"}
+
+
+def test_stacked_experts_take_full_momentum_not_one_low_rank_over_all_experts():
+    """A 3-D ``(E, out, in)`` tensor's matrix view ``(E, out * in)`` would rank the experts against
+    each other (at E <= rank, no smaller than a full momentum): the lowrank policy is for matrices."""
+    experts = nn.Module()
+    experts.mlp = nn.Module()
+    experts.mlp.up_proj = nn.Linear(8, 16, bias=False)
+    experts.mlp.experts = nn.Module()
+    experts.mlp.experts.gate_up_proj = nn.Parameter(torch.randn(4, 32, 8) * 0.1)
+    opt = blockopt.AdaPM(experts.named_parameters(), rank=2, dim=8)
+    assert opt.plan["mlp.experts.gate_up_proj"].role == opt.plan["mlp.up_proj.weight"].role == "ffn"
+    assert opt.policies == {"mlp.up_proj.weight": "lowrank", "mlp.experts.gate_up_proj": "full"}
+    for p in experts.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[experts.mlp.experts.gate_up_proj]
+    assert state[EXP_AVG].shape == (4, 32, 8) and EXP_AVG_L not in state
 
 
 @pytest.mark.parametrize(

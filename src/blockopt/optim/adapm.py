@@ -89,8 +89,12 @@ Note [default policies]
     ``full`` for fused ``qkv`` projections (they hold the value, which needs full momentum, and a
     role covers the whole tensor), and for ``norm``, ``bias``, ``router`` (small, and routing is
     sensitive), ``conv`` and ``other`` (no evidence either way: stay with Adam). A ``lowrank``
-    policy on a tensor with fewer than 2 dims gives it ``full`` momentum (a vector costs little);
-    tensors with more than 2 dims use the matrix view ``(shape[0], numel // shape[0])``.
+    policy on a tensor with fewer than 2 dims gives it ``full`` momentum (a vector costs little),
+    and so does one on a tensor with more than 2 dims: stacked MoE experts ``(E, out, in)``, whose
+    matrix view ``(E, out * in)`` would rank the experts against each other (with ``E <= r`` no
+    saving at all; with more experts, all in one rank-r subspace: on Qwen2-MoE's 64 experts at rank
+    8, a momentum error of 0.90 where rank 4 per expert, the same memory, has 0.65). A low-rank
+    momentum per expert is not built; give experts ``momentum_dtype`` codes to save their memory.
 
 Note [cost]
     Per low-rank tensor and step: ``fit_iters`` times two products of the ``m x n`` gradient with
@@ -295,10 +299,11 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
 
     # ---- policies and layouts ----------------------------------------------------------
     def policy(self, name: str) -> str:
-        """The momentum policy of parameter ``name``: its role's, ``lowrank`` only for >= 2 dims."""
+        """The momentum policy of parameter ``name``: its role's, ``lowrank`` only for matrices
+        (Note [default policies])."""
         spec = self.plan[name]
         policy = self.momentum[spec.role]
-        if policy == "lowrank" and (len(spec.shape) < 2 or spec.numel == 0):
+        if policy == "lowrank" and (len(spec.shape) != 2 or spec.numel == 0):
             return "full"
         return policy
 
