@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 import blockopt
 from blockopt.kernels.codecs import codec, rounding_key
@@ -560,6 +562,26 @@ def test_int_codes_only_where_every_chunk_lies_in_one_block(dtype):
         seen.add(expected)
     assert seen == {dtype, "bfloat16"}
     assert momentum.kept_as(None, _layouts()[0]) is None and momentum.kept_as("float32", _layouts()[0]) == "float32"
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM], ids=lambda c: c.__name__)
+def test_a_group_whose_momentum_mostly_stays_bf16_under_int_codes_says_so(make):
+    """GPT-2's Conv1D weights have per-column blocks: under int codes their m stays bf16, which
+    the user who asked for int8 hears (where only biases do, a small share, nothing is said)."""
+    torch.manual_seed(0)
+    conv1d = [("h.0.mlp.c_fc.weight", nn.Parameter(torch.randn(64, 256))), ("h.0.mlp.c_fc.bias", nn.Parameter(torch.zeros(256))),
+              ("h.1.mlp.c_fc.weight", nn.Parameter(torch.randn(64, 256)))]
+    rules = {"*.weight": "cols"}
+    momentum_policy = {} if make is blockopt.AdamMini else {"momentum": "full"}
+    with pytest.warns(UserWarning, match=r"momentum_dtype='int8': 100% of param group 0's momentum stays bfloat16 "
+                                         r"\(h\.\*\.mlp\.c_fc\.weight \(x2\), h\.0\.mlp\.c_fc\.bias\): a code chunk"):
+        make(conv1d, rules=rules, momentum_dtype="int8", **momentum_policy)
+    linear = [("mlp.up_proj.weight", nn.Parameter(torch.randn(256, 64))), ("mlp.up_proj.bias", nn.Parameter(torch.zeros(256)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = make(linear, momentum_dtype="int8", **momentum_policy)  # the bias alone keeps bf16: 1.5%
+        with pytest.warns(UserWarning, match=r"param group 1's momentum stays bfloat16 \(h\.1\.scale\)"):
+            opt.add_param_group({"params": [("h.1.scale", nn.Parameter(torch.ones(4096)))]})  # per coordinate
 
 
 @pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM], ids=lambda c: c.__name__)

@@ -10,6 +10,7 @@ takes those sums (``sq_sums``) instead of computing its own. With nothing cut, `
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,8 @@ from torch import Tensor
 from ..distributed import Collectives, ShardView, is_dtensor, local_tensor
 from ..kernels.adam_mini import IMPLEMENTATIONS, block_sq_sums
 from ..kernels.codecs import ROUNDING_SEED, StoredMomentum
-from ..validation import boolean, choice, pair, real
+from ..partition import collapse_names
+from ..validation import boolean, caller_stacklevel, choice, pair, real
 from . import momentum, param_rounding
 from .base import ParamBatch
 from .momentum import MOMENTUM_DTYPE_ALIASES, MOMENTUM_DTYPES
@@ -63,6 +65,38 @@ class MomentumStorage:
     _MOMENTUM_KEY = EXP_AVG  # the state key of the momentum (its codes and scales: `momentum.keys`)
     _LIVE_SETTINGS = ("momentum_dtype", "implementation")  # group settings a load leaves as they are
     seed: int = ROUNDING_SEED  # the optimizer's ``seed``: its rounding bits (Note [seeded rounding])
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._say_where_codes_are_not_kept(len(self.param_groups) - 1)
+
+    def _say_where_codes_are_not_kept(self, index: int, share: float = 0.1) -> None:
+        """Warn when int8/int4 codes would keep bf16 m for more than ``share`` of a group's
+        momentum (Note [int codes only where a chunk lies in one block]): the user asked for codes
+        and gets bf16's memory there (biases alone, a small share, stay quiet)."""
+        group = self.param_groups[index]
+        setting = group["momentum_dtype"]
+        if setting not in momentum.QUANTIZED:
+            return
+        held = [(n, p.numel()) for n, p in zip(group["param_names"], group["params"]) if self._stores_momentum(n)]
+        kept = [(n, k) for n, k in held if self._kept_as(setting, n) != setting]
+        total = sum(k for _, k in held)
+        if not total or sum(k for _, k in kept) <= share * total:
+            return
+        largest = [n for n, _ in sorted(kept, key=lambda item: -item[1])]
+        names = collapse_names(largest)
+        warnings.warn(
+            f"momentum_dtype={setting!r}: {sum(k for _, k in kept) / total:.0%} of param group {index}'s momentum "
+            f"stays bfloat16 ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): a code chunk of those "
+            "tensors would hold several blocks (per-column blocks as in GPT-2's Conv1D, experts whose input width "
+            "is not a multiple of 256, per-coordinate tensors), where int codes lose small momenta "
+            "(docs/compressed-state.md). blockopt.state_bytes(opt) counts what is kept",
+            UserWarning, stacklevel=caller_stacklevel(),
+        )
+
+    def _stores_momentum(self, name: str) -> bool:
+        """Whether parameter ``name`` keeps a momentum in its group's ``momentum_dtype``."""
+        return True
 
     def _kept_as(self, momentum_dtype: str | None, name: str) -> str | None:
         """`momentum.kept_as` for parameter ``name``: its storage under ``momentum_dtype`` (Note [int

@@ -307,6 +307,9 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             return "full"
         return policy
 
+    def _stores_momentum(self, name: str) -> bool:
+        return self.policy(name) == "full"  # (low-rank factors are bf16 under any code: Note [compressed low-rank factors])
+
     @property
     def policies(self) -> dict[str, str]:
         """``{parameter name: policy}`` for every parameter of every group."""

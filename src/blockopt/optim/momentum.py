@@ -26,7 +26,8 @@ element whose block has a second moment far below the chunk's largest |m|^2 is r
 that can be many times its own denominator: on a 256-element bias with one gradient 1e6 times the
 others, single steps of 55 lr with int8, and int4 rounding those m to 0 so that they trained ~10x
 slower. Such tensors keep m in ``"bfloat16"`` (an error relative to each element) under
-``"int8"``/``"int4"`` (`kept_as`); they are usually a small part of the parameters.
+``"int8"``/``"int4"`` (`kept_as`): biases only in a Llama, but most of GPT-2 (its Conv1D weights
+have per-column blocks), so an optimizer warns where they hold more than a tenth of a group's momentum.
 
 A checkpoint holds what the optimizer keeps (codes and scales, or ``exp_avg``) and its param
 groups the ``momentum_dtype`` it was saved with; loading into another ``momentum_dtype`` decodes

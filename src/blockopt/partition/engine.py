@@ -93,8 +93,8 @@ def partition(
         quiet = overridden | {n for n, p in model.named_parameters() if not p.requires_grad}
         ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in quiet}))
     if unsure:
-        ctx.warnings.append(f"no adapter recognised {', '.join(_collapse(unsure))}: one block per row")
-    found = tuple(_collapse(ctx.warnings))
+        ctx.warnings.append(f"no adapter recognised {', '.join(collapse_names(unsure))}: one block per row")
+    found = tuple(collapse_names(ctx.warnings))
     if found:
         warnings.warn("blockopt.partition fell back to safe layouts: " + "; ".join(found), PartitionWarning,
                       stacklevel=caller_stacklevel())
@@ -109,7 +109,7 @@ def _glob(path: str) -> str:
 _INDEX = re.compile(r"(?<![^.\s(,'\"{])\d+(?=\.)")  # a numeric path component: the 3 of layers.3.mlp
 
 
-def _collapse(texts: list[str]) -> list[str]:
+def collapse_names(texts: list[str]) -> list[str]:
     """Texts that differ only in numeric path components (the layers of a stack) said once, with
     the differing numbers as ``*`` (a glob that `rules` accepts) and how many there were."""
     groups: dict[str, list[str]] = {}
@@ -321,7 +321,7 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
             specs.append(make_spec(name, shape, "rows", f"{role} by {why}: per row", role=role))
     if unoriented:
         ctx.warnings.append(
-            f"{', '.join(_collapse(unoriented))}: MLP weights whose names do not say their orientation, planned per "
+            f"{', '.join(collapse_names(unoriented))}: MLP weights whose names do not say their orientation, planned per "
             "row as nn.Linear (out, in) stores them; a Conv1D (transformers' GPT-2) stores (in, out), whose blocks are "
             "its columns: pass the model itself, or rules={'*.mlp.*.weight': 'cols'}"
         )
