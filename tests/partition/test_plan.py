@@ -158,3 +158,12 @@ def test_merged_plans():
     assert m.summary().n_blocks == 4 + 4 + 5
     with pytest.raises(ValueError):
         a.merged(a)
+
+
+def test_a_plan_is_made_by_partition_and_says_so_when_given_a_model():
+    model = nn.Linear(3, 4)
+    for wrong, got in ((model, "Linear"), (list(model.named_parameters()), "tuple"), (list(model.parameters()), "Parameter")):
+        with pytest.raises(TypeError, match=rf"Plan takes BlockSpecs \(got {got}\): a model's plan is blockopt.partition\(model\)"):
+            blockopt.Plan(wrong)
+    plan = blockopt.partition(model)
+    assert blockopt.Plan(plan) == plan == blockopt.Plan(iter(plan.values()))

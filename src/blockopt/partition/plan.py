@@ -50,7 +50,14 @@ class Plan(Mapping[str, BlockSpec]):
     """
 
     def __init__(self, specs: Mapping[str, BlockSpec] | list[BlockSpec], warnings: tuple[str, ...] = ()):
-        items = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
+        try:
+            items = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
+        except TypeError:  # (not iterable: a module)
+            items = None
+        if items is None or not all(isinstance(spec, BlockSpec) for spec in items):
+            got = type(specs).__name__ if items is None else type(next(s for s in items if not isinstance(s, BlockSpec))).__name__
+            raise TypeError(f"Plan takes BlockSpecs (got {got}): a model's plan is blockopt.partition(model) "
+                            "(or blockopt.partition(model.named_parameters(), n_heads=...))")
         self._specs: dict[str, BlockSpec] = {}
         self._alias: dict[str, str] = {}
         for spec in items:
