@@ -483,12 +483,37 @@ def test_skip_tensor_leaves_only_that_tensor_and_counts(name):
     assert torch.equal(after["fc1.weight"], before[0])
     assert not torch.equal(after["fc2.weight"], before[2])
     assert opt.state[model.fc1.weight][NONFINITE_SKIPS] == 1
-    assert NONFINITE_SKIPS not in opt.state[model.fc2.weight]
+    assert opt.state[model.fc2.weight][NONFINITE_SKIPS] == 0  # (held from the first step, for DCP)
     # the next finite gradient trains it, from a clean state
     opt.zero_grad()
     _loss(model, _data(1)[0]).backward()
     opt.step()
     assert torch.isfinite(model.fc1.weight).all() and not torch.equal(model.fc1.weight, before[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skip_counts_survive_a_dcp_checkpoint(name, tmp_path):
+    """DCP loads the keys a fresh optimizer's state holds (torch's get_state_dict makes it with one
+    zero-gradient step): every stepped entry of a skipping group holds its count from its first step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = MLP()
+    opt = OPTIMIZERS[name](model, nonfinite="skip_tensor")
+    _train(model, opt, _data(1))
+    _poison(model)
+    opt.step()
+    counts = {k: v[NONFINITE_SKIPS] for k, v in opt.state_dict()["state"].items()}
+    assert sorted(counts.values()) == [0, 0, 0, 1]
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    fresh = MLP()
+    fresh_opt = OPTIMIZERS[name](fresh, nonfinite="skip_tensor")
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(tmp_path))
+    set_state_dict(fresh, fresh_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert {k: v[NONFINITE_SKIPS] for k, v in fresh_opt.state_dict()["state"].items()} == counts
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, "int8"])

@@ -265,7 +265,7 @@ class BlockwiseOptimizer(Optimizer):
                     if id(p) in skip and p in all_state:
                         state = all_state[p]
                         count = state.get(NONFINITE_SKIPS, 0) - 1
-                        if count > 0:
+                        if count > 0 or holds_state(state):  # (a stepped entry holds its count from its first step)
                             state[NONFINITE_SKIPS] = count
                         else:
                             state.pop(NONFINITE_SKIPS, None)
@@ -311,6 +311,7 @@ class BlockwiseOptimizer(Optimizer):
             return zero.gather(self, group, skip)
         batch = self._Batch(group)
         weight_decay, decay_1d = group["weight_decay"], group["decay_1d"]
+        counts_skips = group["nonfinite"] in nonfinite.SKIPPING
         names, params, grads, layouts, decays = batch.names, batch.params, batch.grads, batch.layouts, batch.weight_decays
         gather_state = self._gather_state
         p = state = None
@@ -332,6 +333,8 @@ class BlockwiseOptimizer(Optimizer):
                 state = all_state[p]
                 length = len(state)
                 gather_state(batch, name, p, layout, state, plain)
+                if counts_skips and NONFINITE_SKIPS not in state:
+                    state[NONFINITE_SKIPS] = 0  # (held from the first step: a DCP load fills the keys a live state holds)
                 if len(state) != length:  # (a first step: only then is anything journaled)
                     journal.append((p, state, length))
         except BaseException:

@@ -11,7 +11,8 @@ stops moving, silently. The options:
   non-finite statistic stays non-finite, so it is found within ``ceil(tensors / WATCH_PER_STEP)``
   steps of going bad.
 * ``"skip_tensor"``: a tensor whose gradient holds inf or nan is not updated at this step (its
-  state is left as it was); ``state[p]["nonfinite_skips"]`` counts the skips.
+  state is left as it was); ``state[p]["nonfinite_skips"]`` counts the skips (0 from the
+  parameter's first step: a DCP load fills only the keys a fresh optimizer's state holds).
 * ``"skip_step"``: if any gradient the step checks holds inf or nan (a gradient of a group with
   ``"skip_step"`` or ``"skip_tensor"``: groups that warn or ignore are not read), no parameter of
   the ``"skip_step"`` groups is updated at this step (each counts the skip). An inf anywhere
