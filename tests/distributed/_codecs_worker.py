@@ -130,6 +130,21 @@ def scenario_compiled(rank, world, out: Path, momentum_dtype: str) -> None:
     torch.save({"end": snapshot(model, opt)}, out / f"compiled_{momentum_dtype}_w{world}.rank{rank}.pt")
 
 
+def scenario_unlike(rank, world, out: Path, setting: str) -> None:
+    """Every rank builds its optimizer otherwise in ``setting`` (taken from the rank): the first
+    step refuses on every rank, having changed nothing."""
+    model = fsdp(Odd(), world)
+    other = {"momentum_dtype": ("int8", "bfloat16")[rank % 2]} if setting == "momentum_dtype" else {"seed": rank}
+    opt = blockopt.AdamMini(model, **HYPER, rules=RULES, **{"momentum_dtype": "int8", **other})
+    model(local_rows(batches(1)[0], rank, world)).backward()
+    try:
+        opt.step()
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    torch.save({"refused": refused, "state": len(opt.state)}, out / f"unlike_{setting}_w{world}.rank{rank}.pt")
+
+
 def scenario_resume(rank, world, out: Path, momentum_dtype: str, saved_world: int) -> None:
     """Load the checkpoint written at ``saved_world`` ranks (1: one process) into ``world``
     ranks (1 and no process group: one process) and finish the run."""
@@ -225,7 +240,7 @@ def scenario_convert(rank, world, out: Path, saved_dtype: str, live_dtype: str, 
     torch.save({"loaded": loaded, "end": snapshot(model, opt)}, out / f"{name}.rank{rank}.pt")
 
 
-SCENARIOS = {"train": scenario_train, "compiled": scenario_compiled, "resume": scenario_resume, "load_whole": scenario_load_whole,
+SCENARIOS = {"train": scenario_train, "compiled": scenario_compiled, "unlike": scenario_unlike, "resume": scenario_resume, "load_whole": scenario_load_whole,
              "stochastic": scenario_stochastic, "convert": scenario_convert}
 
 

@@ -50,7 +50,8 @@ def runs(tmp_path_factory):
               + [("resume", {"momentum_dtype": "int8", "saved_world": 2})]
               + [("load_whole", {"momentum_dtype": dt}) for dt in ("int8", "int4")]
               + [("stochastic", {}), ("stochastic", {"local_bits": True})] + converts[2]
-              + [("compiled", {"momentum_dtype": "int8"})], entry=worker.main)
+              + [("compiled", {"momentum_dtype": "int8"})]
+              + [("unlike", {"setting": s}) for s in ("momentum_dtype", "seed")], entry=worker.main)
     run_world(3, out, [("resume", {"momentum_dtype": dt, "saved_world": 2}) for dt in ("int8", "int4")]
               + [("stochastic", {})] + converts[3], entry=worker.main)
     return out, references
@@ -70,6 +71,18 @@ def assert_close_params(a: dict, b: dict, tolerance: float = TOLERANCE) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= tolerance, name
+
+
+@pytest.mark.parametrize(("setting", "said"), [("momentum_dtype", "momentum_dtype is 'int8' on rank 0 and 'bfloat16' on rank 1"),
+                                               ("seed", "seed is 0 on rank 0 and 1 on rank 1")])
+def test_optimizers_built_otherwise_on_the_ranks_are_refused_at_the_first_step(runs, setting, said):
+    # (a momentum_dtype from the rank hung until the timeout; a seed from it diverged silently)
+    out, _ = runs
+    for rank in (0, 1):
+        result = load(out, f"unlike_{setting}_w2", rank)
+        assert result["refused"] is not None and "Build the optimizer alike on every rank" in result["refused"]
+        assert result["state"] == 0  # nothing half-applied
+    assert said in load(out, f"unlike_{setting}_w2", 0)["refused"]
 
 
 def test_a_compiled_step_of_sharded_parameters_is_the_eager_step(runs):

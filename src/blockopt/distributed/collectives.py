@@ -10,7 +10,9 @@ sharded parameter) and, for what needs other ranks, a `Collectives`:
 * ``rows(layout)``: the row-sharded factor products of a parameter split along dim 0
   (`RowShards`), or ``None`` when it is whole here;
 * ``gather_whole(values, layouts)``: tensors shaped like their (sharded) parameters' shards,
-  whole on every rank, with one all-reduce for the whole list.
+  whole on every rank, with one all-reduce for the whole list;
+* ``check_same_settings(settings, layouts)``: refuse, on every rank, optimizers built otherwise
+  on the ranks that share the layouts' parameters (once, at the first sharded step).
 
 `SINGLE_PROCESS` is the implementation that has nothing to do. An optimizer gets the one that
 fits its step's layouts from `collectives_for`; DDP needs nothing (its parameters are whole on
@@ -46,6 +48,9 @@ class Collectives:
     def gather_whole(self, values: list[Tensor], layouts: Sequence) -> list[Tensor]:
         return values
 
+    def check_same_settings(self, settings: dict[str, str], layouts: Sequence) -> None:
+        pass
+
 
 SINGLE_PROCESS = Collectives()
 
@@ -59,6 +64,7 @@ class ShardedCollectives(Collectives):
 
     def __init__(self) -> None:
         self._kept: dict[tuple[int, ...], tuple[Sequence, BlockSumReducer]] = {}
+        self._settings_checked = False
 
     def _reducer(self, layouts: Sequence) -> BlockSumReducer:
         key = tuple(id(layout) for layout in layouts)
@@ -93,6 +99,31 @@ class ShardedCollectives(Collectives):
         for i, value in zip(sharded, gather_shards([layouts[i] for i in sharded], [values[i] for i in sharded])):
             whole[i] = value
         return whole
+
+
+    # Note [one optimizer on every rank]: the ranks that share a sharded parameter step it as one
+    # process would only when their optimizers agree. Built otherwise (a momentum_dtype or seed
+    # taken from the rank), replicated codes diverge silently, or the ranks issue different
+    # collectives and hang until the timeout. One object gather, at the first sharded step.
+    def check_same_settings(self, settings: dict[str, str], layouts: Sequence) -> None:
+        if self._settings_checked:
+            return
+        groups = dict.fromkeys(v.mesh.get_group(d) for v in layouts if isinstance(v, ShardView) for d in v.reduce_mesh_dims)
+        for group in groups:
+            seen: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(seen, settings, group=group)
+            for rank, other in enumerate(seen):
+                differ = sorted(k for k in settings.keys() | other.keys() if settings.get(k) != other.get(k))
+                if differ:
+                    key = differ[0]
+                    raise ValueError(
+                        f"the optimizers of the ranks sharing these sharded parameters differ: {key} is "
+                        f"{settings.get(key, 'absent')} on rank {dist.get_rank()} and {other.get(key, 'absent')} on "
+                        f"rank {dist.get_global_rank(group, rank)} ({len(differ)} setting(s) differ). Build the "
+                        "optimizer alike on every rank (the same seed, momentum_dtype and groups); steps would "
+                        "diverge or hang otherwise"
+                    )
+        self._settings_checked = True
 
 
 def collectives_for(layouts: Sequence, sharded: ShardedCollectives) -> Collectives:

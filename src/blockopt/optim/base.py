@@ -43,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 import itertools
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -194,7 +195,9 @@ class BlockwiseOptimizer(Optimizer):
                 self._warn_if_nothing_has_a_gradient()
                 return loss
             roundings = [param_rounding.prepare(self, batch, journal) for batch in batches]  # (None: as computed)
-            collectives = self._collectives([layout for batch in batches for layout in batch.layouts])
+            layouts = [layout for batch in batches for layout in batch.layouts]
+            collectives = self._collectives(layouts)
+            collectives.check_same_settings(self._settings_to_agree(), layouts)
             self._reduce(batches, collectives)
         except BaseException:
             self._undo(journal, skip)
@@ -207,6 +210,21 @@ class BlockwiseOptimizer(Optimizer):
                 param_rounding.apply(self, batch, collectives, rounding)
         self._watch_statistics(batches)
         return loss
+
+    def _settings_to_agree(self) -> dict[str, str]:
+        """What every rank sharing a sharded parameter must have alike (Note [one optimizer on
+        every rank] in `blockopt.distributed.collectives`): each group's settings and names, and
+        the optimizer-wide options (``seed``, ...)."""
+        settings = {"optimizer": type(self).__name__}
+        settings.update({key: repr(getattr(self, key)) for key in sorted(self.HYPERPARAMETERS)
+                         if key not in self.defaults and hasattr(self, key)})
+        for index, group in enumerate(self.param_groups):
+            for key in sorted(self.defaults):
+                value = group.get(key)
+                settings[f"param group {index}'s {key}"] = repr(value.item() if isinstance(value, Tensor) else value)
+            names = "\n".join(group["param_names"]).encode()
+            settings[f"param group {index}'s parameters"] = f"{len(group['param_names'])} named {zlib.crc32(names):08x}"
+        return settings
 
     def _warn_if_nothing_has_a_gradient(self) -> None:
         """A step by an optimizer that holds state (it has stepped, or loaded a checkpoint) finding
