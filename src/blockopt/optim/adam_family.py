@@ -80,13 +80,12 @@ class MomentumStorage:
             return
         held = [(n, p.numel()) for n, p in zip(group["param_names"], group["params"]) if self._stores_momentum(n)]
         kept = [(n, k) for n, k in held if self._kept_as(setting, n) != setting]
-        total = sum(k for _, k in held)
-        if not total or sum(k for _, k in kept) <= share * total:
+        total, in_bf16 = sum(k for _, k in held), sum(k for _, k in kept)
+        if not total or in_bf16 <= share * total:
             return
-        largest = [n for n, _ in sorted(kept, key=lambda item: -item[1])]
-        names = collapse_names(largest)
+        names = collapse_names([n for n, _ in sorted(kept, key=lambda item: -item[1])])  # (the largest first)
         warnings.warn(
-            f"momentum_dtype={setting!r}: {sum(k for _, k in kept) / total:.0%} of param group {index}'s momentum "
+            f"momentum_dtype={setting!r}: {in_bf16 / total:.0%} of param group {index}'s momentum "
             f"stays bfloat16 ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): a code chunk of those "
             "tensors would hold several blocks (per-column blocks as in GPT-2's Conv1D, experts whose input width "
             "is not a multiple of 256, per-coordinate tensors), where int codes lose small momenta "
