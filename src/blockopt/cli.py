@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 from . import __version__
 # Light modules (no bench extras): the parsers show their defaults without importing those.
-from .bench.argtypes import betas, folder, nonnegative_int, positive_int
+from .bench.argtypes import betas, folder, new_file, nonnegative_int, positive_int
 from .bench.loop import DEFAULT_SEQ_LEN, DEFAULT_STEPS
 from .bench.schedules import SCHEDULES
 
@@ -67,7 +67,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--out", type=folder, metavar="DIR", default="demo-out", help="output folder (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="model init and batch order (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="model init and batch order (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.set_defaults(run=_run_demo)
 
@@ -87,6 +87,8 @@ def _torch_device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError(f"{text!r} holds no data to train on: pass cpu, cuda, ... (meta is for planning: blockopt plan)")
     backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(device.type)
     if backend is not None and not backend.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: this torch {torch.__version__} has no usable {device.type} device")
@@ -240,7 +242,8 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         "memory of AdamW vs Adam-mini in float32 and bfloat16.",
     )
     parser.add_argument("model", metavar="MODEL", help=f"a named shape ({', '.join(NAMED_CONFIGS)}), an HF "
-                        "config.json or a model folder holding one, or a Hugging Face model id such as "
+                        "config.json or a model folder holding one, hf:<any of those or a transformers "
+                        "model_type> as compare takes it, or a Hugging Face model id such as "
                         "Qwen/Qwen2.5-7B (reads its config.json from the Hub or the local cache)")
     parser.add_argument("--value", choices=("rows", "whole"), default="rows", help="attention value blocks (default: %(default)s)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table",
@@ -341,7 +344,7 @@ def _add_zero_to_state(subparsers: argparse._SubParsersAction) -> None:
         "The weights: DeepSpeed's zero_to_fp32.py in the same folder. See docs/deepspeed.md.",
     )
     parser.add_argument("checkpoint_dir", help="the folder engine.save_checkpoint wrote (holds 'latest')")
-    parser.add_argument("output", help="where to torch.save the state dict (.pt)")
+    parser.add_argument("output", type=new_file, help="where to torch.save the state dict (.pt)")
     parser.add_argument("--tag", default=None, help="the step folder to read (default: the one named in 'latest')")
     parser.set_defaults(run=_run_zero_to_state)
 
@@ -387,7 +390,7 @@ def _add_audit(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="share of a tensor's Hessian mass the measured "
                         "rule's blocks must hold (default: %(default)s)")
     parser.add_argument("--only", metavar="GLOB", action="append", help="audit only tensors matching this glob (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="model init, batch and sampled columns (default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="model init, batch and sampled columns (default: %(default)s)")
     parser.add_argument("--max-params", type=positive_int, default=5_000_000, help="refuse bigger models: audit a "
                         "scaled-down instance (default: %(default)s)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="(default: %(default)s)")
@@ -454,7 +457,7 @@ def _config_argv(path: str, parser: argparse.ArgumentParser, given: argparse.Nam
     try:
         with open(path, "rb") as file:
             table = tomllib.load(file)
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise CommandError(f"--config {path}: not valid TOML: {error}") from None
     except OSError as error:
         raise CommandError(f"--config {path}: cannot read it ({error.strerror})") from None

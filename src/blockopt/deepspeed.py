@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import re
 from collections import defaultdict
 from typing import Any
@@ -62,6 +63,14 @@ def _rank_files(checkpoint_dir: str, tag: str | None) -> list[str]:
     return sorted(files, key=lambda f: int(_RANK.search(f).group(1)))
 
 
+def _load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # (torch's zip reader raises RuntimeError)
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error}); is it a "
+                         "DeepSpeed optimizer file written whole?") from None
+
+
 def zero_to_state(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:
     """The one-process state dict of the blockopt optimizer saved in a DeepSpeed ZeRO checkpoint.
 
@@ -72,7 +81,7 @@ def zero_to_state(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]
     into the same optimizer class built on the model in one process (``opt.load_state_dict``),
     or into an engine at another world size (`load_state`).
     """
-    per_rank = [_optimizer_state_dict(torch.load(f, map_location="cpu", weights_only=False)) for f in _rank_files(checkpoint_dir, tag)]
+    per_rank = [_optimizer_state_dict(_load(f)) for f in _rank_files(checkpoint_dir, tag)]
     if any(sd is None for sd in per_rank):
         raise ValueError(f"{checkpoint_dir!r}: an optimizer file holds no torch optimizer state dict")
     pieces: dict[str, list[dict]] = defaultdict(list)

@@ -154,7 +154,8 @@ def load_config(name_or_path: str):
 
 def find_config(text: str):
     """The config ``text`` names, as ``blockopt plan MODEL`` reads it: a named shape, a
-    config.json or a folder holding one (`load_config`), or else a Hugging Face model id (its
+    config.json or a folder holding one (`load_config`), ``hf:`` and any of those or a
+    transformers model_type (as `blockopt compare` reads it), or else a Hugging Face model id (its
     config.json from the Hub, or from the local cache alone when the Hub cannot be reached: its
     retries would take half a minute to say the same).
 
@@ -162,6 +163,8 @@ def find_config(text: str):
         FileNotFoundError: no such file, folder, named shape or model id (the message says why).
         ConfigError: as `load_config`; a Hub config that transformers refuses.
     """
+    if text.startswith("hf:"):  # as `blockopt compare --model hf:...` reads it: a named shape, a file or a model_type
+        return config_from_fields(config_fields(text[3:], model_types=True), source=text)
     path = Path(text).expanduser()
     if text in NAMED_CONFIGS or path.is_file() or path.is_dir():
         return load_config(text)

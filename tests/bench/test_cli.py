@@ -64,7 +64,7 @@ def test_demo_runs_end_to_end(tmp_path):
         (["compare", "--out", "{tmp}/a-file"], 2, ["argument --out: '{tmp}/a-file' is a file, not a folder"]),
         (["demo", "--steps", "0"], 2, ["argument --steps", "positive integer", "blockopt demo --help"]),
         (["demo", "--steps", "ten"], 2, ["argument --steps: must be an integer, got 'ten'"]),
-        (["demo", "--seed", "1.5"], 2, ["argument --seed", "invalid int value"]),
+        (["demo", "--seed", "1.5"], 2, ["argument --seed: must be an integer, got '1.5'"]),
         (["compare", "--corpus", "{tmp}/short.txt", "--seeds", "1", "--no-progress"], 1, ["short.txt' is too short"]),
         (["compare", "--max-bytes", "3000", "--seeds", "1", "--no-progress"], 1,
          ["the built-in corpus (the standard library) is too short for seq_len=128", "a larger max_bytes (--max-bytes), "
@@ -95,6 +95,17 @@ def test_demo_runs_end_to_end(tmp_path):
         (["compare", "--model", "nope"], 1, ["unknown model 'nope'"]),
         (["compare", "--model-override", "n_layers"], 1, ["bad model override 'n_layers'"]),
         (["compare", "--model-override", "n_head=2"], 1, ["has no field 'n_head'"]),
+        (["compare", "--model-override", "dim=abc"], 1, ["bad model override dim='abc': dim is a number (now"]),
+        (["compare", "--model-override", "dim=64,dim=32"], 1, ["model override 'dim' is given twice (dim=64, dim=32)"]),
+        (["compare", "--opt", "adamw:lr=1e-3,,eps=1e-8"], 1, ["a stray comma after the value: remove it"]),
+        (["compare", "--device", "meta"], 2, ["argument --device: 'meta' holds no data to train on"]),
+        (["compare", "--out", ""], 2, ["argument --out: an empty path"]),
+        (["compare", "--out", "{tmp}/a-file/sub"], 2, ["argument --out: '{tmp}/a-file/sub' can't be created: '{tmp}/a-file' is a file"]),
+        (["compare", "--steps", "2", "--warmup-steps", "50"], 1, ["warmup_steps=50 exceeds steps=2 (--warmup-steps, --steps)"]),
+        (["compare", "--config", "{tmp}/binary.bin"], 1, ["--config {tmp}/binary.bin: not valid TOML"]),
+        (["audit", "demo", "--seed", "-1"], 2, ["argument --seed"]),
+        (["zero-to-state", "{tmp}", "{tmp}"], 2, ["argument output: '{tmp}' is a folder: name the file to write"]),
+        (["zero-to-state", "{tmp}", "{tmp}/missing/state.pt"], 2, ["its folder '{tmp}/missing' does not exist"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypatch, argv, status, words):
@@ -116,6 +127,24 @@ def test_bad_input_is_one_line_and_exit_status_1_or_2(tmp_path, capsys, monkeypa
 def test_zero_to_state_of_a_missing_folder_says_so(tmp_path, capsys):
     status, err = cli_failure(["zero-to-state", str(tmp_path / "missing"), str(tmp_path / "state.pt")], capsys)
     assert status == 1 and f"'{tmp_path / 'missing'}' is not a folder" in err
+
+
+def test_zero_to_state_of_a_file_that_is_no_checkpoint_names_it(tmp_path, capsys):
+    step = tmp_path / "ckpt" / "global_step1"
+    step.mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text("global_step1")
+    bad = step / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(b"garbage, not a pickle")
+    status, err = cli_failure(["zero-to-state", str(tmp_path / "ckpt"), str(tmp_path / "state.pt")], capsys)
+    assert status == 1 and f"{bad}: not a readable torch checkpoint" in err and "unexpected" not in err
+
+
+def test_plan_reads_hf_names_as_compare_does(capsys):
+    pytest.importorskip("transformers")
+    assert cli.main(["plan", "hf:llama", "--max-rows", "3"]) == 0  # a model_type's defaults
+    assert "model.layers.{0..31}.self_attn.q_proj.weight" in capsys.readouterr().out
+    assert cli.main(["plan", "hf:gpt2", "--max-rows", "3"]) == 0  # a named shape
+    assert "transformer.h.{0..11}" in capsys.readouterr().out
 
 
 def test_cuda_without_cuda_is_a_usage_error(capsys):

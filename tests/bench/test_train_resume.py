@@ -131,9 +131,18 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_split, tmp_path):
     with pytest.raises(Interrupt):
         train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, fingerprint={"lr": 1e-3, "opt": "adamw"},
                   callback=interrupt_at(4), **QUIET)
-    with pytest.raises(ValueError, match=r"different settings \(differ: lr\)"):
+    with pytest.raises(ValueError, match=r"different settings \(differ: lr: 0.001 saved, 0.002 now\)"):
         train_run("llama-tiny", make("adamw"), tiny_split, LOOP, checkpoint_dir=tmp_path, resume=True,
                   fingerprint={"lr": 2e-3, "opt": "adamw"}, **QUIET)
+
+
+def test_a_fingerprint_mismatch_names_the_nested_settings_and_both_values():
+    from blockopt.bench.checkpoint import fingerprint_mismatch
+
+    saved = {"hyperparameters": {"lr": 1e-3, "eps": 1e-8}, "loop": {"eval_every": 10}, "model": "demo"}
+    now = {"hyperparameters": {"lr": 2e-3, "eps": 1e-8}, "loop": {"eval_every": 40}, "model": "demo", "seed": 1}
+    assert fingerprint_mismatch(saved, now) == ["hyperparameters.lr: 0.001 saved, 0.002 now",
+                                                "loop.eval_every: 10 saved, 40 now", "seed: None saved, 1 now"]
 
 
 def test_without_resume_an_old_checkpoint_is_ignored_and_replaced(tiny_split, tmp_path):

@@ -44,8 +44,27 @@ def betas(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"write two numbers like 0.9,0.95; got {text!r}") from None
 
 
+def new_file(text: str) -> str:
+    """A file to write: not a folder, in a folder that exists (checked before any work)."""
+    if not text.strip() or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: name the file to write (e.g. state.pt)")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r}: its folder {parent!r} does not exist")
+    return text
+
+
 def folder(text: str) -> str:
     """A folder to write into: one that exists, or a path where none does yet (it is created)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name the folder (for the current one, '.')")
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    parent = os.path.abspath(text)
+    while not os.path.exists(parent):  # the folder that exists, under which it is created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r} can't be created: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} can't be written: {parent!r} is not writable")
     return text

@@ -51,6 +51,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(_RULES, asdict(self))
+        if self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps} (--warmup-steps, --steps): "
+                             "the LR would never reach its peak")
 
     def resolved(self, max_seq_len: int | None = None) -> TrainConfig:
         """This config with every derived value filled in; ``max_seq_len``, the model's limit,

@@ -78,7 +78,10 @@ def parse_overrides(items: str | Iterable[str] | Mapping[str, Any] | None) -> di
         items = [items]
     overrides: dict[str, Any] = {}
     for text in items:
-        overrides.update(parse_assignments(text, lambda item, fix: ModelSpecError(f"bad model override {item!r}: {fix}")))
+        for key, value in parse_assignments(text, lambda item, fix: ModelSpecError(f"bad model override {item!r}: {fix}")):
+            if key in overrides:
+                raise ModelSpecError(f"model override {key!r} is given twice ({key}={overrides[key]!r}, {key}={value!r})")
+            overrides[key] = value
     return overrides
 
 
@@ -170,6 +173,10 @@ def _replace_config(base: ModelConfig, overrides: Mapping[str, Any]) -> ModelCon
         if derived in values and derived not in overrides:
             if getattr(type(base)(**{**values, derived: None}), derived) == values[derived]:
                 values[derived] = None
+    for key, value in overrides.items():  # (a str where a number belongs fails deep inside the config)
+        now = values.get(key)
+        if isinstance(now, (int, float)) and not isinstance(now, bool) and isinstance(value, (str, bool)):
+            raise ModelSpecError(f"bad model override {key}={value!r}: {key} is a number (now {now})")
     try:
         return type(base)(**{**values, **overrides})
     except (TypeError, ValueError) as error:

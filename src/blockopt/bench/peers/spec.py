@@ -75,6 +75,8 @@ def parse_assignments(text: str, bad_item: Callable[[str, str], Exception]) -> l
         key = key.strip()
         if not sep or not _KEY.fullmatch(key) or not value.strip():
             raise bad_item(item, "write key=value")
+        if value.rstrip().endswith(",") and not value.strip().startswith(("(", "[")):
+            raise bad_item(item, "a stray comma after the value: remove it (a one-element tuple is written (x,))")
         try:
             pairs.append((key, parse_value(value)))
         except ValueError as error:
