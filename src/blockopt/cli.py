@@ -487,7 +487,16 @@ def _config_argv(path: str, parser: argparse.ArgumentParser, given: argparse.Nam
             for item in items if isinstance(items, list) else [items]:
                 words += [option, str(item)]
         else:
-            words += [option, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            word = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            if isinstance(value, bool) or isinstance(value, dict):  # (TOML true, a table: no option reads them)
+                raise CommandError(f"--config {path}: {key} = {value!r} is not a value {option} takes")
+            try:
+                (action.type or str)(word)  # (checked here, so that the error names the file)
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+                raise CommandError(f"--config {path}: {key} = {value!r}: {error}") from None
+            if action.choices is not None and word not in action.choices:
+                raise CommandError(f"--config {path}: {key} = {value!r}: choose from {', '.join(map(str, action.choices))}")
+            words += [option, word]
     return words
 
 

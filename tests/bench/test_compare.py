@@ -475,10 +475,15 @@ def test_cli_config_refuses_unknown_keys_and_bad_values(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'learning_rate', 'stepz' (did you mean 'steps'?); keys are the options" in err
     assert err.count("\n") == 1
+    for text, said in (('steps = "three"\n', "steps = 'three': must be an integer, got 'three'"),
+                       ('lr = true\n', "lr = True is not a value --lr takes"),
+                       ('schedule = "zigzag"\n', "schedule = 'zigzag': choose from cosine")):
+        config.write_text(text)  # a bad value names the file, not a command-line argument
+        assert cli.main(["compare", "--config", str(config), "--out", str(tmp_path / "out")]) == 1
+        assert f"--config {config}: {said}" in capsys.readouterr().err
     config.write_text('steps = 0\n')
-    with pytest.raises(SystemExit):
-        cli.main(["compare", "--config", str(config)])
-    assert "--steps" in capsys.readouterr().err
+    assert cli.main(["compare", "--config", str(config)]) == 1
+    assert f"--config {config}: steps = 0: must be a positive integer" in capsys.readouterr().err
     config.write_text('steps = [\n')
     assert cli.main(["compare", "--config", str(config)]) == 1
     assert "not valid TOML" in capsys.readouterr().err
