@@ -12,7 +12,8 @@ sharded parameter) and, for what needs other ranks, a `Collectives`:
 * ``gather_whole(values, layouts)``: tensors shaped like their (sharded) parameters' shards,
   whole on every rank, with one all-reduce for the whole list;
 * ``check_same_settings(settings, layouts)``: refuse, on every rank, optimizers built otherwise
-  on the ranks that share the layouts' parameters (once, at the first sharded step).
+  on the ranks that share the layouts' parameters (once, at the first sharded step; ``settings``
+  makes the optimizer's settings only then).
 
 `SINGLE_PROCESS` is the implementation that has nothing to do. An optimizer gets the one that
 fits its step's layouts from `collectives_for`; DDP needs nothing (its parameters are whole on
@@ -21,7 +22,7 @@ every rank), FSDP2 and DTensor shardings get a `ShardedCollectives`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
@@ -48,7 +49,7 @@ class Collectives:
     def gather_whole(self, values: list[Tensor], layouts: Sequence) -> list[Tensor]:
         return values
 
-    def check_same_settings(self, settings: dict[str, str], layouts: Sequence) -> None:
+    def check_same_settings(self, settings: Callable[[], dict[str, str]], layouts: Sequence) -> None:
         pass
 
 
@@ -105,9 +106,10 @@ class ShardedCollectives(Collectives):
     # process would only when their optimizers agree. Built otherwise (a momentum_dtype or seed
     # taken from the rank), replicated codes diverge silently, or the ranks issue different
     # collectives and hang until the timeout. One object gather, at the first sharded step.
-    def check_same_settings(self, settings: dict[str, str], layouts: Sequence) -> None:
+    def check_same_settings(self, settings: Callable[[], dict[str, str]], layouts: Sequence) -> None:
         if self._settings_checked:
             return
+        settings = settings()
         groups = dict.fromkeys(v.mesh.get_group(d) for v in layouts if isinstance(v, ShardView) for d in v.reduce_mesh_dims)
         for group in groups:
             seen: list = [None] * dist.get_world_size(group)

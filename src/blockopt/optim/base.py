@@ -197,7 +197,7 @@ class BlockwiseOptimizer(Optimizer):
             roundings = [param_rounding.prepare(self, batch, journal) for batch in batches]  # (None: as computed)
             layouts = [layout for batch in batches for layout in batch.layouts]
             collectives = self._collectives(layouts)
-            collectives.check_same_settings(self._settings_to_agree(), layouts)
+            collectives.check_same_settings(self._settings_to_agree, layouts)  # (called once, when sharded)
             self._reduce(batches, collectives)
         except BaseException:
             self._undo(journal, skip)
