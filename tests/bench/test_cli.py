@@ -78,6 +78,8 @@ def test_demo_runs_end_to_end(tmp_path):
         (["compare", "--opt", "lion:betas=0.9"], 1, ["betas must be a pair, each a number, got 0.9"]),
         (["compare", "--opt", "adam-mini:lr=-1"], 1, ["lr must be a number >= 0, got -1"]),
         (["compare", "--opt", "adamw", "--opt", "adamw"], 1, ["adamw is listed twice"]),
+        (["compare", "--opt", "adamw:lr=1e-3", "--opt", "adamw: lr=0.001"], 1,
+         ["optimizers 'adamw:lr=1e-3' and 'adamw: lr=0.001' are the same run (same name and overrides)"]),
         (["compare", "--baseline", "lion"], 1, ["baseline 'lion' is not one of the optimizers"]),
         (["compare", "--lr", "-1"], 1, ["lr must be a number > 0, got -1.0"]),
         (["compare", "--lr", "nan"], 1, ["lr must be a number > 0, got nan"]),

@@ -62,6 +62,13 @@ class CompareConfig:
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
             raise ValueError(f"optimizer {', '.join(duplicates)} is listed twice; give each run different overrides")
+        seen: dict = {}
+        for spec in specs:  # (one run under two spellings: 'adamw:lr=1e-3' and 'adamw:lr=0.001')
+            key = (spec.name, tuple(sorted((k, repr(v)) for k, v in spec.overrides.items())))
+            if key in seen:
+                raise ValueError(f"optimizers {seen[key]!r} and {spec.label!r} are the same run (same name and "
+                                 "overrides); list it once")
+            seen[key] = spec.label
         set_("optimizers", tuple(self.optimizers))
         set_("_specs", specs)
         set_("model_overrides", MappingProxyType(dict(self.model_overrides)))
