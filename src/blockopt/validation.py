@@ -91,10 +91,11 @@ def pair(item: Rule) -> Rule:
     return Rule("pair", item=item)
 
 
-def check(name: str, value: Any, rule: Rule) -> None:
-    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` satisfies ``rule``."""
+def check(name: str, value: Any, rule: Rule) -> float | None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` satisfies ``rule``.
+    Returns the number a `real` or `integer` rule read (a 1-element tensor's value, read once)."""
     if value is None and rule.optional:
-        return
+        return None
     kind = rule.kind
     if kind == "pair":
         if not isinstance(value, (tuple, list)):
@@ -103,18 +104,19 @@ def check(name: str, value: Any, rule: Rule) -> None:
             raise _error(ValueError, name, value, rule)
         for i, item in enumerate(value):
             check(f"{name}[{i}]", item, rule.item)
-        return
+        return None
     if kind == "choice":
         if _same_as_any(value, rule.options) is None and _same_as_any(value, [a for a, _ in rule.aliases]) is None:
             raise _error(ValueError, name, value, rule)
-        return
+        return None
     if kind == "bool":
         if not isinstance(value, bool):
             raise _error(TypeError, name, value, rule)
-        return
+        return None
     number = _as_number(name, value, rule)
     if not math.isfinite(number) or not _within(number, rule):
         raise _error(ValueError, name, value, rule)
+    return number
 
 
 def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> dict[str, Any]:

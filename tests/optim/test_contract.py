@@ -664,6 +664,25 @@ def test_a_tensor_lr_is_checked_at_every_step_before_anything_moves(name, change
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_lr_is_read_once_a_step(name, monkeypatch):
+    """Reading a tensor lr is a host sync on CUDA: the step reads each group's once, where it
+    checks it, and updates with that value (a scheduler's in-place change is seen the next step)."""
+    model = MLP()
+    lrs = [torch.tensor(1e-2), torch.tensor(1e-2)]
+    opt = OPTIMIZERS[name]([{"params": [model.fc1.weight, model.fc2.weight, model.fc2.bias], "lr": lrs[0]},
+                            {"params": [model.fc1.bias], "lr": lrs[1]}])
+    reads, item = [], torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: (reads.append(id(self)), item(self))[1])
+    _train(model, opt, _data(2))
+    assert sorted(r for r in reads if r in map(id, lrs)) == sorted([id(lrs[0]), id(lrs[1])] * 2)  # two steps
+    monkeypatch.undo()
+    lrs[1].fill_(0.0)  # as a scheduler changes it: the next step reads the new value
+    bias = model.fc1.bias.detach().clone()
+    _train(model, opt, _data(1, seed=3))
+    _assert_same([model.fc1.bias.detach()], [bias])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_valid_settings_changed_by_hand_take_effect_and_aliases_are_normalised(name):
     model = MLP()
     opt = OPTIMIZERS[name](model)

@@ -58,7 +58,7 @@ from ..distributed import (
 from ..distributed.zero import PIECES
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
-from ..validation import Rule, caller_stacklevel, validate
+from ..validation import Rule, caller_stacklevel, check, validate
 from . import nonfinite, param_rounding
 from .checkpoint import align_state_dict, check_fits, check_structure
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
@@ -253,8 +253,11 @@ class BlockwiseOptimizer(Optimizer):
         checked = self.__dict__.setdefault("_checked_settings", {})
         if len(checked) > 4 * len(self.param_groups):  # groups replaced (load_state_dict makes new ones)
             checked.clear()
+        read = self.__dict__["_tensor_lrs"] = {}  # this step's tensor lrs, read once (`_lr`)
         for index, group in enumerate(self.param_groups):
-            tensors = {k: v for k, v in group.items() if k in self.defaults and isinstance(v, Tensor)}
+            if isinstance(lr := group.get("lr"), Tensor):  # (only lr may be a tensor; others are refused below)
+                read[id(group)] = self._read_tensor_lr(lr, f"param group {index}")
+            tensors = {k: v for k, v in group.items() if k in self.defaults and isinstance(v, Tensor) and k != "lr"}
             if tensors:
                 self._validated(tensors, f"param group {index}")
             settings = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()
@@ -374,13 +377,24 @@ class BlockwiseOptimizer(Optimizer):
         """Run the optimizer's functional step on one batch."""
         raise NotImplementedError
 
-    @staticmethod
-    def _lr(group: dict) -> float | Tensor:
+    def _lr(self, group: dict) -> float | Tensor:
         """The group's learning rate as a number: a 1-element tensor lr (as torch.optim accepts,
-        e.g. for LR schedulers under torch.compile) is read at each step. While compiling, it
-        stays a tensor: reading it would break the graph, and a number would be baked into it."""
+        e.g. for LR schedulers under torch.compile) is read once a step, where the step checks it
+        (`_check_changed_settings`: one host sync per group on CUDA, not one per use). While
+        compiling, it stays a tensor: reading it would break the graph, and a number would be
+        baked into it."""
         lr = group["lr"]
-        return lr.item() if isinstance(lr, Tensor) and not torch.compiler.is_compiling() else lr
+        if not isinstance(lr, Tensor) or torch.compiler.is_compiling():
+            return lr
+        read = self.__dict__.get("_tensor_lrs", {}).get(id(group))
+        return read if read is not None else self._read_tensor_lr(lr, "lr")
+
+    def _read_tensor_lr(self, lr: Tensor, where: str) -> float:
+        """A tensor lr's value, checked as the constructor checks an lr."""
+        try:
+            return check("lr", lr, self.HYPERPARAMETERS["lr"])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
 
     # ---- layouts ----------------------------------------------------------------------
     def specs(self, group: dict) -> list[BlockSpec]:
