@@ -6,6 +6,7 @@ bit-identical with every storage (AdamMini and SGDSaI); checkpoints that load ac
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import warnings
 
@@ -30,8 +31,9 @@ def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, s
     params = dict(model.named_parameters())
     stored = {name: None for name in params}
     v = {name: torch.zeros(plan[name].n_blocks, dtype=torch.float64) for name in params}
-    # int8/int4 keep bf16 where a code chunk would hold several blocks: written out, not asked of kept_as
-    kept = {name: "bfloat16" if dtype in ("int8", "int4") and _chunks_cross_blocks(plan[name]) else dtype for name in params}
+    # int8/int4 keep bf16 where a code chunk would hold several blocks or codes take more bytes:
+    # written out, not asked of kept_as
+    kept = {name: _kept_by_brute_force(dtype, plan[name]) for name in params}
     for t, idx in enumerate(data, start=1):
         model.zero_grad()
         lm_loss(model, idx).backward()
@@ -45,6 +47,15 @@ def reference_run(model, data, *, dtype, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, s
                 denom = spec.expand((v[name] / (1 - betas[1] ** t)).sqrt() + eps)
                 p -= lr / (1 - betas[0] ** t) * m / denom
                 stored[name] = codec(kept[name]).encode(m, rounding_key(seed, t, momentum.salt(name)))
+
+
+def _kept_by_brute_force(dtype, spec):
+    """What `momentum.kept_as` should answer, from each chunk's block indices and the storage's bytes."""
+    if dtype not in ("int8", "int4"):
+        return dtype
+    stored = codec(dtype).storage(tuple(spec.shape), "cpu")
+    narrow = sum(t.nbytes for t in stored) >= 2 * math.prod(spec.shape) > 0  # no smaller than bf16's 2 bytes an element
+    return "bfloat16" if narrow or _chunks_cross_blocks(spec) else dtype
 
 
 def _chunks_cross_blocks(spec, chunk: int = 256) -> bool:
@@ -545,6 +556,7 @@ def _layouts():
     specs = [make_spec("v", (300,), rule, "") for rule in ("coordinate", "whole")]
     specs += [make_spec("w", shape, rule, "") for shape in ((8, 300), (300, 8), (1, 1), (5, 1), (4, 512))
               for rule in ("rows", "cols", "coordinate", "whole")]
+    specs += [make_spec("n", shape, "rows", "") for shape in ((), (2,), (3,), (9, 2), (9, 3), (9, 4), (9, 5))]  # narrow rows
     specs += [make_spec("q", (64, 48), "heads", "", n_heads=4), make_spec("c", (48, 64), "heads", "", n_heads=4, neuron_dim=1)]
     specs += [make_spec("e", (4, 6, shape), "rows", "") for shape in (200, 256)]  # 3-D: rows of each expert
     model = TinyTransformer()
@@ -557,7 +569,7 @@ def test_int_codes_only_where_every_chunk_lies_in_one_block(dtype):
     """`kept_as` against a brute-force look at each chunk's block indices, over rules and shapes."""
     seen = set()
     for spec in _layouts():
-        expected = "bfloat16" if _chunks_cross_blocks(spec) else dtype
+        expected = _kept_by_brute_force(dtype, spec)
         assert momentum.kept_as(dtype, spec) == expected, (spec.name, spec.shape, spec.rule)
         seen.add(expected)
     assert seen == {dtype, "bfloat16"}
@@ -602,6 +614,22 @@ def test_a_per_coordinate_tensor_steps_as_adam_does_under_int_codes(make, dtype)
         assert float((bias - before).abs().max()) <= 1.05e-3
     assert float(bias[1:].abs().min()) >= 0.9 * 20 * 1e-3  # every small coordinate moved as Adam moves it
     assert opt.state[bias]["exp_avg"].dtype == torch.bfloat16 and blockopt.state_bytes(opt) == 4 + 4 * 256 + 2 * 256
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_narrow_rows_keep_bf16_where_codes_would_take_more_bytes(dtype):
+    """A (9, 2) weight as int8 codes is 9 scales of 4 bytes for 18 one-byte codes: 3 bytes an
+    element against bf16's 2. It keeps bf16, which state_bytes counts; a wide weight keeps codes."""
+    narrow, wide = nn.Parameter(torch.randn(9, 2)), nn.Parameter(torch.randn(9, 256))
+    opt = blockopt.AdamMini([("a.weight", narrow), ("b.weight", wide)], lr=1e-2, momentum_dtype=dtype)
+    for p in (narrow, wide):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[narrow]["exp_avg"].dtype == torch.bfloat16 and "exp_avg_codes" not in opt.state[narrow]
+    assert "exp_avg_codes" in opt.state[wide]
+    code_bytes = opt.state[wide]["exp_avg_codes"].nbytes + opt.state[wide]["exp_avg_scales"].nbytes
+    v_bytes = sum(opt.state[p]["exp_avg_sq"].nbytes for p in (narrow, wide))
+    assert blockopt.state_bytes(opt) == 2 * 18 + code_bytes + v_bytes + sum(opt.state[p]["step"].nbytes for p in (narrow, wide))
 
 
 @pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.SGDSaI], ids=lambda c: c.__name__)

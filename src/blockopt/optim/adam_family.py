@@ -88,8 +88,9 @@ class MomentumStorage:
             f"momentum_dtype={setting!r}: {in_bf16 / total:.0%} of param group {index}'s momentum "
             f"stays bfloat16 ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): a code chunk of those "
             "tensors would hold several blocks (per-column blocks as in GPT-2's Conv1D, experts whose input width "
-            "is not a multiple of 256, per-coordinate tensors), where int codes lose small momenta "
-            "(docs/compressed-state.md). blockopt.state_bytes(opt) counts what is kept",
+            "is not a multiple of 256, per-coordinate tensors), where int codes lose small momenta, or their rows "
+            "are so narrow (a few elements) that a scale per row outweighs the codes (docs/compressed-state.md). "
+            "blockopt.state_bytes(opt) counts what is kept",
             UserWarning, stacklevel=caller_stacklevel(),
         )
 

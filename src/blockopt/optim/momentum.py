@@ -28,6 +28,8 @@ others, single steps of 55 lr with int8, and int4 rounding those m to 0 so that 
 slower. Such tensors keep m in ``"bfloat16"`` (an error relative to each element) under
 ``"int8"``/``"int4"`` (`kept_as`): biases only in a Llama, but most of GPT-2 (its Conv1D weights
 have per-column blocks), so an optimizer warns where they hold more than a tenth of a group's momentum.
+So do tensors whose rows are too narrow for codes to save memory (`codes_save_bytes`: a scale per
+row of 1-4 elements costs more than bf16).
 
 A checkpoint holds what the optimizer keeps (codes and scales, or ``exp_avg``) and its param
 groups the ``momentum_dtype`` it was saved with; loading into another ``momentum_dtype`` decodes
@@ -110,13 +112,26 @@ def holds(momentum_dtype: str | None, state: dict, key: str = EXP_AVG, *, param_
 
 def kept_as(momentum_dtype: str | None, spec) -> str | None:
     """The storage a tensor's momentum gets under its group's ``momentum_dtype``: the setting,
-    except int codes for a tensor whose chunks would hold several blocks, which keep ``"bfloat16"``
-    (Note [int codes only where a chunk lies in one block]); ``spec`` is its `BlockSpec`."""
+    except int codes for a tensor whose chunks would hold several blocks (Note [int codes only
+    where a chunk lies in one block]) or whose rows are so narrow that codes and scales take as
+    many bytes as bf16 (`codes_save_bytes`), which keep ``"bfloat16"``; ``spec`` is its `BlockSpec`."""
     if momentum_dtype not in QUANTIZED:
         return momentum_dtype
+    quantized, shape = codec(momentum_dtype), tuple(spec.shape)
     share = _chunks_in_one_block if torch.compiler.is_compiling() else _cached_chunks_in_one_block
-    return momentum_dtype if share(tuple(spec.shape), tuple(spec.block_dims), tuple(spec.segments),
-                                   codec(momentum_dtype).chunk) else "bfloat16"
+    if not codes_save_bytes(shape, quantized):
+        return "bfloat16"
+    return momentum_dtype if share(shape, tuple(spec.block_dims), tuple(spec.segments), quantized.chunk) else "bfloat16"
+
+
+def codes_save_bytes(shape: tuple[int, ...], quantized) -> bool:
+    """Whether the ``quantized`` codec's codes and scales (a float32 per chunk of a row) take fewer
+    bytes than bf16's 2 an element: not on rows of fewer than 5 elements (int8) or 3 (int4), where
+    each row's scale outweighs what the codes save (a 0-d tensor: 5 bytes as int8). bf16, rounded
+    per element, is then both the smaller and the more precise storage."""
+    codes, scales = quantized.shapes(shape)
+    numel = math.prod(shape)
+    return numel == 0 or math.prod(codes) + 4 * math.prod(scales) < 2 * numel
 
 
 def _chunks_in_one_block(shape: tuple[int, ...], block_dims: tuple[int, ...], segments: tuple[tuple[int, int], ...],
