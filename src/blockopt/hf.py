@@ -278,11 +278,13 @@ OPTIMIZERS = {"adam-mini": AdamMini, "adapm": AdaPM, "sgd-sai": SGDSaI}
 
 def trainer_hyperparameters(training_args, name: str = "adam-mini") -> dict:
     """The keyword arguments of optimizer ``name`` that ``TrainingArguments`` sets: ``lr``
-    (``learning_rate``), ``weight_decay`` and ``seed`` (the run's: the optimizer's rounding bits,
-    AdaPM's initial factors) for all; ``betas`` (``adam_beta1``, ``adam_beta2``) and ``eps``
-    (``adam_epsilon``) for the Adam family only: SGD-SaI's ``momentum`` and ``eps`` mean other
-    things, so they keep SGDSaI's defaults unless given."""
-    kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay, seed=training_args.seed)
+    (``learning_rate``), ``weight_decay``, ``seed`` (the run's: the optimizer's rounding bits,
+    AdaPM's initial factors) and the Trainer's decay rule, ``decay_1d=False`` (biases and norms
+    are not decayed; SGDSaI's own default, the sgd-sai package's, decays them) for all; ``betas``
+    (``adam_beta1``, ``adam_beta2``) and ``eps`` (``adam_epsilon``) for the Adam family only:
+    SGD-SaI's ``momentum`` and ``eps`` mean other things, so they keep SGDSaI's defaults unless given."""
+    kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay, seed=training_args.seed,
+                  decay_1d=False)
     if _optimizer_class(name) is not SGDSaI:
         kwargs.update(betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon)
     return kwargs
@@ -295,8 +297,9 @@ def create_optimizer(model: nn.Module, training_args, name: str = "adam-mini", *
 
         trainer = Trainer(model, args, ..., optimizers=(blockopt.hf.create_optimizer(model, args), None))
 
-    Decay: the Trainer exempts biases and norms from ``weight_decay``; blockopt's optimizers exempt
-    every 1-D parameter (``decay_1d=False``), which covers the same tensors.
+    Decay: the Trainer exempts biases and norms from ``weight_decay``; so does every optimizer made
+    here, by exempting every 1-D parameter (``decay_1d=False``, SGD-SaI's included), which covers
+    the same tensors.
     """
     return _optimizer_class(name)(model, **{**trainer_hyperparameters(training_args, name), **overrides})
 

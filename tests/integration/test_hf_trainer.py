@@ -107,10 +107,27 @@ def test_create_optimizer_maps_training_arguments(tmp_path):
     sgd = create_optimizer(model, args, "sgd-sai")
     assert type(sgd) is blockopt.SGDSaI
     assert (sgd.defaults["lr"], sgd.defaults["weight_decay"], sgd.defaults["momentum"]) == (3e-4, 0.05, 0.9)
-    assert trainer_hyperparameters(args, "sgd-sai") == dict(lr=3e-4, weight_decay=0.05, seed=17)
+    assert trainer_hyperparameters(args, "sgd-sai") == dict(lr=3e-4, weight_decay=0.05, seed=17, decay_1d=False)
     assert sgd.seed == 17 and create_optimizer(model, args, name="adapm", rank=2).seed == 17
     with pytest.raises(ValueError, match="name must be one of 'adam-mini', 'adapm', 'sgd-sai', got 'adam'"):
         create_optimizer(model, args, "adam")
+
+
+@pytest.mark.parametrize("name", ["adam-mini", "adapm", "sgd-sai"])
+def test_the_optimizer_decays_the_tensors_the_trainer_decays(tmp_path, name):
+    """Weight decay alone (zero gradients) moves exactly the Trainer's decay set: its own optimizers
+    exempt biases and norms. SGD-SaI's own default decays them; made for the Trainer, it does not."""
+    model = tiny_gpt2()
+    args = training_args(tmp_path, learning_rate=1e-2, weight_decay=0.5)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens())
+    expected = set(trainer.get_decay_parameter_names(model)) & dict(model.named_parameters()).keys()  # (tied: once)
+    opt = create_optimizer(model, args, name, **({"rank": 2} if name == "adapm" else {}))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == expected and any(p.ndim == 1 for n, p in model.named_parameters() if n not in moved)
 
 
 def test_an_optimizer_class_gets_no_structure_and_says_so(tmp_path):
@@ -126,7 +143,7 @@ def test_an_optimizer_class_gets_no_structure_and_says_so(tmp_path):
     assert shapes_only.plan.summary().n_blocks > structural.summary().n_blocks
 
     factory, kwargs = optimizer_cls_and_kwargs(args, weight_decay=0.0)
-    assert kwargs == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0)
+    assert kwargs == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, seed=0, decay_1d=False)
     as_factory = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
                                       optimizer_cls_and_kwargs=(factory, kwargs))
     assert as_factory.create_optimizer().plan == structural
