@@ -132,23 +132,32 @@ def load_state(engine, state_dict: dict[str, Any]) -> None:
     Each parameter's state is matched by name and cut to the pieces this rank holds. Collective
     in nothing: every rank loads from the same state dict. (The model's weights come with the
     checkpoint that goes with it, e.g. DeepSpeed's consolidated fp32 weights.)"""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict) or \
+            not all(isinstance(g, dict) and "param_names" in g for g in groups):
+        raise ValueError("load_state takes a blockopt state dict with parameter names (opt.state_dict() of a blockopt "
+                         "optimizer in one process, or `blockopt zero-to-state`'s output); this one has no 'param_names' "
+                         "in its param groups (a torch.optim state dict?)")
     zero = engine.optimizer
     client = zero.optimizer
     partitions = client.__dict__.get("_zero") or read_partitions(zero, client)
     client._zero = partitions
-    saved = {name: state_dict["state"][i] for g in state_dict["param_groups"]
+    saved = {name: state_dict["state"][i] for g in groups
              for i, name in zip(g["params"], g["param_names"]) if i in state_dict["state"]}
     flats = [flat for group in client.param_groups for flat in group["params"]]
     if not flats and hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3 keeps the groups empty between steps
         flats = list(zero.fp32_partitioned_groups_flat)
+    loaded = {}  # every flat partition's state, before any is applied
     for flat in flats:
         states = []
         for piece in partitions.partition(flat).pieces:
             entry = saved.get(piece.name)
             if entry is None:
-                raise KeyError(f"the state dict has no state for {piece.name!r}: it comes from another model or optimizer")
+                raise ValueError(f"the state dict has no state for {piece.name!r}: it comes from another model or optimizer")
             states.append({**piece.labels(), **_cut(entry, piece, flat)})
-        client.state[flat] = {PIECES: states}
+        loaded[flat] = {PIECES: states}
+    for flat, state in loaded.items():
+        client.state[flat] = state
 
 
 def _cut(entry: dict[str, Any], piece, like: Tensor) -> dict[str, Any]:

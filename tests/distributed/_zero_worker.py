@@ -33,6 +33,8 @@ OPTIMIZERS = {
     # compressed first moments: bf16 pieces draw the rounding bits of their place in the parameter
     "adam-mini-bf16m": lambda model: blockopt.AdamMini(model, **HYPER, momentum_dtype="bfloat16"),
     "adam-mini-int8m": lambda model: blockopt.AdamMini(model, **HYPER, momentum_dtype="int8"),
+    # another plan of the same model: bare names (query and key planned per row, not per head)
+    "adam-mini-names": lambda model: blockopt.AdamMini(model.named_parameters(), **HYPER),
 }
 
 
@@ -120,24 +122,53 @@ def scenario_refused(rank, world, out: Path, model_name: str, optimizer: str, st
     torch.save({"error": message}, out / f"refused_{model_name}_{optimizer}_z{stage}_w{world}.rank{rank}.pt")
 
 
-def checkpoint_dir(out: Path, model_name: str, stage: int, world: int) -> Path:
-    return out / f"ckpt_{model_name}_z{stage}_w{world}"
+def checkpoint_dir(out: Path, model_name: str, stage: int, world: int, optimizer: str = "adam-mini") -> Path:
+    return out / f"ckpt_{model_name}_{optimizer}_z{stage}_w{world}"
 
 
-def scenario_checkpoint(rank, world, out: Path, model_name: str, stage: int, split: int, steps: int) -> None:
+def scenario_checkpoint(rank, world, out: Path, model_name: str, stage: int, split: int, steps: int,
+                        optimizer: str = "adam-mini") -> None:
     """Train ``split`` steps, save with ``engine.save_checkpoint``, train on; then a new engine
     loads the checkpoint and trains the same steps: both results are saved."""
     data = _worker.batches(steps)
-    engine = engine_for(model_name, "adam-mini", stage, world, "float32")
+    folder = checkpoint_dir(out, model_name, stage, world, optimizer)
+    engine = engine_for(model_name, optimizer, stage, world, "float32")
     train(engine, data[:split], rank, world)
-    engine.save_checkpoint(str(checkpoint_dir(out, model_name, stage, world)))
+    engine.save_checkpoint(str(folder))
     train(engine, data[split:], rank, world)
     straight = full_params(engine)
-    engine = engine_for(model_name, "adam-mini", stage, world, "float32")
-    engine.load_checkpoint(str(checkpoint_dir(out, model_name, stage, world)))
+    engine = engine_for(model_name, optimizer, stage, world, "float32")
+    engine.load_checkpoint(str(folder))
     train(engine, data[split:], rank, world)
     result = {"straight": straight, "resumed": full_params(engine)}
-    torch.save(result, out / f"checkpoint_{model_name}_z{stage}_w{world}.rank{rank}.pt")
+    torch.save(result, out / f"checkpoint_{model_name}_{optimizer}_z{stage}_w{world}.rank{rank}.pt")
+
+
+def _snapshot(client) -> tuple[list[dict], list[dict]]:
+    """A ZeRO client's pieces' state (copied) and its groups' settings."""
+    pieces = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in piece.items()}
+              for entry in client.state.values() for piece in entry.get("pieces", ())]
+    return pieces, [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
+
+
+def scenario_load_refused(rank, world, out: Path, model_name: str, stage: int, saved: str, loading: str) -> None:
+    """``engine.load_checkpoint`` of a checkpoint that ``saved`` wrote into an engine built with
+    ``loading``: the error, and whether the client's state and groups were left as they were."""
+    engine = engine_for(model_name, loading, stage, world, "float32")
+    train(engine, _worker.batches(1), rank, world)
+    client = engine.optimizer.optimizer
+    before = _snapshot(client)
+    try:
+        engine.load_checkpoint(str(checkpoint_dir(out, model_name, stage, world, saved)))
+        message = ""
+    except (ValueError, RuntimeError, KeyError) as error:
+        message = str(error)
+    after = _snapshot(client)
+    unchanged = before[1] == after[1] and len(before[0]) == len(after[0]) and all(
+        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        for a, b in zip(before[0], after[0]))
+    torch.save({"error": message, "unchanged": unchanged},
+               out / f"load_refused_{model_name}_{saved}_into_{loading}_z{stage}_w{world}.rank{rank}.pt")
 
 
 def scenario_resume_from_state(rank, world, out: Path, model_name: str, stage: int, split: int, steps: int,
@@ -232,6 +263,7 @@ SCENARIOS = {
     "qwen2": scenario_qwen2,
     "trainer": scenario_trainer,
     "train": scenario_train, "refused": scenario_refused, "checkpoint": scenario_checkpoint,
+    "load_refused": scenario_load_refused,
     "resume_from_state": scenario_resume_from_state,
 }
 

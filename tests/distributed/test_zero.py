@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import socket
 
 import pytest
@@ -195,6 +196,9 @@ def runs(tmp_path_factory):
         ("refused", {"model_name": "gpt2", "optimizer": "adam-mini-int8m", "stage": 2}),
         ("checkpoint", {"model_name": "gpt2", "stage": 2, "split": SPLIT, "steps": 8}),
         ("checkpoint", {"model_name": "llama", "stage": 3, "split": SPLIT, "steps": 8}),
+        ("checkpoint", {"model_name": "gpt2", "stage": 2, "split": SPLIT, "steps": 8, "optimizer": "adam-mini-bf16m"}),
+        *[("load_refused", {"model_name": "gpt2", "stage": 2, "saved": "adam-mini", "loading": loading})
+          for loading in ("sgd-sai", "adam-mini-names", "adam-mini-bf16m")],
         ("trainer", {"stage": 3, "steps": 4}),
     ])
     _spawn(3, out, every_stage + [
@@ -329,10 +333,29 @@ def test_state_is_half_of_adamw_under_zero2(runs):
 
 @pytestmark_deepspeed
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["gpt2_z2_w2", "llama_z3_w2"])
+@pytest.mark.parametrize("name", ["gpt2_adam-mini_z2_w2", "llama_adam-mini_z3_w2", "gpt2_adam-mini-bf16m_z2_w2"])
 def test_save_and_load_checkpoint_resume_bit_identically(runs, name):
+    """A bf16 momentum too: torch's load casts the pieces' tensors to the flat partition's float32,
+    and they are put back as saved."""
     result = _load(runs, f"checkpoint_{name}")
     assert all(torch.equal(result["straight"][k], result["resumed"][k]) for k in result["straight"])
+
+
+@pytestmark_deepspeed
+@pytest.mark.distributed
+@pytest.mark.parametrize(("loading", "message"), [
+    ("sgd-sai", r"param group 0 of the state dict has no 'momentum' .*saved by another optimizer than SGDSaI"),
+    ("adam-mini-names", r"state 'exp_avg_sq' of the ZeRO state of '.*' \(box .*partitioned it differently"),
+    ("adam-mini-bf16m", r"saved with momentum_dtype=None, this optimizer keeps 'bfloat16'"),
+])
+def test_a_zero_checkpoint_that_does_not_fit_is_refused_at_load_changing_nothing(runs, loading, message):
+    """Under ZeRO a load checked only which pieces each rank holds: another optimizer's or another
+    plan's state was loaded, and failed at the next step (KeyError 'betas', a shape mismatch); a
+    live momentum_dtype was replaced by the saved one."""
+    for rank in range(2):
+        result = _load(runs, f"load_refused_gpt2_adam-mini_into_{loading}_z2_w2", rank)
+        assert re.search(message, result["error"]), result["error"]
+        assert result["unchanged"]
 
 
 @pytestmark_deepspeed

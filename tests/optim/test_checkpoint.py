@@ -180,8 +180,12 @@ def test_state_dict_of_another_optimizer_is_rejected():
     opt = _trained(model)
     adamw = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
     train(model, adamw, batches(1))
-    with pytest.raises(ValueError, match=r"the state of 'embed.weight' has no 'step' .*saved by another optimizer"):
+    with pytest.raises(ValueError, match=r"param group 0 of the state dict has no 'betas', 'eps' .*saved by another "
+                                         r"optimizer than AdamMini"):  # (torch's SGD keeps no betas)
         opt.load_state_dict(adamw.state_dict())
+    groups = [{**g, "betas": (0.9, 0.999), "eps": 1e-8} for g in adamw.state_dict()["param_groups"]]
+    with pytest.raises(ValueError, match=r"the state of 'embed.weight' has no 'step' .*saved by another optimizer"):
+        opt.load_state_dict({**adamw.state_dict(), "param_groups": groups})  # groups that pass: its state does not
 
 
 @pytest.mark.parametrize("garbage", [{"foo": 1}, [1, 2], {"state": {}, "param_groups": 3},

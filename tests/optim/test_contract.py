@@ -663,6 +663,24 @@ def test_a_tensor_lr_is_checked_at_every_step_before_anything_moves(name, change
     _assert_same_state(opt.state_dict()["state"], state["state"])
 
 
+@pytest.mark.parametrize(("saving", "loading", "missing"), [
+    ("adam-mini-fused", "sgd-sai", "'momentum'"), ("sgd-sai", "adam-mini-fused", "'betas'"), ("sgd-sai", "adapm", "'betas'"),
+])
+def test_the_state_of_another_optimizer_is_refused_by_its_groups_changing_nothing(saving, loading, missing):
+    """SGDSaI read the saved groups' ``momentum`` before any check (a bare KeyError); under ZeRO
+    an SGD-SaI checkpoint loaded into AdamMini failed at the next step (KeyError 'betas')."""
+    model = MLP()
+    saved = OPTIMIZERS[saving](model)
+    _train(model, saved, _data(1))
+    opt = OPTIMIZERS[loading](model)
+    _train(model, opt, _data(1))
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=rf"param group 0 of the state dict has no {missing} .*saved by another optimizer"):
+        opt.load_state_dict(copy.deepcopy(saved.state_dict()))
+    assert opt.state_dict()["param_groups"] == state["param_groups"]
+    _assert_same_state(opt.state_dict()["state"], state["state"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_tensor_lr_is_read_once_a_step(name, monkeypatch):
     """Reading a tensor lr is a host sync on CUDA: the step reads each group's once, where it

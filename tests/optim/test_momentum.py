@@ -550,6 +550,20 @@ def test_a_model_cast_after_the_first_step_is_named_as_the_cause(make):
         train(model, opt, batches(1))
 
 
+def test_a_cast_after_the_first_step_is_named_for_adapm_low_rank_factors():
+    """AdaPM's low-rank factors said the momentum_dtype had changed, which the user never touched."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    opt = blockopt.AdaPM(model, lr=1e-2, rank=2)
+    assert opt.policy("0.weight") == "lowrank"
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    model.double()
+    model(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
+    with pytest.raises(ValueError, match=r"for a torch.float64 parameter are torch.float64, but its state holds "
+                                         r"torch.float32 factors: the parameter was cast after"):
+        opt.step()
+
+
 # ---- Note [int codes only where a chunk lies in one block] --------------------------------
 def _layouts():
     from blockopt.partition import make_spec

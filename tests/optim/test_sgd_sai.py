@@ -440,8 +440,11 @@ def test_state_dict_of_another_block_layout_is_rejected_and_changes_nothing():
         opt.load_state_dict(sd)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train(model, sgd, batches(1))
+    with pytest.raises(ValueError, match="param group 0 of the state dict has no 'eps' .*another optimizer than SGDSaI"):
+        opt.load_state_dict(sgd.state_dict())  # (torch's SGD keeps no eps)
+    groups = [{**g, "eps": 1e-8} for g in sgd.state_dict()["param_groups"]]
     with pytest.raises(ValueError, match="has no 'gsnr'"):
-        opt.load_state_dict(sgd.state_dict())
+        opt.load_state_dict({**sgd.state_dict(), "param_groups": groups})  # groups that pass: its state does not
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

@@ -261,8 +261,10 @@ class ZeroPartitions:
                     _check_piece_state(optimizer, piece, state)
         return batch
 
-    def check_loadable(self, optimizer, state_dict: dict) -> None:
-        """Refuse (before anything is applied) a saved state whose pieces are not this rank's."""
+    def loadable(self, optimizer, state_dict: dict) -> dict:
+        """``state_dict`` as this rank loads it, or a refusal before anything is applied: its
+        pieces must be this rank's, each holding what this optimizer keeps for it (Note [loading
+        ZeRO state]). Returns it with the live ``implementation`` and ``param_rounding`` kept."""
         flats = [p for g in optimizer.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for saved_id, flat in zip(saved_ids, flats):
@@ -278,6 +280,66 @@ class ZeroPartitions:
                     "stage or model?): convert it with `blockopt zero-to-state` and load the one-process state "
                     "with blockopt.deepspeed.load_state(engine, state)"
                 )
+            for piece, piece_state in zip(self.partition(flat).pieces, pieces):
+                _check_saved_piece(optimizer, piece, piece_state)
+        groups = []
+        for index, (saved, live) in enumerate(zip(state_dict["param_groups"], optimizer.param_groups)):
+            if _storage(saved.get("momentum_dtype")) != _storage(live.get("momentum_dtype")):
+                raise ValueError(
+                    f"param group {index} of the state dict was saved with momentum_dtype={saved.get('momentum_dtype')!r}, "
+                    f"this optimizer keeps {live.get('momentum_dtype')!r}: under ZeRO a checkpoint loads into the storage "
+                    "it was saved with. Build the optimizer with the saved momentum_dtype, or convert the checkpoint "
+                    "(`blockopt zero-to-state`) and load it into a one-process optimizer, which converts"
+                )
+            groups.append({**saved, **{k: live[k] for k in ("implementation", "param_rounding", "momentum_dtype") if k in live}})
+        return {**state_dict, "param_groups": groups}
+
+    def restore_loaded(self, optimizer, state_dict: dict) -> None:
+        """After torch's load, which casts every floating tensor of the pieces to the flat
+        partition's float32: the saved tensors back as they were saved (a bf16 momentum stays bf16)."""
+        flats = [p for g in optimizer.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for saved_id, flat in zip(saved_ids, flats):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            for live, piece_state in zip(optimizer.state[flat][PIECES], saved[PIECES]):
+                for key, value in piece_state.items():
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        live[key] = value.to(device=flat.device, copy=True)
+
+
+# Note [loading ZeRO state]: one process checks a saved entry against the shapes its optimizer
+# keeps for the parameter; under ZeRO an entry is a flat partition's pieces, so each piece is
+# checked the same way: a tensor shaped like its box, or one value per block meeting it for a block
+# statistic, and a stepped piece holds the block statistic. A checkpoint of another optimizer or of
+# another plan (heads planned as rows) is refused here, not at the step after the load.
+def _check_saved_piece(optimizer, piece: Piece, state: Any) -> None:
+    where = f"the ZeRO state of {piece.name!r} (box {piece.box})"
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} is a {type(state).__name__}, not a dict: it was not saved by a blockopt optimizer")
+    held = {k: v for k, v in state.items() if k not in LABELS}
+    if held and optimizer._STAT_KEYS and optimizer._STAT_KEYS[0] not in held:
+        raise ValueError(f"{where} has no {optimizer._STAT_KEYS[0]!r} (it has {sorted(held)}): it was saved by another optimizer")
+    n_blocks = piece.layout.n_blocks
+    for key, value in held.items():
+        if not isinstance(value, Tensor) or value.ndim == 0 or tuple(value.shape) == piece.shape:
+            continue
+        if key in optimizer._STAT_KEYS:
+            if tuple(value.shape) == (n_blocks,):
+                continue
+            raise ValueError(
+                f"state {key!r} of {where} has shape {tuple(value.shape)}, this optimizer expects ({n_blocks},) "
+                f"({piece.spec.rule}): the saving optimizer partitioned it differently; build both the same way "
+                "(the same model form, or plan=saved_optimizer.plan)"
+            )
+        raise ValueError(f"state {key!r} of {where} has shape {tuple(value.shape)}, this optimizer expects {piece.shape}: "
+                         "it was saved with other settings or for another model")
+
+
+def _storage(momentum_dtype: str | None) -> str:
+    """What a ZeRO flat partition's momentum is kept in (its parameters are float32)."""
+    return "float32" if momentum_dtype is None else momentum_dtype
 
 
 def _check_piece_state(optimizer, piece: Piece, state: dict) -> None:
@@ -351,8 +413,10 @@ def read_partitions(zero, optimizer) -> ZeroPartitions:
     or 2: ``DeepSpeedZeroOptimizer``; stage 3: ``DeepSpeedZeroOptimizer_Stage3``)."""
     if not _is_zero_optimizer(zero):
         raise NotImplementedError(
-            f"{type(optimizer).__name__} is stepped by DeepSpeed's {type(zero).__name__}, which blockopt does not read "
-            "(DeepSpeed picks BF16_Optimizer for bf16 with fp32 gradient accumulation at ZeRO stage 1): use ZeRO stage 2 or 3"
+            f"{type(optimizer).__name__} is stepped by DeepSpeed's {type(zero).__name__}, which hands it copies of the "
+            "parameters that blockopt cannot name (DeepSpeed steps through such a wrapper for bf16 at ZeRO stage 0, "
+            "and for bf16 with fp32 gradient accumulation at stage 1): use ZeRO stage 2 or 3, or stage 1 with the "
+            "default gradient accumulation dtype"
         )
     if any(g.get("normalize") for g in optimizer.param_groups):
         raise NotImplementedError(

@@ -396,10 +396,11 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
             kept = self._factor_dtype(batch.group, p)
             if factors[0].dtype != kept:  # as check_kept says for full momenta
                 raise ValueError(
-                    f"{name}: its param group now says momentum_dtype={batch.group['momentum_dtype']!r}, whose low-rank "
-                    f"factors are {kept}, but its state holds {factors[0].dtype} factors; a group's momentum_dtype "
-                    "can't change between steps: save opt.state_dict() and load it into an optimizer built with the "
-                    "new setting (it converts)")
+                    f"{name}: its param group says momentum_dtype={batch.group['momentum_dtype']!r}, whose low-rank "
+                    f"factors for a {p.dtype} parameter are {kept}, but its state holds {factors[0].dtype} factors: the "
+                    "parameter was cast after the optimizer made its state (e.g. model.double()), or the group's "
+                    "momentum_dtype was changed by hand. Build the optimizer after the cast, or save opt.state_dict() "
+                    "and load it into an optimizer built with the model and setting you want (it converts)")
             if factors[1].shape[0] != self._rank(batch.group, p.shape):  # (the factors were made at another rank)
                 raise ValueError(
                     f"{name}: its param group now says rank={batch.group['rank']}, but its low-rank momentum has rank "

@@ -501,8 +501,9 @@ class BlockwiseOptimizer(Optimizer):
         self._check_loaded_groups(state_dict)
         zero = zero_partitions(self)
         if zero is not None:  # DeepSpeed ZeRO: per flat partition, its pieces' state (distributed/zero.py)
-            zero.check_loadable(self, state_dict)
+            state_dict = zero.loadable(self, state_dict)
             self._torch_load(state_dict)
+            zero.restore_loaded(self, state_dict)
             return self._run_load_post_hooks()
         state_dict, pairs = align_state_dict(self.param_groups, state_dict)
         state_dict = self._convert_loaded(state_dict, pairs)
@@ -555,8 +556,20 @@ class BlockwiseOptimizer(Optimizer):
 
     def _check_loaded_groups(self, state_dict: dict) -> None:
         """The saved groups' hyperparameters replace the live ones, so they are checked as the
-        constructor checks them (a saved ``lr=nan`` would otherwise train to nan silently)."""
+        constructor checks them (a saved ``lr=nan`` would otherwise train to nan silently), and a
+        group without a setting this optimizer's groups always had (SGD-SaI's ``momentum``, Adam's
+        ``betas``) was saved by another optimizer: refused now, not as a KeyError at the next step."""
+        # (this optimizer's own settings only: a wrapper may add keys to `defaults`; _GROUP_DEFAULTS
+        # holds those added in later versions, which a load fills in)
+        always = [k for k in self.HYPERPARAMETERS if k in self.defaults and k not in self._GROUP_DEFAULTS]
         for index, group in enumerate(state_dict.get("param_groups", ())):
+            missing = [k for k in always if k not in group]
+            if missing:
+                raise ValueError(
+                    f"param group {index} of the state dict has no {', '.join(map(repr, missing))} (it has "
+                    f"{sorted(k for k in group if k not in ('params', 'param_names'))}): it was saved by another "
+                    f"optimizer than {type(self).__name__}"
+                )
             self._validated({k: v for k, v in group.items() if k in self.defaults}, f"param group {index} of the state dict")
 
     def _validated(self, settings: dict, where: str) -> dict:
