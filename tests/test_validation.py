@@ -59,3 +59,34 @@ def test_validate_puts_the_option_in_place_of_its_alias():
     assert validate(table, given) == {"dtype": "bfloat16", "lr": 1e-3, "other": 1}
     assert given["dtype"] is torch.bfloat16  # the caller's dict is left as it was
     assert validate(table, {"dtype": None})["dtype"] is None
+
+
+def test_numbers_are_kept_as_python_numbers():
+    """A numpy uint8 lr was stored as is: negated in AdaPM's step it wrapped to 255 (steps 250x
+    too large, silently); a Fraction passed the checks and failed inside the kernels."""
+    import fractions
+
+    import numpy as np
+
+    table = {"lr": real(0, tensor=True), "rank": integer(1), "betas": pair(real(0, 1, high_open=True))}
+    out = validate(table, {"lr": np.uint8(1), "rank": np.int64(3), "betas": (fractions.Fraction(9, 10), np.float32(0.5))})
+    assert out == {"lr": 1.0, "rank": 3, "betas": (0.9, 0.5)}
+    assert type(out["lr"]) is float and type(out["rank"]) is int and all(type(b) is float for b in out["betas"])
+    lr = torch.tensor(0.1)
+    assert validate(table, {"lr": lr})["lr"] is lr  # a tensor lr stays the tensor schedulers change in place
+
+
+def test_an_optimizer_with_a_numpy_lr_steps_as_with_a_float():
+    import numpy as np
+
+    import blockopt
+
+    results = []
+    for lr in (1, np.uint8(1)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8)
+        opt = blockopt.AdaPM(model, lr=lr, rank=2)
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        results.append(model.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

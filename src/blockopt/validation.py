@@ -121,15 +121,31 @@ def check(name: str, value: Any, rule: Rule) -> float | None:
 
 def validate(table: Mapping[str, Rule], values: Mapping[str, Any]) -> dict[str, Any]:
     """Check every entry of ``values`` that ``table`` has a rule for; returns ``values`` with every
-    alias replaced by the option it stands for."""
+    alias replaced by the option it stands for, and every number as a Python ``float`` (``real``)
+    or ``int`` (``integer``): a numpy ``uint8`` lr negated in a step wraps around, a ``Fraction``
+    fails inside the kernels (a tensor lr stays a tensor)."""
     out = dict(values)
     for name, value in values.items():
         rule = table.get(name)
         if rule is not None:
             check(name, value, rule)
+            out[name] = _plain(value, rule)
             if rule.kind == "choice" and (i := _same_as_any(value, [a for a, _ in rule.aliases])) is not None:
                 out[name] = rule.aliases[i][1]
     return out
+
+
+def _plain(value: Any, rule: Rule) -> Any:
+    """A checked value as the Python number its rule describes."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if rule.kind == "real":
+        return float(value)
+    if rule.kind == "int":
+        return int(value)
+    if rule.kind == "pair":
+        return type(value)(_plain(item, rule.item) for item in value)
+    return value
 
 
 def _same_as_any(value: Any, candidates) -> int | None:

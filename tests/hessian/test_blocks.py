@@ -105,6 +105,27 @@ def test_tiny_net_full_hessian_matches_autograd_including_tied_and_unused_tensor
     torch.testing.assert_close(h, expected)
 
 
+def test_a_loss_the_hessian_tools_cannot_reach_is_refused_or_named():
+    """torch.func differentiated such losses to an all-zero Hessian, silently: a loss computed under
+    no_grad (refused), or one through a tensor taken from the model before the call (warned)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=f64), torch.randint(0, 2, (5,))
+
+    def no_grad_loss():
+        with torch.no_grad():
+            return F.cross_entropy(net(x), y)
+
+    with pytest.raises(ValueError, match="loss_fn's loss carries no gradient"):
+        hessian_block(net, no_grad_loss, "2.bias")
+    with pytest.raises(ValueError, match="loss_fn's loss carries no gradient"):
+        sample_columns(net, no_grad_loss, "2.weight", 4)
+    w, b = net[2].weight, net[2].bias
+    captured = lambda: F.cross_entropy(torch.tanh(net[0](x)) @ w.T + b, y)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"loss_fn does not reach '2\.bias' through the model, so its Hessian rows are zero"):
+        h = hessian_block(net, captured, "2.bias")
+    assert not h.any()  # (what the warning says)
+
+
 def test_bench_model_block_matches_double_backward():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -99,7 +99,7 @@ def test_group_hyperparameters_are_checked_too():
 
 
 @pytest.mark.parametrize(("make", "key", "value"), [(blockopt.AdamMini, "seed", 3), (blockopt.SGDSaI, "seed", 3),
-                                                     (blockopt.AdaPM, "second_moment", "adam")])
+                                                     (blockopt.AdaPM, "second_moment", "adam"), (blockopt.AdaPM, "momentum", "none")])
 def test_an_optimizer_wide_setting_in_a_param_group_is_refused_not_ignored(make, key, value):
     """``seed`` (and AdaPM's ``second_moment``) hold for the whole optimizer: in a group they would
     be kept and never read, so the group is refused, pointing at the constructor; a group added
@@ -120,6 +120,21 @@ def test_plan_from_another_model():
     plan = blockopt.partition(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="plan has parameters the model lacks|not in the plan|shape"):
         blockopt.AdamMini(make_tiny(), plan=plan)
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.AdaPM, blockopt.SGDSaI], ids=lambda c: c.__name__)
+def test_a_plan_that_leaves_out_parameters_of_the_module_is_refused(make):
+    """A plan of the trainable parameters (blockopt.partition's default) left a frozen embedding
+    out of the optimizer silently: unfrozen later, it never trained; partition options given with
+    a plan were dropped silently."""
+    model = make_tiny()
+    model.embed.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"plan lacks 1 of the model's parameters \(embed\.weight\).*partition\(model, frozen=True\)"):
+        make(model, plan=blockopt.partition(model))
+    with pytest.raises(ValueError, match=r"got plan= and partition options \(rules\)"):
+        make(model, plan=blockopt.partition(model, frozen=True), rules={"*": "coordinate"})
+    opt = make(model, plan=blockopt.partition(model, frozen=True))
+    assert any(p is model.embed.weight for p in opt.param_groups[0]["params"])
 
 
 def test_a_single_tensor_is_not_an_iterable_of_parameters():

@@ -810,3 +810,17 @@ def test_frozen_parameters_are_planned_only_when_asked():
     assert set(full) == {n for n, _ in model.named_parameters()}
     with pytest.raises(TypeError, match="frozen must be True or False"):
         blockopt.partition(model, frozen="yes")
+
+
+def test_a_torchscript_module_or_a_non_model_is_refused_naming_what_to_pass():
+    """A scripted module raised a bare AttributeError from deep in the adapters; None a bare
+    'NoneType is not iterable'."""
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with pytest.raises(TypeError, match=r"cannot plan a TorchScript module .*before torch.jit.script, or its named_parameters\(\)"):
+        blockopt.partition(scripted)
+    with pytest.raises(TypeError, match="cannot plan a TorchScript module"):
+        blockopt.AdamMini(scripted)
+    assert blockopt.AdamMini(scripted.named_parameters()).plan["0.weight"].rule == "rows"
+    for bad in (None, "model", torch.zeros(3)):
+        with pytest.raises(TypeError, match=r"partition takes an nn.Module or \(name, tensor\) pairs"):
+            blockopt.partition(bad)

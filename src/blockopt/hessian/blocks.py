@@ -82,9 +82,10 @@ class _HessianProducts:
                                  f"{tuple(out.shape) if isinstance(out, Tensor) else ''}")
             return out.reshape(())
 
-        # reverse over reverse: the gradient's graph is built once, then pulled back along every
-        # basis vector; H is symmetric, so v^T H is the column H v
         with sdpa_kernel(SDPBackend.MATH):
+            _check_depends(loss, point, rows)
+            # reverse over reverse: the gradient's graph is built once, then pulled back along
+            # every basis vector; H is symmetric, so v^T H is the column H v
             gradient, self._pullback = vjp(grad(loss), point)
         self.gradient = {n: g.detach() for n, g in gradient.items()}
         self.rows, self.chunk_size = list(rows), chunk_size
@@ -98,6 +99,28 @@ class _HessianProducts:
         with sdpa_kernel(SDPBackend.MATH):
             out = [vmap(self._hvp)({n: t[i : i + step] for n, t in tangents.items()}).detach().T for i in range(0, k, step)]
         return torch.cat(out, dim=1)
+
+
+def _check_depends(loss: Callable[[dict[str, Tensor]], Tensor], point: dict[str, Tensor], rows: Sequence[str]) -> None:
+    """torch.func differentiates a loss that does not reach the tensors it is measured at to zeros,
+    silently: refuse a loss that carries no gradient at all (computed under ``torch.no_grad()``),
+    and warn about each of ``rows`` it does not reach (a parameter the loss does not use, or one
+    captured before the call, ``w = model.fc.weight``, which the swap cannot replace)."""
+    inputs = {n: t.detach().requires_grad_() for n, t in point.items()}
+    out = loss(inputs)
+    if not out.requires_grad:
+        raise ValueError("loss_fn's loss carries no gradient: compute it by calling the model inside loss_fn, and not "
+                         "under torch.no_grad() or from detached tensors")
+    grads = torch.autograd.grad(out, list(inputs.values()), allow_unused=True)
+    used = {n for n, g in zip(inputs, grads) if g is not None}
+    unreached = [n for n in rows if n not in used]
+    if unreached:
+        warnings.warn(
+            f"loss_fn does not reach {', '.join(map(repr, unreached[:3]))}{' and more' if len(unreached) > 3 else ''} "
+            "through the model, so its Hessian rows are zero: a parameter the loss does not use, or one taken from the "
+            "model before the call (w = model.fc.weight), which the Hessian tools cannot swap; call the model inside loss_fn",
+            UserWarning, stacklevel=4,
+        )
 
 
 def _basis(point: dict[str, Tensor], cols: Sequence[str], index: Tensor) -> dict[str, Tensor]:

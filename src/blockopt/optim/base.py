@@ -121,9 +121,11 @@ class BlockwiseOptimizer(Optimizer):
         """Add a group (as torch.optim does); new names are partitioned from their names/shapes
         unless the plan already covers them."""
         # an optimizer-wide setting (a rule without a group default: ``seed``, AdaPM's
-        # ``second_moment``) would sit in the group unread
+        # ``second_moment``; or an option kept on the optimizer: AdaPM's ``momentum`` policies)
+        # would sit in the group unread
         for key in param_group:
-            if key in self.HYPERPARAMETERS and key not in self.defaults:
+            wide = key in self.HYPERPARAMETERS or (key in self._OPTIONS and not key.startswith("_"))
+            if wide and key not in self.defaults:
                 raise ValueError(f"{key} is a setting of the whole optimizer, not of a param group: pass "
                                  f"{type(self).__name__}(..., {key}={param_group[key]!r}) instead")
         param_group = validate(self.HYPERPARAMETERS, param_group)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ..partition import Plan, partition
+from ..partition import Plan, collapse_names, partition
 from ..partition.engine import PartitionWarning
 from ..validation import caller_stacklevel
 
@@ -33,11 +33,25 @@ def named_groups(params, plan: Plan | None, partition_options: dict, owner: str)
         # parameter, frozen ones too, planned from the structure like the rest: one unfrozen later
         # (freeze-then-unfreeze fine-tuning) trains with its own blocks. A frozen one has no grad,
         # so it takes no step and keeps no state.
+        if plan is not None and partition_options:
+            raise ValueError(
+                f"{owner} got plan= and partition options ({', '.join(sorted(partition_options))}): the plan fixes every "
+                "block, so the options would be ignored. Build the plan with them: "
+                f"plan=blockopt.partition(model, frozen=True, {', '.join(f'{k}=...' for k in sorted(partition_options))})"
+            )
         plan = plan if plan is not None else partition(params, frozen=True, **partition_options)
         tensors = dict(params.named_parameters())
         missing = [n for n in plan if n not in tensors]
         if missing:
             raise ValueError(f"plan has parameters the model lacks ({missing[:3]}...): build the plan from this model")
+        unplanned = [n for n in tensors if n not in plan]
+        if unplanned:  # (the module form holds every parameter: one left out would never train)
+            raise ValueError(
+                f"plan lacks {len(unplanned)} of the model's parameters ({', '.join(collapse_names(unplanned)[:3])}"
+                f"{', ...' if len(unplanned) > 3 else ''}), which {owner} would then never step. A plan of the "
+                "trainable parameters leaves frozen ones out: build it with blockopt.partition(model, frozen=True), "
+                "or pass only the parameters to train (model.named_parameters() filtered) with plan="
+            )
         names = list(plan)
         check_real([(n, tensors[n]) for n in names], owner)
         return [{"params": [tensors[n] for n in names], "param_names": names}], plan, False

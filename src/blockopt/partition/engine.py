@@ -81,6 +81,11 @@ def partition(
     ctx = Context(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, dim=dim, value=value, conv=conv)
 
     unsure: list[str] = []  # parameters no adapter recognised (each got a safe fallback)
+    if isinstance(model, torch.jit.ScriptModule):  # (its submodules are not nn.Modules' structure)
+        raise TypeError(f"cannot plan a TorchScript module ({type(model).__name__}): pass the model before "
+                        "torch.jit.script, or its named_parameters() (blocks from names and shapes)")
+    if model is None or isinstance(model, (str, bytes, torch.Tensor)):
+        raise TypeError(f"partition takes an nn.Module or (name, tensor) pairs, got {type(model).__name__}")
     if isinstance(model, nn.Module):
         specs = _detect_module(model, ctx, unsure, frozen=frozen)
     else:
