@@ -824,3 +824,19 @@ def test_a_torchscript_module_or_a_non_model_is_refused_naming_what_to_pass():
     for bad in (None, "model", torch.zeros(3)):
         with pytest.raises(TypeError, match=r"partition takes an nn.Module or \(name, tensor\) pairs"):
             blockopt.partition(bad)
+
+
+def test_a_patch_projection_is_planned_per_output_channel_wherever_it_sits():
+    """A hand-written ViT's ``nn.Conv2d(3, D, p, stride=p)`` held by the model itself was planned
+    whole (only one inside an ``*Embed*`` class was found); a patchify conv is a Linear on patches.
+    Overlapping, padded, dilated, grouped and transposed convolutions stay whole (conv='whole')."""
+    model = nn.ModuleDict({
+        "stem": nn.Conv2d(3, 8, 4, stride=4), "valid": nn.Conv1d(3, 8, 2, stride=2, padding="valid"),
+        "resnet": nn.Conv2d(3, 8, 7, stride=2, padding=3), "overlap": nn.Conv2d(8, 8, 3, stride=1),
+        "dilated": nn.Conv2d(8, 8, 2, stride=2, dilation=2), "depthwise": nn.Conv2d(8, 8, 2, stride=2, groups=8),
+        "up": nn.ConvTranspose2d(8, 8, 2, stride=2), "pointwise": nn.Conv2d(8, 8, 1),
+    })
+    plan = blockopt.partition(model)
+    assert {n.split(".")[0] for n, s in plan.items() if n.endswith("weight") and s.rule == "rows"} == {"stem", "valid"}
+    assert plan["stem.weight"].n_blocks == 8 and plan["stem.weight"].role == "embedding"
+    assert all(plan[f"{n}.weight"].rule == "whole" for n in ("resnet", "overlap", "dilated", "depthwise", "up", "pointwise"))

@@ -571,6 +571,16 @@ def embedding_tables(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
                             role="embedding")
 
 
+def _is_patch_projection(conv: nn.Module) -> bool:
+    """A convolution over non-overlapping patches (ViT's and MLP-Mixer's stem, ConvNeXt's): each
+    output is a Linear map of one patch, so it is planned as a Linear, per output channel, by its
+    structure (an ``*Embed*`` class holding one is found by `embedding_tables` too)."""
+    kernel, stride, padding = tuple(conv.kernel_size), tuple(conv.stride), conv.padding
+    no_padding = padding == "valid" or (isinstance(padding, tuple) and not any(padding))
+    return (not conv.transposed and conv.groups == 1 and kernel == stride and max(kernel) > 1 and no_padding
+            and all(d == 1 for d in conv.dilation))
+
+
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
 _MLP_HINTS = ("mlp", "feedforward", "ffn", "expert", "intermediate", "swiglu", "geglu", "layerff", "denseact", "densereludense")
 
@@ -652,6 +662,10 @@ def _leaf_specs(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpe
             # ConvTranspose stores (in, out, ...): its output channels are dim 1.
             rule = "cols" if module.transposed else "rows"
             yield make_spec(_join(path, "weight"), w.shape, rule, f"{kind}: one block per output channel (conv='channel')", role="conv")
+        elif _is_patch_projection(module):  # (a Linear on non-overlapping patches, wherever it sits)
+            yield make_spec(_join(path, "weight"), w.shape, "rows",
+                            f"{kind} patch projection (kernel = stride, no padding): one block per output channel",
+                            role="embedding")
         else:
             yield make_spec(_join(path, "weight"), w.shape, "whole", f"{kind}: one block (conv='whole')", role="conv")
         yield from _bias_spec(path, module)
