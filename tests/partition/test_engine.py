@@ -840,3 +840,19 @@ def test_a_patch_projection_is_planned_per_output_channel_wherever_it_sits():
     assert {n.split(".")[0] for n, s in plan.items() if n.endswith("weight") and s.rule == "rows"} == {"stem", "valid"}
     assert plan["stem.weight"].n_blocks == 8 and plan["stem.weight"].role == "embedding"
     assert all(plan[f"{n}.weight"].rule == "whole" for n in ("resnet", "overlap", "dilated", "depthwise", "up", "pointwise"))
+
+
+def test_the_fallback_warning_says_when_rows_are_not_finer():
+    """It said 'one block per row', which is finer than the true blocks only for a weight stored
+    (out, in): stacked experts (E, in, out) without a count attribute got blocks across output
+    neurons, and the warning neither said so nor named a fix."""
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = nn.Parameter(torch.randn(4, 8, 12))
+
+    with pytest.warns(PartitionWarning, match=r"no adapter recognised w_in: one block per vector along the last dim "
+                                              r"\(per output neuron only for a weight stored \(out, in\).*"
+                                              r"pass rules=\{'w_in': 'coordinate'\} \(always safe\)"):
+        plan = blockopt.partition(Experts())
+    assert plan["w_in"].n_blocks == 32

@@ -98,7 +98,11 @@ def partition(
         quiet = overridden | {n for n, p in model.named_parameters() if not p.requires_grad}
         ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in quiet}))
     if unsure:
-        ctx.warnings.append(f"no adapter recognised {', '.join(collapse_names(unsure))}: one block per row")
+        names = collapse_names(unsure)
+        ctx.warnings.append(
+            f"no adapter recognised {', '.join(names)}: one block per vector along the last dim (per output neuron "
+            "only for a weight stored (out, in) as nn.Linear's; for one the forward uses as (in, out), or stacked "
+            f"experts (E, in, out), pass rules={{{names[0]!r}: 'coordinate'}} (always safe) or the rule that fits)")
     found = tuple(collapse_names(ctx.warnings))
     if found:
         warnings.warn("blockopt.partition fell back to safe layouts: " + "; ".join(found), PartitionWarning,
