@@ -283,6 +283,9 @@ def trainer_hyperparameters(training_args, name: str = "adam-mini") -> dict:
     are not decayed; SGDSaI's own default, the sgd-sai package's, decays them) for all; ``betas``
     (``adam_beta1``, ``adam_beta2``) and ``eps`` (``adam_epsilon``) for the Adam family only:
     SGD-SaI's ``momentum`` and ``eps`` mean other things, so they keep SGDSaI's defaults unless given."""
+    if not all(hasattr(training_args, key) for key in ("learning_rate", "weight_decay", "seed")):
+        raise TypeError(f"training_args must be transformers.TrainingArguments (create_optimizer(model, args, ...)), "
+                        f"got {type(training_args).__name__}")
     kwargs = dict(lr=training_args.learning_rate, weight_decay=training_args.weight_decay, seed=training_args.seed,
                   decay_1d=False)
     if _optimizer_class(name) is not SGDSaI:
@@ -391,6 +394,9 @@ def _callback_class() -> type:
         """
 
         def __init__(self, trainer):
+            if not callable(getattr(trainer, "log", None)):
+                raise TypeError(f"BlockoptCallback takes the Trainer it logs to (BlockoptCallback(trainer)), got "
+                                f"{type(trainer).__name__}")
             self.trainer = trainer
             self._logged = False
 

@@ -219,3 +219,12 @@ def test_drawing_stops_when_enough():
     assert seen == [2, 4] and columns.values.shape == (12, 4) and columns.population == 12
     full = hessian_block(model, lambda: model(x, y), "q.weight")
     torch.testing.assert_close(columns.values, full[:, columns.index])
+
+
+def test_an_empty_block_is_refused_naming_it():
+    """rows=[] raised a bare StopIteration; cols=[] a torch.cat error."""
+    net = nn.Linear(3, 2)
+    loss = lambda: net(torch.randn(4, 3)).square().sum()  # noqa: E731
+    for rows, cols in (([], None), ("weight", [])):
+        with pytest.raises(ValueError, match="hessian_block needs at least one parameter name in rows and in cols"):
+            hessian_block(net, loss, rows, cols)

@@ -211,6 +211,9 @@ def test_report_api(tiny_exact):
     # a type's result does not depend on which other types are measured
     alone = block_sharpness(model, loss_fn, types=["norm"], measures=["lambda_max"], iters=50)
     assert alone["norm"].lambda_max == report["norm"].lambda_max
+    # one type or measure as a string is that one (it was iterated as letters: "n", "o", ...)
+    named = block_sharpness(model, loss_fn, types="norm", measures="lambda_max", iters=50)
+    assert list(named) == ["norm"] and named["norm"].lambda_max == report["norm"].lambda_max
 
 
 def test_meter_errors(tiny_exact):

@@ -111,6 +111,11 @@ def test_create_optimizer_maps_training_arguments(tmp_path):
     assert sgd.seed == 17 and create_optimizer(model, args, name="adapm", rank=2).seed == 17
     with pytest.raises(ValueError, match="name must be one of 'adam-mini', 'adapm', 'sgd-sai', got 'adam'"):
         create_optimizer(model, args, "adam")
+    for bad in ((model, None), (args, model)):  # (the arguments swapped or left out: an AttributeError deep inside)
+        with pytest.raises(TypeError, match=r"training_args must be transformers.TrainingArguments"):
+            create_optimizer(*bad)
+    with pytest.raises(TypeError, match=r"BlockoptCallback takes the Trainer it logs to .*got TrainingArguments"):
+        blockopt.hf.BlockoptCallback(args)
 
 
 @pytest.mark.parametrize("name", ["adam-mini", "adapm", "sgd-sai"])

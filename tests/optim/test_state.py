@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import blockopt
@@ -63,3 +64,17 @@ def test_state_bytes_counts_a_wrapper_subclass_by_its_inner_tensors():
     opt.state[p]["exp_avg"] = Packed(torch.zeros(100, dtype=torch.int8), torch.ones(1))
     assert opt.state[p]["exp_avg"].element_size() == 4  # what a plain count would use: 400 bytes
     assert blockopt.state_bytes(opt) == 100 + 4
+
+
+def test_state_bytes_of_a_state_dict_or_a_model_says_what_it_takes():
+    """A state dict (it has a "state" key) or a model raised a bare AttributeError."""
+    import blockopt
+
+    model = torch.nn.Linear(3, 3)
+    opt = blockopt.AdamMini(model)
+    with pytest.raises(TypeError, match=r"state_bytes takes an optimizer .*got dict: pass the optimizer, not its state_dict\(\)"):
+        blockopt.state_bytes(opt.state_dict())
+    with pytest.raises(TypeError, match="state_bytes takes an optimizer .*got Linear"):
+        blockopt.state_bytes(model)
+    with pytest.raises(TypeError, match=r"got str \(a dict of named parameters\? pass its \.items\(\)\)"):
+        blockopt.AdamMini(dict(model.named_parameters()))

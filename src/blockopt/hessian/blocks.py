@@ -165,6 +165,8 @@ def hessian_block(
     check("chunk_size", chunk_size, integer(1))
     rows = [rows] if isinstance(rows, str) else list(rows)
     cols = rows if cols is None else [cols] if isinstance(cols, str) else list(cols)
+    if not rows or not cols:
+        raise ValueError(f"hessian_block needs at least one parameter name in rows and in cols, got rows={rows}, cols={cols}")
     point = _tensors(model, [*rows, *cols])
     n_cols = sum(point[n].numel() for n in cols)
     index = torch.arange(n_cols, device=next(iter(point.values())).device)

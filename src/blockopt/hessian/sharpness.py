@@ -312,6 +312,8 @@ def block_sharpness(
     (the fused kernels have no double backward). Dropout or other randomness in the forward pass is frozen by the single call of
     ``loss_fn``; call ``model.eval()`` first if you want it off.
     """
+    measures = (measures,) if isinstance(measures, str) else measures  # ("trace", not its letters)
+    types = (types,) if isinstance(types, str) else types
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
         raise ValueError(f"measures must be a non-empty subset of {MEASURES}, got {list(measures)}")

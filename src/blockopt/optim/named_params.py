@@ -129,7 +129,8 @@ def name_group(group: dict, counter, where: str) -> dict:
             kinds.add("plain")
             name, t = (given[j] if given is not None else None), item
         else:
-            raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
+            hint = " (a dict of named parameters? pass its .items())" if isinstance(item, str) else ""
+            raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}{hint}")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: parameter {name or j} is a {type(t).__name__}, not a Tensor")
         if not t.is_leaf:

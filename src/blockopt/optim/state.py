@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..kernels import stat_dtype  # noqa: F401  (re-exported: every optimizer keeps its statistics in it)
@@ -36,6 +38,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state held by ``optimizer`` (any torch optimizer), every tensor in its
     per-parameter state counted once (step counters included)."""
+    if not isinstance(getattr(optimizer, "state", None), Mapping) or isinstance(optimizer, Mapping):
+        raise TypeError(f"state_bytes takes an optimizer (its live state), got {type(optimizer).__name__}"
+                        + (": pass the optimizer, not its state_dict()" if isinstance(optimizer, Mapping) else ""))
     seen: set[int] = set()
     total = 0
 
