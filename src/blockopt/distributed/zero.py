@@ -265,12 +265,7 @@ class ZeroPartitions:
         """``state_dict`` as this rank loads it, or a refusal before anything is applied: its
         pieces must be this rank's, each holding what this optimizer keeps for it (Note [loading
         ZeRO state]). Returns it with the live ``implementation`` and ``param_rounding`` kept."""
-        flats = [p for g in optimizer.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for saved_id, flat in zip(saved_ids, flats):
-            saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
+        for flat, saved in _saved_entries(optimizer, state_dict):
             pieces = saved.get(PIECES) if isinstance(saved, dict) else None
             expected = [(p.name, p.box) for p in self.partition(flat).pieces]
             got = [(s.get("param"), tuple(tuple(d) for d in s.get("box", ()))) for s in pieces] if isinstance(pieces, list) else None
@@ -297,16 +292,21 @@ class ZeroPartitions:
     def restore_loaded(self, optimizer, state_dict: dict) -> None:
         """After torch's load, which casts every floating tensor of the pieces to the flat
         partition's float32: the saved tensors back as they were saved (a bf16 momentum stays bf16)."""
-        flats = [p for g in optimizer.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for saved_id, flat in zip(saved_ids, flats):
-            saved = state_dict["state"].get(saved_id)
-            if not saved:
-                continue
+        for flat, saved in _saved_entries(optimizer, state_dict):
             for live, piece_state in zip(optimizer.state[flat][PIECES], saved[PIECES]):
                 for key, value in piece_state.items():
                     if isinstance(value, Tensor) and value.is_floating_point():
                         live[key] = value.to(device=flat.device, copy=True)
+
+
+def _saved_entries(optimizer, state_dict: dict):
+    """``(flat partition, its saved entry)`` for every flat partition the state dict holds state of."""
+    flats = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for saved_id, flat in zip(saved_ids, flats):
+        saved = state_dict["state"].get(saved_id)
+        if saved:
+            yield flat, saved
 
 
 # Note [loading ZeRO state]: one process checks a saved entry against the shapes its optimizer
