@@ -139,6 +139,29 @@ def test_a_tensor_lr_follows_its_scheduler_without_recompiling():
         assert torch.equal(a, b)  # the fused kernel reads the same lr at every step
 
 
+@pytest.mark.parametrize(("name", "implementation"), [("AdamMini", "batched"), ("SGDSaI", None)])
+def test_a_compiled_step_checks_its_tensor_lr_when_the_graph_runs(name, implementation):
+    """The graph reads a tensor lr at run time, so the eager step's check never ran: a nan lr
+    (or a negative one, a LambdaLR past its horizon) trained on, to nan or uphill. The check runs
+    in the graph, and the group's update waits for it."""
+    model, opt = _build(name, implementation)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(opt.step, backend=counter)
+    for idx in batches(2):
+        _backward(model, idx)
+        compiled_step()
+    frames = counter.frame_count
+    params = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("nan"), -1e-3):
+        opt.param_groups[0]["lr"].fill_(bad)
+        _backward(model, batches(1)[0])
+        with pytest.raises(ValueError, match=r"a compiled step's tensor lr: lr must be a number >= 0, got tensor\("):
+            compiled_step()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    assert counter.frame_count == frames  # (the same graph: the value is checked at run time)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_nonfinite_warn_names_the_tensor_from_a_compiled_step(bad):
     model, opt = _build("AdamMini", "batched")

@@ -58,7 +58,7 @@ from ..distributed import (
 from ..distributed.zero import PIECES
 from ..partition import BlockSpec, Plan, partition
 from ..partition.engine import PartitionWarning
-from ..validation import Rule, caller_stacklevel, check, validate
+from ..validation import Rule, caller_stacklevel, check, real, validate
 from . import nonfinite, param_rounding
 from .checkpoint import align_state_dict, check_fits, check_structure
 from .named_params import all_trainable, check_naming, check_real, check_spec, check_unique, name_group, named_groups
@@ -81,6 +81,28 @@ class ParamBatch:
     grads: list[Tensor] = field(default_factory=list)
     layouts: list[BlockSpec | ShardView] = field(default_factory=list)
     weight_decays: list[float] = field(default_factory=list)
+
+
+@torch.library.custom_op("blockopt::checked_lr", mutates_args=())
+def checked_lr(lr: Tensor) -> Tensor:
+    """A compiled step's tensor lr, checked when the graph runs as an eager step checks it (the
+    graph reads the tensor, which a scheduler changes in place: a ``nan`` or negative lr would train
+    on). Returns a copy, so the group's update depends on it and runs after it. A CUDA lr is not
+    read (that would be a host sync every step)."""
+    if lr.device.type == "cpu":
+        try:
+            check("lr", lr, _TENSOR_LR)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"a compiled step's tensor lr: {error}") from None
+    return lr.clone()
+
+
+@checked_lr.register_fake
+def _(lr: Tensor) -> Tensor:
+    return torch.empty_like(lr)
+
+
+_TENSOR_LR = real(0, tensor=True)  # (every optimizer's lr: a number >= 0)
 
 
 class BlockwiseOptimizer(Optimizer):
@@ -384,10 +406,12 @@ class BlockwiseOptimizer(Optimizer):
         e.g. for LR schedulers under torch.compile) is read once a step, where the step checks it
         (`_check_changed_settings`: one host sync per group on CUDA, not one per use). While
         compiling, it stays a tensor: reading it would break the graph, and a number would be
-        baked into it."""
+        baked into it; `checked_lr` checks it at run time instead."""
         lr = group["lr"]
-        if not isinstance(lr, Tensor) or torch.compiler.is_compiling():
+        if not isinstance(lr, Tensor):
             return lr
+        if torch.compiler.is_compiling():
+            return torch.ops.blockopt.checked_lr(lr)
         read = self.__dict__.get("_tensor_lrs", {}).get(id(group))
         return read if read is not None else self._read_tensor_lr(lr, "lr")
 
