@@ -856,3 +856,22 @@ def test_the_fallback_warning_says_when_rows_are_not_finer():
                                               r"pass rules=\{'w_in': 'coordinate'\} \(always safe\)"):
         plan = blockopt.partition(Experts())
     assert plan["w_in"].n_blocks == 32
+
+
+def test_gpt_fast_wqkv_with_n_local_heads_is_split_by_heads():
+    """gpt-fast's ``wqkv`` ([q | k | v], GQA with ``n_local_heads`` KV heads) was not recognised:
+    rows, and a warning whose advice (n_heads=) changed nothing."""
+    class Attention(nn.Module):
+        def __init__(self, dim=64, n_head=8, n_local_heads=2):
+            super().__init__()
+            self.head_dim, self.n_head, self.n_local_heads = dim // n_head, n_head, n_local_heads
+            self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * self.head_dim, bias=False)
+            self.wo = nn.Linear(dim, dim, bias=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        spec = blockopt.partition(nn.ModuleDict({"attention": Attention()}))["attention.wqkv.weight"]
+    assert spec.n_blocks == 8 + 2 + 2 * 8  # 8 query heads, 2 key heads, a block per value row
+    rows = spec.block_index()[:, 0]  # (a row lies in one block)
+    assert [int(b) for b in rows.unique_consecutive()] == list(range(26))
+    assert (rows[:64].reshape(8, 8) == torch.arange(8).unsqueeze(1)).all()  # query head h: rows 8h..8h+7

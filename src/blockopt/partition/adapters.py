@@ -395,7 +395,7 @@ def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bo
 # Names of fused query/key/value projections. `in_proj` is weak: state-space layers (Mamba) and
 # MLPs (Bark) use it for other things, so it counts only inside a module whose class says
 # attention and whose own head geometry fits its width.
-_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj")
+_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj")
 _WEAK_FUSED_NAMES = ("in_proj",)
 
 

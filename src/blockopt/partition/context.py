@@ -18,7 +18,8 @@ import torch.nn as nn
 
 # Attribute spellings used across PyTorch and Hugging Face code for attention geometry.
 _HEADS_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "attention_heads", "heads", "num_k_heads")
-_KV_HEADS_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head", "num_key_value_groups_total")
+_KV_HEADS_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head", "n_local_heads",
+                   "num_key_value_groups_total")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_kv", "d_head", "dim_head",
                    "head_k_dim")
 _WIDTH_ATTRS = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim")
