@@ -757,3 +757,19 @@ def test_an_optimizer_left_holding_parameters_nobody_trains_says_so_once(name):
         warnings.simplefilter("error")
         opt.step()  # said once
     _assert_same(_params(model), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_lr_read_at_a_check_is_not_used_once_the_tensor_changed(name):
+    """The value a step's check read is kept for that step's updates only while the tensor is
+    unchanged: an update that runs without a check (eagerly, inside a compiled step) reads the
+    tensor as it is, never an earlier step's value."""
+    model = MLP()
+    opt = OPTIMIZERS[name]([{"params": model.parameters(), "lr": torch.tensor(1e-2)}])
+    _train(model, opt, _data(1))
+    group = opt.param_groups[0]
+    assert opt._lr(group) == pytest.approx(1e-2)
+    group["lr"].fill_(3e-3)  # (a scheduler, after the step)
+    assert opt._lr(group) == pytest.approx(3e-3)
+    group["lr"] = torch.tensor(5e-4)  # (a new tensor)
+    assert opt._lr(group) == pytest.approx(5e-4)

@@ -280,7 +280,7 @@ class BlockwiseOptimizer(Optimizer):
         read = self.__dict__["_tensor_lrs"] = {}  # this step's tensor lrs, read once (`_lr`)
         for index, group in enumerate(self.param_groups):
             if isinstance(lr := group.get("lr"), Tensor):  # (only lr may be a tensor; others are refused below)
-                read[id(group)] = self._read_tensor_lr(lr, f"param group {index}")
+                read[id(group)] = (lr, lr._version, self._read_tensor_lr(lr, f"param group {index}"))
             tensors = {k: v for k, v in group.items() if k in self.defaults and isinstance(v, Tensor) and k != "lr"}
             if tensors:
                 self._validated(tensors, f"param group {index}")
@@ -412,8 +412,12 @@ class BlockwiseOptimizer(Optimizer):
             return lr
         if torch.compiler.is_compiling():
             return torch.ops.blockopt.checked_lr(lr)
+        # (the value this step checked, while the tensor is unchanged: an update run eagerly inside
+        # a compiled step, where no check ran, reads the tensor as it is now)
         read = self.__dict__.get("_tensor_lrs", {}).get(id(group))
-        return read if read is not None else self._read_tensor_lr(lr, "lr")
+        if read is not None and read[0] is lr and read[1] == lr._version:
+            return read[2]
+        return self._read_tensor_lr(lr, "lr")
 
     def _read_tensor_lr(self, lr: Tensor, where: str) -> float:
         """A tensor lr's value, checked as the constructor checks an lr."""

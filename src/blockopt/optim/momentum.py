@@ -117,11 +117,14 @@ def kept_as(momentum_dtype: str | None, spec) -> str | None:
     many bytes as bf16 (`codes_save_bytes`), which keep ``"bfloat16"``; ``spec`` is its `BlockSpec`."""
     if momentum_dtype not in QUANTIZED:
         return momentum_dtype
-    quantized, shape = codec(momentum_dtype), tuple(spec.shape)
-    share = _chunks_in_one_block if torch.compiler.is_compiling() else _cached_chunks_in_one_block
-    if not codes_save_bytes(shape, quantized):
-        return "bfloat16"
-    return momentum_dtype if share(shape, tuple(spec.block_dims), tuple(spec.segments), quantized.chunk) else "bfloat16"
+    fit = _codes_fit if torch.compiler.is_compiling() else _cached_codes_fit  # (asked every step, per tensor)
+    return momentum_dtype if fit(tuple(spec.shape), tuple(spec.block_dims), tuple(spec.segments),
+                                 codec(momentum_dtype)) else "bfloat16"
+
+
+def _codes_fit(shape: tuple[int, ...], block_dims: tuple[int, ...], segments: tuple[tuple[int, int], ...],
+               quantized) -> bool:
+    return codes_save_bytes(shape, quantized) and _chunks_in_one_block(shape, block_dims, segments, quantized.chunk)
 
 
 def codes_save_bytes(shape: tuple[int, ...], quantized) -> bool:
@@ -164,7 +167,7 @@ def _chunks_in_one_block(shape: tuple[int, ...], block_dims: tuple[int, ...], se
     return True
 
 
-_cached_chunks_in_one_block = functools.lru_cache(maxsize=None)(_chunks_in_one_block)
+_cached_codes_fit = functools.lru_cache(maxsize=None)(_codes_fit)
 
 
 def plain_dtype(momentum_dtype: str | None, param: Tensor) -> torch.dtype | None:
