@@ -867,6 +867,12 @@ def test_gpt_fast_wqkv_with_n_local_heads_is_split_by_heads():
             self.head_dim, self.n_head, self.n_local_heads = dim // n_head, n_head, n_local_heads
             self.wqkv = nn.Linear(dim, (n_head + 2 * n_local_heads) * self.head_dim, bias=False)
             self.wo = nn.Linear(dim, dim, bias=False)
+            self.dim = dim
+
+        def forward(self, x):  # gpt-fast's split: what says the rows are [q | k | v]
+            kv_size = self.n_local_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.dim, kv_size, kv_size], dim=-1)
+            return self.wo(q)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PartitionWarning)

@@ -10,7 +10,8 @@ rows. Adding an architecture = writing one adapter and registering it; no optimi
 The built-in adapters share one module (over 600 lines) because their order of registration in
 this file is the order in which they claim parameters: split up, that precedence would be hidden.
 What they share and is no adapter lives beside it (`context`: head counts; `experts`: the
-orientation of stacked expert tensors; `usage`: reading a forward).
+orientation of stacked expert tensors; `usage`: reading a forward; `qkv_order`: the row order of a
+fused q/k/v projection).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import replace
 
 import torch.nn as nn
 
+from . import qkv_order
 from .context import Context, Heads, _int_attr
 from .experts import expert_output_dims, expert_rows_spec
 from .spec import BlockSpec, make_spec
@@ -378,17 +380,21 @@ def lora_factors(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSp
 
 # ---- fused query/key/value stored in one Linear (out = rows) -------------------------------
 # The order of q, k and v inside a fused projection is a convention of each family's forward
-# code; shapes alone can't tell it, so each layout is named here and chosen by structure.
-def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bool) -> tuple[tuple[int, int], ...]:
+# code; shapes alone can't tell it (`qkv_order`: known families, else the module's own source).
+def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bool, partitions: int = 1
+                  ) -> tuple[tuple[int, int], ...]:
     def v(rows: int) -> tuple[int, int]:
         return (rows, rows) if value_whole else (rows, 1)
 
     if layout == "concat":  # [q heads | k heads | v]: Phi-3 qkv_proj, timm qkv, MPT Wqkv
         return ((n_heads * hd, hd), (n_kv * hd, hd), v(n_kv * hd))
-    if layout == "per_head":  # [q k v] for each head: GPT-NeoX, Bloom, Falcon-RW
+    if layout == "per_head":  # [q k v] for each head: GPT-NeoX, Bloom, Persimmon
         return ((hd, hd), (hd, hd), v(hd)) * n_heads
     if layout in ("per_group", "multi_query"):  # [q x (n/n_kv) | k | v] per KV group: Falcon (new / multi-query)
         return ((n_heads // n_kv * hd, hd), (hd, hd), v(hd)) * n_kv
+    if layout == "codegen":  # [q heads | v | k heads] per model-parallel partition
+        rows = n_heads // partitions * hd
+        return ((rows, hd), v(rows), (rows, hd)) * partitions
     raise ValueError(layout)
 
 
@@ -397,19 +403,6 @@ def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bo
 # attention and whose own head geometry fits its width.
 _FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj")
 _WEAK_FUSED_NAMES = ("in_proj",)
-
-
-def _fused_qkv_layout(module: nn.Module) -> str:
-    kind = type(module).__name__
-    if hasattr(module, "new_decoder_architecture"):  # Falcon
-        if module.new_decoder_architecture:
-            return "per_group"
-        return "multi_query" if getattr(module, "multi_query", False) else "per_head"
-    if kind.startswith("GPTBigCode"):  # multi-query: [q | k | v]; else [q k v] per head
-        return "concat" if getattr(module, "multi_query", True) else "per_head"
-    if kind.startswith(("GPTNeoX", "Bloom", "GPTNeoXJapanese")):
-        return "per_head"
-    return "concat"
 
 
 @register_adapter
@@ -424,7 +417,11 @@ def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
     if found is None or _child(module, Q_NAMES) or "q_attn" in module._modules:
         return
     name, lin = found
-    out, layout, kind = lin.out_features, _fused_qkv_layout(module), type(module).__name__
+    kind = type(module).__name__
+    layout = qkv_order.qkv_layout(module, name)
+    order_known, layout = layout is not None, layout or "concat"
+    partitions = (_int_attr(module, ("mp_num",)) or 4) if layout == "codegen" else 1
+    out = lin.out_features
     try:
         heads, problem = ctx.fused_heads(module, out, layout, _join(path, name + ".weight")), None
     except LookupError as e:
@@ -436,22 +433,35 @@ def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
     if weak and (heads is None or not ATTENTION_CLASS.search(kind)):
         return  # an unconfirmed `in_proj` is an ordinary Linear (leaf_layers: one block per row)
     wname = _join(path, name + ".weight")
+    if heads is not None and heads.n_heads % partitions:
+        heads, problem = None, f"{heads.n_heads} heads do not split into its {partitions} partitions"
     if heads is None:
-        ctx.warnings.append(
+        ctx.warn(
             f"{wname}: fused query/key/value of {kind} with unknown heads ({problem}): one block per row; "
-            f"pass n_heads= (and n_kv_heads=), or rules={{{wname!r}: 'rows'}} to accept rows"
+            f"pass n_heads= (and n_kv_heads=), or rules={{{wname!r}: 'rows'}} to accept rows", wname
         )
         yield make_spec(wname, lin.weight.shape, "rows", f"{kind} fused {name}: per row (heads unknown: safe fallback)",
                         role="qkv")
     else:
         n_heads, n_kv, hd = heads.n_heads, heads.n_kv_heads, heads.head_dim
-        value_whole = ctx.value == "whole" and layout == "concat"
-        segs = _qkv_segments(layout, n_heads, n_kv, hd, value_whole)
+        value_whole = ctx.value == "whole" and layout == "concat" and order_known
+        segs = _qkv_segments(layout, n_heads, n_kv, hd, value_whole, partitions)
         gqa = f", {n_kv} KV heads" if n_kv != n_heads else ""
         v_txt = "v whole" if value_whole else "v rows" + (" (per head: interleaved)" if ctx.value == "whole" else "")
+        if not order_known:
+            # Read wrongly, the blocks still never cross a head of hd rows (every segment is a
+            # multiple of hd); with v by rows, the damage is bounded, and the warning says so.
+            v_txt = "v rows"
+            ctx.warn(
+                f"{wname}: the order of query/key/value rows in {kind}.{name} could not be read from its forward: "
+                f"planned as [q heads | k heads | v] with heads of {hd} rows, v by rows; if that is its order "
+                f"(e.g. q, k, v = {name}(x).split(width)), pass rules={{{wname!r}: 'heads'}} to confirm; if it "
+                f"interleaves them per head, rules={{{wname!r}: 'rows'}}", wname
+            )
         yield BlockSpec(
             name=wname, shape=tuple(lin.weight.shape), rule="heads", role="qkv",
-            reason=f"{kind} fused {name} ({layout.replace('_', ' ')}): {n_heads} q heads of {hd}{gqa}, {v_txt} "
+            reason=f"{kind} fused {name} ({layout.replace('_', ' ') if order_known else 'order assumed [q | k | v]'}): "
+            f"{n_heads} q heads of {hd}{gqa}, {v_txt} "
             f"({heads.source})",
             block_dims=(0,), segments=segs, n_heads=n_heads,
         )
@@ -537,10 +547,10 @@ def stacked_experts(path: str, module: nn.Module, ctx: Context) -> Iterator[Bloc
             yield expert_rows_spec(name, p.shape, d, f"{kind} {attr} {side}: one block per expert per output neuron "
                                    f"({n_experts} experts; {how})")
         elif attr in stacked:
-            ctx.warnings.append(
+            ctx.warn(
                 f"{name}: stacked expert weights whose output dim could not be established (forward not followed, "
                 f"no is_transposed, name/shape ambiguous): one block per expert per dim-1 row, as if (E, out, in); "
-                f"if it is (E, in, out) pass rules={{{name!r}: 'coordinate'}}"
+                f"if it is (E, in, out) pass rules={{{name!r}: 'coordinate'}}", name
             )
             yield expert_rows_spec(name, p.shape, 1, f"{kind} {attr}: one block per expert per dim-1 row (orientation "
                                    "unknown: assumed (E, out, in))")

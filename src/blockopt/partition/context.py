@@ -81,8 +81,18 @@ class Context:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     token_vocab: int | None = None  # rows of the token embedding, if one was found
     warnings: list[str] = field(default_factory=list)
+    answered_by: dict = field(default_factory=dict)  # warning -> the tensors whose user rules answer it
     claimed: dict = field(default_factory=dict)  # every parameter name (frozen too) -> its spec so far
     cache: dict = field(default_factory=dict)  # per-call memo for adapters (e.g. forward probes by module type)
+
+    def warn(self, text: str, *tensors: str) -> None:
+        """A warning whose advice is a rule for ``tensors``: a user rule on all of them answers it."""
+        self.warnings.append(text)
+        self.answered_by[text] = frozenset(tensors)
+
+    def drop_answered(self, ruled: set[str]) -> None:
+        """Forget the warnings whose tensors the user's rules all set."""
+        self.warnings = [w for w in self.warnings if not (w in self.answered_by and self.answered_by[w] <= ruled)]
 
     # ---- model facts ------------------------------------------------------------------
     def ancestors(self, path: str) -> list[nn.Module]:
@@ -151,7 +161,8 @@ class Context:
 
     def fused_heads(self, module: nn.Module, out: int, layout: str, path: str = "") -> Heads:
         """Head counts of a fused query/key/value projection with ``out`` rows in ``layout``
-        (``concat``: [q | k | v]; ``per_head``: [q k v] per head; ``per_group``: per KV group).
+        (``concat``: [q | k | v]; ``per_head``: [q k v] per head; ``per_group``: per KV group;
+        ``codegen``: [q | v | k] per model-parallel partition).
         Errors as `attention_heads`."""
         return self._first_fit(module, path, lambda s: _fit_fused(s, out, layout))
 
@@ -228,7 +239,7 @@ def _fit_fused(s: _Source, out: int, layout: str) -> tuple[Heads | None, str | N
     n, n_kv, hd = s.n_heads, s.n_kv, s.head_dim
     if n is None and hd is None:
         return None, None
-    if layout == "per_head":  # [q k v] per head: as many KV heads as query heads
+    if layout in ("per_head", "codegen"):  # [q k v] per head (or per partition): as many KV heads as query heads
         n_kv = n
     elif layout == "multi_query":  # one key and one value head shared by every query head
         n_kv = 1

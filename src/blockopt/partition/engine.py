@@ -94,6 +94,7 @@ def partition(
     if rules:
         specs, overridden = _apply_rules(specs, rules, ctx)
         unsure = [n for n in unsure if n not in overridden]
+        ctx.drop_answered(overridden)
     if isinstance(model, nn.Module):
         quiet = overridden | {n for n, p in model.named_parameters() if not p.requires_grad}
         ctx.warnings.extend(_unrecognised_attention(ctx, {s.name: s for s in specs if s.name not in quiet}))
@@ -329,10 +330,10 @@ def _detect_named(named: list, ctx: Context, unsure: list[str]) -> list[BlockSpe
                 unoriented.append(name)
             specs.append(make_spec(name, shape, "rows", f"{role} by {why}: per row", role=role))
     if unoriented:
-        ctx.warnings.append(
+        ctx.warn(
             f"{', '.join(collapse_names(unoriented))}: MLP weights whose names do not say their orientation, planned per "
             "row as nn.Linear (out, in) stores them; a Conv1D (transformers' GPT-2) stores (in, out), whose blocks are "
-            "its columns: pass the model itself, or rules={'*.mlp.*.weight': 'cols'}"
+            "its columns: pass the model itself, or rules={'*.mlp.*.weight': 'cols'}", *unoriented
         )
     if not specs:
         raise ValueError("no trainable parameters (all have requires_grad=False)")
@@ -347,10 +348,10 @@ def _named_experts(name: str, shape: tuple[int, ...], why: str, ctx: Context) ->
     if out_dim is not None:
         return expert_rows_spec(name, shape, out_dim, f"experts by {why}: one block per expert per output neuron "
                                 f"(dim {out_dim}: the name and dim={ctx.dim} say so)")
-    ctx.warnings.append(
+    ctx.warn(
         f"{name}: a 3-D tensor seen by name only, taken as stacked experts (E, out, in): one block per expert per "
         f"dim-1 row; pass the model instead of named_parameters() (its forward says which dim is the output), "
-        f"or dim= (the hidden size), or rules={{{name!r}: 'coordinate'}}"
+        f"or dim= (the hidden size), or rules={{{name!r}: 'coordinate'}}", name
     )
     return expert_rows_spec(name, shape, 1, f"3-D by {why}: one block per expert per dim-1 row (assumed (E, out, in))")
 

@@ -1,0 +1,174 @@
+"""The order of q/k/v rows in a fused projection: read from known families, else from the
+module's own forward code; an order that cannot be read is planned [q | k | v] with v by rows,
+under a warning that a rule answers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import blockopt
+from blockopt import PartitionWarning
+from blockopt.partition import qkv_order
+
+D, H = 32, 4
+HD = D // H
+
+
+def plan_of(attention: nn.Module, **kw) -> tuple[blockopt.Plan, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = blockopt.partition(nn.ModuleDict({"attn": attention}), n_heads=H, **kw)
+    return plan, [str(w.message) for w in caught if issubclass(w.category, PartitionWarning)]
+
+
+def concat_segments(value_whole: bool = False) -> tuple:
+    return ((H * HD, HD), (H * HD, HD), (H * HD, H * HD) if value_whole else (H * HD, 1))
+
+
+class Fused(nn.Module):
+    """A fused attention without a forward: nothing says the order of its rows."""
+
+    def __init__(self, name: str = "qkv"):
+        super().__init__()
+        self.name = name
+        setattr(self, name, nn.Linear(D, 3 * D))
+        self.proj = nn.Linear(D, D)
+
+
+class NanoGPT(Fused):
+    def __init__(self):
+        super().__init__("c_attn")
+        self.n_embd = D
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        return self.proj(q + k + v)
+
+
+class Timm(Fused):
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        return self.proj(qkv.sum(0).transpose(1, 2).reshape(B, N, C))
+
+
+class VitPytorch(Fused):
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(q * k + v)
+
+
+class ClampedThenChunked(Fused):  # MPT: the first use keeps the order, the next one splits
+    def forward(self, x):
+        mixed = self.qkv(x)
+        mixed = mixed.clamp(min=-8, max=8)
+        q, k, v = mixed.chunk(3, dim=2)
+        return self.proj(q + k + v)
+
+
+class Sliced(Fused):  # Phi-3
+    def forward(self, x):
+        qkv = self.qkv(x)
+        return self.proj(qkv[..., :D] + qkv[..., D : 2 * D] + qkv[..., 2 * D :])
+
+
+class PerHead(Fused):  # GPT-NeoX's order in a class the engine does not know
+    def forward(self, x):
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, H, 3, HD)
+        return self.proj((qkv[..., 0, :] + qkv[..., 1, :] + qkv[..., 2, :]).reshape(B, T, D))
+
+
+class FoldedThree(Fused):  # MiniMax's order: 3 folded into the head size
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = torch.split(self.qkv(x).reshape(B, T, H, 3 * HD), HD, dim=3)
+        return self.proj((q + k + v).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("cls", [NanoGPT, Timm, VitPytorch, ClampedThenChunked, Sliced])
+def test_a_forward_that_splits_the_rows_in_order_is_planned_concatenated_without_a_warning(cls):
+    module = cls()
+    assert qkv_order.qkv_layout(module, module.name) == "concat"
+    for value in ("rows", "whole"):
+        plan, caught = plan_of(module, value=value)
+        assert plan[f"attn.{module.name}.weight"].segments == concat_segments(value == "whole")
+        assert caught == []
+    x = torch.randn(2, 3, D)
+    assert module(x).shape == x.shape  # (the forwards above are real code, not just text)
+
+
+@pytest.mark.parametrize("cls", [PerHead, FoldedThree, Fused])
+def test_an_order_that_cannot_be_read_warns_with_v_by_rows_and_a_rule_answers_it(cls):
+    module = cls()
+    name = f"attn.{module.name}.weight"
+    assert qkv_order.qkv_layout(module, module.name) is None
+    plan, caught = plan_of(module, value="whole")
+    # never a block holding q or k heads with v: heads of HD rows, v by rows even with value="whole"
+    assert plan[name].segments == concat_segments(value_whole=False)
+    assert len(caught) == 1 and name in caught[0] and "could not be read from its forward" in caught[0]
+    assert f"rules={{{name!r}: 'heads'}}" in caught[0] and f"rules={{{name!r}: 'rows'}}" in caught[0]
+
+    confirmed, caught = plan_of(module, rules={name: "heads"})
+    assert confirmed[name].segments == concat_segments() and caught == []
+    rows, caught = plan_of(module, rules={name: "rows"})
+    assert rows[name].rule == "rows" and rows[name].n_blocks == 3 * D and caught == []
+
+
+def test_a_rule_answers_the_warnings_that_advise_it_and_no_other():
+    """The warning for unknown heads advised rules={...: 'rows'} 'to accept rows'; the rule
+    changed nothing and the warning stayed."""
+    module = Fused()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blockopt.partition(nn.ModuleDict({"attn": module}), rules={"attn.qkv.weight": "rows"})
+    assert [w for w in caught if issubclass(w.category, PartitionWarning)] == []
+    with pytest.warns(PartitionWarning, match="unknown heads"):  # a rule on another tensor does not answer it
+        blockopt.partition(nn.ModuleDict({"attn": module}), rules={"attn.proj.weight": "rows"})
+
+
+# ---- transformers families, whose order is a convention of their forward code --------------------
+
+
+def _fused_spec(model_type: str):
+    pytest.importorskip("transformers")
+    from blockopt.partition import coverage
+
+    model, _ = coverage.build(model_type)  # default config, on the meta device
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(model)
+    return model, plan
+
+
+def _first_attention(model, kind: str) -> tuple[str, nn.Module]:
+    return next((n, m) for n, m in model.named_modules() if type(m).__name__ == kind)
+
+
+@pytest.mark.parametrize("model_type, kind, attr", [
+    ("persimmon", "PersimmonAttention", "query_key_value"),   # _split_heads: view(b, t, heads, 3, hd)
+    ("deberta", "DisentangledSelfAttention", "in_proj"),      # transpose_for_scores(qp).chunk(3, dim=-1)
+    ("minimax", "MiniMaxLightningAttention", "qkv_proj"),     # reshape(b, t, heads, 3 * hd), split(hd)
+])
+def test_families_that_interleave_per_head_are_planned_per_head(model_type, kind, attr):
+    model, plan = _fused_spec(model_type)
+    path, attention = _first_attention(model, kind)
+    spec = plan[f"{path}.{attr}.weight"]
+    rows = spec.shape[0]
+    hd = rows // 3 // spec.n_heads
+    assert spec.segments == ((hd, hd), (hd, hd), (hd, 1)) * spec.n_heads
+
+
+def test_codegen_is_planned_as_its_four_partitions_of_query_value_key():
+    # CodeGenAttention: qkv_proj(x).view(..., mp_num, 3 * local_dim).split(local_dim) -> query, value, key
+    model, plan = _fused_spec("codegen")
+    path, attention = _first_attention(model, "CodeGenAttention")
+    spec = plan[f"{path}.qkv_proj.weight"]
+    n, hd, mp = attention.num_attention_heads, attention.head_dim, attention.mp_num
+    local = n * hd // mp
+    assert spec.segments == ((local, hd), (local, 1), (local, hd)) * mp
+    assert spec.n_blocks == mp * (n // mp + local + n // mp)
