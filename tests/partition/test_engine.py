@@ -637,6 +637,46 @@ def test_user_n_heads_on_fused_qkv_is_not_mixed_with_the_models_head_size():
     assert index == expected
 
 
+class StatedHeads(nn.Module):
+    """Attention that states its own head count (4 heads of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 4
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(32, 32) for _ in range(4))
+
+
+def test_a_user_head_dim_sets_the_head_count_and_is_never_half_mixed_with_the_modules():
+    """``head_dim=16`` on a module stating 4 heads gave queries the module's 4 heads of 8 and keys
+    the user's heads of 16 (2 of them): key blocks crossing the query heads, silently."""
+    model = nn.ModuleDict({"attn": StatedHeads()})
+    plan = blockopt.partition(model, head_dim=16)
+    for t in ("q_proj", "k_proj"):
+        assert plan[f"attn.{t}.weight"].n_blocks == 2  # the user's 2 heads of 16, queries and keys alike
+    assert blockopt.partition(model)["attn.q_proj.weight"].n_blocks == 4  # (the module's own view)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(head_dim=5), r"head_dim=5 does not divide the query width 32"),
+    (dict(n_heads=4, head_dim=16), r"4 heads of head_dim=16 do not make the query width 32"),
+])
+def test_user_head_geometry_that_does_not_fit_the_width_is_refused(kw, message):
+    """Both were accepted: ``head_dim=5`` ignored, ``n_heads=4, head_dim=16`` planned as 4 heads of 8."""
+    with pytest.raises(ValueError, match=message + r".*pass the model's real head counts"):
+        blockopt.partition(nn.ModuleDict({"attn": StatedHeads()}), **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_heads=4, head_dim=16), r"n_heads=4 heads of head_dim=16 make 64 rows, not the width 32 of attn.q_proj"),
+    (dict(head_dim=5), r"head_dim=5 does not divide the width 32 of attn.q_proj.weight"),
+])
+def test_named_parameters_with_head_geometry_that_does_not_fit_are_refused(kw, message):
+    named = list(nn.ModuleDict({"attn": StatedHeads()}).named_parameters())
+    with pytest.raises(ValueError, match=message):
+        blockopt.partition(named, **kw)
+    assert blockopt.partition(named, head_dim=16)["attn.q_proj.weight"].n_blocks == 2
+
+
 # ---- 8. structure over names (issue 27) ----------------------------------------------------
 class TransposedExperts(nn.Module):
     """Experts stored (E, in, out) with no ``is_transposed`` attribute, used as ``x @ W[e]``; in and

@@ -140,13 +140,19 @@ class Context:
     def _candidates(self, module: nn.Module, path: str) -> Iterator[_Source]:
         """Sources with the user's values laid over them (user values win field by field). A user
         ``n_heads`` without ``head_dim`` defines the head size itself (from the width): a source's
-        head size and KV count belong to its own head count and are then not mixed in."""
-        keep_unknown = self.n_heads is not None and self.head_dim is None
+        head size and KV count belong to its own head count and are then not mixed in; likewise a
+        user ``head_dim`` without ``n_heads`` defines the head counts."""
+        own_size = self.n_heads is not None and self.head_dim is None
+        own_count = self.head_dim is not None and self.n_heads is None
         for s in self._sources(module, path):
             if self.user_geometry:
-                n_kv, hd = (None, None) if keep_unknown else (s.n_kv, s.head_dim)
-                s = _Source(f"user + {s.label}" if (s.n_heads, n_kv, hd) != (None, None, None) else "user",
-                            self.n_heads or s.n_heads, self.n_kv_heads or n_kv, self.head_dim or hd, strict=False)
+                n, n_kv, hd = s.n_heads, s.n_kv, s.head_dim
+                if own_size:
+                    n_kv, hd = None, None
+                if own_count:  # a user head_dim sets the head count (from the width) just as well
+                    n, n_kv = None, None
+                s = _Source(f"user + {s.label}" if (n, n_kv, hd) != (None, None, None) else "user",
+                            self.n_heads or n, self.n_kv_heads or n_kv, self.head_dim or hd, strict=False)
             yield s
 
     def attention_heads(self, module: nn.Module, q_width: int, k_width: int | None, path: str = "") -> Heads:
@@ -218,9 +224,13 @@ def _fit_separate(s: _Source, q_width: int, k_width: int | None, user: bool = Fa
 def _fit_counts(s: _Source, q_width: int, k_width: int | None) -> tuple[Heads | None, str | None]:
     n, n_kv, hd = s.n_heads, s.n_kv, s.head_dim
     if n is None:
-        n = q_width // hd if q_width % hd == 0 else None
-    if n is None or q_width % n:
+        if q_width % hd:
+            return None, f"head_dim={hd} does not divide the query width {q_width}"
+        n = q_width // hd
+    if q_width % n:
         return None, f"n_heads={n} does not divide the query width {q_width}"
+    if hd is not None and q_width not in (n * hd, 2 * n * hd):  # (2x: a gate per query head)
+        return None, f"{n} heads of head_dim={hd} do not make the query width {q_width}"
     if k_width is None:
         return Heads(n, n, s.label, q_width // n), None
     if n_kv is None:

@@ -59,7 +59,9 @@ def partition(
             tied weights), or ``named_parameters()`` pairs (then names and shapes are all there is,
             as in the official adam-mini package).
         n_heads / n_kv_heads / head_dim: override the detected attention geometry (all attention
-            modules). Needed with named parameters for query/key to be split by head.
+            modules). Needed with named parameters for query/key to be split by head. A user
+            ``n_heads`` alone sets the head size from the width, ``head_dim`` alone the head
+            counts; both must make the query width (``n_heads * head_dim``), else ValueError.
         rules: ``{glob on parameter names: rule}``, first match wins; rules are ``rows``, ``cols``,
             ``heads``, ``whole``, ``coordinate`` (``{"*": "coordinate"}`` gives AdamW).
             ``rows``/``cols`` are storage dims (dim 0 / dim 1).
@@ -357,12 +359,20 @@ def _named_experts(name: str, shape: tuple[int, ...], why: str, ctx: Context) ->
 
 
 def _named_heads(name: str, width: int, role: str, ctx: Context) -> int:
+    hd = ctx.head_dim
     if role == "key":
-        heads = ctx.n_kv_heads or (width // ctx.head_dim if ctx.head_dim else ctx.n_heads)
+        heads, label = ctx.n_kv_heads or ctx.n_heads, "n_kv_heads" if ctx.n_kv_heads else "n_heads"
+        if hd and not ctx.n_kv_heads:
+            heads = width // hd if width % hd == 0 else None  # (GQA: the width says how many heads of hd)
     else:
-        heads = ctx.n_heads or width // ctx.head_dim
+        heads, label = ctx.n_heads, "n_heads"
+        if hd and not heads:
+            heads = width // hd if width % hd == 0 else None
+    if hd and (not heads or heads * hd != width):
+        problem = (f"{label}={heads} heads of head_dim={hd} make {heads * hd} rows, not the width {width} of {name}"
+                   if heads else f"head_dim={hd} does not divide the width {width} of {name}")
+        raise ValueError(f"{problem}; pass the model's real head geometry")
     if not heads or width % heads:
-        label = "n_kv_heads" if role == "key" and ctx.n_kv_heads else "n_heads"
         raise ValueError(
             f"{label}={heads} does not divide the width {width} of {name}; pass the model's real head counts "
             "(n_kv_heads for keys under grouped-query attention)"
