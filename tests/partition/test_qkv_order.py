@@ -172,3 +172,47 @@ def test_codegen_is_planned_as_its_four_partitions_of_query_value_key():
     local = n * hd // mp
     assert spec.segments == ((local, hd), (local, 1), (local, hd)) * mp
     assert spec.n_blocks == mp * (n // mp + local + n // mp)
+
+
+# ---- a query beside a fused key/value (perceiver / cross-attention style) -----------------------
+class QueryAndFusedKV(nn.Module):
+    def __init__(self, kv_heads: int = H):
+        super().__init__()
+        self.heads = H
+        self.to_q = nn.Linear(D, D, bias=False)
+        self.to_kv = nn.Linear(D, 2 * kv_heads * HD, bias=False)
+        self.to_out = nn.Linear(D, D)
+
+    def forward(self, x, context):
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        return self.to_out(self.to_q(x) + (k + v).repeat(1, 1, D // k.shape[-1]))
+
+
+class QueryAndFusedKVPerHead(QueryAndFusedKV):
+    def forward(self, x, context):
+        B, T, _ = context.shape
+        kv = self.to_kv(context).view(B, T, H, 2, HD)
+        return self.to_out(self.to_q(x) + kv.sum(-2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_a_fused_key_value_beside_a_query_is_split_into_key_heads_and_value_rows(kv_heads):
+    """``to_kv`` was one block per row with role ``linear``: keys never split by heads."""
+    module = QueryAndFusedKV(kv_heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(nn.ModuleDict({"attn": module}))
+    spec = plan["attn.to_kv.weight"]
+    assert spec.role == "qkv" and spec.segments == ((kv_heads * HD, HD), (kv_heads * HD, 1))
+    assert plan["attn.to_q.weight"].n_blocks == H and plan["attn.to_out.weight"].role == "attn_out"
+    x = torch.randn(2, 3, D)
+    assert module(x, x).shape == x.shape
+
+
+def test_a_fused_key_value_whose_order_cannot_be_read_warns_and_a_rule_answers_it():
+    module = QueryAndFusedKVPerHead()
+    plan, caught = plan_of(module, value="whole")
+    assert plan["attn.to_kv.weight"].segments == ((H * HD, HD), (H * HD, 1))  # v by rows even with value="whole"
+    assert len(caught) == 1 and "attn.to_kv.weight: the order of key/value rows" in caught[0]
+    _, caught = plan_of(module, rules={"attn.to_kv.weight": "rows"})
+    assert caught == []

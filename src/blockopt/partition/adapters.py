@@ -59,8 +59,9 @@ def _bias_spec(path: str, module: nn.Module, attr: str = "bias") -> Iterator[Blo
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "linear_q", "project_q")
 K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "to_k", "key_proj", "linear_k", "project_k")
 V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "to_v", "value_proj", "linear_v", "project_v")
+KV_NAMES = ("to_kv", "kv_proj", "kv", "wkv", "Wkv", "kv_linear")  # a fused key/value beside a separate query
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "out_lin", "c_proj", "proj", "dense", "linear_out", "attention_out",
-           "output_proj", "post")
+           "output_proj", "post", "to_out")
 # A class name that says attention: used to decide when an unrecognised module deserves a
 # warning, and to confirm a weak fused name (`in_proj`), never to pick a layout.
 ATTENTION_CLASS = re.compile("attention|attn", re.IGNORECASE)
@@ -198,6 +199,49 @@ def _gated_query_spec(path: str, child_name: str, child: nn.Module, heads: Heads
     )
 
 
+def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.Linear], ctx: Context
+                        ) -> Iterator[BlockSpec]:
+    """A query beside a fused key/value (``to_kv``, perceiver and cross-attention style): the query
+    by heads, the fused projection as [k heads | v rows] when its forward reads it that way
+    (`qkv_order` with two parts), else the same under a warning."""
+    module = ctx.modules[path]
+    kind = type(module).__name__
+    qname, kvname = _join(path, q[0] + ".weight"), _join(path, kv[0] + ".weight")
+    try:
+        heads = ctx.attention_heads(module, _projection(q[1])[1], kv[1].out_features // 2, qname)
+    except LookupError as e:
+        ctx.warn(f"{path}: attention heads unknown ({e}): {qname} and {kvname} fall back to one block per neuron; "
+                 "pass n_heads= (and n_kv_heads=) to partition()/AdamMini", qname, kvname)
+        yield _neuron_spec(path, q[0], q[1], "query", f"{kind} query: per neuron (head count unknown: safe fallback)")
+        yield _neuron_spec(path, kv[0], kv[1], "qkv", f"{kind} fused key/value: per neuron (head count unknown)")
+    else:
+        yield _heads_spec(path, q[0], q[1], heads.n_heads, "query", f"{kind} query: {heads.n_heads} heads ({heads.source})")
+        rows, hd = kv[1].out_features // 2, heads.head_dim
+        known = qkv_order.qkv_layout(module, kv[0], parts=2) == "concat"
+        if rows != heads.n_kv_heads * hd:
+            hd = rows // heads.n_kv_heads  # (user n_kv_heads: key heads narrower than query heads)
+        if not known:
+            ctx.warn(
+                f"{kvname}: the order of key/value rows in {kind}.{kv[0]} could not be read from its forward: planned "
+                f"as [k heads | v] with heads of {hd} rows, v by rows; if that is its order (e.g. k, v = "
+                f"{kv[0]}(x).chunk(2, dim=-1)), pass rules={{{kvname!r}: 'heads'}} to confirm; else rules="
+                f"{{{kvname!r}: 'rows'}}", kvname
+            )
+        value = (rows, rows) if ctx.value == "whole" and known else (rows, 1)
+        yield BlockSpec(
+            name=kvname, shape=tuple(kv[1].weight.shape), rule="heads", role="qkv",
+            reason=f"{kind} fused key/value {kv[0]} ({'k | v' if known else 'order assumed [k | v]'}): "
+            f"{heads.n_kv_heads} key heads of {hd}, v {'whole' if value[1] == rows else 'rows'} ({heads.source})",
+            block_dims=(0,), segments=((rows, hd), value), n_heads=heads.n_kv_heads,
+        )
+    o = _child(module, O_NAMES)
+    if o:
+        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
+    for child in (q, kv, o):
+        if child:
+            yield from _bias_spec(_join(path, child[0]), child[1])
+
+
 @register_adapter
 def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """Attention with separate query/key/value projections (Llama, Mistral, Qwen2, Gemma, BERT,
@@ -208,6 +252,10 @@ def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterat
     alone (keys shared from another layer) are split by heads too."""
     q, k, v = _child(module, Q_NAMES), _child(module, K_NAMES), _child(module, V_NAMES)
     kind = type(module).__name__
+    kv = _child(module, KV_NAMES) if q and not (k or v) else None
+    if kv and isinstance(kv[1], nn.Linear) and kv[1].out_features % 2 == 0:
+        yield from _query_and_fused_kv(path, q, kv, ctx)
+        return
     # a query with a key is attention (a pointer head has no value); a query or a key alone, only
     # in a module that says so (keys shared from another layer; a pooling head's learned query)
     if not (q and k) and not ((q or k) and ATTENTION_CLASS.search(kind)):

@@ -39,9 +39,12 @@ _RESHAPES = ("view", "reshape", "unflatten")
 _KEEP_ORDER = ("clamp", "clamp_", "to", "float", "half", "bfloat16", "contiguous", "clone", "type", "type_as")
 
 
-def qkv_layout(module: nn.Module, attr: str) -> str | None:
-    """The row order of ``module.<attr>``, a fused q/k/v projection: ``"concat"``,
-    ``"per_head"``, ``"per_group"``, ``"multi_query"``, ``"codegen"``, or None when unknown."""
+def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
+    """The row order of ``module.<attr>``, a fused q/k/v projection (``parts=2``: a fused k/v):
+    ``"concat"``, ``"per_head"``, ``"per_group"``, ``"multi_query"``, ``"codegen"``, or None
+    when unknown."""
+    if parts != 3:
+        return "concat" if _reads_concatenated(type(module), attr, parts) else None
     kind = type(module).__name__
     if hasattr(module, "new_decoder_architecture"):  # Falcon
         if module.new_decoder_architecture:
@@ -52,11 +55,11 @@ def qkv_layout(module: nn.Module, attr: str) -> str | None:
     for prefixes, layout in _KNOWN:
         if kind.startswith(prefixes):
             return layout
-    return "concat" if _reads_concatenated(type(module), attr) else None
+    return "concat" if _reads_concatenated(type(module), attr, parts) else None
 
 
 @functools.lru_cache(maxsize=256)
-def _reads_concatenated(cls: type, attr: str) -> bool:
+def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     """Whether ``cls``'s code splits the output of ``self.<attr>(...)`` as ``[q | k | v]``: the
     first thing done to it (chained, or to the name it is assigned to) is one of
     ``.split(width)`` / ``.split([w_q, w_k, w_v])`` (a size that does not mention heads),
@@ -71,40 +74,44 @@ def _reads_concatenated(cls: type, attr: str) -> bool:
     verdicts = []
     for func in ast.walk(tree):
         if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            verdicts += _verdicts_in(func, attr)
+            verdicts += _verdicts_in(func, attr, parts)
     return bool(verdicts) and all(verdicts)
 
 
-def _is_projection_call(node: ast.AST, attr: str) -> bool:
-    """``self.<attr>(...)``, possibly wrapped in one call (``self.act(self.qkv(x))``)."""
+def _is_projection_call(node: ast.AST, attr: str, me: str) -> bool:
+    """``self.<attr>(...)`` (``me``: the method's first argument), possibly wrapped in one call
+    (``self.act(self.qkv(x))``)."""
     if not isinstance(node, ast.Call):
         return False
     f = node.func
-    if isinstance(f, ast.Attribute) and f.attr == attr and isinstance(f.value, ast.Name) and f.value.id == "self":
+    if isinstance(f, ast.Attribute) and f.attr == attr and isinstance(f.value, ast.Name) and f.value.id == me:
         return True
-    return len(node.args) == 1 and _is_projection_call(node.args[0], attr)
+    return len(node.args) == 1 and _is_projection_call(node.args[0], attr, me)
 
 
-def _verdicts_in(func: ast.FunctionDef, attr: str) -> list[bool]:
+def _verdicts_in(func: ast.FunctionDef, attr: str, parts: int) -> list[bool]:
     """One verdict per use of ``self.<attr>(...)`` in ``func``: whether its first use reads as concatenated."""
+    if not func.args.args:
+        return []
+    me = func.args.args[0].arg
     parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
     out = []
     for node in ast.walk(func):
-        if not _is_projection_call(node, attr) or _is_projection_call(parents.get(node), attr):
+        if not _is_projection_call(node, attr, me) or _is_projection_call(parents.get(node), attr, me):
             continue
         parent = parents.get(node)
         if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call):
-            out.append(_concatenated_use(parent.attr, parents[parent]))
+            out.append(_concatenated_use(parent.attr, parents[parent], parts))
         elif isinstance(parent, ast.Subscript):
             out.append(_concatenated_slice(parent))
         elif isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name):
-            out.append(_first_use_concatenated(func, parent, parent.targets[0].id, parents))
+            out.append(_first_use_concatenated(func, parent, parent.targets[0].id, parents, parts))
         else:
             out.append(False)
     return out
 
 
-def _first_use_concatenated(func: ast.FunctionDef, assign: ast.Assign, name: str, parents: dict) -> bool:
+def _first_use_concatenated(func: ast.FunctionDef, assign: ast.Assign, name: str, parents: dict, parts: int) -> bool:
     """The verdict on the first use of ``name`` after ``assign`` in ``func``, in source order."""
     uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
                    and (n.lineno, n.col_offset) > (assign.lineno, assign.col_offset)),
@@ -116,14 +123,14 @@ def _first_use_concatenated(func: ast.FunctionDef, assign: ast.Assign, name: str
         if not (isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER and isinstance(parents.get(parent), ast.Call)):
             break  # (`x = x.clamp(...)` keeps the order: the next use says)
     if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call):
-        return _concatenated_use(parent.attr, parents[parent])
+        return _concatenated_use(parent.attr, parents[parent], parts)
     if isinstance(parent, ast.Subscript):
         return _concatenated_slice(parent)
     if isinstance(parent, ast.Call) and parent.args and parent.args[0] is use:  # torch.split(name, ...)
         f = parent.func
         method = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
         rest = ast.Call(func=f, args=parent.args[1:], keywords=parent.keywords)
-        return method in _SPLITS and _concatenated_use(method, rest)
+        return method in _SPLITS and _concatenated_use(method, rest, parts)
     return False
 
 
@@ -131,19 +138,19 @@ def _mentions_heads(node: ast.AST) -> bool:
     return "head" in ast.unparse(node).lower()
 
 
-def _concatenated_use(method: str, call: ast.Call) -> bool:
+def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
     args = call.args
     if method in ("split", "tensor_split"):
         return bool(args) and not _mentions_heads(args[0])
     if method == "chunk":
-        return bool(args) and isinstance(args[0], ast.Constant) and args[0].value == 3
+        return bool(args) and isinstance(args[0], ast.Constant) and args[0].value == parts
     if method in _RESHAPES:
         sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
-        three = next((i for i, size in enumerate(sizes) if isinstance(size, ast.Constant) and size.value == 3), None)
-        if three is None:
+        at = next((i for i, size in enumerate(sizes) if isinstance(size, ast.Constant) and size.value == parts), None)
+        if at is None:
             return False
-        before, after = sizes[:three], sizes[three + 1:]
-        if any(_mentions_heads(size) or "3" in ast.unparse(size) for size in before):
+        before, after = sizes[:at], sizes[at + 1:]
+        if any(_mentions_heads(size) or str(parts) in ast.unparse(size) for size in before):
             return False  # heads before the 3, or a 3 folded into a size (3 * head_dim)
         # the 3 right after the token dims (at most two, or one starred shape), or before a head count
         return len(before) <= 2 or any(_mentions_heads(size) for size in after)
