@@ -921,3 +921,41 @@ def test_gpt_fast_wqkv_with_n_local_heads_is_split_by_heads():
     rows = spec.block_index()[:, 0]  # (a row lies in one block)
     assert [int(b) for b in rows.unique_consecutive()] == list(range(26))
     assert (rows[:64].reshape(8, 8) == torch.arange(8).unsqueeze(1)).all()  # query head h: rows 8h..8h+7
+
+
+# ---- attention built of per-head modules (Karpathy's nanoGPT lecture) ----------------------------
+class Head(nn.Module):
+    def __init__(self, width: int, head_size: int):
+        super().__init__()
+        self.key, self.query, self.value = (nn.Linear(width, head_size, bias=False) for _ in range(3))
+
+
+class PerHeadAttention(nn.Module):
+    def __init__(self, width: int = 48, n_heads: int = 4):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(width, width // n_heads) for _ in range(n_heads)])
+        self.proj = nn.Linear(width, width)
+
+
+def test_attention_of_per_head_modules_gets_one_block_per_head_module():
+    """Each ``Head`` fell back to one block per neuron, with a warning (per head module) advising
+    n_heads=, which would have cut every one-head query into n_heads pieces."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(nn.ModuleList([PerHeadAttention(), PerHeadAttention()]))
+    for layer, head, t in itertools.product(range(2), range(4), ("query", "key")):
+        spec = plan[f"{layer}.heads.{head}.{t}.weight"]
+        assert (spec.rule, spec.n_blocks, spec.role) == ("heads", 1, t)
+    assert plan["0.heads.0.value.weight"].n_blocks == 12
+
+
+def test_a_stack_of_attention_layers_is_never_taken_for_heads():
+    """A ModuleList of attention layers, each as wide as its input, does not tile the width: no
+    head count is made up (its query stays per neuron, under the heads-unknown warning, said once
+    for the stack)."""
+    stack = nn.ModuleList([Head(48, 48) for _ in range(4)])
+    with pytest.warns(PartitionWarning) as caught:
+        plan = blockopt.partition(stack)
+    assert plan["0.query.weight"].n_blocks == 48
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].count("attention heads unknown") == 1 and "(x4)" in messages[0]

@@ -242,6 +242,25 @@ def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.L
             yield from _bias_spec(_join(path, child[0]), child[1])
 
 
+def _one_head_per_module(path: str, module: nn.Module, query: nn.Module, k_width: int | None, ctx: Context
+                         ) -> Heads | None:
+    """One head, for an attention module that is one of the heads (the per-head ``Head`` modules of
+    Karpathy's nanoGPT lecture): it sits in a ModuleList of N modules of its class whose query and
+    key widths, N times over, tile the width the query reads. A stack of attention layers never
+    tiles it (each layer's query is as wide as its input); without that proof, None."""
+    parent_path, _, index = path.rpartition(".")
+    parent = ctx.modules.get(parent_path)
+    width = _projection(query)[1]
+    n = len(parent) if isinstance(parent, nn.ModuleList) and index.isdigit() else 0
+    if n < 2 or not all(type(m) is type(module) for m in parent) or k_width not in (None, width):
+        return None
+    lin = _linear_like(query)
+    reads = lin.in_features if isinstance(lin, nn.Linear) else None
+    if reads != n * width:
+        return None
+    return Heads(1, 1, f"one head per module: {n} {type(module).__name__} modules tile the width {reads}", width)
+
+
 @register_adapter
 def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """Attention with separate query/key/value projections (Llama, Mistral, Qwen2, Gemma, BERT,
@@ -266,11 +285,12 @@ def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterat
     try:
         heads = ctx.attention_heads(module, _projection(first[1])[1], k_width, _join(path, first[0] + ".weight"))
     except LookupError as e:
-        ctx.warnings.append(
-            f"{path}: attention heads unknown ({e}): {qk_names} fall back to one block per neuron; pass n_heads= "
-            "(and n_kv_heads=) to partition()/AdamMini"
-        )
-        heads = None
+        heads, problem = _one_head_per_module(path, module, first[1], k_width, ctx), str(e)
+        if heads is None:
+            ctx.warnings.append(
+                f"{path}: attention heads unknown ({problem}): {qk_names} fall back to one block per neuron; pass "
+                "n_heads= (and n_kv_heads=) to partition()/AdamMini"
+            )
     if heads:
         gqa = f", GQA {heads.n_heads}/{heads.n_kv_heads}" if heads.n_kv_heads != heads.n_heads else ""
         q_why = f"{kind} query: {heads.n_heads} heads ({heads.source}{gqa})"

@@ -118,7 +118,7 @@ def _glob(path: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in path.split(".")) if path else path
 
 
-_INDEX = re.compile(r"(?<![^.\s(,'\"{])\d+(?=\.)")  # a numeric path component: the 3 of layers.3.mlp
+_INDEX = re.compile(r"(?<![^.\s(,'\"{])\d+(?=\.)|(?:^|(?<=\.))\d+(?=:)")  # a numeric path component: the 3 of layers.3.mlp
 
 
 def collapse_names(texts: list[str]) -> list[str]:
