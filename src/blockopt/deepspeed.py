@@ -30,8 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .distributed.zero import LABELS, PIECES, read_partitions
+from .distributed.zero import LABELS, PIECES, _storage, read_partitions
+from .optim import momentum
+from .optim.state import EXP_AVG, MOMENTUM_BUFFER
 
+_FIRST_MOMENTS = (EXP_AVG, MOMENTUM_BUFFER)  # (AdamMini and AdaPM's, SGD-SaI's)
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
@@ -142,22 +145,39 @@ def load_state(engine, state_dict: dict[str, Any]) -> None:
     client = zero.optimizer
     partitions = client.__dict__.get("_zero") or read_partitions(zero, client)
     client._zero = partitions
-    saved = {name: state_dict["state"][i] for g in groups
+    saved = {name: (state_dict["state"][i], g) for g in groups
              for i, name in zip(g["params"], g["param_names"]) if i in state_dict["state"]}
-    flats = [flat for group in client.param_groups for flat in group["params"]]
-    if not flats and hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3 keeps the groups empty between steps
-        flats = list(zero.fp32_partitioned_groups_flat)
+    pairs = [(flat, group) for group in client.param_groups for flat in group["params"]]
+    if not pairs and hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3 keeps the groups empty between steps
+        pairs = list(zip(zero.fp32_partitioned_groups_flat, client.param_groups))
+    converted = {}  # name -> its saved entry in the storage its live group keeps
     loaded = {}  # every flat partition's state, before any is applied
-    for flat in flats:
+    for flat, group in pairs:
+        target = _storage(group.get("momentum_dtype"))
         states = []
         for piece in partitions.partition(flat).pieces:
-            entry = saved.get(piece.name)
-            if entry is None:
+            if piece.name not in saved:
                 raise ValueError(f"the state dict has no state for {piece.name!r}: it comes from another model or optimizer")
-            states.append({**piece.labels(), **_cut(entry, piece, flat)})
+            if piece.name not in converted:
+                converted[piece.name] = _as_kept(client, piece, *saved[piece.name], target)
+            states.append({**piece.labels(), **_cut(converted[piece.name], piece, flat)})
         loaded[flat] = {PIECES: states}
     for flat, state in loaded.items():
         client.state[flat] = state
+
+
+def _as_kept(optimizer, piece, entry: dict[str, Any], group: dict, target: str) -> dict[str, Any]:
+    """A parameter's saved entry with its first moment in ``target`` storage (float32 or
+    bfloat16: what a ZeRO piece keeps), converted as a one-process load converts (an int8 or
+    int4 checkpoint is decoded; a float32 one rounded to bf16 with the step's rounding bits)."""
+    name, shape = piece.name, tuple(piece.spec.shape)
+    for key in _FIRST_MOMENTS:
+        if any(k in entry for k in momentum.keys(key)):
+            source = momentum.saved_dtype(entry, group.get("momentum_dtype"), key)
+            momentum.check_saved(entry, name, shape, source, target, key)
+            entry = momentum.convert(entry, name=name, shape=shape, param_dtype=torch.float32, source=source,
+                                     target=target, key=key, seed=getattr(optimizer, "seed", 0))
+    return entry
 
 
 def _cut(entry: dict[str, Any], piece, like: Tensor) -> dict[str, Any]:
@@ -169,8 +189,9 @@ def _cut(entry: dict[str, Any], piece, like: Tensor) -> dict[str, Any]:
     for key, value in entry.items():
         if not isinstance(value, Tensor) or value.ndim == 0:
             out[key] = value.clone() if isinstance(value, Tensor) else value
-        elif tuple(value.shape) == tuple(spec.shape):
-            out[key] = value[box].to(device=like.device, dtype=like.dtype).clone()
+        elif tuple(value.shape) == tuple(spec.shape):  # (a bf16 first moment stays bf16: `_as_kept` chose its storage)
+            dtype = value.dtype if key in _FIRST_MOMENTS and value.dtype == torch.bfloat16 else like.dtype
+            out[key] = value[box].to(device=like.device, dtype=dtype).clone()
         elif value.shape[0] == spec.n_blocks:
             out[key] = value[ids].to(device=like.device, dtype=like.dtype).clone()
         else:

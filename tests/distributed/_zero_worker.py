@@ -172,21 +172,23 @@ def scenario_load_refused(rank, world, out: Path, model_name: str, stage: int, s
 
 
 def scenario_resume_from_state(rank, world, out: Path, model_name: str, stage: int, split: int, steps: int,
-                               saved_world: int) -> None:
-    """Resume at this world size and stage from a ZeRO checkpoint saved at another: the model's
-    weights from DeepSpeed's consolidated fp32 state, the optimizer's from `blockopt.deepspeed`."""
+                               saved_world: int, saved: str = "adam-mini", loading: str = "adam-mini") -> None:
+    """Resume at this world size and stage from a ZeRO checkpoint saved at another (by ``saved``,
+    into an engine built with ``loading``): the model's weights from DeepSpeed's consolidated fp32
+    state, the optimizer's from `blockopt.deepspeed`."""
     import deepspeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     import blockopt.deepspeed
 
-    saved = str(checkpoint_dir(out, model_name, stage, saved_world))
+    folder = str(checkpoint_dir(out, model_name, stage, saved_world, saved))
     model = model_of(model_name)
-    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(saved), strict=False)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=OPTIMIZERS["adam-mini"](model), config=config(stage, world, "float32"))
-    blockopt.deepspeed.load_state(engine, blockopt.deepspeed.zero_to_state(saved))
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(folder), strict=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=OPTIMIZERS[loading](model), config=config(stage, world, "float32"))
+    blockopt.deepspeed.load_state(engine, blockopt.deepspeed.zero_to_state(folder))
     train(engine, _worker.batches(steps)[split:], rank, world)
-    torch.save({"params": full_params(engine)}, out / f"resume_{model_name}_z{stage}_w{saved_world}_to_w{world}.rank{rank}.pt")
+    torch.save({"params": full_params(engine)},
+               out / f"resume_{model_name}_{saved}_into_{loading}_z{stage}_w{saved_world}_to_w{world}.rank{rank}.pt")
 
 
 def scenario_trainer(rank, world, out: Path, stage: int, steps: int) -> None:
