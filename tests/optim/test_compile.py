@@ -283,3 +283,28 @@ def test_an_inductor_compiled_int8_adapm_step_builds_and_matches_eager():
     assert {"exp_avg_l", "exp_avg_r"} <= set(opt.state[models[1][0].weight])  # low-rank factors (bf16)
     for (param_name, a), b in zip(models[1].named_parameters(), models[0].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=param_name)
+
+
+def test_a_compiled_adapm_first_step_draws_its_factors_in_one_graph_break():
+    """Each low-rank tensor's initial factor was drawn inside the per-tensor loop, a graph break
+    each: a model of 12 low-rank Linears recompiled that frame past torch's limit of 8 (with
+    torch's warning). Now they are drawn once, before the loop; the steps equal eager ones."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(12)])
+        return model, blockopt.AdaPM(model, lr=1e-2)
+
+    (eager_model, eager), (model, opt) = build(), build()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(opt.step, backend=counter)
+    torch._dynamo.reset()
+    for seed in range(3):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
+        for m, step in ((eager_model, eager.step), (model, compiled_step)):
+            m(x).square().mean().backward()
+            step()
+            m.zero_grad()
+    assert set(opt.policies.values()) == {"lowrank", "full"}
+    assert counter.frame_count <= 4  # (it was 14: a frame per tensor)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -365,7 +365,24 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                 )
         super()._validate_state_dict(state_dict, pairs)
 
-    # (a generator of its own is beyond dynamo: a compiled first step draws it eagerly, a graph break once)
+    def _gather(self, group: dict, skip=(), journal: list | None = None):
+        # The first step draws the initial factor of every low-rank tensor at once, eagerly: a
+        # generator of its own is beyond dynamo, and drawn one tensor at a time inside
+        # `_gather_state` a compiled first step broke its graph once per tensor, recompiling that
+        # frame each time (past torch's recompile limit, with its warning, on a model of 8+ layers).
+        missing = [(n, p) for n, p in zip(group["param_names"], group["params"])
+                   if STEP not in self.state.get(p, ()) and self.policy(n) == "lowrank"]
+        if missing:
+            self._draw_initial_factors(group, missing)
+        return super()._gather(group, skip, journal)
+
+    @torch.compiler.disable
+    def _draw_initial_factors(self, group: dict, missing: list[tuple[str, Tensor]]) -> None:
+        drawn = self.__dict__.setdefault("_drawn_factors", {})
+        for name, p in missing:
+            if name not in drawn:
+                drawn[name] = self._initial_right_factor(name, self._rank(group, p.shape), matrix_shape(p.shape)[1], p)
+
     @torch.compiler.disable
     def _initial_right_factor(self, name: str, r: int, n: int, like: Tensor) -> Tensor:
         """A Gaussian ``(r, n)`` factor scaled to unit-norm rows in expectation, drawn from a
@@ -384,7 +401,10 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                 r = self._rank(batch.group, p.shape)
                 dtype = self._factor_dtype(batch.group, p)
                 left = torch.zeros(m, r, dtype=dtype, device=p.device)
-                right = self._initial_right_factor(name, r, n, p).to(dtype)
+                right = self.__dict__.get("_drawn_factors", {}).pop(name, None)
+                if right is None or right.shape != (r, n):  # (a parameter gathered without `_gather`: ZeRO's)
+                    right = self._initial_right_factor(name, r, n, p)
+                right = right.to(dtype)
                 if is_dtensor(p):  # Note [sharded low-rank momentum]
                     left, right = rows_like(p, left, layout), replicated_like(p, right)
                 state[EXP_AVG_L], state[EXP_AVG_R] = left, right
