@@ -308,3 +308,27 @@ def test_a_compiled_adapm_first_step_draws_its_factors_in_one_graph_break():
     assert counter.frame_count <= 4  # (it was 14: a frame per tensor)
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [blockopt.AdamMini, blockopt.SGDSaI, blockopt.AdaPM], ids=lambda c: c.__name__)
+def test_a_compiled_step_with_no_gradient_anywhere_says_so_once_as_an_eager_one(make):
+    """The warning for an optimizer left holding parameters nobody trains was skipped while
+    compiling: a compiled training loop changed nothing, silently."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    opt = make(model, lr=1e-2)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter)
+    for _ in range(2):
+        model(torch.randn(3, 8)).square().sum().backward()
+        step()
+        opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(UserWarning, match=r"none of its 4 parameters has a gradient, though it holds state") as record:
+        step()
+        step()
+    assert sum("none of its" in str(w.message) for w in record) == 1  # said once
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    model(torch.randn(3, 8)).square().sum().backward()
+    step()  # with gradients again, it trains
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), before))

@@ -250,12 +250,13 @@ class BlockwiseOptimizer(Optimizer):
             settings[f"param group {index}'s parameters"] = f"{len(group['param_names'])} named {zlib.crc32(names):08x}"
         return settings
 
+    @torch.compiler.disable  # (a compiled step breaks its graph here only on this path: no gradient at all)
     def _warn_if_nothing_has_a_gradient(self) -> None:
         """A step by an optimizer that holds state (it has stepped, or loaded a checkpoint) finding
         no gradient on any parameter it holds is almost always an optimizer left holding
         parameters the model no longer trains: every later step would change nothing, silently.
         Said once; a first step without gradients (before any backward) is left alone, as torch does."""
-        if self.__dict__.get("_warned_no_gradients") or not self.state or torch.compiler.is_compiling():
+        if self.__dict__.get("_warned_no_gradients") or not self.state:
             return
         params = [p for group in self.param_groups for p in group["params"]]
         if any(p.grad is not None for p in params):  # (all skipped as non-finite: nonfinite= says so)
