@@ -959,3 +959,35 @@ def test_a_stack_of_attention_layers_is_never_taken_for_heads():
     assert plan["0.query.weight"].n_blocks == 48
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and messages[0].count("attention heads unknown") == 1 and "(x4)" in messages[0]
+
+
+class NarrowLayer(Head):
+    """A whole attention layer (its own output projection) whose q/k/v are half its input width."""
+
+    def __init__(self):
+        super().__init__(64, 32)
+        self.out = nn.Linear(32, 64)
+
+
+def test_a_stack_of_layers_whose_widths_happen_to_tile_is_not_taken_for_heads():
+    """Two layers with queries of 32 on an input of 64 tile the width by coincidence: each was
+    planned as one head, a query block across the layer's real heads, silently."""
+    with pytest.warns(PartitionWarning, match="attention heads unknown"):
+        plan = blockopt.partition(nn.ModuleList([NarrowLayer(), NarrowLayer()]))
+    assert plan["0.query.weight"].n_blocks == 32
+
+
+def test_the_unrecognised_attention_warning_says_what_each_tensor_got():
+    """A 1x1 Conv1d qkv (guided-diffusion's AttentionBlock) is planned whole, as convolutions are;
+    the warning said "one block per row"."""
+    class AttentionBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj_out = nn.Conv1d(16, 48, 1), nn.Conv1d(16, 16, 1)
+
+    with pytest.warns(PartitionWarning) as caught:
+        plan = blockopt.partition(nn.ModuleDict({"block": AttentionBlock()}))
+    assert plan["block.qkv.weight"].rule == "whole"
+    message = " ".join(str(w.message) for w in caught)
+    assert "block.qkv.weight, block.proj_out.weight get one block each" in message and "conv='channel'" in message
+    assert "one block per row" not in message

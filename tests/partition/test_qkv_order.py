@@ -103,18 +103,20 @@ def test_a_forward_that_splits_the_rows_in_order_is_planned_concatenated_without
 
 
 @pytest.mark.parametrize("cls", [PerHead, FoldedThree, Fused])
-def test_an_order_that_cannot_be_read_warns_with_v_by_rows_and_a_rule_answers_it(cls):
+def test_an_order_that_cannot_be_read_is_planned_by_rows_and_a_rule_confirms_or_keeps_it(cls):
     module = cls()
     name = f"attn.{module.name}.weight"
     assert qkv_order.qkv_layout(module, module.name) is None
     plan, caught = plan_of(module, value="whole")
-    # never a block holding q or k heads with v: heads of HD rows, v by rows even with value="whole"
-    assert plan[name].segments == concat_segments(value_whole=False)
-    assert len(caught) == 1 and name in caught[0] and "could not be read from its forward" in caught[0]
+    # rows: finer than any right plan (read as [q | k | v], a per-head order puts value heads in
+    # one block each, and with value="whole" query and key heads in the value's block)
+    assert (plan[name].rule, plan[name].n_blocks, plan[name].role) == ("rows", 3 * D, "qkv")
+    assert len(caught) == 1 and name in caught[0] and "could not be read from its forward: one block per row" in caught[0]
     assert f"rules={{{name!r}: 'heads'}}" in caught[0] and f"rules={{{name!r}: 'rows'}}" in caught[0]
 
-    confirmed, caught = plan_of(module, rules={name: "heads"})
-    assert confirmed[name].segments == concat_segments() and caught == []
+    for value in ("rows", "whole"):  # the rule confirms the [q | k | v] order, value= applies
+        confirmed, caught = plan_of(module, value=value, rules={name: "heads"})
+        assert confirmed[name].segments == concat_segments(value == "whole") and caught == []
     rows, caught = plan_of(module, rules={name: "rows"})
     assert rows[name].rule == "rows" and rows[name].n_blocks == 3 * D and caught == []
 
@@ -212,7 +214,7 @@ def test_a_fused_key_value_beside_a_query_is_split_into_key_heads_and_value_rows
 def test_a_fused_key_value_whose_order_cannot_be_read_warns_and_a_rule_answers_it():
     module = QueryAndFusedKVPerHead()
     plan, caught = plan_of(module, value="whole")
-    assert plan["attn.to_kv.weight"].segments == ((H * HD, HD), (H * HD, 1))  # v by rows even with value="whole"
+    assert plan["attn.to_kv.weight"].rule == "rows" and plan["attn.to_kv.weight"].n_blocks == 2 * D
     assert len(caught) == 1 and "attn.to_kv.weight: the order of key/value rows" in caught[0]
-    _, caught = plan_of(module, rules={"attn.to_kv.weight": "rows"})
-    assert caught == []
+    confirmed, caught = plan_of(module, rules={"attn.to_kv.weight": "heads"})
+    assert confirmed["attn.to_kv.weight"].segments == ((H * HD, HD), (H * HD, 1)) and caught == []

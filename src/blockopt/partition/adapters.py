@@ -220,20 +220,15 @@ def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.L
         known = qkv_order.qkv_layout(module, kv[0], parts=2) == "concat"
         if rows != heads.n_kv_heads * hd:
             hd = rows // heads.n_kv_heads  # (user n_kv_heads: key heads narrower than query heads)
-        if not known:
-            ctx.warn(
-                f"{kvname}: the order of key/value rows in {kind}.{kv[0]} could not be read from its forward: planned "
-                f"as [k heads | v] with heads of {hd} rows, v by rows; if that is its order (e.g. k, v = "
-                f"{kv[0]}(x).chunk(2, dim=-1)), pass rules={{{kvname!r}: 'heads'}} to confirm; else rules="
-                f"{{{kvname!r}: 'rows'}}", kvname
-            )
-        value = (rows, rows) if ctx.value == "whole" and known else (rows, 1)
-        yield BlockSpec(
+        value = (rows, rows) if ctx.value == "whole" else (rows, 1)
+        spec = BlockSpec(
             name=kvname, shape=tuple(kv[1].weight.shape), rule="heads", role="qkv",
-            reason=f"{kind} fused key/value {kv[0]} ({'k | v' if known else 'order assumed [k | v]'}): "
-            f"{heads.n_kv_heads} key heads of {hd}, v {'whole' if value[1] == rows else 'rows'} ({heads.source})",
+            reason=f"{kind} fused key/value {kv[0]} (k | v): {heads.n_kv_heads} key heads of {hd}, "
+            f"v {'whole' if value[1] == rows else 'rows'} ({heads.source})",
             block_dims=(0,), segments=((rows, hd), value), n_heads=heads.n_kv_heads,
         )
+        yield spec if known else _order_unread(spec, kind, kv[0], "key/value", "[k heads | v]",
+                                               f"k, v = {kv[0]}(x).chunk(2, dim=-1)", ctx)
     o = _child(module, O_NAMES)
     if o:
         yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
@@ -242,15 +237,21 @@ def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.L
             yield from _bias_spec(_join(path, child[0]), child[1])
 
 
-def _one_head_per_module(path: str, module: nn.Module, query: nn.Module, k_width: int | None, ctx: Context
-                         ) -> Heads | None:
+def _one_head_per_module(path: str, module: nn.Module, projections: list[tuple[str, nn.Module]], k_width: int | None,
+                         ctx: Context) -> Heads | None:
     """One head, for an attention module that is one of the heads (the per-head ``Head`` modules of
-    Karpathy's nanoGPT lecture): it sits in a ModuleList of N modules of its class whose query and
-    key widths, N times over, tile the width the query reads. A stack of attention layers never
-    tiles it (each layer's query is as wide as its input); without that proof, None."""
+    Karpathy's nanoGPT lecture): it holds no weights but its query, key and value, and it sits in a
+    ModuleList of N modules of its class whose query and key widths, N times over, tile the width
+    the query reads. A stack of attention layers has an output projection in each layer; without
+    that proof, None."""
     parent_path, _, index = path.rpartition(".")
     parent = ctx.modules.get(parent_path)
+    query = projections[0][1]
     width = _projection(query)[1]
+    own = {name.split(".")[0] for name, _ in projections}  # (the direct children holding q, k, v)
+    if any(True for _ in module.parameters(recurse=False)) or any(
+            any(True for _ in c.parameters()) for n, c in module.named_children() if n not in own):
+        return None  # weights beside q/k/v (an output projection): a layer, not one head
     n = len(parent) if isinstance(parent, nn.ModuleList) and index.isdigit() else 0
     if n < 2 or not all(type(m) is type(module) for m in parent) or k_width not in (None, width):
         return None
@@ -285,7 +286,7 @@ def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterat
     try:
         heads = ctx.attention_heads(module, _projection(first[1])[1], k_width, _join(path, first[0] + ".weight"))
     except LookupError as e:
-        heads, problem = _one_head_per_module(path, module, first[1], k_width, ctx), str(e)
+        heads, problem = _one_head_per_module(path, module, [c for c in (first, k, v) if c], k_width, ctx), str(e)
         if heads is None:
             ctx.warnings.append(
                 f"{path}: attention heads unknown ({problem}): {qk_names} fall back to one block per neuron; pass "
@@ -473,6 +474,21 @@ _FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "wqkv", "c_qkv
 _WEAK_FUSED_NAMES = ("in_proj",)
 
 
+def _order_unread(spec: BlockSpec, kind: str, attr: str, parts: str, order: str, example: str, ctx: Context) -> BlockSpec:
+    """One block per row for a fused projection whose row order its forward did not show (finer
+    than any right plan: planned as ``order``, a per-head order would put value heads, or with
+    ``value="whole"`` query and key heads, into blocks of the wrong rows), and a warning;
+    ``rules={name: "heads"}`` confirms ``order`` and gets ``spec``."""
+    ctx.confirmable[spec.name] = replace(spec, reason=spec.reason + " (order confirmed by a rule)")
+    ctx.warn(
+        f"{spec.name}: the order of {parts} rows in {kind}.{attr} could not be read from its forward: one block "
+        f"per row; if it is {order} (e.g. {example}), pass rules={{{spec.name!r}: 'heads'}} to plan it so, or "
+        f"rules={{{spec.name!r}: 'rows'}} to keep rows", spec.name
+    )
+    return make_spec(spec.name, spec.shape, "rows", f"{kind} fused {attr}: per row (order of {parts} not read from "
+                     "its forward: safe fallback)", role=spec.role)
+
+
 @register_adapter
 def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """Attention whose query/key/value live in one Linear (GPT-NeoX and Bloom interleave them per
@@ -512,27 +528,18 @@ def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
                         role="qkv")
     else:
         n_heads, n_kv, hd = heads.n_heads, heads.n_kv_heads, heads.head_dim
-        value_whole = ctx.value == "whole" and layout == "concat" and order_known
+        value_whole = ctx.value == "whole" and layout == "concat"
         segs = _qkv_segments(layout, n_heads, n_kv, hd, value_whole, partitions)
         gqa = f", {n_kv} KV heads" if n_kv != n_heads else ""
         v_txt = "v whole" if value_whole else "v rows" + (" (per head: interleaved)" if ctx.value == "whole" else "")
-        if not order_known:
-            # Read wrongly, the blocks still never cross a head of hd rows (every segment is a
-            # multiple of hd); with v by rows, the damage is bounded, and the warning says so.
-            v_txt = "v rows"
-            ctx.warn(
-                f"{wname}: the order of query/key/value rows in {kind}.{name} could not be read from its forward: "
-                f"planned as [q heads | k heads | v] with heads of {hd} rows, v by rows; if that is its order "
-                f"(e.g. q, k, v = {name}(x).split(width)), pass rules={{{wname!r}: 'heads'}} to confirm; if it "
-                f"interleaves them per head, rules={{{wname!r}: 'rows'}}", wname
-            )
-        yield BlockSpec(
+        spec = BlockSpec(
             name=wname, shape=tuple(lin.weight.shape), rule="heads", role="qkv",
-            reason=f"{kind} fused {name} ({layout.replace('_', ' ') if order_known else 'order assumed [q | k | v]'}): "
-            f"{n_heads} q heads of {hd}{gqa}, {v_txt} "
+            reason=f"{kind} fused {name} ({layout.replace('_', ' ')}): {n_heads} q heads of {hd}{gqa}, {v_txt} "
             f"({heads.source})",
             block_dims=(0,), segments=segs, n_heads=n_heads,
         )
+        yield spec if order_known else _order_unread(spec, kind, name, "query/key/value", "[q heads | k heads | v]",
+                                                     f"q, k, v = {name}(x).split(width)", ctx)
     yield from _bias_spec(_join(path, name), lin)
     o = _child(module, O_NAMES)
     if o:

@@ -82,6 +82,7 @@ class Context:
     token_vocab: int | None = None  # rows of the token embedding, if one was found
     warnings: list[str] = field(default_factory=list)
     answered_by: dict = field(default_factory=dict)  # warning -> the tensors whose user rules answer it
+    confirmable: dict = field(default_factory=dict)  # tensor -> the heads spec a user rule 'heads' confirms
     claimed: dict = field(default_factory=dict)  # every parameter name (frozen too) -> its spec so far
     cache: dict = field(default_factory=dict)  # per-call memo for adapters (e.g. forward probes by module type)
 

@@ -208,14 +208,23 @@ def _unrecognised_attention(ctx: Context, specs: dict[str, BlockSpec]) -> list[s
     out = []
     for glob, members in stacks.items():
         path, mats = members[0]
-        tensors = ", ".join(glob + m[len(path):] for m in mats)
+        by_layout: dict[str, list[str]] = {}  # what each tensor got, said as it is
+        for m in mats:
+            by_layout.setdefault(_GOT.get(specs[m].rule, f"rule {specs[m].rule!r}"), []).append(glob + m[len(path):])
+        got = "; ".join(f"{', '.join(names)} get {layout}" for layout, names in by_layout.items())
         count = f" ({len(members)} modules)" if len(members) > 1 else ""
         out.append(
             f"{glob or 'the model'} ({type(ctx.modules[path]).__name__}{count}) looks like attention but no adapter "
-            f"recognised its query/key: {tensors} get one block per row; pass n_heads=/n_kv_heads= if it has q/k/v "
+            f"recognised its query/key: {got}; pass n_heads=/n_kv_heads= if it has q/k/v "
             "projections, or rules={...} for these tensors, or register an adapter"
         )
     return out
+
+
+# what a generic tensor of an unrecognised attention got, for its warning
+_GOT = {"rows": "one block per row", "cols": "one block per column",
+        "whole": "one block each, across any heads they hold (a convolution: conv='channel' gives one per output "
+                 "channel, the safe side)"}
 
 
 def _token_vocab(model: nn.Module) -> int | None:
@@ -416,6 +425,9 @@ def _apply_rules(specs: list[BlockSpec], rules: Mapping[str, str], ctx: Context)
 
 def _override(spec: BlockSpec, rule: str, pattern: str, ctx: Context) -> BlockSpec:
     why = f"user rule {pattern!r} -> {rule}"
+    if rule == "heads" and spec.name in ctx.confirmable:  # a fused projection whose order the rule confirms
+        confirmed = ctx.confirmable[spec.name]
+        return replace(confirmed, reason=f"{confirmed.reason} ({why})")
     if rule == "heads":
         n = spec.n_heads or (ctx.n_kv_heads if spec.role in ("key", "value") and ctx.n_kv_heads else ctx.n_heads)
         neuron_dim = spec.block_dims[0] if len(spec.block_dims) == 1 else 0

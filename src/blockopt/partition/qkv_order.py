@@ -61,21 +61,41 @@ def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     """Whether ``cls``'s code splits the output of ``self.<attr>(...)`` as ``[q | k | v]``: the
-    first thing done to it (chained, or to the name it is assigned to) is one of
-    ``.split(width)`` / ``.split([w_q, w_k, w_v])`` (a size that does not mention heads),
-    ``.chunk(3)``, a slice of its last dim, or a reshape with a bare ``3`` right after the token
-    dims or before a head count (``reshape(b, n, 3, heads, hd)``). A reshape that puts heads first
-    (``(b, t, heads, 3, hd)``, ``3 * head_dim``), a call into another function, or no source at
-    all: False."""
+    first thing done to it (chained, or to the name it is bound to; order-keeping calls such as
+    ``.contiguous()`` looked through) is one of ``.split(width)`` / ``.split([w_q, w_k, w_v])``
+    (a width that does not mention heads), ``.chunk(3)``, a slice of its last dim, or a reshape
+    whose bare ``3`` comes before two sizes or more, heads and head size (``reshape(b, n, 3,
+    heads, hd)``). Anything else is not read as concatenated: a reshape with a single size after
+    the 3 (``(b, t, heads, 3, hd)`` is per head, whatever its names), heads or a folded 3 before
+    it (``3 * head_dim``), a call into another function, or no source that is surely the class's."""
+    source = _class_source(cls)
+    if source is None:
+        return False
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError, IndentationError):
+        tree = ast.parse(textwrap.dedent(source))
+    except (SyntaxError, ValueError):
         return False
     verdicts = []
     for func in ast.walk(tree):
         if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
             verdicts += _verdicts_in(func, attr, parts)
     return bool(verdicts) and all(verdicts)
+
+
+def _class_source(cls: type) -> str | None:
+    """``cls``'s source, only when its own methods' code lies in it: ``inspect`` finds a class by
+    name in its file, and a file defining the name twice (``if flash: class Attention ... else:
+    class Attention ...``) hands back the first."""
+    try:
+        lines, start = inspect.getsourcelines(cls)
+        path = inspect.getsourcefile(cls)
+    except (OSError, TypeError):
+        return None
+    codes = [inspect.unwrap(f).__code__ for f in vars(cls).values() if inspect.isfunction(f)]
+    here = [code.co_firstlineno for code in codes if code.co_filename == path]  # (a decorator's own code lies elsewhere)
+    if not here or not all(start <= line < start + len(lines) for line in here):
+        return None
+    return "".join(lines)
 
 
 def _is_projection_call(node: ast.AST, attr: str, me: str) -> bool:
@@ -95,42 +115,37 @@ def _verdicts_in(func: ast.FunctionDef, attr: str, parts: int) -> list[bool]:
         return []
     me = func.args.args[0].arg
     parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
-    out = []
-    for node in ast.walk(func):
-        if not _is_projection_call(node, attr, me) or _is_projection_call(parents.get(node), attr, me):
-            continue
+    return [_verdict(node, func, parents, parts) for node in ast.walk(func)
+            if _is_projection_call(node, attr, me) and not _is_projection_call(parents.get(node), attr, me)]
+
+
+def _verdict(node: ast.AST, func: ast.FunctionDef, parents: dict, parts: int, depth: int = 0) -> bool:
+    """Whether what is first done to ``node`` (an expression holding the projection's output)
+    reads it as concatenated."""
+    while True:  # look through order-keeping calls chained on it: x.contiguous().view(...)
         parent = parents.get(node)
-        if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call):
-            out.append(_concatenated_use(parent.attr, parents[parent], parts))
-        elif isinstance(parent, ast.Subscript):
-            out.append(_concatenated_slice(parent))
-        elif isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name):
-            out.append(_first_use_concatenated(func, parent, parent.targets[0].id, parents, parts))
-        else:
-            out.append(False)
-    return out
-
-
-def _first_use_concatenated(func: ast.FunctionDef, assign: ast.Assign, name: str, parents: dict, parts: int) -> bool:
-    """The verdict on the first use of ``name`` after ``assign`` in ``func``, in source order."""
-    uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
-                   and (n.lineno, n.col_offset) > (assign.lineno, assign.col_offset)),
-                  key=lambda n: (n.lineno, n.col_offset))
-    if not uses:
-        return False
-    for use in uses:
-        parent = parents.get(use)
-        if not (isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER and isinstance(parents.get(parent), ast.Call)):
-            break  # (`x = x.clamp(...)` keeps the order: the next use says)
-    if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call):
+        if not (isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER):
+            break
+        call = parents.get(parent)
+        if not (isinstance(call, ast.Call) and call.func is parent):
+            break
+        node = call
+    if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call) and parents[parent].func is parent:
         return _concatenated_use(parent.attr, parents[parent], parts)
-    if isinstance(parent, ast.Subscript):
+    if isinstance(parent, ast.Subscript) and parent.value is node:
         return _concatenated_slice(parent)
-    if isinstance(parent, ast.Call) and parent.args and parent.args[0] is use:  # torch.split(name, ...)
+    if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:  # torch.split(x, ...)
         f = parent.func
         method = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
         rest = ast.Call(func=f, args=parent.args[1:], keywords=parent.keywords)
         return method in _SPLITS and _concatenated_use(method, rest, parts)
+    if isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name) \
+            and depth < 8:  # bound to a name: its next use says (x = x.clamp(...) included)
+        name, end = parent.targets[0].id, (parent.end_lineno, parent.end_col_offset)
+        uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name
+                       and isinstance(n.ctx, ast.Load) and (n.lineno, n.col_offset) > end),
+                      key=lambda n: (n.lineno, n.col_offset))
+        return bool(uses) and _verdict(uses[0], func, parents, parts, depth + 1)
     return False
 
 
@@ -140,20 +155,25 @@ def _mentions_heads(node: ast.AST) -> bool:
 
 def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
     args = call.args
-    if method in ("split", "tensor_split"):
-        return bool(args) and not _mentions_heads(args[0])
-    if method == "chunk":
-        return bool(args) and isinstance(args[0], ast.Constant) and args[0].value == parts
+    if not args:
+        return False
+    size = args[0]
+    if method == "split":  # explicit sizes in order, or a width (not a head's size)
+        return (isinstance(size, (ast.Tuple, ast.List)) and len(size.elts) == parts) or \
+            (not isinstance(size, (ast.Tuple, ast.List)) and not _mentions_heads(size))
+    if method in ("chunk", "tensor_split"):
+        return isinstance(size, ast.Constant) and size.value == parts
     if method in _RESHAPES:
-        sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
-        at = next((i for i, size in enumerate(sizes) if isinstance(size, ast.Constant) and size.value == parts), None)
+        sizes = size.elts if len(args) == 1 and isinstance(size, (ast.Tuple, ast.List)) else args
+        at = next((i for i, s in enumerate(sizes) if isinstance(s, ast.Constant) and s.value == parts), None)
         if at is None:
             return False
         before, after = sizes[:at], sizes[at + 1:]
-        if any(_mentions_heads(size) or str(parts) in ast.unparse(size) for size in before):
+        if any(_mentions_heads(s) or str(parts) in ast.unparse(s) for s in before):
             return False  # heads before the 3, or a 3 folded into a size (3 * head_dim)
-        # the 3 right after the token dims (at most two, or one starred shape), or before a head count
-        return len(before) <= 2 or any(_mentions_heads(size) for size in after)
+        # (3, heads, head size): the 3 splits the width before the heads do; a single size
+        # after it, (heads, 3, hd), is per head whatever the names say
+        return len(after) >= 2 and not any(isinstance(s, ast.Starred) for s in after)
     return False
 
 
