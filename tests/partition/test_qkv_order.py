@@ -90,6 +90,25 @@ class FoldedThree(Fused):  # MiniMax's order: 3 folded into the head size
         return self.proj((q + k + v).reshape(B, T, D))
 
 
+class PerHeadOpaqueNames(Fused):  # heads under a name that does not say so: the shape still does
+    def __init__(self):
+        super().__init__()
+        self.nh = H
+
+    def forward(self, x):
+        qkv = self.qkv(x).view(*x.shape[:2], self.nh, 3, HD)
+        return self.proj(qkv.sum(-2).flatten(-2))
+
+
+class ContiguousThenPerHead(Fused):  # an order-keeping call chained into the reshape that decides
+    def forward(self, x):
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        qkv = qkv.contiguous().view(B, T, H, 3 * HD)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj((q + k + v).reshape(B, T, D))
+
+
 @pytest.mark.parametrize("cls", [NanoGPT, Timm, VitPytorch, ClampedThenChunked, Sliced])
 def test_a_forward_that_splits_the_rows_in_order_is_planned_concatenated_without_a_warning(cls):
     module = cls()
@@ -102,7 +121,7 @@ def test_a_forward_that_splits_the_rows_in_order_is_planned_concatenated_without
     assert module(x).shape == x.shape  # (the forwards above are real code, not just text)
 
 
-@pytest.mark.parametrize("cls", [PerHead, FoldedThree, Fused])
+@pytest.mark.parametrize("cls", [PerHead, FoldedThree, Fused, PerHeadOpaqueNames, ContiguousThenPerHead])
 def test_an_order_that_cannot_be_read_is_planned_by_rows_and_a_rule_confirms_or_keeps_it(cls):
     module = cls()
     name = f"attn.{module.name}.weight"
@@ -119,6 +138,30 @@ def test_an_order_that_cannot_be_read_is_planned_by_rows_and_a_rule_confirms_or_
         assert confirmed[name].segments == concat_segments(value == "whole") and caught == []
     rows, caught = plan_of(module, rules={name: "rows"})
     assert rows[name].rule == "rows" and rows[name].n_blocks == 3 * D and caught == []
+
+
+def test_a_class_whose_source_inspect_cannot_place_is_not_read(tmp_path, monkeypatch):
+    """A file defining the class name twice (``if flash: ... else: ...``): ``inspect`` hands back
+    the first definition's source, which read [q | k | v] for the per-head class in use."""
+    (tmp_path / "twice_defined.py").write_text(
+        "import torch.nn as nn\n"
+        "FIRST = False\n"
+        "if FIRST:\n"
+        "    class Attention(nn.Module):\n"
+        "        def forward(self, x):\n"
+        "            q, k, v = self.qkv(x).chunk(3, dim=-1)\n"
+        "            return q\n"
+        "else:\n"
+        "    class Attention(nn.Module):\n"
+        "        def forward(self, x):\n"
+        "            return self.qkv(x).view(x.shape[0], x.shape[1], 4, 3, 8)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import twice_defined
+
+    module = twice_defined.Attention()
+    module.qkv = nn.Linear(D, 3 * D)
+    assert qkv_order.qkv_layout(module, "qkv") is None
 
 
 def test_a_rule_answers_the_warnings_that_advise_it_and_no_other():
