@@ -991,3 +991,63 @@ def test_the_unrecognised_attention_warning_says_what_each_tensor_got():
     message = " ".join(str(w.message) for w in caught)
     assert "block.qkv.weight, block.proj_out.weight get one block each" in message and "conv='channel'" in message
     assert "one block per row" not in message
+
+
+# ---- LoRA written by hand ----------------------------------------------------------------------
+class LoraLinear(nn.Linear):
+    """loralib's ``lora.Linear``: a Linear subclass holding ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
+
+    def __init__(self, d_in, d_out, r=4):
+        super().__init__(d_in, d_out)
+        self.lora_A = nn.Parameter(torch.zeros(r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r))
+
+
+class LoraWrapper(nn.Module):
+    """A wrapper around a Linear, its factors stored ``x @ A @ B``: A (in, r), B (r, out)."""
+
+    def __init__(self, d_in, d_out, r=4, names=("A", "B")):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out)
+        self.names = names
+        self.register_parameter(names[0], nn.Parameter(torch.zeros(d_in, r)))
+        self.register_parameter(names[1], nn.Parameter(torch.zeros(r, d_out)))
+
+
+class LoraAttention(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.num_heads = 4
+        self.q_proj, self.k_proj, self.v_proj = make(32, 32), make(32, 16), make(32, 16)
+        self.o_proj = nn.Linear(32, 32)
+
+
+@pytest.mark.parametrize("make, a, b, orientation", [
+    (LoraLinear, "lora_A", "lora_B", "rows"),
+    (LoraWrapper, "A", "B", "cols"),
+])
+def test_lora_factors_written_by_hand_get_one_block_per_output_neuron_and_the_adapted_role(make, a, b, orientation):
+    """They were unrecognised: rows, with a warning; through a wrapper the attention itself was
+    not recognised (the wrapper held parameters, so it was no Linear), and ``B`` stored (r, out)
+    got r blocks across all output neurons under that warning."""
+    model = nn.ModuleDict({"attn": LoraAttention(make)})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith((a, b)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(model)
+    for proj, role, d_out in (("q_proj", "query", 32), ("k_proj", "key", 16), ("v_proj", "value", 16)):
+        A, B = plan[f"attn.{proj}.{a}"], plan[f"attn.{proj}.{b}"]
+        assert (A.rule, A.n_blocks, A.role) == (orientation, 4, role)
+        assert (B.rule, B.n_blocks, B.role) == (orientation, d_out, role)
+
+
+def test_square_lora_factors_are_read_by_their_names_or_left_to_the_safe_fallback():
+    """With in == out, (r, d) is A stored (r, in) or B stored (r, out): the names decide; two
+    unnamed factors are left alone (rows, under a warning)."""
+    named = nn.ModuleDict({"layer": LoraWrapper(32, 32, names=("lora_down", "lora_up"))})
+    plan = blockopt.partition(named)
+    assert (plan["layer.lora_down"].rule, plan["layer.lora_down"].n_blocks) == ("cols", 4)
+    assert (plan["layer.lora_up"].rule, plan["layer.lora_up"].n_blocks) == ("cols", 32)
+    with pytest.warns(PartitionWarning, match="no adapter recognised"):
+        blockopt.partition(nn.ModuleDict({"layer": LoraWrapper(32, 32, names=("p", "q"))}))

@@ -78,13 +78,47 @@ def _is_linear(m: nn.Module | None) -> bool:
 
 def _wrapped(m: nn.Module) -> str | None:
     """The child name of the Linear a wrapper holds: PEFT LoRA's ``base_layer``, or the only child
-    of a module with no parameters of its own (Moshi's and Gemma's ``...Linear`` around a Linear)."""
+    of a module with no parameters of its own (Moshi's and Gemma's ``...Linear`` around a Linear)
+    but low-rank factors of that Linear (a LoRA written by hand)."""
     if _is_linear(m._modules.get("base_layer")):
         return "base_layer"
     children = [(n, c) for n, c in m._modules.items() if c is not None]
+    if len(children) == 1 and isinstance(children[0][1], nn.Linear) and m._parameters and \
+            _lora_pair(m, children[0][1]) is not None:
+        return children[0][0]
     if len(children) == 1 and _is_linear(children[0][1]) and not m._parameters:
         return children[0][0]
     return None
+
+
+_A_NAMES, _B_NAMES = ("lora_a", "a", "lora_down", "down"), ("lora_b", "b", "lora_up", "up")
+
+
+def _lora_pair(module: nn.Module, base: nn.Linear) -> dict[str, int] | None:
+    """``{name: output dim}`` of the two low-rank factors ``module`` holds of ``base`` (its own
+    2-D parameters besides a weight and bias), LoRA written by hand: ``A`` (r, in) or (in, r),
+    ``B`` (out, r) or (r, out), one rank r below both widths. The names (``lora_A``/``A``/
+    ``lora_down``...) settle the orientation where the shapes cannot (in == out). Else None."""
+    own = {n: p for n, p in module._parameters.items() if p is not None and n not in ("weight", "bias")}
+    if len(own) != 2 or any(p.ndim != 2 for p in own.values()):
+        return None
+    d_in, d_out = base.in_features, base.out_features
+    small = min(d_in, d_out)
+    readings = []  # (name of A, its output dim, name of B, its output dim)
+    for (a, pa), (b, pb) in ((x, y) for x in own.items() for y in own.items() if x[0] != y[0]):
+        for a_out in (0, 1):
+            r = pa.shape[0] if a_out == 0 else pa.shape[1]
+            if pa.shape[1 - a_out] != d_in or not 0 < r < small:
+                continue
+            for b_out in (0, 1):
+                if pb.shape[b_out] == d_out and pb.shape[1 - b_out] == r:
+                    readings.append((a, a_out, b, b_out))
+    if len(readings) > 1:  # (in == out: named A and B decide)
+        readings = [x for x in readings if x[0].lower() in _A_NAMES and x[2].lower() in _B_NAMES]
+    if len(readings) != 1:
+        return None
+    a, a_out, b, b_out = readings[0]
+    return {a: a_out, b: b_out}
 
 
 def _linear_like(m: nn.Module | None) -> nn.Module | None:
@@ -445,6 +479,32 @@ def lora_factors(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSp
                                 f"LoRA {group[-1]} of a {role} layer: one block per row (role of the adapted layer)",
                                 role=role)
                 yield from _bias_spec(fpath, factor)
+
+
+@register_adapter
+def lora_by_hand(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
+    """LoRA written by hand: two low-rank factors held by a Linear subclass (loralib's
+    ``lora.Linear``) or by a wrapper around a Linear (`_lora_pair`), one block per output neuron
+    of each (``A``: per rank row; ``B``: per output neuron of the adapted layer, rows or columns
+    as stored), with the role of the layer they adapt."""
+    if isinstance(module, nn.Linear):
+        base, base_path = module, path
+    else:
+        inner = _wrapped(module)
+        base = module._modules[inner] if inner else None
+        base_path = _join(path, inner) if inner else path
+    if not isinstance(base, nn.Linear):
+        return
+    factors = _lora_pair(module, base)
+    if factors is None:
+        return
+    role = _adapted_role(base_path, base, ctx) if base is not module else \
+        (ctx.claimed[_join(path, "weight")].role if _join(path, "weight") in ctx.claimed else "linear")
+    for attr, out_dim in factors.items():
+        p = module._parameters[attr]
+        yield make_spec(_join(path, attr), p.shape, "rows" if out_dim == 0 else "cols",
+                        f"LoRA factor {attr} of a {role} layer (written by hand): one block per output neuron "
+                        f"({'rows' if out_dim == 0 else 'columns'}; role of the adapted layer)", role=role)
 
 
 # ---- fused query/key/value stored in one Linear (out = rows) -------------------------------
