@@ -9,7 +9,8 @@ head (with ``value="whole"``, one block holding q and k heads too), and nothing 
 `qkv_layout` answers from, in order: the families whose order is known (`_KNOWN`, read from their
 forward code), then the module's own source, where a concatenated order shows in how the
 projection's output is split (`_reads_concatenated`). ``None`` means it could not tell: the
-caller plans the concatenated order and warns.
+caller plans one block per row and warns (``rules={name: "heads"}`` confirms ``[q | k | v]``).
+The reader errs towards None: a wrong ``"concat"`` is silent, a wrong None only warns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _KNOWN = (
     (("Ergo",), "concat"),
 )
 
-_SPLITS = ("split", "chunk", "unbind", "tensor_split")
+_SPLITS = ("split", "chunk", "tensor_split")
 _RESHAPES = ("view", "reshape", "unflatten")
 # elementwise methods that keep the row order: looked through
 _KEEP_ORDER = ("clamp", "clamp_", "to", "float", "half", "bfloat16", "contiguous", "clone", "type", "type_as")
