@@ -261,3 +261,31 @@ def test_a_fused_key_value_whose_order_cannot_be_read_warns_and_a_rule_answers_i
     assert len(caught) == 1 and "attn.to_kv.weight: the order of key/value rows" in caught[0]
     confirmed, caught = plan_of(module, rules={"attn.to_kv.weight": "heads"})
     assert confirmed["attn.to_kv.weight"].segments == ((H * HD, HD), (H * HD, 1)) and caught == []
+
+
+class Baichuan(Fused):  # W_pack, unflattened into (3, width): [q | k | v]
+    def __init__(self):
+        super().__init__("W_pack")
+
+    def forward(self, x):
+        proj = self.W_pack(x).unflatten(-1, (3, D))
+        return self.proj(proj.sum(-2))
+
+
+class LitGPTOldAttention(Fused):  # litgpt before 2024: `attn`, viewed per KV group (here one head each)
+    def __init__(self):
+        super().__init__("attn")
+        self.n_head = H
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        qkv = self.attn(x).view(B, T, H, 3, HD)
+        return self.proj(qkv.sum(-2).reshape(B, T, D))
+
+
+def test_baichuans_w_pack_reads_as_concatenated_and_litgpts_attn_is_a_fused_projection():
+    plan, caught = plan_of(Baichuan())
+    assert plan["attn.W_pack.weight"].segments == concat_segments() and caught == []
+    plan, caught = plan_of(LitGPTOldAttention())
+    assert plan["attn.attn.weight"].rule == "rows" and plan["attn.attn.weight"].role == "qkv"
+    assert len(caught) == 1 and "order of query/key/value rows" in caught[0]  # (per group: not read, rows)

@@ -527,11 +527,12 @@ def _qkv_segments(layout: str, n_heads: int, n_kv: int, hd: int, value_whole: bo
     raise ValueError(layout)
 
 
-# Names of fused query/key/value projections. `in_proj` is weak: state-space layers (Mamba) and
-# MLPs (Bark) use it for other things, so it counts only inside a module whose class says
-# attention and whose own head geometry fits its width.
-_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj")
-_WEAK_FUSED_NAMES = ("in_proj",)
+# Names of fused query/key/value projections. `in_proj` and `attn` are weak: state-space layers
+# (Mamba) and MLPs (Bark) use `in_proj` for other things, so they count only inside a module whose
+# class says attention and whose own head geometry fits its width.
+_FUSED_QKV_NAMES = ("query_key_value", "qkv_proj", "qkv", "Wqkv", "wqkv", "c_qkv", "to_qkv", "qkv_linear", "c_attn", "att_proj",
+                    "W_pack")
+_WEAK_FUSED_NAMES = ("in_proj", "attn")  # (litgpt's fused projection was `attn`)
 
 
 def _order_unread(spec: BlockSpec, kind: str, attr: str, parts: str, order: str, example: str, ctx: Context) -> BlockSpec:

@@ -164,6 +164,10 @@ def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
             (not isinstance(size, (ast.Tuple, ast.List)) and not _mentions_heads(size))
     if method in ("chunk", "tensor_split"):
         return isinstance(size, ast.Constant) and size.value == parts
+    if method == "unflatten":  # unflatten(dim, sizes): the sizes of the fused dim alone
+        inner = args[1] if len(args) > 1 else next((k.value for k in call.keywords if k.arg == "sizes"), None)
+        return isinstance(inner, (ast.Tuple, ast.List)) and bool(inner.elts) and \
+            isinstance(inner.elts[0], ast.Constant) and inner.elts[0].value == parts
     if method in _RESHAPES:
         sizes = size.elts if len(args) == 1 and isinstance(size, (ast.Tuple, ast.List)) else args
         at = next((i for i, s in enumerate(sizes) if isinstance(s, ast.Constant) and s.value == parts), None)
