@@ -237,7 +237,7 @@ def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.L
                         ) -> Iterator[BlockSpec]:
     """A query beside a fused key/value (``to_kv``, perceiver and cross-attention style): the query
     by heads, the fused projection as [k heads | v rows] when its forward reads it that way
-    (`qkv_order` with two parts), else the same under a warning."""
+    (`qkv_order` with two parts), else one block per row under a warning (`_order_unread`)."""
     module = ctx.modules[path]
     kind = type(module).__name__
     qname, kvname = _join(path, q[0] + ".weight"), _join(path, kv[0] + ".weight")
