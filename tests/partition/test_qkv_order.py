@@ -289,3 +289,54 @@ def test_baichuans_w_pack_reads_as_concatenated_and_litgpts_attn_is_a_fused_proj
     plan, caught = plan_of(LitGPTOldAttention())
     assert plan["attn.attn.weight"].rule == "rows" and plan["attn.attn.weight"].role == "qkv"
     assert len(caught) == 1 and "order of query/key/value rows" in caught[0]  # (per group: not read, rows)
+
+
+class SplitInAHelper(Fused):  # the split in a method of the class the output is handed to
+    def _split_heads(self, fused):
+        q, k, v = fused.chunk(3, dim=-1)
+        return q, k, v
+
+    def forward(self, x):
+        q, k, v = self._split_heads(self.qkv(x))
+        return self.proj(q + k + v)
+
+
+class PerHeadInAHelper(SplitInAHelper):
+    def _split_heads(self, fused):
+        B, T, _ = fused.shape
+        fused = fused.view(B, T, H, 3, HD)
+        return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
+
+
+def test_a_split_in_a_method_the_output_is_handed_to_is_read_there():
+    assert qkv_order.qkv_layout(SplitInAHelper(), "qkv") == "concat"
+    assert qkv_order.qkv_layout(PerHeadInAHelper(), "qkv") is None
+    x = torch.randn(2, 3, D)
+    assert SplitInAHelper()(x).shape == x.shape
+
+
+class BranchesDisagree(Fused):  # ChatGLM: [q | k | v] under multi-query, per head otherwise
+    def __init__(self, multi_query: bool):
+        super().__init__("query_key_value")
+        self.multi_query = multi_query
+
+    def forward(self, x):
+        mixed = self.query_key_value(x)
+        if self.multi_query:
+            q, k, v = mixed.split([D, D, D], dim=-1)
+        else:
+            shape = mixed.size()[:-1] + (H, 3 * HD)
+            mixed = mixed.view(*shape)
+            q, k, v = mixed.chunk(3, dim=-1)
+            q, k, v = (t.flatten(-2) for t in (q, k, v))
+        return self.proj(q + k + v)
+
+
+def test_every_branch_must_read_the_rows_as_concatenated():
+    """Only the first use in source order was read: the multi-query branch's split, while the
+    other branch's reshape reads the rows per head (a silently wrong plan)."""
+    for multi_query in (True, False):
+        module = BranchesDisagree(multi_query)
+        assert qkv_order.qkv_layout(module, "query_key_value") is None
+        x = torch.randn(2, 3, D)
+        assert module(x).shape == x.shape

@@ -68,7 +68,8 @@ def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     whose bare ``3`` comes before two sizes or more, heads and head size (``reshape(b, n, 3,
     heads, hd)``). Anything else is not read as concatenated: a reshape with a single size after
     the 3 (``(b, t, heads, 3, hd)`` is per head, whatever its names), heads or a folded 3 before
-    it (``3 * head_dim``), a call into another function, or no source that is surely the class's."""
+    it (``3 * head_dim``), a call into a function other than the class's own methods (followed),
+    or no source that is surely the class's."""
     source = _class_source(cls)
     if source is None:
         return False
@@ -76,10 +77,9 @@ def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
         tree = ast.parse(textwrap.dedent(source))
     except (SyntaxError, ValueError):
         return False
-    verdicts = []
-    for func in ast.walk(tree):
-        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            verdicts += _verdicts_in(func, attr, parts)
+    functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    methods = {f.name: f for f in functions}
+    verdicts = [v for func in functions for v in _verdicts_in(func, attr, parts, methods)]
     return bool(verdicts) and all(verdicts)
 
 
@@ -99,30 +99,38 @@ def _class_source(cls: type) -> str | None:
     return "".join(lines)
 
 
-def _is_projection_call(node: ast.AST, attr: str, me: str) -> bool:
+def _is_projection_call(node: ast.AST, attr: str, me: str, methods: dict) -> bool:
     """``self.<attr>(...)`` (``me``: the method's first argument), possibly wrapped in one call
-    (``self.act(self.qkv(x))``)."""
+    (``self.act(self.qkv(x))``) that is not one of the class's methods (those are followed)."""
     if not isinstance(node, ast.Call):
         return False
     f = node.func
-    if isinstance(f, ast.Attribute) and f.attr == attr and isinstance(f.value, ast.Name) and f.value.id == me:
+    on_me = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == me
+    if on_me and f.attr == attr:
         return True
-    return len(node.args) == 1 and _is_projection_call(node.args[0], attr, me)
+    if on_me and f.attr in methods:
+        return False
+    return len(node.args) == 1 and _is_projection_call(node.args[0], attr, me, methods)
 
 
-def _verdicts_in(func: ast.FunctionDef, attr: str, parts: int) -> list[bool]:
+def _verdicts_in(func: ast.FunctionDef, attr: str, parts: int, methods: dict) -> list[bool]:
     """One verdict per use of ``self.<attr>(...)`` in ``func``: whether its first use reads as concatenated."""
     if not func.args.args:
         return []
     me = func.args.args[0].arg
-    parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
-    return [_verdict(node, func, parents, parts) for node in ast.walk(func)
-            if _is_projection_call(node, attr, me) and not _is_projection_call(parents.get(node), attr, me)]
+    parents = _parents(func)
+    return [_verdict(node, func, parents, parts, methods) for node in ast.walk(func)
+            if _is_projection_call(node, attr, me, methods) and not _is_projection_call(parents.get(node), attr, me, methods)]
 
 
-def _verdict(node: ast.AST, func: ast.FunctionDef, parents: dict, parts: int, depth: int = 0) -> bool:
+def _parents(func: ast.AST) -> dict:
+    return {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
+
+
+def _verdict(node: ast.AST, func: ast.FunctionDef, parents: dict, parts: int, methods: dict, depth: int = 0) -> bool:
     """Whether what is first done to ``node`` (an expression holding the projection's output)
-    reads it as concatenated."""
+    reads it as concatenated; into a method of the class it is handed to (``self._split_heads(x)``)
+    too, where its parameter's first use says."""
     while True:  # look through order-keeping calls chained on it: x.contiguous().view(...)
         parent = parents.get(node)
         if not (isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER):
@@ -138,16 +146,52 @@ def _verdict(node: ast.AST, func: ast.FunctionDef, parents: dict, parts: int, de
     if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:  # torch.split(x, ...)
         f = parent.func
         method = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+        me = func.args.args[0].arg if func.args.args else None
+        helper = methods.get(method) if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+            and f.value.id == me else None
+        if helper is not None and len(helper.args.args) >= 2 and depth < 8:  # self._split_heads(x)
+            return _name_verdict(helper.args.args[1].arg, (helper.lineno, helper.col_offset), helper,
+                                 _parents(helper), parts, methods, depth + 1)
         rest = ast.Call(func=f, args=parent.args[1:], keywords=parent.keywords)
         return method in _SPLITS and _concatenated_use(method, rest, parts)
     if isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name) \
-            and depth < 8:  # bound to a name: its next use says (x = x.clamp(...) included)
-        name, end = parent.targets[0].id, (parent.end_lineno, parent.end_col_offset)
-        uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name
-                       and isinstance(n.ctx, ast.Load) and (n.lineno, n.col_offset) > end),
-                      key=lambda n: (n.lineno, n.col_offset))
-        return bool(uses) and _verdict(uses[0], func, parents, parts, depth + 1)
+            and depth < 8:  # bound to a name: every use of that value says (x = x.clamp(...) included)
+        return _name_verdict(parent.targets[0].id, (parent.end_lineno, parent.end_col_offset), func, parents, parts,
+                             methods, depth + 1)
     return False
+
+
+_NEUTRAL = ("size", "shape", "dim", "ndim", "dtype", "device", "numel", "is_contiguous")
+
+
+def _name_verdict(name: str, after: tuple[int, int], func: ast.FunctionDef, parents: dict, parts: int, methods: dict,
+                  depth: int) -> bool:
+    """Whether every use of the value bound to ``name`` at ``after`` reads it as concatenated, in
+    every branch (``if mqa: x.split([...]) else: x.view(heads, 3 * hd)`` reads per head in one):
+    the uses up to the name's next binding, less those that read only its size."""
+    def at(n):
+        return (n.lineno, n.col_offset)
+
+    rebound = [(a.end_lineno, a.end_col_offset) for a in ast.walk(func) if isinstance(a, ast.Assign)
+               and any(isinstance(t, ast.Name) and t.id == name for t in ast.walk(ast.Tuple(elts=a.targets)))
+               and (a.end_lineno, a.end_col_offset) > after]
+    uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+                   and at(n) > after), key=at)
+    verdicts = []
+    for use in uses:
+        if any(after < end <= at(use) for end in rebound):
+            break  # (a new value from here on)
+        parent = parents.get(use)
+        if isinstance(parent, ast.Attribute) and parent.attr in _NEUTRAL:
+            continue
+        verdicts.append(_verdict(use, func, parents, parts, methods, depth))
+        top = use  # `x = x.clamp(...)`: the verdict above followed the new value already
+        while isinstance(parents.get(top), ast.Attribute) and isinstance(parents.get(parents[top]), ast.Call):
+            top = parents[parents[top]]
+        if isinstance(parents.get(top), ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
+                                                            for t in parents[top].targets):
+            break
+    return bool(verdicts) and all(verdicts)
 
 
 def _mentions_heads(node: ast.AST) -> bool:
