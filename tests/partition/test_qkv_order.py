@@ -340,3 +340,20 @@ def test_every_branch_must_read_the_rows_as_concatenated():
         assert qkv_order.qkv_layout(module, "query_key_value") is None
         x = torch.randn(2, 3, D)
         assert module(x).shape == x.shape
+
+
+class StridedSlices(Fused):  # every third row: q, k, v interleaved row by row
+    def forward(self, x):
+        out = self.qkv(x)
+        return self.proj(out[..., 0::3] + out[..., 1::3] + out[..., 2::3])
+
+
+class SplitWithoutDim(Fused):  # (on a 2-D input only) a split without dim= cuts dim 0
+    def forward(self, x):
+        q, k, v = self.qkv(x).T.contiguous().chunk(3)
+        return self.proj((q + k + v).T)
+
+
+def test_strided_slices_and_splits_of_another_dim_are_not_read_as_concatenated():
+    for cls in (StridedSlices, SplitWithoutDim):
+        assert qkv_order.qkv_layout(cls(), "qkv") is None, cls.__name__

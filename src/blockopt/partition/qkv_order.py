@@ -204,13 +204,15 @@ def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
         return False
     size = args[0]
     if method == "split":  # explicit sizes in order, or a width (not a head's size)
-        return (isinstance(size, (ast.Tuple, ast.List)) and len(size.elts) == parts) or \
-            (not isinstance(size, (ast.Tuple, ast.List)) and not _mentions_heads(size))
+        return _along_features(call, 1) and (
+            (isinstance(size, (ast.Tuple, ast.List)) and len(size.elts) == parts) or
+            (not isinstance(size, (ast.Tuple, ast.List)) and not _mentions_heads(size)))
     if method in ("chunk", "tensor_split"):
-        return isinstance(size, ast.Constant) and size.value == parts
+        return _along_features(call, 1) and isinstance(size, ast.Constant) and size.value == parts
     if method == "unflatten":  # unflatten(dim, sizes): the sizes of the fused dim alone
         inner = args[1] if len(args) > 1 else next((k.value for k in call.keywords if k.arg == "sizes"), None)
-        return isinstance(inner, (ast.Tuple, ast.List)) and bool(inner.elts) and \
+        return not (isinstance(size, ast.Constant) and size.value == 0) and \
+            isinstance(inner, (ast.Tuple, ast.List)) and bool(inner.elts) and \
             isinstance(inner.elts[0], ast.Constant) and inner.elts[0].value == parts
     if method in _RESHAPES:
         sizes = size.elts if len(args) == 1 and isinstance(size, (ast.Tuple, ast.List)) else args
@@ -226,8 +228,18 @@ def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
     return False
 
 
+def _along_features(call: ast.Call, position: int) -> bool:
+    """Whether a split's ``dim`` (keyword, or argument ``position``) is given and is not 0: a
+    split without one cuts dim 0, the batch, not the projection's features."""
+    dim = call.args[position] if len(call.args) > position else next((k.value for k in call.keywords if k.arg == "dim"), None)
+    return dim is not None and not (isinstance(dim, ast.Constant) and dim.value == 0)
+
+
 def _concatenated_slice(sub: ast.Subscript) -> bool:
-    """``out[..., :q_end]``: a range of the last dim, in the order the rows are stored."""
+    """``out[..., a:b]``: a range of the last dim, in the order the rows are stored (a step,
+    ``out[..., 0::3]``, takes every third row: interleaved)."""
     index = sub.slice
     elts = index.elts if isinstance(index, ast.Tuple) else [index]
-    return len(elts) >= 2 and isinstance(elts[0], ast.Constant) and elts[0].value is Ellipsis and isinstance(elts[-1], ast.Slice)
+    last = elts[-1]
+    return len(elts) >= 2 and isinstance(elts[0], ast.Constant) and elts[0].value is Ellipsis and \
+        isinstance(last, ast.Slice) and last.step is None
