@@ -50,10 +50,15 @@ class NanoGPT(Fused):
 
 
 class Timm(Fused):
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = H, HD
+
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
-        return self.proj(qkv.sum(0).transpose(1, 2).reshape(B, N, C))
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.proj((q + k + v).transpose(1, 2).reshape(B, N, C))
 
 
 class VitPytorch(Fused):
@@ -73,7 +78,10 @@ class ClampedThenChunked(Fused):  # MPT: the first use keeps the order, the next
 class Sliced(Fused):  # Phi-3
     def forward(self, x):
         qkv = self.qkv(x)
-        return self.proj(qkv[..., :D] + qkv[..., D : 2 * D] + qkv[..., 2 * D :])
+        query_states = qkv[..., :D]
+        key_states = qkv[..., D : 2 * D]
+        value_states = qkv[..., 2 * D :]
+        return self.proj(query_states + key_states + value_states)
 
 
 class PerHead(Fused):  # GPT-NeoX's order in a class the engine does not know
@@ -268,8 +276,11 @@ class Baichuan(Fused):  # W_pack, unflattened into (3, width): [q | k | v]
         super().__init__("W_pack")
 
     def forward(self, x):
-        proj = self.W_pack(x).unflatten(-1, (3, D))
-        return self.proj(proj.sum(-2))
+        proj = self.W_pack(x)
+        proj = proj.unflatten(-1, (3, D)).unsqueeze(0).transpose(0, -2).squeeze(-2)
+        query_states, key_states = proj[0].contiguous(), proj[1]
+        value_states = proj[2]
+        return self.proj(query_states + key_states + value_states)
 
 
 class LitGPTOldAttention(Fused):  # litgpt before 2024: `attn`, viewed per KV group (here one head each)
@@ -357,3 +368,29 @@ class SplitWithoutDim(Fused):  # (on a 2-D input only) a split without dim= cuts
 def test_strided_slices_and_splits_of_another_dim_are_not_read_as_concatenated():
     for cls in (StridedSlices, SplitWithoutDim):
         assert qkv_order.qkv_layout(cls(), "qkv") is None, cls.__name__
+
+
+class PartsNamedOutOfOrder(Fused):  # CodeGen's part order, [q | v | k], through a timm-style reshape
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.head_dim = H, HD
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, v, k = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj((q + k + v).transpose(1, 2).reshape(B, N, C))
+
+
+class Sam2Style(Timm):  # torch.unbind(qkv, 2) of the reshaped output
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1)
+        query, key, value = torch.unbind(qkv, 2)
+        return self.proj((query + key + value).reshape(B, N, C))
+
+
+def test_a_reshape_reads_as_concatenated_only_when_its_parts_are_named_in_order():
+    assert qkv_order.qkv_layout(PartsNamedOutOfOrder(), "qkv") is None
+    assert qkv_order.qkv_layout(Sam2Style(), "qkv") == "concat"
+    x = torch.randn(2, 3, D)
+    assert PartsNamedOutOfOrder()(x).shape == Sam2Style()(x).shape == x.shape

@@ -27,49 +27,59 @@ import torch.nn as nn
 #     MiniMax lightning `reshape(b, t, heads, 3 * hd)` then `split(hd)`; DeBERTa (v1)
 #     `transpose_for_scores(qp).chunk(3, dim=-1)` on (b, heads, t, 3 * hd).
 #   codegen: `view(..., mp_num, 3 * local_dim).split(local_dim)` into query, value, key.
-#   concat: Ergo `view(..., -1, hd).split((heads, kv, kv), dim=-2)` (the source reader cannot see it).
+#   concat, in forms the source reader does not accept: Ergo `view(..., -1, hd).split((heads, kv,
+#     kv), dim=-2)`; Hiera `reshape(b, tokens, windows, 3, heads, hd)`; Florence-2's channel
+#     attention `reshape(b, n, 3, groups, c // groups)`.
+# Matched only on transformers' own classes (a user class of a similar name is read from its source).
 _KNOWN = (
     (("GPTNeoX", "Bloom", "Persimmon", "MiniMaxLightning", "DisentangledSelfAttention"), "per_head"),
     (("CodeGen",), "codegen"),
-    (("Ergo",), "concat"),
+    (("Ergo", "HieraMaskUnitAttention", "Florence2VisionChannelAttention"), "concat"),
 )
 
-_SPLITS = ("split", "chunk", "tensor_split")
-_RESHAPES = ("view", "reshape", "unflatten")
 # elementwise methods that keep the row order: looked through
 _KEEP_ORDER = ("clamp", "clamp_", "to", "float", "half", "bfloat16", "contiguous", "clone", "type", "type_as")
+_NEUTRAL = ("size", "shape", "dim", "ndim", "dtype", "device", "numel", "is_contiguous")  # reads of the size only
+_PART_LETTERS = {3: "qkv", 2: "kv"}
 
 
 def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
     """The row order of ``module.<attr>``, a fused q/k/v projection (``parts=2``: a fused k/v):
     ``"concat"``, ``"per_head"``, ``"per_group"``, ``"multi_query"``, ``"codegen"``, or None
     when unknown."""
-    if parts != 3:
-        return "concat" if _reads_concatenated(type(module), attr, parts) else None
-    kind = type(module).__name__
-    if hasattr(module, "new_decoder_architecture"):  # Falcon
-        if module.new_decoder_architecture:
-            return "per_group"
-        return "multi_query" if getattr(module, "multi_query", False) else "per_head"
-    if kind.startswith("GPTBigCode"):  # multi-query: [q | k | v]; else [q k v] per head
-        return "concat" if getattr(module, "multi_query", True) else "per_head"
-    for prefixes, layout in _KNOWN:
-        if kind.startswith(prefixes):
-            return layout
-    return "concat" if _reads_concatenated(type(module), attr, parts) else None
+    cls = type(module)
+    if parts == 3 and cls.__module__.startswith("transformers."):  # (a user class of a similar name is read)
+        kind = cls.__name__
+        if hasattr(module, "new_decoder_architecture"):  # Falcon
+            if module.new_decoder_architecture:
+                return "per_group"
+            return "multi_query" if getattr(module, "multi_query", False) else "per_head"
+        if kind.startswith("GPTBigCode") and hasattr(module, "multi_query"):  # multi-query: [q | k | v]; else per head
+            return "concat" if module.multi_query else "per_head"
+        for prefixes, layout in _KNOWN:
+            if kind.startswith(prefixes):
+                return layout
+    return "concat" if _reads_concatenated(cls, attr, parts) else None
 
 
 @functools.lru_cache(maxsize=256)
 def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
-    """Whether ``cls``'s code splits the output of ``self.<attr>(...)`` as ``[q | k | v]``: the
-    first thing done to it (chained, or to the name it is bound to; order-keeping calls such as
-    ``.contiguous()`` looked through) is one of ``.split(width)`` / ``.split([w_q, w_k, w_v])``
-    (a width that does not mention heads), ``.chunk(3)``, a slice of its last dim, or a reshape
-    whose bare ``3`` comes before two sizes or more, heads and head size (``reshape(b, n, 3,
-    heads, hd)``). Anything else is not read as concatenated: a reshape with a single size after
-    the 3 (``(b, t, heads, 3, hd)`` is per head, whatever its names), heads or a folded 3 before
-    it (``3 * head_dim``), a call into a function other than the class's own methods (followed),
-    or no source that is surely the class's."""
+    """Whether ``cls``'s code proves the output of ``self.<attr>(...)`` is ``[q | k | v]``
+    (``parts=2``: ``[k | v]``). Every use of it, in every branch (order-keeping calls such as
+    ``.clamp`` or ``.contiguous()`` looked through, the class's own helper methods followed), must
+    be one of these idioms, whose structure is the proof:
+
+    - split into exactly ``parts`` pieces, unpacked at once into names that say q, k, v in that
+      order: ``q, k, v = out.split(width, dim=-1)``, ``.chunk(3, dim=-1)``, ``torch.split(...)``
+      (unpacking into three names is what proves three pieces, so the width is a third);
+    - a reshape whose 3 follows at most two token dims and comes before the head count and the
+      head size: ``out.reshape(b, n, 3, heads, hd)`` (``heads`` named so, or ``-1`` before a head
+      size), or ``out.unflatten(-1, (3, width))``;
+    - slices of the last dim, each assigned to the name of its part, in order:
+      ``q = out[..., :a]``, ``k = out[..., a:b]``, ``v = out[..., b:]``.
+
+    Anything else is not read as concatenated (the caller plans rows and warns): the reader errs
+    towards None, since a wrong "concat" is silent and a wrong None only warns."""
     source = _class_source(cls)
     if source is None:
         return False
@@ -78,8 +88,8 @@ def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     except (SyntaxError, ValueError):
         return False
     functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    methods = {f.name: f for f in functions}
-    verdicts = [v for func in functions for v in _verdicts_in(func, attr, parts, methods)]
+    reader = _Reader(attr, parts, {f.name: f for f in functions})
+    verdicts = [v for func in functions for v in reader.verdicts_in(func)]
     return bool(verdicts) and all(verdicts)
 
 
@@ -99,147 +109,227 @@ def _class_source(cls: type) -> str | None:
     return "".join(lines)
 
 
-def _is_projection_call(node: ast.AST, attr: str, me: str, methods: dict) -> bool:
-    """``self.<attr>(...)`` (``me``: the method's first argument), possibly wrapped in one call
-    (``self.act(self.qkv(x))``) that is not one of the class's methods (those are followed)."""
-    if not isinstance(node, ast.Call):
-        return False
-    f = node.func
-    on_me = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == me
-    if on_me and f.attr == attr:
-        return True
-    if on_me and f.attr in methods:
-        return False
-    return len(node.args) == 1 and _is_projection_call(node.args[0], attr, me, methods)
-
-
-def _verdicts_in(func: ast.FunctionDef, attr: str, parts: int, methods: dict) -> list[bool]:
-    """One verdict per use of ``self.<attr>(...)`` in ``func``: whether its first use reads as concatenated."""
-    if not func.args.args:
-        return []
-    me = func.args.args[0].arg
-    parents = _parents(func)
-    return [_verdict(node, func, parents, parts, methods) for node in ast.walk(func)
-            if _is_projection_call(node, attr, me, methods) and not _is_projection_call(parents.get(node), attr, me, methods)]
-
-
-def _parents(func: ast.AST) -> dict:
-    return {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
-
-
-def _verdict(node: ast.AST, func: ast.FunctionDef, parents: dict, parts: int, methods: dict, depth: int = 0) -> bool:
-    """Whether what is first done to ``node`` (an expression holding the projection's output)
-    reads it as concatenated; into a method of the class it is handed to (``self._split_heads(x)``)
-    too, where its parameter's first use says."""
-    while True:  # look through order-keeping calls chained on it: x.contiguous().view(...)
-        parent = parents.get(node)
-        if not (isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER):
-            break
-        call = parents.get(parent)
-        if not (isinstance(call, ast.Call) and call.func is parent):
-            break
-        node = call
-    if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call) and parents[parent].func is parent:
-        return _concatenated_use(parent.attr, parents[parent], parts)
-    if isinstance(parent, ast.Subscript) and parent.value is node:
-        return _concatenated_slice(parent)
-    if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:  # torch.split(x, ...)
-        f = parent.func
-        method = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-        me = func.args.args[0].arg if func.args.args else None
-        helper = methods.get(method) if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
-            and f.value.id == me else None
-        if helper is not None and len(helper.args.args) >= 2 and depth < 8:  # self._split_heads(x)
-            return _name_verdict(helper.args.args[1].arg, (helper.lineno, helper.col_offset), helper,
-                                 _parents(helper), parts, methods, depth + 1)
-        rest = ast.Call(func=f, args=parent.args[1:], keywords=parent.keywords)
-        return method in _SPLITS and _concatenated_use(method, rest, parts)
-    if isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name) \
-            and depth < 8:  # bound to a name: every use of that value says (x = x.clamp(...) included)
-        return _name_verdict(parent.targets[0].id, (parent.end_lineno, parent.end_col_offset), func, parents, parts,
-                             methods, depth + 1)
-    return False
-
-
-_NEUTRAL = ("size", "shape", "dim", "ndim", "dtype", "device", "numel", "is_contiguous")
-
-
-def _name_verdict(name: str, after: tuple[int, int], func: ast.FunctionDef, parents: dict, parts: int, methods: dict,
-                  depth: int) -> bool:
-    """Whether every use of the value bound to ``name`` at ``after`` reads it as concatenated, in
-    every branch (``if mqa: x.split([...]) else: x.view(heads, 3 * hd)`` reads per head in one):
-    the uses up to the name's next binding, less those that read only its size."""
-    def at(n):
-        return (n.lineno, n.col_offset)
-
-    rebound = [(a.end_lineno, a.end_col_offset) for a in ast.walk(func) if isinstance(a, ast.Assign)
-               and any(isinstance(t, ast.Name) and t.id == name for t in ast.walk(ast.Tuple(elts=a.targets)))
-               and (a.end_lineno, a.end_col_offset) > after]
-    uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
-                   and at(n) > after), key=at)
-    verdicts = []
-    for use in uses:
-        if any(after < end <= at(use) for end in rebound):
-            break  # (a new value from here on)
-        parent = parents.get(use)
-        if isinstance(parent, ast.Attribute) and parent.attr in _NEUTRAL:
-            continue
-        verdicts.append(_verdict(use, func, parents, parts, methods, depth))
-        top = use  # `x = x.clamp(...)`: the verdict above followed the new value already
-        while isinstance(parents.get(top), ast.Attribute) and isinstance(parents.get(parents[top]), ast.Call):
-            top = parents[parents[top]]
-        if isinstance(parents.get(top), ast.Assign) and any(isinstance(t, ast.Name) and t.id == name
-                                                            for t in parents[top].targets):
-            break
-    return bool(verdicts) and all(verdicts)
+def _at(node: ast.AST) -> tuple[int, int]:
+    return node.lineno, node.col_offset
 
 
 def _mentions_heads(node: ast.AST) -> bool:
     return "head" in ast.unparse(node).lower()
 
 
-def _concatenated_use(method: str, call: ast.Call, parts: int) -> bool:
-    args = call.args
-    if not args:
-        return False
-    size = args[0]
-    if method == "split":  # explicit sizes in order, or a width (not a head's size)
-        return _along_features(call, 1) and (
-            (isinstance(size, (ast.Tuple, ast.List)) and len(size.elts) == parts) or
-            (not isinstance(size, (ast.Tuple, ast.List)) and not _mentions_heads(size)))
-    if method in ("chunk", "tensor_split"):
-        return _along_features(call, 1) and isinstance(size, ast.Constant) and size.value == parts
-    if method == "unflatten":  # unflatten(dim, sizes): the sizes of the fused dim alone
-        inner = args[1] if len(args) > 1 else next((k.value for k in call.keywords if k.arg == "sizes"), None)
-        return not (isinstance(size, ast.Constant) and size.value == 0) and \
-            isinstance(inner, (ast.Tuple, ast.List)) and bool(inner.elts) and \
-            isinstance(inner.elts[0], ast.Constant) and inner.elts[0].value == parts
-    if method in _RESHAPES:
-        sizes = size.elts if len(args) == 1 and isinstance(size, (ast.Tuple, ast.List)) else args
-        at = next((i for i, s in enumerate(sizes) if isinstance(s, ast.Constant) and s.value == parts), None)
-        if at is None:
+def _is_head_count(node: ast.AST) -> bool:
+    """A size named as a number of heads (``self.num_heads``, ``n_head``), not a head's size."""
+    text = ast.unparse(node).lower()
+    return "head" in text and not any(w in text for w in ("dim", "size", "width", "channel", "//", "/"))
+
+
+class _Reader:
+    def __init__(self, attr: str, parts: int, methods: dict):
+        self.attr, self.parts, self.methods, self.letters = attr, parts, methods, _PART_LETTERS[parts]
+
+    def verdicts_in(self, func: ast.FunctionDef) -> list[bool]:
+        """One verdict per call of ``self.<attr>(...)`` in ``func``."""
+        if not func.args.args:
+            return []
+        me = func.args.args[0].arg
+        parents = _parents(func)
+        return [self.verdict(node, func, parents) for node in ast.walk(func)
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == self.attr
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == me]
+
+    def verdict(self, node: ast.AST, func: ast.FunctionDef, parents: dict, depth: int = 0) -> bool:
+        """Whether what is done to ``node`` (an expression holding the projection's output) is an idiom."""
+        if depth > 8:
             return False
-        before, after = sizes[:at], sizes[at + 1:]
-        if any(_mentions_heads(s) or str(parts) in ast.unparse(s) for s in before):
-            return False  # heads before the 3, or a 3 folded into a size (3 * head_dim)
-        # (3, heads, head size): the 3 splits the width before the heads do; a single size
-        # after it, (heads, 3, hd), is per head whatever the names say
-        return len(after) >= 2 and not any(isinstance(s, ast.Starred) for s in after)
-    return False
+        parent = parents.get(node)
+        while isinstance(parent, ast.Attribute) and parent.attr in _KEEP_ORDER:  # x.contiguous().view(...)
+            call = parents.get(parent)
+            if not (isinstance(call, ast.Call) and call.func is parent):
+                return False
+            node, parent = call, parents.get(call)
+        if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call) and parents[parent].func is parent:
+            call = parents[parent]
+            if not self.idiom(parent.attr, call.args, call.keywords, call, parents):
+                return False
+            # a reshape puts the parts on an axis: what takes them apart must name them in order
+            return parent.attr not in ("view", "reshape", "unflatten") or self.parts_named_in_order(call, func, parents)
+        if isinstance(parent, ast.Subscript) and parent.value is node:  # (slices of a bound name, one per part)
+            return isinstance(node, ast.Name) and self.part_slice(parent, parents)
+        if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:
+            f = parent.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "torch" and \
+                    f.attr in ("split", "chunk", "tensor_split"):  # torch.split(out, ...)
+                return self.idiom(f.attr, parent.args[1:], parent.keywords, parent, parents)
+            me = func.args.args[0].arg if func.args.args else None
+            helper = self.methods.get(f.attr) if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+                and f.value.id == me else None
+            if helper is not None:  # self._split_heads(out): its parameter's uses say
+                first = 0 if any(ast.unparse(d) == "staticmethod" for d in helper.decorator_list) else 1
+                if len(helper.args.args) > first:
+                    return self.name_verdict(helper.args.args[first].arg, _at(helper), helper, _parents(helper), depth + 1)
+            return False
+        if isinstance(parent, ast.Assign) and len(parent.targets) == 1 and isinstance(parent.targets[0], ast.Name):
+            return self.name_verdict(parent.targets[0].id, (parent.end_lineno, parent.end_col_offset), func, parents,
+                                     depth + 1)
+        return False
+
+    def name_verdict(self, name: str, after: tuple[int, int], func: ast.FunctionDef, parents: dict, depth: int) -> bool:
+        """Every use of ``name`` after ``after`` in ``func`` (in every branch: rebinding the name
+        ends nothing, so a use of a later value must be an idiom too, which errs towards None),
+        less reads of its size; ``x = x.clamp(...)`` is followed as the same value."""
+        uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name
+                       and isinstance(n.ctx, ast.Load) and _at(n) > after), key=_at)
+        verdicts, covered = [], set()
+        for use in uses:
+            parent = parents.get(use)
+            if id(use) in covered or (isinstance(parent, ast.Attribute) and parent.attr in _NEUTRAL):
+                continue
+            top = use  # the expression the use heads: through order-keeping calls and one more method call
+            while isinstance(parents.get(top), ast.Attribute) and parents[top].attr in _KEEP_ORDER \
+                    and isinstance(parents.get(parents[top]), ast.Call):
+                top = parents[parents[top]]
+            if top is not use and self._rebinds(top, name, parents):
+                continue  # x = x.clamp(...): the same rows under the same name; its later uses are in `uses`
+            verdicts.append(self.verdict(use, func, parents, depth))
+            # x = x.reshape(b, n, 3, heads, hd)...: the statements after it in its block see the new value
+            while isinstance(parents.get(top), (ast.Attribute, ast.Call, ast.Subscript)):
+                top = parents[top]
+            if self._rebinds(top, name, parents):
+                covered |= {id(n) for n in _after_in_block(parents[top], parents)}
+        return bool(verdicts) and all(verdicts)
+
+    @staticmethod
+    def _rebinds(expr: ast.AST, name: str, parents: dict) -> bool:
+        """Whether ``expr`` is the whole value of an assignment to ``name`` alone."""
+        assign = parents.get(expr)
+        return isinstance(assign, ast.Assign) and assign.value is expr and [ast.unparse(t) for t in assign.targets] == [name]
+
+    def parts_named_in_order(self, reshaped: ast.AST, func: ast.FunctionDef, parents: dict, depth: int = 0) -> bool:
+        """After ``out.reshape(b, n, 3, heads, hd)``: the parts are taken apart (through any chain
+        of calls: permute, unbind) by an unpacking into q, k, v names in order, directly or from
+        the name the result is bound to, or by ``name[i]`` bound to the i-th part's name."""
+        top = self._chain_top(reshaped, parents)
+        if self.unpacked_in_order(top, parents):
+            return True
+        assign = parents.get(top)
+        if depth > 4 or not (isinstance(assign, ast.Assign) and assign.value is top and len(assign.targets) == 1
+                             and isinstance(assign.targets[0], ast.Name)):
+            return False
+        name = assign.targets[0].id
+        uses = [n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
+                and _at(n) > (assign.end_lineno, assign.end_col_offset)]
+        verdicts = []
+        for use in sorted(uses, key=_at):
+            parent = parents.get(use)
+            if isinstance(parent, ast.Attribute) and parent.attr in _NEUTRAL:
+                continue
+            if isinstance(parent, ast.Subscript) and isinstance(parent.slice, ast.Constant) and \
+                    isinstance(parent.slice.value, int) and 0 <= parent.slice.value < self.parts:
+                verdicts.append(self._bound_to_part(self._chain_top(parent, parents), self.letters[parent.slice.value],
+                                                    parents))
+                continue
+            call = parent if isinstance(parent, ast.Call) and parent.args and parent.args[0] is use else None
+            if call is not None and ast.unparse(call.func) in ("torch.unbind", "torch.permute", "torch.transpose"):
+                verdicts.append(self.parts_named_in_order(call, func, parents, depth + 1))  # torch.unbind(x, 2)
+            else:  # x.permute(...).unbind(0) unpacked, or x = x.permute(...) and its uses
+                verdicts.append(self.parts_named_in_order(use, func, parents, depth + 1))
+            if verdicts[-1] and self._rebinds(self._chain_top(use, parents), name, parents):
+                break  # (rebound: its uses were read as the new value's)
+        return bool(verdicts) and all(verdicts)
+
+    @staticmethod
+    def _chain_top(node: ast.AST, parents: dict) -> ast.AST:
+        """The outermost call of a chain of method calls on ``node`` (``x.permute(...).unbind(0)``)."""
+        while isinstance(parents.get(node), ast.Attribute) and isinstance(parents.get(parents[node]), ast.Call):
+            node = parents[parents[node]]
+        return node
+
+    def _bound_to_part(self, expr: ast.AST, letter: str, parents: dict) -> bool:
+        """``expr`` assigned to a name of part ``letter`` (``q = x[0]``, or ``q, k, v = x[0], x[1], x[2]``)."""
+        owner = parents.get(expr)
+        if isinstance(owner, ast.Assign) and owner.value is expr and isinstance(owner.targets[0], ast.Name):
+            return _names_part(owner.targets[0].id, letter)
+        if isinstance(owner, ast.Tuple) and isinstance(parents.get(owner), ast.Assign):
+            targets = parents[owner].targets[0]
+            if isinstance(targets, ast.Tuple) and len(targets.elts) == len(owner.elts):
+                target = targets.elts[owner.elts.index(expr)]
+                return isinstance(target, ast.Name) and _names_part(target.id, letter)
+        return False
+
+    def unpacked_in_order(self, call: ast.AST, parents: dict) -> bool:
+        """``call``'s result unpacked at once into ``parts`` names saying q, k, v in order."""
+        assign = parents.get(call)
+        if not (isinstance(assign, ast.Assign) and assign.value is call and len(assign.targets) == 1
+                and isinstance(assign.targets[0], (ast.Tuple, ast.List))):
+            return False
+        names = [t.id if isinstance(t, ast.Name) else "" for t in assign.targets[0].elts]
+        return len(names) == self.parts and all(_names_part(n, letter) for n, letter in zip(names, self.letters))
+
+    def idiom(self, method: str, args: list, keywords: list, call: ast.Call, parents: dict) -> bool:
+        if method in ("split", "chunk", "tensor_split"):
+            dim = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None)
+            if dim is None or (isinstance(dim, ast.Constant) and dim.value == 0) or not args:
+                return False  # (no dim: dim 0, the batch)
+            if method != "split" and not (isinstance(args[0], ast.Constant) and args[0].value == self.parts):
+                return False
+            return self.unpacked_in_order(call, parents)
+        if method == "unflatten":  # unflatten(-1, (3, width))
+            sizes = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "sizes"), None)
+            return bool(args) and not (isinstance(args[0], ast.Constant) and args[0].value == 0) and \
+                isinstance(sizes, (ast.Tuple, ast.List)) and len(sizes.elts) == 2 and \
+                isinstance(sizes.elts[0], ast.Constant) and sizes.elts[0].value == self.parts and \
+                not _mentions_heads(sizes.elts[1])
+        if method in ("view", "reshape"):
+            sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
+            at = next((i for i, x in enumerate(sizes) if isinstance(x, ast.Constant) and x.value == self.parts), None)
+            if at is None or at > 2 or len(sizes) != at + 3:
+                return False  # (3, heads, head size) after at most two token dims, nothing after
+            before, (count, size) = sizes[:at], sizes[at + 1:]
+            if any(_mentions_heads(x) or str(self.parts) in ast.unparse(x) for x in before):
+                return False
+            minus_one = isinstance(count, ast.UnaryOp) and ast.unparse(count) == "-1"
+            return (_is_head_count(count) and not _is_head_count(size)) or (minus_one and _mentions_heads(size)
+                                                                            and not _is_head_count(size))
+        return False
+
+    def part_slice(self, sub: ast.Subscript, parents: dict) -> bool:
+        """``q = out[..., :a]`` (first part: no start), ``k = out[..., a:b]``, ``v = out[..., b:]`` (last part: no end)."""
+        index = sub.slice
+        elts = index.elts if isinstance(index, ast.Tuple) else [index]
+        last = elts[-1]
+        if not (len(elts) == 2 and isinstance(elts[0], ast.Constant) and elts[0].value is Ellipsis
+                and isinstance(last, ast.Slice) and last.step is None):
+            return False
+        assign = parents.get(sub)
+        if not (isinstance(assign, ast.Assign) and assign.value is sub and len(assign.targets) == 1
+                and isinstance(assign.targets[0], ast.Name)):
+            return False
+        name = assign.targets[0].id
+        part = self.letters[0] if last.lower is None else self.letters[-1] if last.upper is None else self.letters[1]
+        if self.parts == 2 and last.lower is not None and last.upper is not None:
+            return False
+        return _names_part(name, part)
 
 
-def _along_features(call: ast.Call, position: int) -> bool:
-    """Whether a split's ``dim`` (keyword, or argument ``position``) is given and is not 0: a
-    split without one cuts dim 0, the batch, not the projection's features."""
-    dim = call.args[position] if len(call.args) > position else next((k.value for k in call.keywords if k.arg == "dim"), None)
-    return dim is not None and not (isinstance(dim, ast.Constant) and dim.value == 0)
+def _names_part(name: str, letter: str) -> bool:
+    """Whether a variable name says part ``letter`` of q/k/v (``q``, ``query_states``, ``k_``),
+    and not several (``qkv``, ``kv``: the whole, or a trim of it)."""
+    name = name.lower()
+    if name.startswith(("qkv", "kv")):
+        return False
+    return name.startswith({"q": "quer", "k": "key", "v": "val"}[letter]) or \
+        (name.startswith(letter) and (len(name) == 1 or not name[1].isalpha()))
 
 
-def _concatenated_slice(sub: ast.Subscript) -> bool:
-    """``out[..., a:b]``: a range of the last dim, in the order the rows are stored (a step,
-    ``out[..., 0::3]``, takes every third row: interleaved)."""
-    index = sub.slice
-    elts = index.elts if isinstance(index, ast.Tuple) else [index]
-    last = elts[-1]
-    return len(elts) >= 2 and isinstance(elts[0], ast.Constant) and elts[0].value is Ellipsis and \
-        isinstance(last, ast.Slice) and last.step is None
+def _after_in_block(statement: ast.stmt, parents: dict) -> list[ast.AST]:
+    """Every node of the statements that follow ``statement`` in its own block."""
+    owner = parents.get(statement)
+    for field in ("body", "orelse", "finalbody", "handlers"):
+        block = getattr(owner, field, None)
+        if isinstance(block, list) and statement in block:
+            return [n for later in block[block.index(statement) + 1:] for n in ast.walk(later)]
+    return []
+
+
+def _parents(func: ast.AST) -> dict:
+    return {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
