@@ -692,3 +692,29 @@ def test_lowrank_momentum_of_a_column_sharded_parameter_is_refused():
     view = _shard_view(spec, (Shard(1),), (0,), (2,), None, (6, 2))
     with pytest.raises(NotImplementedError, match=r"w\.weight: only parameters sharded along dim 0"):
         RowShards(view)
+
+
+def test_a_low_rank_tensor_whose_first_gradient_comes_later_starts_from_its_own_factor():
+    """The initial factors of a group are drawn at its first step; a tensor without a gradient
+    then draws its own at its first step, the factor a name and seed always give: its factors
+    after that step equal those of an optimizer whose first step it was."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8))
+
+    late, fresh = build(), build()
+    opt_late = blockopt.AdaPM(late, lr=1e-2, rank=2)
+    opt_fresh = blockopt.AdaPM(fresh, lr=1e-2, rank=2)
+    assert opt_late.policy("1.weight") == "lowrank"
+    x = torch.randn(4, 12)
+    late(x).square().sum().backward()
+    late[1].weight.grad = None  # no gradient at the first step
+    opt_late.step()
+    assert late[1].weight not in opt_late.state or STEP not in opt_late.state[late[1].weight]
+    for model in (late, fresh):
+        model.zero_grad()
+        model[1].weight.grad = torch.ones(8, 10)  # the same first gradient for the late tensor
+    opt_late.step()
+    opt_fresh.step()
+    for key in (EXP_AVG_L, EXP_AVG_R):
+        assert torch.equal(opt_late.state[late[1].weight][key], opt_fresh.state[fresh[1].weight][key])

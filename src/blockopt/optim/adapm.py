@@ -370,10 +370,15 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
         # generator of its own is beyond dynamo, and drawn one tensor at a time inside
         # `_gather_state` a compiled first step broke its graph once per tensor, recompiling that
         # frame each time (past torch's recompile limit, with its warning, on a model of 8+ layers).
-        missing = [(n, p) for n, p in zip(group["param_names"], group["params"])
-                   if STEP not in self.state.get(p, ()) and self.policy(n) == "lowrank"]
-        if missing:
-            self._draw_initial_factors(group, missing)
+        # Once per group, not every step: a tensor that gets its first gradient later draws its
+        # own factor in `_gather_state` (one graph break, for it alone).
+        scanned = self.__dict__.setdefault("_scanned_groups", set())
+        if id(group) not in scanned:
+            missing = [(n, p) for n, p in zip(group["param_names"], group["params"])
+                       if STEP not in self.state.get(p, ()) and self.policy(n) == "lowrank"]
+            if missing:
+                self._draw_initial_factors(group, missing)
+            scanned.add(id(group))
         return super()._gather(group, skip, journal)
 
     @torch.compiler.disable
@@ -402,7 +407,7 @@ class AdaPM(MomentumStorage, BlockwiseOptimizer):
                 dtype = self._factor_dtype(batch.group, p)
                 left = torch.zeros(m, r, dtype=dtype, device=p.device)
                 right = self.__dict__.get("_drawn_factors", {}).pop(name, None)
-                if right is None or right.shape != (r, n):  # (a parameter gathered without `_gather`: ZeRO's)
+                if right is None or right.shape != (r, n):  # (a tensor whose first gradient came after its group's scan)
                     right = self._initial_right_factor(name, r, n, p)
                 right = right.to(dtype)
                 if is_dtensor(p):  # Note [sharded low-rank momentum]
