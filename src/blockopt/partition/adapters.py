@@ -212,12 +212,7 @@ def latent_attention(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
     if q_a and qn != "q_proj":
         yield _neuron_spec(path, q_a[0], q_a[1], "query", f"{kind} query latent: {q_a[1].weight.shape[0]} latent rows "
                            "shared by all heads, one block per row")
-    o = _child(module, O_NAMES)
-    if o:
-        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
-    for child in (q, q_a, kv_a, kv_b, o):
-        if child:
-            yield from _bias_spec(_join(path, child[0]), child[1])
+    yield from _output_and_biases(path, module, kind, q, q_a, kv_a, kv_b)
 
 
 def _gated_query_spec(path: str, child_name: str, child: nn.Module, heads: Heads, why: str) -> BlockSpec:
@@ -231,6 +226,17 @@ def _gated_query_spec(path: str, child_name: str, child: nn.Module, heads: Heads
         reason=f"{why}: each of {heads.n_heads} heads = {hd} query rows (one block) + {hd} gate rows (one block each)",
         block_dims=(dim,), segments=((hd, hd), (hd, 1)) * heads.n_heads, n_heads=heads.n_heads,
     )
+
+
+def _output_and_biases(path: str, module: nn.Module, kind: str, *projections) -> Iterator[BlockSpec]:
+    """An attention's output projection (one block per output neuron), then the biases of its
+    ``projections`` (``(name, layer)`` or None) and of the output projection."""
+    o = _child(module, O_NAMES)
+    if o:
+        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
+    for child in (*projections, o):
+        if child:
+            yield from _bias_spec(_join(path, child[0]), child[1])
 
 
 def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.Linear], ctx: Context
@@ -263,12 +269,7 @@ def _query_and_fused_kv(path: str, q: tuple[str, nn.Module], kv: tuple[str, nn.L
         )
         yield spec if known else _order_unread(spec, kind, kv[0], "key/value", "[k heads | v]",
                                                f"k, v = {kv[0]}(x).chunk(2, dim=-1)", ctx)
-    o = _child(module, O_NAMES)
-    if o:
-        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
-    for child in (q, kv, o):
-        if child:
-            yield from _bias_spec(_join(path, child[0]), child[1])
+    yield from _output_and_biases(path, module, kind, q, kv)
 
 
 def _one_head_per_module(path: str, module: nn.Module, projections: list[tuple[str, nn.Module]], k_width: int | None,
@@ -345,12 +346,7 @@ def separate_qkv_attention(path: str, module: nn.Module, ctx: Context) -> Iterat
         yield _neuron_spec(path, v[0], v[1], "value", f"{kind} value: whole (value='whole')", rule="whole")
     elif v:
         yield _neuron_spec(path, v[0], v[1], "value", f"{kind} value: per output neuron")
-    o = _child(module, O_NAMES)
-    if o:
-        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
-    for child in (q, k, v, o):
-        if child:
-            yield from _bias_spec(_join(path, child[0]), child[1])
+    yield from _output_and_biases(path, module, kind, q, k, v)
 
 
 @register_adapter
@@ -602,10 +598,7 @@ def fused_qkv_linear(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
         yield spec if order_known else _order_unread(spec, kind, name, "query/key/value", "[q heads | k heads | v]",
                                                      f"q, k, v = {name}(x).split(width)", ctx)
     yield from _bias_spec(_join(path, name), lin)
-    o = _child(module, O_NAMES)
-    if o:
-        yield _neuron_spec(path, o[0], o[1], "attn_out", f"{kind} output projection: per output neuron")
-        yield from _bias_spec(_join(path, o[0]), o[1])
+    yield from _output_and_biases(path, module, kind)
 
 
 @register_adapter
