@@ -394,3 +394,108 @@ def test_a_reshape_reads_as_concatenated_only_when_its_parts_are_named_in_order(
     assert qkv_order.qkv_layout(Sam2Style(), "qkv") == "concat"
     x = torch.randn(2, 3, D)
     assert PartsNamedOutOfOrder()(x).shape == Sam2Style()(x).shape == x.shape
+
+
+# ---- pieces that travel before they are named: vit-pytorch, CaiT ---------------------------------
+def per_head(t):  # 'b n (h d) -> b h n d', as vit-pytorch's einops rearrange
+    return t.unflatten(-1, (H, -1)).transpose(1, 2)
+
+
+class ChunkedThenMapped(Fused):  # vit-pytorch's Attention
+    def forward(self, x):
+        qkv = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = map(lambda t: per_head(t), qkv)
+        return self.proj((q + k + v).transpose(1, 2).flatten(2))
+
+
+class ChunkedThenGenerator(Fused):
+    def forward(self, x):
+        pieces = self.qkv(x).chunk(3, dim=-1)
+        query, key, value = (per_head(t) for t in pieces)
+        return self.proj((query + key + value).transpose(1, 2).flatten(2))
+
+
+class ChunkedThenIndexed(Fused):
+    def forward(self, x):
+        qkv = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return self.proj(q + k + v)
+
+
+class ScaledQuery(Timm):  # timm's CaiT (TalkingHeadAttn): the query scaled as it is taken
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * 0.5, qkv[1], qkv[2]
+        return self.proj((q + k + v).transpose(1, 2).reshape(B, N, C))
+
+
+class QueryBesideStarredKV(QueryAndFusedKV):  # vit-pytorch's CaiT, CrossViT, NaViT
+    def forward(self, x, context):
+        qkv = (self.to_q(x), *self.to_kv(context).chunk(2, dim=-1))
+        q, k, v = map(lambda t: per_head(t), qkv)
+        return self.to_out((q + k + v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("cls", [ChunkedThenMapped, ChunkedThenGenerator, ChunkedThenIndexed, ScaledQuery])
+def test_pieces_named_in_order_after_a_map_a_generator_an_index_or_a_scale_read_as_concatenated(cls):
+    module = cls()
+    assert qkv_order.qkv_layout(module, "qkv") == "concat"
+    plan, caught = plan_of(module)
+    assert plan["attn.qkv.weight"].segments == concat_segments() and caught == []
+    x = torch.randn(2, 3, D)
+    assert module(x).shape == x.shape
+
+
+def test_a_fused_key_value_starred_beside_a_query_reads_as_concatenated():
+    module = QueryBesideStarredKV()
+    assert qkv_order.qkv_layout(module, "to_kv", parts=2) == "concat"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(nn.ModuleDict({"attn": module}))
+    assert plan["attn.to_kv.weight"].segments == ((D, HD), (D, 1))
+    x = torch.randn(2, 3, D)
+    assert module(x, x).shape == x.shape
+
+
+class MappedOutOfOrder(Fused):  # the pieces mapped, then named q, v, k
+    def forward(self, x):
+        q, v, k = map(per_head, self.qkv(x).chunk(3, dim=-1))
+        return self.proj((q + k + v).transpose(1, 2).flatten(2))
+
+
+class SplitByHeadThenIndexed(Fused):  # split by a head's size: qkv[0..2] are three heads of the query
+    def forward(self, x):
+        qkv = self.qkv(x).split(HD, dim=-1)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return self.proj((q + k + v).repeat(1, 1, H))
+
+
+class MappedReversed(Fused):
+    def forward(self, x):
+        qkv = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = map(per_head, reversed(qkv))
+        return self.proj((q + k + v).transpose(1, 2).flatten(2))
+
+
+class MappedAndSliced(Fused):  # split by a head's size, then the first three pieces taken
+    def forward(self, x):
+        pieces = self.qkv(x).split(HD, dim=-1)
+        q, k, v = map(per_head, pieces[:3])
+        return self.proj((q + k + v).transpose(1, 2).flatten(2).repeat(1, 1, H))
+
+
+class TwoStarred(QueryAndFusedKV):  # where the key/value pieces sit depends on another sequence's length
+    def forward(self, x, context):
+        extra = [self.to_q(x)]
+        q, k, v = (*extra, *self.to_kv(context).chunk(2, dim=-1))
+        return self.to_out(q + k + v)
+
+
+def test_pieces_whose_order_or_count_is_not_proven_are_not_read():
+    x = torch.randn(2, 3, D)
+    for cls in (MappedOutOfOrder, SplitByHeadThenIndexed, MappedReversed, MappedAndSliced):
+        assert qkv_order.qkv_layout(cls(), "qkv") is None, cls.__name__
+        assert cls()(x).shape == x.shape
+    assert qkv_order.qkv_layout(TwoStarred(), "to_kv", parts=2) is None
+    assert TwoStarred()(x, x).shape == x.shape

@@ -149,7 +149,7 @@ class _Reader:
             node, parent = call, parents.get(call)
         if isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call) and parents[parent].func is parent:
             call = parents[parent]
-            if not self.idiom(parent.attr, call.args, call.keywords, call, parents):
+            if not self.idiom(parent.attr, call.args, call.keywords, call, func, parents):
                 return False
             # a reshape puts the parts on an axis: what takes them apart must name them in order
             return parent.attr not in ("view", "reshape", "unflatten") or self.parts_named_in_order(call, func, parents)
@@ -159,7 +159,7 @@ class _Reader:
             f = parent.func
             if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "torch" and \
                     f.attr in ("split", "chunk", "tensor_split"):  # torch.split(out, ...)
-                return self.idiom(f.attr, parent.args[1:], parent.keywords, parent, parents)
+                return self.idiom(f.attr, parent.args[1:], parent.keywords, parent, func, parents)
             me = func.args.args[0].arg if func.args.args else None
             helper = self.methods.get(f.attr) if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
                 and f.value.id == me else None
@@ -245,7 +245,11 @@ class _Reader:
         return node
 
     def _bound_to_part(self, expr: ast.AST, letter: str, parents: dict) -> bool:
-        """``expr`` assigned to a name of part ``letter`` (``q = x[0]``, or ``q, k, v = x[0], x[1], x[2]``)."""
+        """``expr`` assigned to a name of part ``letter`` (``q = x[0]``, or ``q, k, v = x[0], x[1], x[2]``),
+        perhaps scaled on the way (``q = x[0] * self.scale``)."""
+        while isinstance(parents.get(expr), ast.BinOp) and isinstance(parents[expr].op, (ast.Mult, ast.Div)) \
+                and (parents[expr].left is expr or isinstance(parents[expr].op, ast.Mult)):
+            expr = parents[expr]
         owner = parents.get(expr)
         if isinstance(owner, ast.Assign) and owner.value is expr and isinstance(owner.targets[0], ast.Name):
             return _names_part(owner.targets[0].id, letter)
@@ -265,14 +269,67 @@ class _Reader:
         names = [t.id if isinstance(t, ast.Name) else "" for t in assign.targets[0].elts]
         return len(names) == self.parts and all(_names_part(n, letter) for n, letter in zip(names, self.letters))
 
-    def idiom(self, method: str, args: list, keywords: list, call: ast.Call, parents: dict) -> bool:
+    def pieces_named(self, seq: ast.AST, at: int = 0, others: int = 0, *, counted: bool, func: ast.FunctionDef,
+                     parents: dict, depth: int = 0) -> bool:
+        """The pieces of a split are items ``at ..`` of the sequence ``seq``, beside ``others`` items
+        that are not pieces; whether they end up in names saying q, k, v in order. Followed through
+        what keeps positions: a tuple holding them starred after single items
+        (``(self.to_q(x), *kv.chunk(2, dim=-1))``), ``map(f, seq)``, a generator over ``seq``, and a
+        name it is bound to (every later use of it). They end in an unpacking into names (which
+        proves the count: Python checks it) or, where the count is known without one (``counted``:
+        ``chunk(3)``), in ``seq[i]`` bound to the name of its part."""
+        if depth > 6:
+            return False
+        parent = parents.get(seq)
+        if isinstance(parent, ast.Assign) and parent.value is seq and len(parent.targets) == 1:
+            target = parent.targets[0]
+            if isinstance(target, (ast.Tuple, ast.List)):
+                names = [t.id if isinstance(t, ast.Name) else None for t in target.elts]
+                return None not in names and len(names) == others + self.parts and \
+                    all(_names_part(names[at + i], letter) for i, letter in enumerate(self.letters))
+            if not isinstance(target, ast.Name):
+                return False
+            after = (parent.end_lineno, parent.end_col_offset)
+            uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == target.id
+                           and isinstance(n.ctx, ast.Load) and _at(n) > after), key=_at)
+            verdicts = []
+            for use in uses:
+                sub = parents.get(use)
+                if isinstance(sub, ast.Subscript) and sub.value is use and isinstance(sub.ctx, ast.Load) \
+                        and isinstance(sub.slice, ast.Constant) and isinstance(sub.slice.value, int) and sub.slice.value >= 0:
+                    i = sub.slice.value - at
+                    if i < 0 or (counted and i >= self.parts):
+                        continue  # (an item that is not a piece: the query of a separate to_q)
+                    verdicts.append(counted and i < self.parts and
+                                    self._bound_to_part(self._chain_top(sub, parents), self.letters[i], parents))
+                    continue
+                verdicts.append(self.pieces_named(use, at, others, counted=counted, func=func, parents=parents,
+                                                  depth=depth + 1))
+            return bool(verdicts) and all(verdicts)
+        if isinstance(parent, ast.Starred) and isinstance(parents.get(parent), (ast.Tuple, ast.List)) and at == others == 0:
+            items = parents[parent].elts
+            if sum(isinstance(x, ast.Starred) for x in items) != 1:
+                return False
+            return self.pieces_named(parents[parent], items.index(parent), len(items) - 1, counted=counted, func=func,
+                                     parents=parents, depth=depth + 1)
+        if isinstance(parent, ast.Call) and ast.unparse(parent.func) == "map" and len(parent.args) == 2 \
+                and parent.args[1] is seq and not parent.keywords:
+            return self.pieces_named(parent, at, others, counted=counted, func=func, parents=parents, depth=depth + 1)
+        if isinstance(parent, ast.comprehension) and parent.iter is seq and not parent.ifs and not parent.is_async:
+            generator = parents.get(parent)
+            if isinstance(generator, (ast.GeneratorExp, ast.ListComp)) and len(generator.generators) == 1:
+                return self.pieces_named(generator, at, others, counted=counted, func=func, parents=parents,
+                                         depth=depth + 1)
+        return False
+
+    def idiom(self, method: str, args: list, keywords: list, call: ast.Call, func: ast.FunctionDef, parents: dict) -> bool:
         if method in ("split", "chunk", "tensor_split"):
             dim = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None)
             if dim is None or (isinstance(dim, ast.Constant) and dim.value == 0) or not args:
                 return False  # (no dim: dim 0, the batch)
             if method != "split" and not (isinstance(args[0], ast.Constant) and args[0].value == self.parts):
                 return False
-            return self.unpacked_in_order(call, parents)
+            return self.pieces_named(call, 0, counted=method != "split", func=func, parents=parents)
         if method == "unflatten":  # unflatten(-1, (3, width))
             sizes = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "sizes"), None)
             return bool(args) and not (isinstance(args[0], ast.Constant) and args[0].value == 0) and \
