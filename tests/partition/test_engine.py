@@ -335,6 +335,37 @@ def test_embedding_and_norms():
     assert len(plan) == 5
 
 
+
+class ViTOnTheModel(nn.Module):
+    """timm's and vit-pytorch's layout: the learned tables are the model's own parameters."""
+
+    def __init__(self, T=5, D=6, pos_shape=None):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.reg_token = nn.Parameter(torch.zeros(1, 4, D))
+        self.pos_embed = nn.Parameter(torch.zeros(*(pos_shape or (1, T, D))))
+        self.norm = nn.LayerNorm(D)
+
+
+def test_position_tables_and_tokens_held_by_the_model_get_one_block_per_vector():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(ViTOnTheModel())
+    assert_layout(plan["pos_embed"], "rows", 5, lambda o, t, d: t)
+    assert_layout(plan["reg_token"], "rows", 4, lambda o, t, d: t)
+    assert_layout(plan["cls_token"], "rows", 1, lambda o, t, d: 0)
+    assert {plan[n].role for n in ("pos_embed", "reg_token", "cls_token")} == {"pos_embedding"}
+
+
+@pytest.mark.parametrize("pos_shape, norm", [((1, 6, 5), True), ((1, 5, 6), False)])
+def test_a_position_table_not_along_a_normalised_width_is_not_recognised(pos_shape, norm):
+    model = ViTOnTheModel(pos_shape=pos_shape)  # channels first, or no norm to say the width
+    if not norm:
+        model.norm = nn.Identity()
+    with pytest.warns(PartitionWarning, match="no adapter recognised.* pos_embed"):
+        plan = blockopt.partition(model)
+    assert plan["pos_embed"].role == "other"
+
 # ---- 4. overrides -----------------------------------------------------------------------
 @pytest.mark.hf
 @pytest.mark.parametrize("which", ["gpt2", "llama"])

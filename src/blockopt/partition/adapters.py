@@ -691,23 +691,52 @@ def stacked_experts(path: str, module: nn.Module, ctx: Context) -> Iterator[Bloc
             yield make_spec(name, p.shape, "coordinate", "bias: per-coordinate (Adam)", role="bias")
 
 
+_POSITION_TABLE = re.compile(r"pos(ition(al)?)?_?emb|tokens?$")  # pos_embed, position_embeddings, reg_token, ...
+
+
 @register_adapter
 def embedding_tables(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
-    """Embedding modules that hold raw tables (ViT ``cls_token`` (1, 1, D), ``position_embeddings``
-    (1, T, D), ...): one block per token vector. Patch projections (a conv applied to patches is a
-    Linear on them) get one block per output channel."""
-    if "embed" not in type(module).__name__.lower():
+    """Raw tables of token vectors: one block per vector. In an embedding module (its class says
+    ``Embed``) every table (ViT ``cls_token`` (1, 1, D), ``position_embeddings`` (1, T, D), ...),
+    and its patch projection (a conv applied to patches is a Linear on them) one block per output
+    channel. Elsewhere (timm's and vit-pytorch's ViTs hold ``pos_embed`` on the model itself), a
+    table named as a position embedding whose last dim is a width the model normalises (its
+    residual stream's), so that its rows are vectors of that stream; a table of another shape
+    stays unrecognised (the fallback, with a warning)."""
+    in_embedding = "embed" in type(module).__name__.lower()
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return
     for attr, p in module.named_parameters(recurse=False):
-        if p.ndim >= 2 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            yield BlockSpec(name=_join(path, attr), shape=tuple(p.shape), rule="rows", role="pos_embedding",
-                            reason=f"{type(module).__name__}.{attr}: one block per token vector",
-                            block_dims=tuple(range(p.ndim - 1)), segments=((p.numel() // p.shape[-1], 1),))
+        if p.ndim < 2:
+            continue
+        if in_embedding:
+            why = f"{type(module).__name__}.{attr}: one block per token vector"
+        elif _POSITION_TABLE.search(attr.lower()) and p.shape[-1] in _normalised_widths(ctx):
+            why = f"position table (its last dim, {p.shape[-1]}, is a width the model normalises): one block per position"
+        else:
+            continue
+        yield BlockSpec(name=_join(path, attr), shape=tuple(p.shape), rule="rows", role="pos_embedding", reason=why,
+                        block_dims=tuple(range(p.ndim - 1)), segments=((p.numel() // p.shape[-1], 1),))
+    if not in_embedding:
+        return
     for attr, child in module._modules.items():
         if isinstance(child, nn.modules.conv._ConvNd) and not child.transposed:
             yield make_spec(_join(path, attr + ".weight"), child.weight.shape, "rows",
                             f"{type(module).__name__} patch projection ({type(child).__name__}): one block per output channel",
                             role="embedding")
+
+
+def _normalised_widths(ctx: Context) -> frozenset[int]:
+    """The widths the model's norms act on (the last dim of each norm's shape or weight)."""
+    if "normalised_widths" not in ctx.cache:
+        widths = set()
+        for m in ctx.modules.values():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                widths.add(m.normalized_shape[-1])
+            elif _is_norm(m):
+                widths.update(p.shape[-1] for p in m.parameters(recurse=False) if p.ndim >= 1)
+        ctx.cache["normalised_widths"] = frozenset(widths)
+    return ctx.cache["normalised_widths"]
 
 
 def _is_patch_projection(conv: nn.Module) -> bool:
