@@ -1,7 +1,7 @@
 """The coverage sweep on a fixed sample of model types, and its checker on plans known to be wrong.
 
 The full sweep over every model type of the installed transformers is a study
-(``benchmarks/studies/partition_coverage``); here a sample of 72 types from every family runs on
+(``benchmarks/studies/partition_coverage``); here a sample of 74 types from every family runs on
 each CI push: built from default configs on the meta device, partitioned, checked. Every type
 must come out right (``structural``) or name what it could not do (``warned``); none may crash or
 be silently wrong. The sample lists the types expected to be fully structural apart, so a
@@ -35,6 +35,7 @@ STRUCTURAL = [
     "whisper", "seamless_m4t", "audio-spectrogram-transformer", "speech_to_text", "wav2vec2", "hubert",
     # multimodal: towers with their own heads, pooling heads, cross-attention
     "llava", "qwen2_vl", "idefics3", "clip", "blip", "internvl", "glm4v", "fuyu", "align", "siglip", "mistral_large4",
+    "blip-2", "layoutlmv3",  # learned query tokens, a pos_embed held outside an embedding module
     # time series and others
     "patchtst", "timesfm", "clip_vision_model", "decision_transformer", "dpr",
 ]
