@@ -343,14 +343,35 @@ class BranchesDisagree(Fused):  # ChatGLM: [q | k | v] under multi-query, per he
         return self.proj(q + k + v)
 
 
-def test_every_branch_must_read_the_rows_as_concatenated():
+def test_every_branch_the_instance_can_take_must_read_the_rows_as_concatenated():
     """Only the first use in source order was read: the multi-query branch's split, while the
-    other branch's reshape reads the rows per head (a silently wrong plan)."""
-    for multi_query in (True, False):
-        module = BranchesDisagree(multi_query)
-        assert qkv_order.qkv_layout(module, "query_key_value") is None
-        x = torch.randn(2, 3, D)
-        assert module(x).shape == x.shape
+    other branch's reshape reads the rows per head (a silently wrong plan). The instance's flag
+    decides which branch counts: the split reads; the per-head view, under an opaque shape, does not."""
+    assert qkv_order.qkv_layout(BranchesDisagree(True), "query_key_value") == "concat"
+    assert qkv_order.qkv_layout(BranchesDisagree(False), "query_key_value") is None
+    x = torch.randn(2, 3, D)
+    assert BranchesDisagree(True)(x).shape == BranchesDisagree(False)(x).shape == x.shape
+
+
+class FlagSetAsItRuns(BranchesDisagree):  # a flag the forward itself changes is no configuration
+    def forward(self, x):
+        out = super().forward(x)
+        self.multi_query = not self.multi_query
+        return out
+
+
+class BranchOnTraining(Fused):  # `training` changes between plan and step: never decides a branch
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if not self.training:
+            q, v, k = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(q + k + v)
+
+
+def test_flags_the_module_changes_do_not_decide_a_branch():
+    assert qkv_order.qkv_layout(FlagSetAsItRuns(True), "query_key_value") is None
+    assert qkv_order.qkv_layout(BranchOnTraining(), "qkv") is None
+    assert qkv_order.qkv_layout(BranchOnTraining().eval(), "qkv") is None
 
 
 class StridedSlices(Fused):  # every third row: q, k, v interleaved row by row
@@ -499,3 +520,99 @@ def test_pieces_whose_order_or_count_is_not_proven_are_not_read():
         assert cls()(x).shape == x.shape
     assert qkv_order.qkv_layout(TwoStarred(), "to_kv", parts=2) is None
     assert TwoStarred()(x, x).shape == x.shape
+
+
+
+# ---- [q k v] per head, read from a view that folds the parts under the head count ---------------
+class MaxViTStyle(nn.Module):
+    """timm's MaxViT attention: per head or concatenated, by a flag set at construction."""
+
+    def __init__(self, head_first: bool):
+        super().__init__()
+        self.num_heads, self.dim_head, self.head_first = H, HD, head_first
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        B = x.shape[0]
+        if self.head_first:
+            q, k, v = self.qkv(x).view(B, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+        else:
+            q, k, v = self.qkv(x).reshape(B, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
+        self.last = (q, k, v)  # (B, heads, N, head size)
+        return self.proj((q * k + v).transpose(1, 2).reshape(B, -1, D))
+
+
+class SplitPerHead(MaxViTStyle):  # torch.split along the folded dim, the view bound to a name first
+    def forward(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1)
+        q, k, v = torch.split(qkv.transpose(1, 2), self.dim_head, dim=-1)
+        self.last = (q, k, v)
+        return self.proj((q * k + v).transpose(1, 2).reshape(B, N, D))
+
+
+def true_parts(module: nn.Module) -> list[tuple[str, int]]:
+    """The (part, head) each output row of ``module.qkv`` feeds, measured: perturb the row's bias
+    and see which of the q, k, v the forward hands on changes, and in which head."""
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        module(x)
+        base = module.last
+        labels = []
+        for row in range(3 * D):
+            kept = module.qkv.bias[row].clone()
+            module.qkv.bias[row] += 1.0
+            module(x)
+            module.qkv.bias[row] = kept
+            (hit,) = [(part, head) for part, a, b in zip("qkv", base, module.last)
+                      for head in range(H) if not torch.equal(a[:, head], b[:, head])]
+            labels.append(hit)
+    return labels
+
+
+@pytest.mark.parametrize("module, layout", [(MaxViTStyle(True), "per_head"), (MaxViTStyle(False), "concat"),
+                                            (SplitPerHead(True), "per_head")])
+def test_a_per_head_order_is_read_and_its_plan_matches_the_rows_the_forward_uses(module, layout):
+    assert qkv_order.qkv_layout(module, "qkv") == layout
+    plan, caught = plan_of(module)
+    assert caught == []
+    block = plan["attn.qkv.weight"].block_index()[:, 0]
+    labels = true_parts(module)
+    for b in block.unique().tolist():  # no block mixes parts or heads
+        assert len({labels[r] for r in range(3 * D) if block[r] == b}) == 1
+    for label in {lab for lab in labels if lab[0] in "qk"}:  # a query/key head is one block
+        assert len({int(block[r]) for r in range(3 * D) if labels[r] == label}) == 1
+    assert sum(lab[0] == "v" for lab in labels) == D and len(set(block.tolist())) == 2 * H + D  # value by rows
+
+
+class PerHeadUnequalParts(MaxViTStyle):  # timm's TinyViT: sizes as a list, q/k narrower than v could be
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([HD, HD, HD], dim=3)
+        return self.proj((q * k + v).reshape(B, N, D))
+
+
+class PerHeadCountNotAHead(MaxViTStyle):  # the count is three per head: the last dim is one head's size
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads * 3, -1).chunk(3, dim=-1)
+        return self.proj(torch.cat([q, k, v], -1).reshape(B, N, -1)[..., :D])
+
+
+class PerHeadSplitAlongHeads(MaxViTStyle):  # chunked along the heads, not the folded parts
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, self.dim_head * 3).transpose(2, 3).chunk(3, dim=3)
+        return self.proj(torch.cat([q, k, v], -1).reshape(B, N, 3 * D)[..., :D])
+
+
+def test_per_head_views_that_do_not_prove_the_order_are_not_read():
+    x = torch.randn(2, 5, D)
+    for cls in (PerHeadUnequalParts, PerHeadCountNotAHead):
+        assert qkv_order.qkv_layout(cls(True), "qkv") is None, cls.__name__
+        assert cls(True)(x).shape == x.shape
+    module = PerHeadSplitAlongHeads(True)
+    with pytest.raises(ValueError):  # (H = 4 heads cannot be unpacked into three: the forward is not real)
+        module(x)
+    assert qkv_order.qkv_layout(module, "qkv") is None

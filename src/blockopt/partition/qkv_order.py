@@ -7,10 +7,11 @@ have the same shape. Read wrongly, q/k heads get one block per row and value hea
 head (with ``value="whole"``, one block holding q and k heads too), and nothing says so.
 
 `qkv_layout` answers from, in order: the families whose order is known (`_KNOWN`, read from their
-forward code), then the module's own source, where a concatenated order shows in how the
-projection's output is split (`_reads_concatenated`). ``None`` means it could not tell: the
-caller plans one block per row and warns (``rules={name: "heads"}`` confirms ``[q | k | v]``).
-The reader errs towards None: a wrong ``"concat"`` is silent, a wrong None only warns.
+forward code), then the module's own source, where the order shows in how the projection's
+output is split (`_reads`: concatenated, else per head), reading only the branches the instance's
+configuration flags take. ``None`` means it could not tell: the caller plans one block per row
+and warns (``rules={name: "heads"}`` confirms ``[q | k | v]``). The reader errs towards None: a
+wrong layout is silent, a wrong None only warns.
 """
 
 from __future__ import annotations
@@ -59,11 +60,16 @@ def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
         for prefixes, layout in _KNOWN:
             if kind.startswith(prefixes):
                 return layout
-    return "concat" if _reads_concatenated(cls, attr, parts) else None
+    # the instance's configuration flags decide its `if self.<flag>:` branches (not `training`, which changes)
+    flags = tuple((name, value) for name in _tested_flags(cls) if name != "training"
+                  for value in [getattr(module, name, None)] if isinstance(value, bool))
+    if _reads(cls, attr, parts, "concat", flags):
+        return "concat"
+    return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags) else None
 
 
-@functools.lru_cache(maxsize=256)
-def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
+@functools.lru_cache(maxsize=512)
+def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> bool:
     """Whether ``cls``'s code proves the output of ``self.<attr>(...)`` is ``[q | k | v]``
     (``parts=2``: ``[k | v]``). Every use of it, in every branch (order-keeping calls such as
     ``.clamp`` or ``.contiguous()`` looked through, the class's own helper methods followed), must
@@ -78,8 +84,17 @@ def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     - slices of the last dim, each assigned to the name of its part, in order:
       ``q = out[..., :a]``, ``k = out[..., a:b]``, ``v = out[..., b:]``.
 
-    Anything else is not read as concatenated (the caller plans rows and warns): the reader errs
-    towards None, since a wrong "concat" is silent and a wrong None only warns."""
+    ``layout="per_head"`` reads ``[q k v]`` per head instead, from one idiom: a view whose last two
+    sizes are the head count and the three parts folded together (``view(b, n, heads, 3 * hd)`` or
+    ``(b, n, heads, -1)``), then (through transposes that leave the last dim alone) split along
+    that last dim into equal parts named q, k, v in order (timm's MaxViT, MiniMax's lightning
+    attention).
+
+    Branches under ``if self.<flag>:`` that ``flags`` (this instance's boolean attributes) never
+    takes are not read.
+
+    Anything else is not read (the caller plans rows and warns): the reader errs towards None,
+    since a wrong layout is silent and a wrong None only warns."""
     source = _class_source(cls)
     if source is None:
         return False
@@ -88,7 +103,7 @@ def _reads_concatenated(cls: type, attr: str, parts: int) -> bool:
     except (SyntaxError, ValueError):
         return False
     functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    reader = _Reader(attr, parts, {f.name: f for f in functions})
+    reader = _Reader(attr, parts, {f.name: f for f in functions}, layout, flags)
     verdicts = [v for func in functions for v in reader.verdicts_in(func)]
     return bool(verdicts) and all(verdicts)
 
@@ -124,17 +139,41 @@ def _is_head_count(node: ast.AST) -> bool:
 
 
 class _Reader:
-    def __init__(self, attr: str, parts: int, methods: dict):
+    def __init__(self, attr: str, parts: int, methods: dict, layout: str = "concat", flags: tuple = ()):
         self.attr, self.parts, self.methods, self.letters = attr, parts, methods, _PART_LETTERS[parts]
+        self.layout, self.flags, self._dead = layout, dict(flags), {}
+
+    def uses(self, name: str, after: tuple[int, int], func: ast.FunctionDef) -> list[ast.Name]:
+        """The reads of ``name`` after ``after`` in ``func``, in order, less those in branches this
+        instance never takes."""
+        dead = self.dead(func)
+        return sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name
+                       and isinstance(n.ctx, ast.Load) and _at(n) > after and id(n) not in dead), key=_at)
+
+    def dead(self, func: ast.FunctionDef) -> set[int]:
+        """The nodes of ``func`` in the branches of ``if self.<flag>:`` (or ``if not self.<flag>:``)
+        that this instance's boolean ``<flag>`` never takes: timm's MaxViT reads its projection per
+        head or concatenated by ``self.head_first``."""
+        if id(func) not in self._dead:
+            me = func.args.args[0].arg if func.args.args else None
+            dead: set[int] = set()
+            for node in ast.walk(func):
+                flag = _flag_tested(node.test, me) if isinstance(node, ast.If) else None
+                if flag is None or flag[0] not in self.flags:
+                    continue
+                taken = self.flags[flag[0]] != flag[1]
+                dead.update(id(n) for stmt in (node.orelse if taken else node.body) for n in ast.walk(stmt))
+            self._dead[id(func)] = dead
+        return self._dead[id(func)]
 
     def verdicts_in(self, func: ast.FunctionDef) -> list[bool]:
         """One verdict per call of ``self.<attr>(...)`` in ``func``."""
         if not func.args.args:
             return []
         me = func.args.args[0].arg
-        parents = _parents(func)
-        return [self.verdict(node, func, parents) for node in ast.walk(func)
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == self.attr
+        parents, dead = _parents(func), self.dead(func)
+        return [self.verdict(node, func, parents) for node in ast.walk(func) if id(node) not in dead
+                and isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == self.attr
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == me]
 
     def verdict(self, node: ast.AST, func: ast.FunctionDef, parents: dict, depth: int = 0) -> bool:
@@ -152,7 +191,14 @@ class _Reader:
             if not self.idiom(parent.attr, call.args, call.keywords, call, func, parents):
                 return False
             # a reshape puts the parts on an axis: what takes them apart must name them in order
-            return parent.attr not in ("view", "reshape", "unflatten") or self.parts_named_in_order(call, func, parents)
+            if parent.attr not in ("view", "reshape", "unflatten"):
+                return True
+            if self.layout == "per_head":  # the parts are folded into the last dim: split along it
+                sizes = call.args[0].elts if len(call.args) == 1 and isinstance(call.args[0], (ast.Tuple, ast.List)) \
+                    else call.args
+                last = len(sizes) - 1 if not any(isinstance(x, ast.Starred) for x in sizes) else None
+                return self.split_along_last(call, last, func, parents)
+            return self.parts_named_in_order(call, func, parents)
         if isinstance(parent, ast.Subscript) and parent.value is node:  # (slices of a bound name, one per part)
             return isinstance(node, ast.Name) and self.part_slice(parent, parents)
         if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:
@@ -177,8 +223,7 @@ class _Reader:
         """Every use of ``name`` after ``after`` in ``func`` (in every branch: rebinding the name
         ends nothing, so a use of a later value must be an idiom too, which errs towards None),
         less reads of its size; ``x = x.clamp(...)`` is followed as the same value."""
-        uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name
-                       and isinstance(n.ctx, ast.Load) and _at(n) > after), key=_at)
+        uses = self.uses(name, after, func)
         verdicts, covered = [], set()
         for use in uses:
             parent = parents.get(use)
@@ -216,8 +261,7 @@ class _Reader:
                              and isinstance(assign.targets[0], ast.Name)):
             return False
         name = assign.targets[0].id
-        uses = [n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load)
-                and _at(n) > (assign.end_lineno, assign.end_col_offset)]
+        uses = self.uses(name, (assign.end_lineno, assign.end_col_offset), func)
         verdicts = []
         for use in sorted(uses, key=_at):
             parent = parents.get(use)
@@ -269,6 +313,47 @@ class _Reader:
         names = [t.id if isinstance(t, ast.Name) else "" for t in assign.targets[0].elts]
         return len(names) == self.parts and all(_names_part(n, letter) for n, letter in zip(names, self.letters))
 
+    def split_along_last(self, node: ast.AST, last: int | None, func: ast.FunctionDef, parents: dict,
+                         depth: int = 0) -> bool:
+        """After a per-head view (``last``: the index of its last dim, None when unknown): the value
+        is split along its last dim into ``parts`` equal pieces named in order, through transposes
+        of other dims, order-keeping calls and names it is bound to."""
+        if depth > 6:
+            return False
+        parent = parents.get(node)
+        if isinstance(parent, ast.Assign) and parent.value is node and len(parent.targets) == 1 \
+                and isinstance(parent.targets[0], ast.Name):
+            after = (parent.end_lineno, parent.end_col_offset)
+            uses = self.uses(parent.targets[0].id, after, func)
+            verdicts = [self.split_along_last(use, last, func, parents, depth + 1) for use in uses
+                        if not (isinstance(parents.get(use), ast.Attribute) and parents[use].attr in _NEUTRAL)]
+            return bool(verdicts) and all(verdicts)
+        if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node \
+                and ast.unparse(parent.func) in ("torch.split", "torch.chunk"):  # torch.split(x, hd, dim=-1)
+            call, method, args = parent, parent.func.attr, parent.args[1:]
+        elif isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call) \
+                and parents[parent].func is parent:
+            call, method, args = parents[parent], parent.attr, parents[parent].args
+        else:
+            return False
+        if method in _KEEP_ORDER:
+            return self.split_along_last(call, last, func, parents, depth + 1)
+        ints = [a.value if isinstance(a, ast.Constant) and isinstance(a.value, int) else None for a in args]
+        if method == "transpose":  # of two other dims
+            lasts = {-1} | ({last} if last is not None else set())
+            return len(ints) == 2 and None not in ints and not lasts & set(ints) and last is not None \
+                and self.split_along_last(call, last, func, parents, depth + 1)
+        if method not in ("chunk", "split"):
+            return False
+        dim = args[1] if len(args) > 1 else next((k.value for k in call.keywords if k.arg == "dim"), None)
+        along_last = isinstance(dim, ast.UnaryOp) and ast.unparse(dim) == "-1" or \
+            (isinstance(dim, ast.Constant) and last is not None and dim.value == last)
+        if not (along_last and args) or isinstance(args[0], (ast.List, ast.Tuple)):
+            return False  # (sizes as a list may differ: q/k heads narrower than v's)
+        if method == "chunk" and not (isinstance(args[0], ast.Constant) and args[0].value == self.parts):
+            return False
+        return self.pieces_named(call, 0, counted=method == "chunk", func=func, parents=parents)
+
     def pieces_named(self, seq: ast.AST, at: int = 0, others: int = 0, *, counted: bool, func: ast.FunctionDef,
                      parents: dict, depth: int = 0) -> bool:
         """The pieces of a split are items ``at ..`` of the sequence ``seq``, beside ``others`` items
@@ -290,8 +375,7 @@ class _Reader:
             if not isinstance(target, ast.Name):
                 return False
             after = (parent.end_lineno, parent.end_col_offset)
-            uses = sorted((n for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == target.id
-                           and isinstance(n.ctx, ast.Load) and _at(n) > after), key=_at)
+            uses = self.uses(target.id, after, func)
             verdicts = []
             for use in uses:
                 sub = parents.get(use)
@@ -323,6 +407,20 @@ class _Reader:
         return False
 
     def idiom(self, method: str, args: list, keywords: list, call: ast.Call, func: ast.FunctionDef, parents: dict) -> bool:
+        if self.layout == "per_head":  # only a view that folds the parts under the head count
+            sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
+            if method not in ("view", "reshape") or len(sizes) < 3:
+                return False
+            count, folded = sizes[-2], sizes[-1]
+            if not (isinstance(count, (ast.Name, ast.Attribute)) and _is_head_count(count)):
+                return False
+            if any(_mentions_heads(x) or str(self.parts) in ast.unparse(x) for x in sizes[:-2]):
+                return False
+            if ast.unparse(folded) == "-1":
+                return True
+            sides = (folded.left, folded.right) if isinstance(folded, ast.BinOp) and isinstance(folded.op, ast.Mult) else ()
+            return any(isinstance(x, ast.Constant) and x.value == self.parts and not _is_head_count(y)
+                       for x, y in (sides, sides[::-1]) if sides)
         if method in ("split", "chunk", "tensor_split"):
             dim = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None)
             if dim is None or (isinstance(dim, ast.Constant) and dim.value == 0) or not args:
@@ -366,6 +464,39 @@ class _Reader:
         if self.parts == 2 and last.lower is not None and last.upper is not None:
             return False
         return _names_part(name, part)
+
+
+def _flag_tested(test: ast.AST, me: str | None) -> tuple[str, bool] | None:
+    """``self.x`` -> ("x", False); ``not self.x`` -> ("x", True); anything else None."""
+    negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+    target = test.operand if negated else test
+    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == me:
+        return target.attr, negated
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _tested_flags(cls: type) -> tuple[str, ...]:
+    """The attributes ``cls``'s code tests as ``if self.x:`` (candidates for `_Reader.dead`)."""
+    source = _class_source(cls)
+    try:
+        tree = ast.parse(textwrap.dedent(source)) if source else None
+    except (SyntaxError, ValueError):
+        tree = None
+    if tree is None:
+        return ()
+    found, changed = set(), set()
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and func.args.args:
+            me = func.args.args[0].arg
+            for node in ast.walk(func):
+                flag = _flag_tested(node.test, me) if isinstance(node, ast.If) else None
+                if flag is not None:
+                    found.add(flag[0])
+                if func.name != "__init__" and isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                        and isinstance(node.value, ast.Name) and node.value.id == me:
+                    changed.add(node.attr)  # (set as the module runs: no configuration)
+    return tuple(sorted(found - changed))
 
 
 def _names_part(name: str, letter: str) -> bool:
