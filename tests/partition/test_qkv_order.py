@@ -527,7 +527,7 @@ def test_pieces_whose_order_or_count_is_not_proven_are_not_read():
 class MaxViTStyle(nn.Module):
     """timm's MaxViT attention: per head or concatenated, by a flag set at construction."""
 
-    def __init__(self, head_first: bool):
+    def __init__(self, head_first: bool = False):
         super().__init__()
         self.num_heads, self.dim_head, self.head_first = H, HD, head_first
         self.qkv = nn.Linear(D, 3 * D)
@@ -552,10 +552,10 @@ class SplitPerHead(MaxViTStyle):  # torch.split along the folded dim, the view b
         return self.proj((q * k + v).transpose(1, 2).reshape(B, N, D))
 
 
-def true_parts(module: nn.Module) -> list[tuple[str, int]]:
+def true_parts(module: nn.Module, x: torch.Tensor | None = None) -> list[tuple[str, int]]:
     """The (part, head) each output row of ``module.qkv`` feeds, measured: perturb the row's bias
-    and see which of the q, k, v the forward hands on changes, and in which head."""
-    x = torch.randn(2, 5, D)
+    and see which of the q, k, v (head on dim 1) the forward hands on changes, and in which head."""
+    x = torch.randn(2, 5, D) if x is None else x
     with torch.no_grad():
         module(x)
         base = module.last
@@ -616,3 +616,64 @@ def test_per_head_views_that_do_not_prove_the_order_are_not_read():
     with pytest.raises(ValueError):  # (H = 4 heads cannot be unpacked into three: the forward is not real)
         module(x)
     assert qkv_order.qkv_layout(module, "qkv") is None
+
+
+
+# ---- more leading dims than tokens need: windows (timm's NesT, Hiera) -----------------------------
+class WindowedNest(MaxViTStyle):  # timm's NesT: (B, T blocks, N tokens, C)
+    def forward(self, x):
+        B, T, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        self.last = tuple(t.flatten(2, 3) for t in (q, k, v))
+        return self.proj((q * k + v).permute(0, 2, 3, 1, 4).reshape(B, T, N, C))
+
+
+class WindowedHiera(MaxViTStyle):  # timm's Hiera mask units: sizes all the module's own
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.heads, self.num_windows = H, 2
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, -1, self.num_windows, 3, self.heads, self.dim_head).permute(3, 0, 4, 2, 1, 5)
+        q, k, v = qkv.unbind(0)
+        self.last = tuple(t.flatten(2, 3) for t in (q, k, v))
+        return self.proj((q * k + v).permute(0, 3, 2, 1, 4).reshape(B, N, D))
+
+
+class PerShard(MaxViTStyle):  # [q | k | v] inside each of two shards: the shards split the features
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.n_shards, self.heads_per_shard = 2, H // 2
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.n_shards, 3, self.heads_per_shard, self.dim_head)
+        q, k, v = (z.flatten(2, 3) for z in qkv.unbind(3))
+        return self.proj((q * k + v).flatten(2))
+
+
+class WidthOfARebound(MaxViTStyle):  # C read before x is rebound: it proves nothing of qkv's input
+    def forward(self, x):
+        B, N, C = x.shape
+        x = torch.cat([x, x], dim=1)
+        qkv = self.qkv(x).reshape(B, 2, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        return self.proj((q * k + v).permute(0, 2, 3, 1, 4).reshape(B, 2 * N, C)[:, :N])
+
+
+@pytest.mark.parametrize("module, x", [(WindowedNest(), torch.randn(2, 3, 4, D)), (WindowedHiera(), torch.randn(2, 6, D))])
+def test_a_reshape_after_window_dims_reads_as_concatenated_when_its_sizes_fill_the_width(module, x):
+    assert qkv_order.qkv_layout(module, "qkv") == "concat"
+    plan, caught = plan_of(module)
+    assert caught == [] and plan["attn.qkv.weight"].segments == concat_segments()
+    labels = true_parts(module, x)
+    assert labels == [(part, head) for part in "qkv" for head in range(H) for _ in range(HD)]
+
+
+def test_leading_dims_that_may_split_the_features_are_not_read():
+    x = torch.randn(2, 6, D)
+    for module in (PerShard(), WidthOfARebound()):
+        assert module(x).shape == x.shape
+        assert qkv_order.qkv_layout(module, "qkv") is None, type(module).__name__

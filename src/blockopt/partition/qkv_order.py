@@ -63,13 +63,14 @@ def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
     # the instance's configuration flags decide its `if self.<flag>:` branches (not `training`, which changes)
     flags = tuple((name, value) for name in _tested_flags(cls) if name != "training"
                   for value in [getattr(module, name, None)] if isinstance(value, bool))
-    if _reads(cls, attr, parts, "concat", flags):
+    read, sizes = _reads(cls, attr, parts, "concat", flags)
+    if read and all(_sizes_fill(claim, module, getattr(module, attr, None), parts) for claim in sizes):
         return "concat"
-    return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags) else None
+    return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags)[0] else None
 
 
 @functools.lru_cache(maxsize=512)
-def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> bool:
+def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> tuple[bool, tuple]:
     """Whether ``cls``'s code proves the output of ``self.<attr>(...)`` is ``[q | k | v]``
     (``parts=2``: ``[k | v]``). Every use of it, in every branch (order-keeping calls such as
     ``.clamp`` or ``.contiguous()`` looked through, the class's own helper methods followed), must
@@ -80,7 +81,9 @@ def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> 
       (unpacking into three names is what proves three pieces, so the width is a third);
     - a reshape whose 3 follows at most two token dims and comes before the head count and the
       head size: ``out.reshape(b, n, 3, heads, hd)`` (``heads`` named so, or ``-1`` before a head
-      size), or ``out.unflatten(-1, (3, width))``;
+      size), or ``out.unflatten(-1, (3, width))``; after more leading dims (windows: timm's NesT,
+      Hiera) only where the instance's sizes show the last three dims fill the projection's
+      width (the second item returned: claims `_sizes_fill` checks);
     - slices of the last dim, each assigned to the name of its part, in order:
       ``q = out[..., :a]``, ``k = out[..., a:b]``, ``v = out[..., b:]``.
 
@@ -93,19 +96,50 @@ def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> 
     Branches under ``if self.<flag>:`` that ``flags`` (this instance's boolean attributes) never
     takes are not read.
 
+    Returns whether the code reads so, and the size claims that must hold on the instance.
+
     Anything else is not read (the caller plans rows and warns): the reader errs towards None,
     since a wrong layout is silent and a wrong None only warns."""
     source = _class_source(cls)
     if source is None:
-        return False
+        return False, ()
     try:
         tree = ast.parse(textwrap.dedent(source))
     except (SyntaxError, ValueError):
-        return False
+        return False, ()
     functions = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
     reader = _Reader(attr, parts, {f.name: f for f in functions}, layout, flags)
     verdicts = [v for func in functions for v in reader.verdicts_in(func)]
-    return bool(verdicts) and all(verdicts)
+    return bool(verdicts) and all(verdicts), tuple(reader.claims)
+
+
+def _sizes_fill(claim: tuple, module: nn.Module, projection, parts: int) -> bool:
+    """A reshape ``(..., 3, count, size)`` after more than two leading dims reads as ``[q | k | v]``
+    only if ``parts * count * size`` is the projection's width: then the leading dims split the
+    tokens, never the features (a per-shard ``(b, t, shards, 3, heads_per_shard, hd)`` fails it).
+    ``count`` and ``size`` are evaluated from the module's int attributes, constants, and names
+    the forward bound to its input's last dim (``B, N, C = x.shape`` before ``self.qkv(x)``)."""
+    count, size, me, input_width_names = claim
+    if not isinstance(projection, nn.Linear):
+        return False
+
+    def value(node: ast.AST) -> int | None:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
+            found = getattr(module, node.attr, None)
+            return found if type(found) is int else None
+        if isinstance(node, ast.Name) and node.id in input_width_names:
+            return projection.in_features
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.FloorDiv)):
+            a, b = value(node.left), value(node.right)
+            if a is None or b is None or (isinstance(node.op, ast.FloorDiv) and b <= 0):
+                return None
+            return a * b if isinstance(node.op, ast.Mult) else a // b
+        return None
+
+    n, d = (value(ast.parse(text, mode="eval").body) for text in (count, size))
+    return n is not None and d is not None and n > 0 and d > 0 and parts * n * d == projection.out_features
 
 
 def _class_source(cls: type) -> str | None:
@@ -142,6 +176,7 @@ class _Reader:
     def __init__(self, attr: str, parts: int, methods: dict, layout: str = "concat", flags: tuple = ()):
         self.attr, self.parts, self.methods, self.letters = attr, parts, methods, _PART_LETTERS[parts]
         self.layout, self.flags, self._dead = layout, dict(flags), {}
+        self.claims: list[tuple] = []  # sizes `_sizes_fill` must confirm on the instance
 
     def uses(self, name: str, after: tuple[int, int], func: ast.FunctionDef) -> list[ast.Name]:
         """The reads of ``name`` after ``after`` in ``func``, in order, less those in branches this
@@ -313,6 +348,29 @@ class _Reader:
         names = [t.id if isinstance(t, ast.Name) else "" for t in assign.targets[0].elts]
         return len(names) == self.parts and all(_names_part(n, letter) for n, letter in zip(names, self.letters))
 
+    def input_width_names(self, func: ast.FunctionDef) -> tuple[str, ...]:
+        """Names ``func`` binds to the last dim of the projection's input (``B, N, C = x.shape``
+        before ``self.qkv(x)``, with ``x`` not rebound between), the same at every call."""
+        me = func.args.args[0].arg if func.args.args else None
+        calls = [n for n in ast.walk(func) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and n.func.attr == self.attr and isinstance(n.func.value, ast.Name) and n.func.value.id == me]
+        found = None
+        for call in calls:
+            if len(call.args) != 1 or call.keywords or not isinstance(call.args[0], ast.Name):
+                return ()
+            x = call.args[0].id
+            stores = [_at(n) for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == x and isinstance(n.ctx, ast.Store)]
+            names = set()
+            for assign in ast.walk(func):
+                if not (isinstance(assign, ast.Assign) and len(assign.targets) == 1 and _at(assign) < _at(call)
+                        and isinstance(assign.targets[0], ast.Tuple) and ast.unparse(assign.value) == f"{x}.shape"
+                        and isinstance(assign.targets[0].elts[-1], ast.Name)):
+                    continue
+                if not any(_at(assign) < at < _at(call) for at in stores):
+                    names.add(assign.targets[0].elts[-1].id)
+            found = names if found is None else found & names
+        return tuple(sorted(found or ()))
+
     def split_along_last(self, node: ast.AST, last: int | None, func: ast.FunctionDef, parents: dict,
                          depth: int = 0) -> bool:
         """After a per-head view (``last``: the index of its last dim, None when unknown): the value
@@ -437,11 +495,17 @@ class _Reader:
         if method in ("view", "reshape"):
             sizes = args[0].elts if len(args) == 1 and isinstance(args[0], (ast.Tuple, ast.List)) else args
             at = next((i for i, x in enumerate(sizes) if isinstance(x, ast.Constant) and x.value == self.parts), None)
-            if at is None or at > 2 or len(sizes) != at + 3:
-                return False  # (3, heads, head size) after at most two token dims, nothing after
+            if at is None or len(sizes) != at + 3:
+                return False  # (3, heads, head size) after the token dims, nothing after
             before, (count, size) = sizes[:at], sizes[at + 1:]
             if any(_mentions_heads(x) or str(self.parts) in ast.unparse(x) for x in before):
                 return False
+            if at > 2:  # more leading dims than tokens need: the instance's sizes must show they split no feature
+                if not (_is_head_count(count) and not _is_head_count(size)):
+                    return False
+                self.claims.append((ast.unparse(count), ast.unparse(size), func.args.args[0].arg,
+                                    self.input_width_names(func)))
+                return True
             minus_one = isinstance(count, ast.UnaryOp) and ast.unparse(count) == "-1"
             return (_is_head_count(count) and not _is_head_count(size)) or (minus_one and _mentions_heads(size)
                                                                             and not _is_head_count(size))
