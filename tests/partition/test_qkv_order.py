@@ -607,9 +607,21 @@ class PerHeadSplitAlongHeads(MaxViTStyle):  # chunked along the heads, not the f
         return self.proj(torch.cat([q, k, v], -1).reshape(B, N, 3 * D)[..., :D])
 
 
+class KeyValueUnderAQkvName(MaxViTStyle):  # timm's GCViT with a global query: `qkv` holds k and v only
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.qkv = nn.Linear(D, 2 * D)
+        self.head_dim = HD
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        k, v = self.qkv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj((k * v).transpose(1, 2).reshape(B, N, D))
+
+
 def test_per_head_views_that_do_not_prove_the_order_are_not_read():
     x = torch.randn(2, 5, D)
-    for cls in (PerHeadUnequalParts, PerHeadCountNotAHead):
+    for cls in (PerHeadUnequalParts, PerHeadCountNotAHead, KeyValueUnderAQkvName):
         assert qkv_order.qkv_layout(cls(True), "qkv") is None, cls.__name__
         assert cls(True)(x).shape == x.shape
     module = PerHeadSplitAlongHeads(True)

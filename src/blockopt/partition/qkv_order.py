@@ -476,9 +476,11 @@ class _Reader:
                 return False
             if ast.unparse(folded) == "-1":
                 return True
-            sides = (folded.left, folded.right) if isinstance(folded, ast.BinOp) and isinstance(folded.op, ast.Mult) else ()
+            if not (isinstance(folded, ast.BinOp) and isinstance(folded.op, ast.Mult)):
+                return False  # (the last dim one head's size: the parts are not folded into it)
+            sides = (folded.left, folded.right)
             return any(isinstance(x, ast.Constant) and x.value == self.parts and not _is_head_count(y)
-                       for x, y in (sides, sides[::-1]) if sides)
+                       for x, y in (sides, sides[::-1]))
         if method in ("split", "chunk", "tensor_split"):
             dim = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "dim"), None)
             if dim is None or (isinstance(dim, ast.Constant) and dim.value == 0) or not args:
