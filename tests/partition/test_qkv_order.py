@@ -689,3 +689,18 @@ def test_leading_dims_that_may_split_the_features_are_not_read():
     for module in (PerShard(), WidthOfARebound()):
         assert module(x).shape == x.shape
         assert qkv_order.qkv_layout(module, "qkv") is None, type(module).__name__
+
+
+
+def test_code_the_reader_trips_on_is_unread_not_a_crash(monkeypatch):
+    def trip(*args, **kwargs):
+        raise ValueError("unexpected code")
+
+    monkeypatch.setattr(qkv_order._Reader, "verdict", trip)
+    qkv_order._reads.cache_clear()
+    try:
+        assert qkv_order.qkv_layout(Timm(), "qkv") is None
+        plan, caught = plan_of(Timm())
+        assert plan["attn.qkv.weight"].rule == "rows" and "could not be read from its forward" in caught[0]
+    finally:
+        qkv_order._reads.cache_clear()

@@ -63,10 +63,13 @@ def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
     # the instance's configuration flags decide its `if self.<flag>:` branches (not `training`, which changes)
     flags = tuple((name, value) for name in _tested_flags(cls) if name != "training"
                   for value in [getattr(module, name, None)] if isinstance(value, bool))
-    read, sizes = _reads(cls, attr, parts, "concat", flags)
-    if read and all(_sizes_fill(claim, module, getattr(module, attr, None), parts) for claim in sizes):
-        return "concat"
-    return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags)[0] else None
+    try:
+        read, sizes = _reads(cls, attr, parts, "concat", flags)
+        if read and all(_sizes_fill(claim, module, getattr(module, attr, None), parts) for claim in sizes):
+            return "concat"
+        return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags)[0] else None
+    except Exception:  # (the reader meets any code people write: what it cannot follow is unread, and warned)
+        return None
 
 
 @functools.lru_cache(maxsize=512)
