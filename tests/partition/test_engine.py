@@ -1024,6 +1024,28 @@ def test_the_unrecognised_attention_warning_says_what_each_tensor_got():
     assert "one block per row" not in message
 
 
+
+def test_a_block_around_an_unrecognised_attention_is_warned_for_its_own_tensors():
+    """timm's BoTNet/HaloNet ``SelfAttnBlock``: convs around an inner attention. Only the inner
+    module was reported; the outer one's own convs, one block each, were named by no warning."""
+    class ConvAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Conv2d(16, 48, 1)
+
+    class SelfAttnBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in, self.self_attn, self.conv_out = nn.Conv2d(16, 16, 1), ConvAttention(), nn.Conv2d(16, 16, 1)
+
+    with pytest.warns(PartitionWarning) as caught:
+        blockopt.partition(nn.ModuleDict({"block": SelfAttnBlock()}))
+    message = " ".join(str(w.message) for w in caught)
+    assert "block (SelfAttnBlock) looks like attention" in message
+    assert "block.conv_in.weight, block.conv_out.weight get one block each" in message
+    assert "block.self_attn (ConvAttention) looks like attention" in message and "block.self_attn.qkv.weight get" in message
+    assert message.count("block.self_attn.qkv.weight") == 1  # (each tensor named once: by its innermost module)
+
 # ---- LoRA written by hand ----------------------------------------------------------------------
 class LoraLinear(nn.Linear):
     """loralib's ``lora.Linear``: a Linear subclass holding ``lora_A`` (r, in) and ``lora_B`` (out, r)."""

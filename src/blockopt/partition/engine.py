@@ -198,13 +198,15 @@ def _unrecognised_attention(ctx: Context, specs: dict[str, BlockSpec]) -> list[s
                 if p.ndim >= 2 and prefix + n in specs and specs[prefix + n].role in GENERIC_ROLES]
         if mats:
             hits.append((path, mats))
-    # report the innermost modules (an outer one holding an unrecognised inner one says nothing
-    # new), the layers of a stack once, as a glob
+    # an outer module holding an unrecognised inner one is reported for its own tensors only (a
+    # bottleneck block around an attention: its convs); the layers of a stack once, as a glob
     paths = [path for path, _ in hits]
     stacks: dict[str, list[tuple[str, list[str]]]] = {}
     for path, mats in hits:
-        if not any(q != path and (not path or q.startswith(f"{path}.")) for q in paths):
-            stacks.setdefault(_glob(path), []).append((path, mats))
+        inner = [q for q in paths if q != path and (not path or q.startswith(f"{path}."))]
+        own = [m for m in mats if not any(m.startswith(f"{q}.") for q in inner)]
+        if own:
+            stacks.setdefault(_glob(path), []).append((path, own))
     out = []
     for glob, members in stacks.items():
         path, mats = members[0]
