@@ -107,3 +107,21 @@ def test_checker_flags_unrecognised_attention_and_sees_the_warning():
     assert [v.tensor for v in violations] == ["0.mix.weight"]
     assert coverage._named_in(violations[0], [str(w.message) for w in caught])
     assert not coverage._named_in(violations[0], ["something else went wrong in 1.mix"])
+
+
+def test_a_model_of_another_library_is_covered_through_its_builder():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.head_dim = 2, 4
+            self.qkv, self.proj, self.norm = nn.Linear(8, 24), nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj((q * k + v).transpose(1, 2).reshape(B, N, C))
+
+    row = coverage.cover("attention", builder=lambda name: (Attention(), "Attention"), family_name="mine")
+    assert (row.status, row.family, row.model_class, row.attention_checked) == ("structural", "mine", "Attention", 1)
+    broken = coverage.cover("broken", builder=lambda name: (_ for _ in ()).throw(ImportError("no such library")))
+    assert broken.status == "unbuildable" and "no such library" in broken.error

@@ -27,6 +27,7 @@ import re
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -211,6 +212,11 @@ def _head_size(own, n_heads, q_width) -> int | None:
     return q_width // n_heads if n_heads and q_width and q_width % n_heads == 0 else None
 
 
+def _in(path: str, name: str) -> str:
+    """The name of ``name`` inside the module at ``path`` (the model itself: ``""``)."""
+    return f"{path}.{name}" if path else name
+
+
 def _check_attention(path, module, modules, plan, out) -> int:
     """Heads of the query/key tensors of ``module`` (see the module docstring); returns how many
     tensors were verified."""
@@ -227,16 +233,16 @@ def _check_attention(path, module, modules, plan, out) -> int:
         hd = _head_size(own, n_heads, q_width)
         if hd and q_width % hd == 0 and k_width % hd == 0:
             gated = bool(n_heads) and q_width == 2 * n_heads * hd
-            tasks.append((f"{path}.{q}.weight", int(conv1d), hd, q_width // hd // (2 if gated else 1), "query"))
-            tasks.append((f"{path}.{k}.weight", int(conv1d), hd, k_width // hd, "key"))
+            tasks.append((_in(path, f"{q}.weight"), int(conv1d), hd, q_width // hd // (2 if gated else 1), "query"))
+            tasks.append((_in(path, f"{k}.weight"), int(conv1d), hd, k_width // hd, "key"))
     if _weight(children.get("kv_b_proj")) is not None:  # latent attention: per-head rows after the latents
         # the module's own numbers first (layers differ: some have no rotary part, rope = 0)
         nope, rope, v_hd = (next((v for o in own if isinstance(v := getattr(o, k, None), int)), None)
                             for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
         q = next((n for n in ("q_b_proj", "q_proj") if _weight(children.get(n)) is not None), None)
         if nope and rope is not None and v_hd and n_heads and q:
-            tasks.append((f"{path}.{q}.weight", 0, nope + rope, n_heads, "latent-attention query"))
-            tasks.append((f"{path}.kv_b_proj.weight", 0, nope + v_hd, 0, "latent-attention key/value"))
+            tasks.append((_in(path, f"{q}.weight"), 0, nope + rope, n_heads, "latent-attention query"))
+            tasks.append((_in(path, "kv_b_proj.weight"), 0, nope + v_hd, 0, "latent-attention key/value"))
     fused = next((n for n in _FUSED if _weight(children.get(n)) is not None), None)
     if fused and not tasks:
         child = children[fused]
@@ -244,10 +250,10 @@ def _check_attention(path, module, modules, plan, out) -> int:
         out_width = child.weight.shape[1 if conv1d else 0]
         hd = _head_size(own, n_heads, out_width // 3 if out_width % 3 == 0 else 0)
         if hd and n_heads and out_width % hd == 0:
-            tasks.append((f"{path}.{fused}.weight", 1 if conv1d else 0, hd, n_heads, "fused query/key/value"))
+            tasks.append((_in(path, f"{fused}.weight"), 1 if conv1d else 0, hd, n_heads, "fused query/key/value"))
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         hd = module.embed_dim // module.num_heads
-        tasks.append((f"{path}.in_proj_weight" if path else "in_proj_weight", 0, hd, 2 * module.num_heads, "packed in_proj"))
+        tasks.append((_in(path, "in_proj_weight"), 0, hd, 2 * module.num_heads, "packed in_proj"))
     for name, dim, hd, want, what in tasks:
         if name not in plan:
             continue
@@ -354,12 +360,14 @@ def _named_in(v: Violation, warnings_: list[str]) -> bool:
 
 
 # ---- one model type --------------------------------------------------------------------------
-def cover(model_type: str) -> Coverage:
-    """Build, partition and check one model type (see the module docstring)."""
-    row = Coverage(model_type, family(model_type))
+def cover(model_type: str, builder: Callable[[str], tuple[nn.Module, str]] | None = None,
+          family_name: str | None = None) -> Coverage:
+    """Build, partition and check one model type (see the module docstring). ``builder`` builds
+    a model of another library by name (returning it and its class name), ``family_name`` its row's family."""
+    row = Coverage(model_type, family_name or family(model_type))
     t0 = time.perf_counter()
     try:
-        model, row.model_class = build(model_type)
+        model, row.model_class = (builder or build)(model_type)
     except Exception as e:
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         return row

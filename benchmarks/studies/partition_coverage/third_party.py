@@ -1,0 +1,117 @@
+"""Every model of a third-party library (timm by default), planned and checked like the transformers sweep.
+
+    python benchmarks/studies/partition_coverage/third_party.py --out benchmarks/studies/partition_coverage/results/timm
+
+Each model is built at full size on the meta device from the library's own defaults, partitioned,
+and checked by `blockopt.partition.coverage` (the same invariants as `partition_coverage.py`: head
+sizes as each module states them, experts per output neuron, token rows, no matrix in one block,
+attention recognised). timm imports torchvision at import time, and PyPI's torchvision does not
+load beside this project's CPU build of torch; ``--stub-torchvision`` stands in an empty module
+for it (only model classes are built here, no image transforms), so that
+``pip install --no-deps timm`` is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import sys
+import time
+import types
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from blockopt.bench import write_result
+from blockopt.partition import coverage
+
+HERE = Path(__file__).resolve().parent
+TEXT_LIMIT = 600
+
+
+class _StubTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Empty ``torchvision.*`` modules whose every attribute is an inert placeholder."""
+
+    class _Inert:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            return self
+
+        def __getattr__(self, name):
+            return type(self)()
+
+        def __mro_entries__(self, bases):
+            return (object,)
+
+    def find_spec(self, name, path, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__version__ = "0.0+stub"
+
+        def inert(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return self._Inert()
+
+        module.__getattr__ = inert
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def timm_builder(name: str):
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return model, type(model).__name__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", help="model names (default: every one timm lists)")
+    parser.add_argument("--stub-torchvision", action="store_true", help="stand in an empty torchvision (see above)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "timm", help="the run's folder")
+    args = parser.parse_args()
+    if args.stub_torchvision:
+        sys.meta_path.insert(0, _StubTorchvision())
+    import timm
+
+    names = args.models or timm.list_models()
+    rows, t0 = [], time.perf_counter()
+    for i, name in enumerate(names, 1):
+        row = coverage.cover(name, builder=timm_builder, family_name=name.split("_")[0])
+        rows.append(row)
+        print(f"[{i}/{len(names)}] {name:<45} {row.status:<12} {row.plan_s:6.3f}s"
+              + (f"  {row.error[:100]}" if row.error else ""), flush=True)
+    totals = coverage.totals(rows)
+    families = {status: sorted({r.family for r in rows if r.status == status}) for status in ("silent", "crash")}
+    print(totals, families)
+    results = {
+        "totals": totals,
+        "architectures": dict(Counter(r.family for r in rows)),
+        "silent_or_crash_architectures": families,
+        "sweep_seconds": round(time.perf_counter() - t0, 1),
+        "slowest_plan_seconds": max((r.plan_s for r in rows), default=0.0),
+        "models": [{**asdict(r), "warnings": [w[:TEXT_LIMIT] for w in r.warnings],
+                    "build_s": round(r.build_s, 3), "plan_s": round(r.plan_s, 4)} for r in rows],
+    }
+    settings = {"library": "timm", "timm": timm.__version__, "torch": torch.__version__, "device": "meta",
+                "torchvision": "stub" if args.stub_torchvision else "installed", "models": "all" if args.models is None else names}
+    path = write_result(args.out, name="partition_coverage_timm", settings=settings, results=results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
