@@ -30,7 +30,7 @@ STRUCTURAL = [
     # encoders
     "distilbert", "deberta-v2", "modernbert", "albert",
     # vision
-    "vit", "convnext", "resnet", "beit", "dinov2", "segformer", "hiera",
+    "vit", "convnext", "resnet", "beit", "dinov2", "segformer", "hiera", "swin", "sam", "canary",  # (tables per coordinate)
     # audio
     "whisper", "seamless_m4t", "audio-spectrogram-transformer", "speech_to_text", "wav2vec2", "hubert",
     # multimodal: towers with their own heads, pooling heads, cross-attention
@@ -40,7 +40,7 @@ STRUCTURAL = [
     "patchtst", "timesfm", "clip_vision_model", "decision_transformer", "dpr",
 ]
 WARNED = [  # something the engine cannot know (and says so): state-space layers, exotic attention
-    "mamba", "rwkv", "xlnet", "swin", "sam", "canary", "squeezebert", "gemma3", "patchtsmixer",
+    "mamba", "rwkv", "xlnet", "sam2", "squeezebert", "gemma3", "patchtsmixer",
 ]
 UNBUILDABLE = ["autoformer"]  # transformers needs a prediction_length its default config lacks
 SAMPLE = STRUCTURAL + WARNED + UNBUILDABLE

@@ -1104,3 +1104,28 @@ def test_square_lora_factors_are_read_by_their_names_or_left_to_the_safe_fallbac
     assert (plan["layer.lora_up"].rule, plan["layer.lora_up"].n_blocks) == ("cols", 32)
     with pytest.warns(PartitionWarning, match="no adapter recognised"):
         blockopt.partition(nn.ModuleDict({"layer": LoraWrapper(32, 32, names=("p", "q"))}))
+
+
+def test_attention_bias_and_relative_position_tables_are_per_coordinate_without_a_warning():
+    """Swin's relative_position_bias_table (positions, heads), SAM's rel_pos_h (positions, head
+    size), conformer's bias_u (heads, head size): one block per vector along the last dim mixed
+    heads, under a warning; per coordinate is Adam, never wrong, and small."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value, self.out_proj = (nn.Linear(8, 8) for _ in range(4))
+            self.num_heads = 2
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+            self.rel_pos_h = nn.Parameter(torch.zeros(7, 4))
+            self.bias_u = nn.Parameter(torch.zeros(2, 4))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(nn.ModuleDict({"attn": Attention()}))
+    for name, n in (("relative_position_bias_table", 18), ("rel_pos_h", 28), ("bias_u", 8)):
+        spec = plan[f"attn.{name}"]
+        assert (spec.rule, spec.n_blocks, spec.role) == ("coordinate", n, "bias")
+    other = nn.ModuleDict({"attn": Attention()})
+    other.attn.register_parameter("table", nn.Parameter(torch.zeros(9, 2)))  # a name that says nothing
+    with pytest.warns(PartitionWarning, match="no adapter recognised attn.table"):
+        assert blockopt.partition(other)["attn.table"].rule == "rows"

@@ -243,14 +243,24 @@ def _token_vocab(model: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
+_RELATIVE_POSITION = re.compile(r"rel(ative)?_?pos")
+
+
 def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec:
     """Layouts for parameters no adapter recognised. Finer than the Hessian blocks is safe (it
     moves toward Adam); coarser is what causes loss spikes. So: matrices by rows, with a warning;
-    vectors and scalars per coordinate (exactly Adam)."""
+    vectors, scalars and tables named as biases or relative positions per coordinate (exactly
+    Adam), with none."""
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) <= 1 or math.prod(shape) in shape:  # a scalar, or one vector in any size-1 dims: (1, 1, D)
         why = "bias: per-coordinate (Adam)" if "bias" in leaf else "unrecognised vector/scalar: per-coordinate (Adam, the safe choice)"
         return make_spec(name, shape, "coordinate", why, role="bias" if "bias" in leaf else "other")
+    if "bias" in leaf.lower() or _RELATIVE_POSITION.search(leaf.lower()):
+        # attention's small learned tables: relative position biases (Swin, BEiT: positions x heads),
+        # relative position embeddings (SAM's rel_pos_h), per-head content biases (conformer's
+        # bias_u): nothing says their blocks, and per coordinate is Adam, never wrong
+        return make_spec(name, shape, "coordinate", "bias / relative-position table: per-coordinate (Adam, the safe choice)",
+                         role="bias")
     unsure.append(name)
     if len(shape) == 2:
         return make_spec(name, shape, "rows", "unrecognised: one block per row (safe fallback)", role="other")
