@@ -1,7 +1,7 @@
 """The coverage sweep on a fixed sample of model types, and its checker on plans known to be wrong.
 
 The full sweep over every model type of the installed transformers is a study
-(``benchmarks/studies/partition_coverage``); here a sample of 74 types from every family runs on
+(``benchmarks/studies/partition_coverage``); here a sample of 75 types from every family runs on
 each CI push: built from default configs on the meta device, partitioned, checked. Every type
 must come out right (``structural``) or name what it could not do (``warned``); none may crash or
 be silently wrong. The sample lists the types expected to be fully structural apart, so a
