@@ -1106,10 +1106,11 @@ def test_square_lora_factors_are_read_by_their_names_or_left_to_the_safe_fallbac
         blockopt.partition(nn.ModuleDict({"layer": LoraWrapper(32, 32, names=("p", "q"))}))
 
 
-def test_attention_bias_and_relative_position_tables_are_per_coordinate_without_a_warning():
+def test_attention_bias_relative_position_and_modulation_tables_are_per_coordinate_without_a_warning():
     """Swin's relative_position_bias_table (positions, heads), SAM's rel_pos_h (positions, head
-    size), conformer's bias_u (heads, head size): one block per vector along the last dim mixed
-    heads, under a warning; per coordinate is Adam, never wrong, and small."""
+    size), conformer's bias_u (heads, head size), a DiT's adaLN scale_shift_table (6, D): one block
+    per vector along the last dim mixed heads or shifts with scales, under a warning; per
+    coordinate is Adam, never wrong, and small."""
     class Attention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1118,13 +1119,15 @@ def test_attention_bias_and_relative_position_tables_are_per_coordinate_without_
             self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
             self.rel_pos_h = nn.Parameter(torch.zeros(7, 4))
             self.bias_u = nn.Parameter(torch.zeros(2, 4))
+            self.scale_shift_table = nn.Parameter(torch.zeros(6, 8))  # (diffusers' DiT blocks hold it so)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PartitionWarning)
         plan = blockopt.partition(nn.ModuleDict({"attn": Attention()}))
-    for name, n in (("relative_position_bias_table", 18), ("rel_pos_h", 28), ("bias_u", 8)):
+    for name, n, role in (("relative_position_bias_table", 18, "bias"), ("rel_pos_h", 28, "bias"), ("bias_u", 8, "bias"),
+                          ("scale_shift_table", 48, "norm")):
         spec = plan[f"attn.{name}"]
-        assert (spec.rule, spec.n_blocks, spec.role) == ("coordinate", n, "bias")
+        assert (spec.rule, spec.n_blocks, spec.role) == ("coordinate", n, role)
     other = nn.ModuleDict({"attn": Attention()})
     other.attn.register_parameter("table", nn.Parameter(torch.zeros(9, 2)))  # a name that says nothing
     with pytest.warns(PartitionWarning, match="no adapter recognised attn.table"):

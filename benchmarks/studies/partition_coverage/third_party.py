@@ -1,8 +1,10 @@
-"""Every model of a third-party library (timm by default), planned and checked like the transformers sweep.
+"""Every model of a third-party library (timm or diffusers), planned and checked like the transformers sweep.
 
-    python benchmarks/studies/partition_coverage/third_party.py --out benchmarks/studies/partition_coverage/results/timm
+    python benchmarks/studies/partition_coverage/third_party.py --stub-torchvision             # results/timm
+    python benchmarks/studies/partition_coverage/third_party.py --library diffusers            # results/diffusers
 
-Each model is built at full size on the meta device from the library's own defaults, partitioned,
+Each model is built at full size on the meta device from the library's own defaults (timm: every
+name `timm.list_models()` gives; diffusers: every model class, from its default config), partitioned,
 and checked by `blockopt.partition.coverage` (the same invariants as `partition_coverage.py`: head
 sizes as each module states them, experts per output neuron, token rows, no matrix in one block,
 attention recognised). timm imports torchvision at import time, and PyPI's torchvision does not
@@ -19,6 +21,7 @@ import importlib.machinery
 import sys
 import time
 import types
+import warnings
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -78,20 +81,49 @@ def timm_builder(name: str):
     return model, type(model).__name__
 
 
+def diffusers_builder(name: str):
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, name)()
+    return model, name
+
+
+def _diffusers_models() -> list[str]:
+    import diffusers
+
+    names = []
+    for name in dir(diffusers):
+        try:
+            cls = getattr(diffusers, name)
+        except Exception:  # (an optional backend missing: that class is not offered)
+            continue
+        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and cls is not diffusers.ModelMixin:
+            names.append(name)
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", help="model names (default: every one timm lists)")
+    parser.add_argument("--library", choices=("timm", "diffusers"), default="timm")
+    parser.add_argument("--models", nargs="+", help="model names (default: every one the library offers)")
     parser.add_argument("--stub-torchvision", action="store_true", help="stand in an empty torchvision (see above)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "timm", help="the run's folder")
+    parser.add_argument("--out", type=Path, help="the run's folder (default: results/<library>)")
     args = parser.parse_args()
+    out = args.out or HERE / "results" / args.library
     if args.stub_torchvision:
         sys.meta_path.insert(0, _StubTorchvision())
-    import timm
-
-    names = args.models or timm.list_models()
+    library = __import__(args.library)
+    if args.library == "timm":
+        names, builder = args.models or library.list_models(), timm_builder
+    else:
+        names, builder = args.models or _diffusers_models(), diffusers_builder
     rows, t0 = [], time.perf_counter()
     for i, name in enumerate(names, 1):
-        row = coverage.cover(name, builder=timm_builder, family_name=name.split("_")[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # (diffusers: config attributes read as attributes)
+            row = coverage.cover(name, builder=builder,
+                                 family_name=name.split("_")[0] if args.library == "timm" else args.library)
         rows.append(row)
         print(f"[{i}/{len(names)}] {name:<45} {row.status:<12} {row.plan_s:6.3f}s"
               + (f"  {row.error[:100]}" if row.error else ""), flush=True)
@@ -107,9 +139,11 @@ def main() -> None:
         "models": [{**asdict(r), "warnings": [w[:TEXT_LIMIT] for w in r.warnings],
                     "build_s": round(r.build_s, 3), "plan_s": round(r.plan_s, 4)} for r in rows],
     }
-    settings = {"library": "timm", "timm": timm.__version__, "torch": torch.__version__, "device": "meta",
-                "torchvision": "stub" if args.stub_torchvision else "installed", "models": "all" if args.models is None else names}
-    path = write_result(args.out, name="partition_coverage_timm", settings=settings, results=results)
+    settings = {"library": args.library, args.library: library.__version__, "torch": torch.__version__, "device": "meta",
+                "models": "all" if args.models is None else names}
+    if args.library == "timm":
+        settings["torchvision"] = "stub" if args.stub_torchvision else "installed"
+    path = write_result(out, name=f"partition_coverage_{args.library}", settings=settings, results=results)
     print(f"wrote {path}")
 
 

@@ -244,13 +244,14 @@ def _token_vocab(model: nn.Module) -> int | None:
 
 
 _RELATIVE_POSITION = re.compile(r"rel(ative)?_?pos")
+_MODULATION = re.compile(r"scale_shift|shift_scale|modulation")
 
 
 def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec:
     """Layouts for parameters no adapter recognised. Finer than the Hessian blocks is safe (it
     moves toward Adam); coarser is what causes loss spikes. So: matrices by rows, with a warning;
-    vectors, scalars and tables named as biases or relative positions per coordinate (exactly
-    Adam), with none."""
+    vectors, scalars and tables named as biases, relative positions or norm modulations per
+    coordinate (exactly Adam), with none."""
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) <= 1 or math.prod(shape) in shape:  # a scalar, or one vector in any size-1 dims: (1, 1, D)
         why = "bias: per-coordinate (Adam)" if "bias" in leaf else "unrecognised vector/scalar: per-coordinate (Adam, the safe choice)"
@@ -261,6 +262,9 @@ def _fallback(name: str, shape: tuple[int, ...], unsure: list[str]) -> BlockSpec
         # bias_u): nothing says their blocks, and per coordinate is Adam, never wrong
         return make_spec(name, shape, "coordinate", "bias / relative-position table: per-coordinate (Adam, the safe choice)",
                          role="bias")
+    if _MODULATION.search(leaf.lower()):  # adaLN's shift/scale/gate vectors (PixArt, Sana, Wan: (6, D)): norm scales and shifts
+        return make_spec(name, shape, "coordinate", "adaptive-norm modulation table: per-coordinate (Adam, the safe choice)",
+                         role="norm")
     unsure.append(name)
     if len(shape) == 2:
         return make_spec(name, shape, "rows", "unrecognised: one block per row (safe fallback)", role="other")
