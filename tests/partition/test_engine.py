@@ -866,6 +866,23 @@ def test_rnn_gates_and_weight_norm_parametrizations():
     assert_layout(plan["1.parametrizations.weight.original0"], "coordinate", 5, flat_pos((5, 1)))  # the magnitude
 
 
+
+def test_the_older_weight_norm_keeps_the_weights_layout_in_weight_v():
+    """torch.nn.utils.weight_norm (HiFi-GAN, EnCodec, DAC and diffusers' audio VAEs use it) moves
+    the weight to weight_v and weight_g: both fell to the fallback, with a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (torch: deprecated in favour of the parametrization)
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(6, 5)), nn.utils.weight_norm(nn.Conv1d(5, 4, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        plan = blockopt.partition(model)
+        by_channel = blockopt.partition(model, conv="channel")
+    assert_layout(plan["0.weight_v"], "rows", 5, rows)  # the direction: the weight's layout
+    assert_layout(plan["0.weight_g"], "coordinate", 5, flat_pos((5, 1)))  # the magnitude
+    assert plan["1.weight_v"].rule == "whole" and by_channel["1.weight_v"].n_blocks == 4
+    assert plan["1.weight_g"].rule == "coordinate" and set(plan) == {"0.weight_v", "0.weight_g", "0.bias",
+                                                                      "1.weight_v", "1.weight_g", "1.bias"}
+
 def test_frozen_parameters_are_planned_only_when_asked():
     """partition(model) plans the trainable parameters; frozen=True also the frozen ones, from the
     same structure (what an optimizer built from a module uses)."""

@@ -56,12 +56,14 @@ def _bias_spec(path: str, module: nn.Module, attr: str = "bias") -> Iterator[Blo
 
 # Child names that mark the projections of an attention module. Recognition needs the module to
 # look like attention (a query, a key and a value child side by side), not just one name.
-Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "linear_q", "project_q")
-K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "to_k", "key_proj", "linear_k", "project_k")
-V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "to_v", "value_proj", "linear_v", "project_v")
+Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "linear_q", "project_q",
+           "to_query", "q_linear")
+K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "to_k", "key_proj", "linear_k", "project_k", "to_key", "k_linear")
+V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "to_v", "value_proj", "linear_v", "project_v", "to_value",
+           "v_linear")
 KV_NAMES = ("to_kv", "kv_proj", "kv", "wkv", "Wkv", "kv_linear")  # a fused key/value beside a separate query
 O_NAMES = ("o_proj", "out_proj", "o", "wo", "out_lin", "c_proj", "proj", "dense", "linear_out", "attention_out",
-           "output_proj", "post", "to_out")
+           "output_proj", "post", "to_out", "out_layer")
 # A class name that says attention: used to decide when an unrecognised module deserves a
 # warning, and to confirm a weak fused name (`in_proj`), never to pick a layout.
 ATTENTION_CLASS = re.compile("attention|attn", re.IGNORECASE)
@@ -773,9 +775,17 @@ def _in_mlp(path: str, module: nn.Module, ctx: Context) -> bool:
 def leaf_layers(path: str, module: nn.Module, ctx: Context) -> Iterator[BlockSpec]:
     """The standard layers: Embedding/Linear/Conv1D/norms/convolutions/RNNs. A weight under a
     ``torch.nn.utils.parametrize`` parametrization (weight norm) lives in its originals: the one
-    shaped like the weight takes its layout, a magnitude vector is per coordinate."""
+    shaped like the weight takes its layout, a magnitude vector is per coordinate; so do the older
+    ``torch.nn.utils.weight_norm``'s ``weight_v`` and ``weight_g``."""
     originals = getattr(getattr(module, "parametrizations", None), "weight", None)
+    # the older torch.nn.utils.weight_norm keeps the weight as weight_v (its direction) and weight_g
+    old_style = isinstance(module._parameters.get("weight_v"), nn.Parameter) and "weight_g" in module._parameters
     for spec in _leaf_specs(path, module, ctx):
+        if old_style and spec.name == _join(path, "weight"):
+            yield replace(spec, name=_join(path, "weight_v"), reason=f"{spec.reason} (weight_norm's direction)")
+            yield make_spec(_join(path, "weight_g"), module.weight_g.shape, "coordinate",
+                            "weight magnitude (weight_norm): per coordinate", role=spec.role)
+            continue
         if originals is None or spec.name != _join(path, "weight"):
             yield spec
             continue

@@ -57,8 +57,8 @@ _CLASS_ORDER = ("CAUSAL_LM", "SEQ_TO_SEQ_CAUSAL_LM", "SPEECH_SEQ_2_SEQ", "IMAGE_
 STATUSES = ("structural", "warned", "silent", "crash", "unbuildable")
 
 # The checker's own reading of attention modules (it must not borrow the engine's tables).
-_Q = ("q_proj", "query", "q", "wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "q_b_proj")
-_K = ("k_proj", "key", "k", "wk", "k_lin", "to_k", "key_proj")
+_Q = ("q_proj", "query", "q", "wq", "q_lin", "to_q", "query_proj", "q_gate_proj", "q_b_proj", "to_query", "q_linear")
+_K = ("k_proj", "key", "k", "wk", "k_lin", "to_k", "key_proj", "to_key", "k_linear")
 _FUSED = ("qkv", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "to_qkv", "c_qkv", "qkv_linear")
 _HEAD_SIZE = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim", "d_kv", "d_head", "dim_head")
 _N_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "attention_heads", "heads")
