@@ -704,3 +704,37 @@ def test_code_the_reader_trips_on_is_unread_not_a_crash(monkeypatch):
         assert plan["attn.qkv.weight"].rule == "rows" and "could not be read from its forward" in caught[0]
     finally:
         qkv_order._reads.cache_clear()
+
+
+class PerGroupView(MaxViTStyle):  # per head by a count the engine does not plan with: heads of 16 rows
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.group_heads = H // 2
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.group_heads, -1).chunk(3, dim=-1)
+        return self.proj((q * k + v).reshape(B, N, D))
+
+
+class ConcatByAnotherCount(MaxViTStyle):  # [q | k | v] cut into 2 heads of 16 while the module says 4
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.group_heads = H // 2
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.group_heads, 2 * HD).unbind(2)
+        return self.proj((q * k + v).reshape(B, N, C))
+
+
+def test_a_split_by_another_head_count_than_the_module_plans_with_is_not_read():
+    """Read as per head (or concatenated) with the module's 4 heads of 8, a block of the plan would
+    hold half of one of the code's heads of 16 and half of the next part."""
+    x = torch.randn(2, 5, D)
+    for cls in (PerGroupView, ConcatByAnotherCount):
+        assert cls()(x).shape == x.shape
+        assert qkv_order.qkv_layout(cls(), "qkv") is None, cls.__name__
+    module = PerGroupView()
+    module.num_heads = H // 2  # the same code, with the module's own count agreeing
+    assert qkv_order.qkv_layout(module, "qkv") == "per_head"

@@ -23,6 +23,8 @@ import textwrap
 
 import torch.nn as nn
 
+from .context import _HEADS_ATTRS, _int_attr
+
 # Class-name prefixes -> layout, from each family's forward (transformers 5.x):
 #   per_head: GPT-NeoX/Bloom `view(b, t, heads, 3, hd)`; Persimmon `_split_heads` the same;
 #     MiniMax lightning `reshape(b, t, heads, 3 * hd)` then `split(hd)`; DeBERTa (v1)
@@ -64,10 +66,12 @@ def qkv_layout(module: nn.Module, attr: str, parts: int = 3) -> str | None:
     flags = tuple((name, value) for name in _tested_flags(cls) if name != "training"
                   for value in [getattr(module, name, None)] if isinstance(value, bool))
     try:
-        read, sizes = _reads(cls, attr, parts, "concat", flags)
-        if read and all(_sizes_fill(claim, module, getattr(module, attr, None), parts) for claim in sizes):
-            return "concat"
-        return "per_head" if parts == 3 and _reads(cls, attr, parts, "per_head", flags)[0] else None
+        projection = getattr(module, attr, None)
+        for layout in ("concat", "per_head") if parts == 3 else ("concat",):
+            read, claims = _reads(cls, attr, parts, layout, flags)
+            if read and all(_claim_holds(claim, module, projection, parts) for claim in claims):
+                return layout
+        return None
     except Exception:  # (the reader meets any code people write: what it cannot follow is unread, and warned)
         return None
 
@@ -116,13 +120,19 @@ def _reads(cls: type, attr: str, parts: int, layout: str, flags: tuple = ()) -> 
     return bool(verdicts) and all(verdicts), tuple(reader.claims)
 
 
-def _sizes_fill(claim: tuple, module: nn.Module, projection, parts: int) -> bool:
-    """A reshape ``(..., 3, count, size)`` after more than two leading dims reads as ``[q | k | v]``
-    only if ``parts * count * size`` is the projection's width: then the leading dims split the
-    tokens, never the features (a per-shard ``(b, t, shards, 3, heads_per_shard, hd)`` fails it).
-    ``count`` and ``size`` are evaluated from the module's int attributes, constants, and names
-    the forward bound to its input's last dim (``B, N, C = x.shape`` before ``self.qkv(x)``)."""
-    count, size, me, input_width_names = claim
+def _claim_holds(claim: tuple, module: nn.Module, projection, parts: int) -> bool:
+    """What the code read must also hold on the instance (the sizes are evaluated from the
+    module's int attributes, constants, and names the forward bound to its input's last dim,
+    ``B, N, C = x.shape`` before ``self.qkv(x)``):
+
+    - ``("fill", count, size, ...)``: a reshape ``(..., 3, count, size)`` after more than two
+      leading dims reads as ``[q | k | v]`` only if ``parts * count * size`` is the projection's
+      width: then the leading dims split the tokens, never the features (a per-shard
+      ``(b, t, shards, 3, heads_per_shard, hd)`` fails it);
+    - ``("count", count, ...)``: the head count the code splits by is the one the engine plans with
+      (the module's first head-count attribute, `context._HEADS_ATTRS`), where both are known: a
+      view by another count (``self.kv_heads``) would put blocks across the code's heads."""
+    kind, count, size, me, input_width_names = claim
     if not isinstance(projection, nn.Linear):
         return False
 
@@ -141,7 +151,11 @@ def _sizes_fill(claim: tuple, module: nn.Module, projection, parts: int) -> bool
             return a * b if isinstance(node.op, ast.Mult) else a // b
         return None
 
-    n, d = (value(ast.parse(text, mode="eval").body) for text in (count, size))
+    n = value(ast.parse(count, mode="eval").body)
+    if kind == "count":
+        planned = _int_attr(module, _HEADS_ATTRS)
+        return n is None or planned is None or n == planned
+    d = value(ast.parse(size, mode="eval").body)
     return n is not None and d is not None and n > 0 and d > 0 and parts * n * d == projection.out_features
 
 
@@ -477,6 +491,7 @@ class _Reader:
                 return False
             if any(_mentions_heads(x) or str(self.parts) in ast.unparse(x) for x in sizes[:-2]):
                 return False
+            self.claims.append(("count", ast.unparse(count), "", func.args.args[0].arg, ()))
             if ast.unparse(folded) == "-1":
                 return True
             if not (isinstance(folded, ast.BinOp) and isinstance(folded.op, ast.Mult)):
@@ -508,8 +523,11 @@ class _Reader:
             if at > 2:  # more leading dims than tokens need: the instance's sizes must show they split no feature
                 if not (_is_head_count(count) and not _is_head_count(size)):
                     return False
-                self.claims.append((ast.unparse(count), ast.unparse(size), func.args.args[0].arg,
+                self.claims.append(("fill", ast.unparse(count), ast.unparse(size), func.args.args[0].arg,
                                     self.input_width_names(func)))
+            if _is_head_count(count):
+                self.claims.append(("count", ast.unparse(count), "", func.args.args[0].arg, ()))
+            if at > 2:
                 return True
             minus_one = isinstance(count, ast.UnaryOp) and ast.unparse(count) == "-1"
             return (_is_head_count(count) and not _is_head_count(size)) or (minus_one and _mentions_heads(size)
