@@ -1149,3 +1149,21 @@ def test_attention_bias_relative_position_and_modulation_tables_are_per_coordina
     other.attn.register_parameter("table", nn.Parameter(torch.zeros(9, 2)))  # a name that says nothing
     with pytest.warns(PartitionWarning, match="no adapter recognised attn.table"):
         assert blockopt.partition(other)["attn.table"].rule == "rows"
+
+
+def test_a_channels_first_or_square_position_table_is_not_taken_for_one_vector_per_position():
+    """(1, C, H, W) with W equal to a batch norm's channels, and (1, D, T) with T == D, matched the
+    name and a normalised width by coincidence: one block per position, with no warning."""
+    class ConvPos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)
+            self.pos_embed = nn.Parameter(torch.zeros(1, 64, 16, 16))
+
+    class SquarePos(ViTOnTheModel):
+        def __init__(self):
+            super().__init__(T=6, D=6)
+
+    for model, name in ((ConvPos(), "pos_embed"), (SquarePos(), "pos_embed")):
+        with pytest.warns(PartitionWarning, match=f"no adapter recognised.*{name}"):
+            assert blockopt.partition(model)[name].role == "other"

@@ -738,3 +738,76 @@ def test_a_split_by_another_head_count_than_the_module_plans_with_is_not_read():
     module = PerGroupView()
     module.num_heads = H // 2  # the same code, with the module's own count agreeing
     assert qkv_order.qkv_layout(module, "qkv") == "per_head"
+
+
+# ---- what the code says must also hold on the instance (found by an adversarial audit) ----------
+class SplitNotInThirds(MaxViTStyle):  # three names prove three pieces, not equal ones: 40 + 40 + 16
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.qk_width = 5 * HD
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(self.qk_width, dim=-1)
+        return self.proj(torch.cat([q, k, v], -1)[..., :D])
+
+
+class PerHeadSplitNotInThirds(SplitNotInThirds):  # each head's 24 rows cut 10 + 10 + 4
+    def __init__(self, head_first: bool = False):
+        super().__init__(head_first)
+        self.qk_width = 10
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).transpose(1, 2).split(self.qk_width, dim=-1)
+        return self.proj(torch.cat([q, k, v], -1).transpose(1, 2).reshape(B, N, -1)[..., :D])
+
+
+class TokensSplitInTwo(MaxViTStyle):  # (B, N * 2, 3, heads, hd // 2): each token's features cut in two
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N * 2, 3, self.num_heads, self.dim_head // 2).unbind(2)
+        return self.proj((q * k + v).reshape(B, N, C))
+
+
+class WidthRebound(MaxViTStyle):  # C halved after it is read: (..., 3, heads, C // heads) no longer fills the width
+    def forward(self, x):
+        B, N, C = x.shape
+        C = C // 2
+        qkv = self.qkv(x).reshape(B, -1, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)
+        return self.proj((q * k + v).permute(0, 3, 1, 2, 4).reshape(B, N, -1))
+
+
+class PartsSwapped(Fused):  # named in order, then swapped
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        k, v = v, k
+        return self.proj(q * k + v)
+
+
+class PartsRenamedByIndex(Fused):
+    def forward(self, x):
+        parts = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = parts[0], parts[1], parts[2]
+        tmp = k
+        k = v
+        v = tmp
+        return self.proj(q * k + v)
+
+
+class FlagSetWithSetattr(MaxViTStyle):  # the forward flips its flag with setattr: no configuration
+    def forward(self, x):
+        out = super().forward(x)
+        setattr(self, "head_first", not self.head_first)
+        return out
+
+
+def test_sizes_and_names_that_do_not_hold_on_the_instance_are_not_read():
+    x = torch.randn(2, 6, D)
+    for module in (SplitNotInThirds(), PerHeadSplitNotInThirds(), TokensSplitInTwo(), WidthRebound(),
+                   PartsSwapped(), PartsRenamedByIndex(), FlagSetWithSetattr(True)):
+        assert module(x).shape == x.shape
+        assert qkv_order.qkv_layout(module, "qkv") is None, type(module).__name__
+    agreeing = SplitNotInThirds()
+    agreeing.qk_width = D  # the same code, its width a third: read
+    assert qkv_order.qkv_layout(agreeing, "qkv") == "concat"

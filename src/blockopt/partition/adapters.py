@@ -713,7 +713,7 @@ def embedding_tables(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
             continue
         if in_embedding:
             why = f"{type(module).__name__}.{attr}: one block per token vector"
-        elif _POSITION_TABLE.search(attr.lower()) and p.shape[-1] in _normalised_widths(ctx):
+        elif _POSITION_TABLE.search(attr.lower()) and p.shape[-1] in _normalised_widths(ctx) and p.shape[-2] != p.shape[-1]:
             why = f"position table (its last dim, {p.shape[-1]}, is a width the model normalises): one block per position"
         else:
             continue
@@ -729,13 +729,15 @@ def embedding_tables(path: str, module: nn.Module, ctx: Context) -> Iterator[Blo
 
 
 def _normalised_widths(ctx: Context) -> frozenset[int]:
-    """The widths the model's norms act on (the last dim of each norm's shape or weight)."""
+    """The widths the model's token norms act on (the last dim of each norm's shape or weight; not
+    the channels of batch, group or instance norms, which a channels-first table could match)."""
     if "normalised_widths" not in ctx.cache:
         widths = set()
+        channel_norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
         for m in ctx.modules.values():
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 widths.add(m.normalized_shape[-1])
-            elif _is_norm(m):
+            elif _is_norm(m) and not isinstance(m, channel_norms):
                 widths.update(p.shape[-1] for p in m.parameters(recurse=False) if p.ndim >= 1)
         ctx.cache["normalised_widths"] = frozenset(widths)
     return ctx.cache["normalised_widths"]

@@ -129,9 +129,14 @@ def _claim_holds(claim: tuple, module: nn.Module, projection, parts: int) -> boo
       leading dims reads as ``[q | k | v]`` only if ``parts * count * size`` is the projection's
       width: then the leading dims split the tokens, never the features (a per-shard
       ``(b, t, shards, 3, heads_per_shard, hd)`` fails it);
+    - ``("fill_if_known", ...)``: the same for a reshape after at most two token dims, where the
+      sizes are known (``(b, n * 2, 3, heads, hd // 2)`` splits each token's features);
     - ``("count", count, ...)``: the head count the code splits by is the one the engine plans with
       (the module's first head-count attribute, `context._HEADS_ATTRS`), where both are known: a
-      view by another count (``self.kv_heads``) would put blocks across the code's heads."""
+      view by another count (``self.kv_heads``) would put blocks across the code's heads;
+    - ``("part", width, ...)``: a per-head ``split(width)`` into three names cuts each head's rows
+      in thirds (three names prove three pieces, not equal ones), known on the instance;
+      ``("part_if_known", ...)``: a ``split(width)`` of the whole output, in thirds where known."""
     kind, count, size, me, input_width_names = claim
     if not isinstance(projection, nn.Linear):
         return False
@@ -152,11 +157,19 @@ def _claim_holds(claim: tuple, module: nn.Module, projection, parts: int) -> boo
         return None
 
     n = value(ast.parse(count, mode="eval").body)
+    out = projection.out_features
     if kind == "count":
         planned = _int_attr(module, _HEADS_ATTRS)
         return n is None or planned is None or n == planned
+    if kind in ("part", "part_if_known"):  # `count` is a split's width: a part of every head, or of the whole
+        heads = _int_attr(module, _HEADS_ATTRS) if kind == "part" else 1
+        if n is None or heads is None:
+            return kind == "part_if_known"
+        return parts * n * heads == out
     d = value(ast.parse(size, mode="eval").body)
-    return n is not None and d is not None and n > 0 and d > 0 and parts * n * d == projection.out_features
+    if kind == "fill_if_known" and (n is None or d is None):
+        return True
+    return n is not None and d is not None and n > 0 and d > 0 and parts * n * d == out
 
 
 def _class_source(cls: type) -> str | None:
@@ -224,9 +237,27 @@ class _Reader:
             return []
         me = func.args.args[0].arg
         parents, dead = _parents(func), self.dead(func)
+        if self.renames_parts(func):  # (`k, v = v, k`: the names no longer say the parts)
+            return [False]
         return [self.verdict(node, func, parents) for node in ast.walk(func) if id(node) not in dead
                 and isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == self.attr
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == me]
+
+    def renames_parts(self, func: ast.FunctionDef) -> bool:
+        """Whether ``func`` moves one part's name into another's (``k, v = v, k``, ``k = v``)."""
+        for assign in ast.walk(func):
+            if not isinstance(assign, ast.Assign):
+                continue
+            for target in assign.targets:
+                pairs = zip(target.elts, assign.value.elts) if isinstance(target, (ast.Tuple, ast.List)) and \
+                    isinstance(assign.value, (ast.Tuple, ast.List)) and len(target.elts) == len(assign.value.elts) \
+                    else [(target, assign.value)]
+                for t, v in pairs:
+                    if isinstance(t, ast.Name) and isinstance(v, ast.Name) and t.id != v.id:
+                        said = [{letter for letter in self.letters if _names_part(n, letter)} for n in (t.id, v.id)]
+                        if said[0] and said[1] and said[0] != said[1]:
+                            return True
+        return False
 
     def verdict(self, node: ast.AST, func: ast.FunctionDef, parents: dict, depth: int = 0) -> bool:
         """Whether what is done to ``node`` (an expression holding the projection's output) is an idiom."""
@@ -383,8 +414,11 @@ class _Reader:
                         and isinstance(assign.targets[0], ast.Tuple) and ast.unparse(assign.value) == f"{x}.shape"
                         and isinstance(assign.targets[0].elts[-1], ast.Name)):
                     continue
-                if not any(_at(assign) < at < _at(call) for at in stores):
-                    names.add(assign.targets[0].elts[-1].id)
+                width = assign.targets[0].elts[-1].id
+                rebound = [_at(n) for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == width
+                           and isinstance(n.ctx, ast.Store) and n is not assign.targets[0].elts[-1]]
+                if not any(_at(assign) < at < _at(call) for at in stores) and not rebound:
+                    names.add(width)
             found = names if found is None else found & names
         return tuple(sorted(found or ()))
 
@@ -427,6 +461,8 @@ class _Reader:
             return False  # (sizes as a list may differ: q/k heads narrower than v's)
         if method == "chunk" and not (isinstance(args[0], ast.Constant) and args[0].value == self.parts):
             return False
+        if method == "split":  # (three names prove three pieces, not equal ones: the width must be a third)
+            self.claims.append(("part", ast.unparse(args[0]), "", func.args.args[0].arg, ()))
         return self.pieces_named(call, 0, counted=method == "chunk", func=func, parents=parents)
 
     def pieces_named(self, seq: ast.AST, at: int = 0, others: int = 0, *, counted: bool, func: ast.FunctionDef,
@@ -505,6 +541,9 @@ class _Reader:
                 return False  # (no dim: dim 0, the batch)
             if method != "split" and not (isinstance(args[0], ast.Constant) and args[0].value == self.parts):
                 return False
+            if method == "split" and not isinstance(args[0], (ast.List, ast.Tuple)):
+                self.claims.append(("part_if_known", ast.unparse(args[0]), "", func.args.args[0].arg,
+                                    self.input_width_names(func)))
             return self.pieces_named(call, 0, counted=method != "split", func=func, parents=parents)
         if method == "unflatten":  # unflatten(-1, (3, width))
             sizes = args[1] if len(args) > 1 else next((k.value for k in keywords if k.arg == "sizes"), None)
@@ -523,8 +562,8 @@ class _Reader:
             if at > 2:  # more leading dims than tokens need: the instance's sizes must show they split no feature
                 if not (_is_head_count(count) and not _is_head_count(size)):
                     return False
-                self.claims.append(("fill", ast.unparse(count), ast.unparse(size), func.args.args[0].arg,
-                                    self.input_width_names(func)))
+            self.claims.append(("fill" if at > 2 else "fill_if_known", ast.unparse(count), ast.unparse(size),
+                                func.args.args[0].arg, self.input_width_names(func)))
             if _is_head_count(count):
                 self.claims.append(("count", ast.unparse(count), "", func.args.args[0].arg, ()))
             if at > 2:
@@ -583,6 +622,9 @@ def _tested_flags(cls: type) -> tuple[str, ...]:
                 if func.name != "__init__" and isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
                         and isinstance(node.value, ast.Name) and node.value.id == me:
                     changed.add(node.attr)  # (set as the module runs: no configuration)
+                if func.name != "__init__" and isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr" \
+                        and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                    changed.add(str(node.args[1].value))  # (setattr(self, "flag", ...), on any object: erring out)
     return tuple(sorted(found - changed))
 
 
