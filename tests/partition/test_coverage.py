@@ -125,3 +125,6 @@ def test_a_model_of_another_library_is_covered_through_its_builder():
     assert (row.status, row.family, row.model_class, row.attention_checked) == ("structural", "mine", "Attention", 1)
     broken = coverage.cover("broken", builder=lambda name: (_ for _ in ()).throw(ImportError("no such library")))
     assert broken.status == "unbuildable" and "no such library" in broken.error
+    written = coverage.sweep_results([row, broken], 2.0)
+    assert written["totals"] == {"types": 2, "structural": 1, "warned": 0, "silent": 0, "crash": 0, "unbuildable": 1}
+    assert [m["model_type"] for m in written["models"]] == ["attention", "broken"] and written["sweep_seconds"] == 2.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from blockopt.bench import write_result
 from blockopt.partition import coverage
 
 HERE = Path(__file__).resolve().parent
-TEXT_LIMIT = 600  # characters kept of each warning in the JSON (the plan has the whole text)
 
 
 def _rules(row: coverage.Coverage) -> str:
@@ -57,13 +55,7 @@ def main() -> None:
               + (f"  {silent} silent" if silent else "") + (f"  {row.error[:80]}" if row.error else ""), flush=True)
     totals = coverage.totals(rows)
     print(totals)
-    results = {
-        "totals": totals,
-        "sweep_seconds": round(time.perf_counter() - t0, 1),
-        "slowest_plan_seconds": max((r.plan_s for r in rows), default=0.0),
-        "models": [{**asdict(r), "warnings": [w[:TEXT_LIMIT] for w in r.warnings],
-                    "build_s": round(r.build_s, 3), "plan_s": round(r.plan_s, 4)} for r in rows],
-    }
+    results = coverage.sweep_results(rows, time.perf_counter() - t0)
     settings = {"transformers": transformers.__version__, "torch": torch.__version__, "device": "meta",
                 "types": "all" if args.types is None else list(types)}
     path = write_result(args.out, name="partition_coverage", settings=settings, results=results)

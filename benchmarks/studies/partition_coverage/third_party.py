@@ -23,7 +23,6 @@ import time
 import types
 import warnings
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ from blockopt.bench import write_result
 from blockopt.partition import coverage
 
 HERE = Path(__file__).resolve().parent
-TEXT_LIMIT = 600
 
 
 class _StubTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -130,15 +128,8 @@ def main() -> None:
     totals = coverage.totals(rows)
     families = {status: sorted({r.family for r in rows if r.status == status}) for status in ("silent", "crash")}
     print(totals, families)
-    results = {
-        "totals": totals,
-        "architectures": dict(Counter(r.family for r in rows)),
-        "silent_or_crash_architectures": families,
-        "sweep_seconds": round(time.perf_counter() - t0, 1),
-        "slowest_plan_seconds": max((r.plan_s for r in rows), default=0.0),
-        "models": [{**asdict(r), "warnings": [w[:TEXT_LIMIT] for w in r.warnings],
-                    "build_s": round(r.build_s, 3), "plan_s": round(r.plan_s, 4)} for r in rows],
-    }
+    results = {**coverage.sweep_results(rows, time.perf_counter() - t0),
+               "architectures": dict(Counter(r.family for r in rows)), "silent_or_crash_architectures": families}
     settings = {"library": args.library, args.library: library.__version__, "torch": torch.__version__, "device": "meta",
                 "models": "all" if args.models is None else names}
     if args.library == "timm":

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -393,6 +393,18 @@ def cover(model_type: str, builder: Callable[[str], tuple[nn.Module, str]] | Non
     else:
         row.status = "warned" if row.warnings else "structural"
     return row
+
+
+def sweep_results(rows: list[Coverage], seconds: float, text_limit: int = 600) -> dict:
+    """What a sweep study writes: the totals, its time, and every row (warnings cut at ``text_limit``
+    characters; the plan has the whole text)."""
+    return {
+        "totals": totals(rows),
+        "sweep_seconds": round(seconds, 1),
+        "slowest_plan_seconds": max((r.plan_s for r in rows), default=0.0),
+        "models": [{**asdict(r), "warnings": [w[:text_limit] for w in r.warnings],
+                    "build_s": round(r.build_s, 3), "plan_s": round(r.plan_s, 4)} for r in rows],
+    }
 
 
 def totals(rows: list[Coverage]) -> dict[str, int]:

@@ -387,14 +387,16 @@ class _Reader:
                 return isinstance(target, ast.Name) and _names_part(target.id, letter)
         return False
 
-    def unpacked_in_order(self, call: ast.AST, parents: dict) -> bool:
-        """``call``'s result unpacked at once into ``parts`` names saying q, k, v in order."""
-        assign = parents.get(call)
-        if not (isinstance(assign, ast.Assign) and assign.value is call and len(assign.targets) == 1
+    def unpacked_in_order(self, value: ast.AST, parents: dict, at: int = 0, others: int = 0) -> bool:
+        """``value`` unpacked at once into names (Python checks their count), items ``at ..`` of
+        which say q, k, v in order, beside ``others`` items that are not parts."""
+        assign = parents.get(value)
+        if not (isinstance(assign, ast.Assign) and assign.value is value and len(assign.targets) == 1
                 and isinstance(assign.targets[0], (ast.Tuple, ast.List))):
             return False
         names = [t.id if isinstance(t, ast.Name) else "" for t in assign.targets[0].elts]
-        return len(names) == self.parts and all(_names_part(n, letter) for n, letter in zip(names, self.letters))
+        return len(names) == others + self.parts and \
+            all(_names_part(names[at + i], letter) for i, letter in enumerate(self.letters))
 
     def input_width_names(self, func: ast.FunctionDef) -> tuple[str, ...]:
         """Names ``func`` binds to the last dim of the projection's input (``B, N, C = x.shape``
@@ -414,11 +416,11 @@ class _Reader:
                         and isinstance(assign.targets[0], ast.Tuple) and ast.unparse(assign.value) == f"{x}.shape"
                         and isinstance(assign.targets[0].elts[-1], ast.Name)):
                     continue
-                width = assign.targets[0].elts[-1].id
-                rebound = [_at(n) for n in ast.walk(func) if isinstance(n, ast.Name) and n.id == width
-                           and isinstance(n.ctx, ast.Store) and n is not assign.targets[0].elts[-1]]
-                if not any(_at(assign) < at < _at(call) for at in stores) and not rebound:
-                    names.add(width)
+                width = assign.targets[0].elts[-1]
+                rebound = any(isinstance(n, ast.Name) and n.id == width.id and isinstance(n.ctx, ast.Store)
+                              and n is not width for n in ast.walk(func))
+                if not rebound and not any(_at(assign) < at < _at(call) for at in stores):
+                    names.add(width.id)
             found = names if found is None else found & names
         return tuple(sorted(found or ()))
 
@@ -480,9 +482,7 @@ class _Reader:
         if isinstance(parent, ast.Assign) and parent.value is seq and len(parent.targets) == 1:
             target = parent.targets[0]
             if isinstance(target, (ast.Tuple, ast.List)):
-                names = [t.id if isinstance(t, ast.Name) else None for t in target.elts]
-                return None not in names and len(names) == others + self.parts and \
-                    all(_names_part(names[at + i], letter) for i, letter in enumerate(self.letters))
+                return self.unpacked_in_order(seq, parents, at, others)
             if not isinstance(target, ast.Name):
                 return False
             after = (parent.end_lineno, parent.end_col_offset)
